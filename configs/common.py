@@ -1,0 +1,80 @@
+"""The shared config schema: every key a run can set, with its default and meaning.
+
+Task configs (configs/<name>.py) start from `base_config()` and change what they need. The
+schema is locked (`lock()`), so a misspelt key on the command line or in a preset fails at once
+with the key's name instead of being silently ignored.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"          # which train/tasks module supplies the loss
+  c.preset = ""                # set by get_config; recorded with the run
+  c.seed = 0                   # params init, dropout and data shuffling all derive from it
+
+  # --- data: where text comes from and how it becomes packed token rows ------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "~/.cache/legal_lm"   # TFDS builds and the tokenizer cache live here
+  c.data.use_licensedcode = True          # the embedded corpus (PyPI licensedcode-data)
+  c.data.extra_dirs = ()                  # folders of .txt / .jsonl / .jsonl.gz documents
+  c.data.text_field = "text"              # field holding the document in .jsonl files
+  c.data.max_docs = -1                    # cap on documents (after a seeded shuffle); -1 = all
+  c.data.validation_fraction = 0.02       # documents held out, chosen by a hash of their id
+  c.data.vocab_size = 8192                # sentencepiece vocabulary (also the model's)
+  c.data.tokenizer_sentences = 1_000_000  # sentences sampled to train the tokenizer
+  c.data.seq_len = 512                    # packed row length
+  c.data.batch_size = 32                  # global batch (all processes), rows per step
+  c.data.num_workers = 0                  # grain worker processes (0 = in the main process)
+  c.data.prefetch = 4                     # batches prepared ahead of the step
+
+  # --- model ----------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 6
+  c.model.d_model = 512
+  c.model.num_heads = 8
+  c.model.num_kv_heads = 8        # < num_heads: GQA; 1: MQA
+  c.model.head_dim = 64
+  c.model.mlp_dim = 2048
+  c.model.mlp_activation = "swiglu"   # swiglu | gelu
+  c.model.positions = "rope"          # rope | learned
+  c.model.rope_theta = 10_000.0
+  c.model.max_len = 8192              # table size for learned positions
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.remat = "none"              # none | full | dots (save matmul outputs only)
+  c.model.dropout_rate = 0.0
+  c.model.attention = ml_collections.ConfigDict()
+  c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
+  c.model.attention.implementation = "auto"   # auto | xla | cudnn, for jax.nn.dot_product_attention
+
+  # --- optimizer ------------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 1000
+  c.optim.min_lr_ratio = 0.1          # cosine decays to lr * min_lr_ratio at the last step
+  c.optim.weight_decay = 0.1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0             # global-norm clipping; 0 disables
+  c.optim.grad_accum_steps = 1        # micro-batches per optimizer step
+  c.optim.z_loss = 1e-4               # weight of log(Z)^2 regulariser; 0 disables
+
+  # --- device mesh: axis sizes, -1 takes the remaining devices ---------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  # --- loop -----------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 10_000
+  c.train.log_every = 50
+  c.train.eval_every = 500
+  c.train.eval_batches = 16
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU; 0 = guess from device
+  c.train.profile = False
+  return c

@@ -1,0 +1,103 @@
+"""Basic layers: token embedding, RMSNorm and the feed-forward block.
+
+Every parameter carries logical axis names (see model/sharding.py for how they map onto the
+device mesh). Parameters are stored in float32; `dtype` is the compute dtype they are cast to.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+_init = nn.initializers
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` reuses the table as the (tied) output projection."""
+  vocab_size: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(_init.normal(stddev=1.0), ("vocab", "embed")),
+        (self.vocab_size, self.features), jnp.float32)
+
+  def __call__(self, tokens):
+    # A gather, not a one-hot matmul: memory traffic dominates on CPU.
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Logits against the embedding table, accumulated in float32."""
+    return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, computed in float32 whatever the compute dtype."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(_init.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """Bias-free linear map contracting the last `len(in_axes)` dims of x.
+
+  The kernel is stored in its full named shape (e.g. [embed, heads, head_dim]) rather than
+  flattened, so its logical axis names always match its rank. Accumulates in float32.
+  """
+  features: tuple
+  axes: tuple            # logical names: input axes..., then one per feature dim
+  stddev: float
+  dtype: Dtype = jnp.float32
+  output_f32: bool = False   # keep the float32 accumulator (e.g. for logits)
+
+  @nn.compact
+  def __call__(self, x):
+    n_in = len(self.axes) - len(self.features)
+    shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        _init.normal(stddev=self.stddev), self.axes), shape, jnp.float32)
+    out = jax.lax.dot_general(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+        preferred_element_type=jnp.float32)
+    return out if self.output_f32 else out.astype(self.dtype)
+
+
+def dense(features, axes, name, dtype, stddev):
+  """A projection to `features` (int or tuple) whose kernel is named by `axes`."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Projection(features, tuple(axes), stddev, dtype, name=name)
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: GELU (two matrices) or SwiGLU (three, gated)."""
+  d_model: int
+  mlp_dim: int
+  activation: str = "swiglu"
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    std_in, std_out = self.d_model ** -0.5, self.mlp_dim ** -0.5
+    up = dense(self.mlp_dim, ("embed", "mlp"), "wi", self.dtype, std_in)(x)
+    if self.activation == "swiglu":
+      gate = dense(self.mlp_dim, ("embed", "mlp"), "wg", self.dtype, std_in)(x)
+      h = nn.silu(gate) * up
+    elif self.activation == "gelu":
+      h = nn.gelu(up)
+    else:
+      raise ValueError(f"model.mlp_activation={self.activation!r}; expected 'swiglu' or 'gelu'")
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return dense(self.d_model, ("mlp", "embed"), "wo", self.dtype, std_out)(h)

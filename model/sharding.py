@@ -1,0 +1,99 @@
+"""Device mesh (data / fsdp / tensor) and the logical-axis rules that map names onto it.
+
+Parameters name their axes ("embed", "mlp", "heads", ...); activations use "activation_*" names.
+The rules below decide placement in one place: FSDP shards parameters (and with them the
+optimizer state) along "embed"; tensor parallelism splits heads, MLP and vocabulary; the batch
+is split over data x fsdp.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes from config; one axis may be -1 (all remaining devices)."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  wild = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(wild) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {wild}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: axis sizes must be positive or -1, got "
+                     f"{dict(zip(MESH_AXES, sizes))}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if wild:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to "
+                       f"{fixed}, which does not divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} multiplies to "
+                     f"{math.prod(sizes)} but there are {num_devices} devices; make the product "
+                     f"equal the device count or set one axis to -1")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Built by hand (not jax.make_mesh) so the axes are Auto in every JAX version;
+  # create_device_mesh orders devices by physical topology on TPU/GPU.
+  from jax.experimental import mesh_utils
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_sharding(logical_specs, mesh: Mesh):
+  """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows split over data x fsdp, sequence replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(abstract_tree, shardings, what: str = "params"):
+  """Fails early, naming the parameter, when a dimension does not split evenly on the mesh."""
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                                    jax.tree.leaves(shardings)):
+    spec = sharding.spec
+    for dim, axes in zip(leaf.shape, spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      n = math.prod(sharding.mesh.shape[a] for a in axes)
+      if dim % n:
+        raise ValueError(f"{what} {jax.tree_util.keystr(path)} has shape {leaf.shape}: dim {dim} "
+                         f"does not split over mesh axes {axes} of size {n}; change config.mesh "
+                         f"or the model size")

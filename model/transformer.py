@@ -1,0 +1,106 @@
+"""Decoder-only transformer: attention + MLP blocks, pre-norm, tied or separate LM head."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import attention as attention_lib
+from model import layers
+from model import positions as positions_lib
+from model.attention import masks
+from model.config import ModelConfig
+
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+class MultiHeadAttention(nn.Module):
+  """Projections + RoPE around a pluggable kernel; K/V may have fewer heads (GQA/MQA)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, mask_inputs: masks.MaskInputs, rope_positions):
+    c = self.cfg
+    dt = c.compute_dtype
+    std = c.d_model ** -0.5
+    q = layers.dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "query", dt, std)(x)
+    k = layers.dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "key", dt,
+                     std)(x)
+    v = layers.dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "value", dt,
+                     std)(x)
+    if c.positions == "rope":
+      q = positions_lib.rope(q, rope_positions, c.rope_theta)
+      k = positions_lib.rope(k, rope_positions, c.rope_theta)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
+                                       None))
+    kernel = attention_lib.get_kernel(c.attention_kind)
+    out = kernel(q, k, v, spec=masks.MaskSpec(causal=True), mask_inputs=mask_inputs,
+                 implementation=c.attention_implementation)
+    out_std = (c.num_heads * c.head_dim) ** -0.5 / c.num_layers ** 0.5   # scaled residual init
+    return layers.Projection((c.d_model,), ("heads", "head_dim", "embed"), out_std, dt,
+                             name="out")(out)
+
+
+class DecoderBlock(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, mask_inputs, rope_positions, deterministic: bool = True):
+    c = self.cfg
+    dt = c.compute_dtype
+    h = layers.RMSNorm(dtype=dt, name="attn_norm")(x)
+    h = MultiHeadAttention(c, name="attn")(h, mask_inputs, rope_positions)
+    x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    h = layers.RMSNorm(dtype=dt, name="mlp_norm")(x)
+    h = layers.Mlp(c.d_model, c.mlp_dim, c.mlp_activation, c.dropout_rate, dt, name="mlp")(
+        h, deterministic=deterministic)
+    x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, _ACT)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> logits [B, T, vocab] (float32), or final hidden states."""
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    self.embed = layers.Embed(c.vocab_size, c.d_model, c.compute_dtype, name="embed")
+    if c.positions == "learned":
+      self.pos_embed = positions_lib.LearnedPositions(c.max_len, c.d_model, c.compute_dtype)
+    block = DecoderBlock
+    if c.remat != "none":
+      block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[c.remat], static_argnums=(4,))
+    self.blocks = [block(c, name=f"block_{i}") for i in range(c.num_layers)]
+    self.final_norm = layers.RMSNorm(dtype=c.compute_dtype, name="final_norm")
+    if not c.tie_embeddings:
+      self.lm_head = layers.Projection((c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5,
+                                       c.compute_dtype, output_f32=True, name="lm_head")
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, prefix_len=None,
+               deterministic: bool = True, return_hidden: bool = False):
+    """positions/segment_ids [B, T] (None: one document per row), prefix_len [B] (prefix-LM)."""
+    c = self.cfg
+    b, t = tokens.shape
+    x = self.embed(tokens)   # N(0, 1) rows: unit-scale inputs for the pre-norm blocks
+    pos = masks.default_positions(b, t) if positions is None else positions
+    if c.positions == "learned":
+      x = x + self.pos_embed(pos)
+    x = nn.with_logical_constraint(x, _ACT)
+    mask_inputs = masks.MaskInputs(q_pos=positions, kv_pos=positions, q_seg=segment_ids,
+                                   kv_seg=segment_ids, prefix_len=prefix_len)
+    for block in self.blocks:
+      x = block(x, mask_inputs, pos, deterministic)
+    x = self.final_norm(x)
+    if return_hidden:
+      return x
+    if c.tie_embeddings:
+      # Unit-rms states against N(0, 1) rows: scale by d^-1/2 so initial logits are ~N(0, 1).
+      logits = self.embed.attend(x * jnp.asarray(c.d_model ** -0.5, x.dtype))
+    else:
+      logits = self.lm_head(x)
+    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                               "activation_vocab"))

@@ -1,0 +1,47 @@
+"""Checks a run's config once, up front, so mistakes fail in seconds with the key's name."""
+import math
+
+from model import sharding as sharding_lib
+from model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def validate(config, num_devices: int, process_count: int):
+  """Raises ConfigError naming the key and what was expected."""
+  from train import tasks   # here, not at import time: tasks import the model stack
+  try:
+    tasks.get_task(config.task)
+    ModelConfig.from_config(config.model, config.data.vocab_size)
+    mesh = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, num_devices)))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  d, t = config.data, config.train
+  accum = config.optim.grad_accum_steps
+  batch_shards = mesh["data"] * mesh["fsdp"]
+  checks = [
+      (d.seq_len >= 2, f"config.data.seq_len={d.seq_len} must be at least 2"),
+      (d.vocab_size >= 256, f"config.data.vocab_size={d.vocab_size} must be >= 256 "
+                            "(sentencepiece byte fallback needs 256 byte pieces)"),
+      (accum >= 1, f"config.optim.grad_accum_steps={accum} must be >= 1"),
+      (d.batch_size % process_count == 0,
+       f"config.data.batch_size={d.batch_size} must be divisible by the {process_count} processes"),
+      (d.batch_size % accum == 0 and (d.batch_size // accum) % batch_shards == 0,
+       f"config.data.batch_size={d.batch_size} / grad_accum_steps={accum} must be divisible by "
+       f"mesh data x fsdp = {batch_shards}"),
+      (config.model.positions != "learned" or d.seq_len <= config.model.max_len,
+       f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={config.model.max_len} "
+       "(learned positions)"),
+      (0 <= d.validation_fraction < 1,
+       f"config.data.validation_fraction={d.validation_fraction} must be in [0, 1)"),
+      (t.num_steps >= 1, f"config.train.num_steps={t.num_steps} must be >= 1"),
+  ]
+  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    checks.append((t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1"))
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)
+  if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
+    raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")

@@ -1,0 +1,159 @@
+"""The one training loop every task runs on: step, metrics, validation, checkpoints, preemption.
+
+Read top to bottom, in sections, like big_vision's: compile -> resume -> loop -> finish.
+Host syncs are kept off the critical path: metrics of step k are fetched after step k+1 has been
+dispatched, so the device is never idle waiting for Python.
+"""
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from model import sharding as sharding_lib
+from train import metrics as metrics_lib
+from train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class LoopParts:
+  """What a task hands the loop (built in train/main.py)."""
+  config: Any
+  mesh: Any
+  task: Any
+  tx: Any
+  schedule: Callable
+  state: Any                      # restored or freshly initialised, already sharded
+  state_shardings: Any
+  train_iter: Iterator            # yields process-local numpy batches; has get_state/set_state
+  make_eval_iter: Optional[Callable[[], Iterator]]
+  checkpointer: Any
+  writer: metrics_lib.MetricWriter
+  meta: dict                      # saved with every checkpoint (config, tokenizer path, ...)
+  flops_per_token: float
+  peak_flops_total: float         # all devices, for MFU
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d received: saving a checkpoint at the next step, then exiting",
+                    signum)
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Process-local numpy rows -> one global jax.Array per key, sharded over data x fsdp."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, batches, sharding) -> dict:
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, to_global(batch, sharding))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  totals = jax.device_get(totals)
+  weight = max(float(totals["weight"]), 1.0)
+  loss = float(totals["loss"]) / weight
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+          "accuracy": float(totals["accuracy"]) / weight, "tokens": weight}
+
+
+def _check_finite(step: int, m: dict):
+  if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+        "stopping without saving this state. The last good checkpoint is kept; lower "
+        "config.optim.lr, enable clipping (config.optim.clip_norm) or check the data")
+
+
+def run(p: LoopParts) -> dict:
+  cfg = p.config
+  num_steps = cfg.train.num_steps
+  batch_sharding = sharding_lib.batch_sharding(p.mesh)
+  metric_sharding = sharding_lib.replicated(p.mesh)
+
+  # --- compile (ahead of time, with the real shardings) ------------------------------------
+  example = p.task.dummy_batch(cfg.data.batch_size, cfg.data.seq_len)
+  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in example.items()}
+  t0 = time.perf_counter()
+  train_step = step_lib.compile_step(
+      step_lib.make_train_step(p.task, p.tx, p.schedule, cfg.optim.grad_accum_steps, p.mesh),
+      p.mesh, (p.state_shardings, batch_sharding), (p.state_shardings, metric_sharding),
+      (p.state, example), donate_argnums=(0,))
+  eval_step = step_lib.compile_step(
+      step_lib.make_eval_step(p.task), p.mesh, (p.state_shardings.params, batch_sharding),
+      metric_sharding, (p.state.params, example))
+  logging.info("compiled train and eval steps in %.1fs", time.perf_counter() - t0)
+
+  # --- loop ----------------------------------------------------------------------------------
+  state = p.state
+  step = int(jax.device_get(state.step))
+  progress = metrics_lib.Progress(step, num_steps, p.flops_per_token * cfg.data.batch_size *
+                                  cfg.data.seq_len, p.peak_flops_total)
+  preemption = _Preemption()
+  pending = None           # (step, device metrics) of the last dispatched step
+  interval_tokens = 0.0
+  last_eval = {}
+
+  def drain(pending):
+    """Fetches the previous step's metrics (it has finished by now) and logs them."""
+    nonlocal interval_tokens
+    done_step, dev_metrics = pending
+    m = jax.device_get(dev_metrics)
+    _check_finite(done_step, m)
+    interval_tokens += float(m["tokens"])
+    if done_step % cfg.train.log_every == 0 or done_step == num_steps:
+      prog = progress.update(done_step, interval_tokens)
+      interval_tokens = 0.0
+      p.writer.write(done_step, "train", {**m, **prog})
+      metrics_lib.log_progress(done_step, num_steps, float(m["loss"]), prog)
+
+  try:
+    while step < num_steps:
+      batch = to_global(next(p.train_iter), batch_sharding)
+      state, dev_metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        drain(pending)
+      pending = (step, dev_metrics)
+
+      is_last = step == num_steps
+      if p.make_eval_iter and (step % cfg.train.eval_every == 0 or is_last):
+        last_eval = evaluate(eval_step, state.params, p.make_eval_iter(), batch_sharding)
+        p.writer.write(step, "validation", last_eval)
+        logging.info("step %d validation: loss %.4f  perplexity %.2f", step, last_eval["loss"],
+                     last_eval["perplexity"])
+      if p.checkpointer.should_save(step) or is_last or preemption.requested:
+        drain(pending)      # never checkpoint a state whose loss we have not seen to be finite
+        pending = None
+        p.checkpointer.save(step, state, p.train_iter, p.meta,
+                            force=is_last or preemption.requested)
+      if preemption.requested:
+        logging.warning("preempted at step %d: checkpoint written, exiting", step)
+        break
+    if pending is not None:
+      drain(pending)
+  finally:
+    preemption.restore()
+    p.checkpointer.wait()
+  return {"step": step, "state": state, "validation": last_eval,
+          "preempted": preemption.requested}

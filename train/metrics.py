@@ -1,0 +1,95 @@
+"""Run observability: TensorBoard events + metrics.jsonl, progress line with ETA, FLOPs and MFU."""
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+# Dense bf16 peak FLOP/s per device, used for MFU when config.train.peak_flops is 0.
+_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
+               "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the number came from)."""
+  if configured > 0:
+    return configured, "config"
+  kind = jax.devices()[0].device_kind.lower()
+  for name, flops in _PEAK_FLOPS.items():
+    if name in kind:
+      return flops, f"table ({kind})"
+  # CPU: AVX-512 = 2 FMA units x 16 f32 lanes x 2 FLOP per core-cycle at ~2.5 GHz. A rough bound,
+  # spread over the (possibly fake) devices that share the host's cores.
+  cores = os.cpu_count() or 1
+  return cores * 2.5e9 * 64 / jax.local_device_count(), "estimate (cpu)"
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+  """Model FLOPs per trained token: 6 x matmul params + causal-agnostic attention (PaLM, App. B)."""
+  c = model_cfg
+  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = c.d_model * c.mlp_dim * (3 if c.mlp_activation == "swiglu" else 2)
+  matmul_params = c.num_layers * (attn + mlp) + c.d_model * c.vocab_size
+  return 6.0 * matmul_params + 12.0 * c.num_layers * seq_len * c.num_heads * c.head_dim
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard and one JSON object per (step, prefix) to metrics.jsonl."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write(self, step: int, prefix: str, scalars: dict):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for k, v in scalars.items():
+      self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+    self.jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+      self.jsonl.close()
+
+
+class Progress:
+  """Steps/s, tokens/s, MFU and ETA over the last logging interval."""
+
+  def __init__(self, start_step: int, num_steps: int, flops_per_step: float, peak_flops: float):
+    self.num_steps = num_steps
+    self.flops_per_step = flops_per_step
+    self.peak = peak_flops
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.first = True
+
+  def update(self, step: int, tokens: float) -> dict:
+    now = time.perf_counter()
+    steps, dt = step - self.last_step, max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    out = {"step_time_s": dt / max(steps, 1), "tokens_per_s": tokens / dt,
+           "mfu": self.flops_per_step * steps / dt / self.peak}
+    # The first interval includes compilation: no ETA from it.
+    out["eta_s"] = float("nan") if self.first else out["step_time_s"] * (self.num_steps - step)
+    self.first = False
+    return out
+
+
+def format_eta(seconds: float) -> str:
+  if seconds != seconds:   # NaN
+    return "--"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def log_progress(step: int, num_steps: int, loss: float, prog: dict):
+  logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ms/step  MFU %.1f%%  ETA %s",
+               step, num_steps, loss, prog["tokens_per_s"], 1e3 * prog["step_time_s"],
+               100 * prog["mfu"], format_eta(prog["eta_s"]))

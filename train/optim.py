@@ -1,0 +1,26 @@
+"""AdamW with linear warmup + cosine decay and global-norm clipping."""
+import jax
+import optax
+
+
+def make_schedule(optim_cfg, num_steps: int):
+  warmup = min(optim_cfg.warmup_steps, max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+      decay_steps=max(num_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+  # Matrices decay; norm scales (1-D) do not.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(optim_cfg, num_steps: int):
+  """Returns (optax transform, lr schedule)."""
+  schedule = make_schedule(optim_cfg, num_steps)
+  parts = []
+  if optim_cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,81 @@
+"""The jit'd train and eval steps shared by every task.
+
+The step sums the task's loss over micro-batches (gradient accumulation via `lax.scan`), divides
+by the total weight once (so accumulation is exact, not a mean of means), applies the optimizer
+and returns scalar metrics. Compiled ahead of time with explicit in/out shardings; the state's
+buffers are donated so params and optimizer state are updated in place.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model import sharding as sharding_lib
+
+
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _split_micro(batch, accum: int, mesh):
+  """[A*M, ...] -> [A, M, ...], each micro-batch spread over all data shards.
+
+  Row r = m * A + a goes to micro-batch a, so every device's contiguous rows feed every
+  micro-batch and no data moves between devices.
+  """
+  micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh):
+  grad_fn = jax.value_and_grad(lambda p, b, r: task.loss(p, b, r, True), has_aux=True)
+
+  def loss_and_grad(params, batch, rng):
+    (_, sums), grads = grad_fn(params, batch, rng)
+    return grads, sums
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if grad_accum_steps == 1:
+      grads, sums = loss_and_grad(state.params, batch, rng)
+    else:
+      micro = _split_micro(batch, grad_accum_steps, mesh)
+      shapes = jax.eval_shape(loss_and_grad, state.params, jax.tree.map(lambda x: x[0], micro),
+                              rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+      def body(acc, xs):
+        mb, i = xs
+        return _tree_add(acc, loss_and_grad(state.params, mb, jax.random.fold_in(rng, i))), None
+      (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
+    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+                   tokens=sums["weight"])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(task):
+  def eval_step(params, batch):
+    _, sums = task.loss(params, batch, jax.random.PRNGKey(0), False)
+    return sums
+  return eval_step
+
+
+def compile_step(fn, mesh, in_shardings, out_shardings, example_args, donate_argnums=()):
+  """jit + lower + compile under the mesh and logical rules; fails here, not mid-run."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=donate_argnums)
+    return jitted.lower(*example_args).compile()
