@@ -49,6 +49,8 @@ def main(argv):
   init_distributed(_DISTRIBUTED.value)
 
   import jax
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)   # one progress log per job, not one per host
   from train import config_check
   config_check.validate(config, jax.device_count(), jax.process_count())
   if _AOT_ONLY.value:
@@ -80,11 +82,26 @@ def _friendly_errors(argv):
   try:
     main(argv)
   except (ConfigError, DataError, NonFiniteLossError) as e:
-    logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3 if isinstance(e, NonFiniteLossError) else 2)
 
 
+def parse_flags(argv):
+  """absl's parser, with config-override mistakes reported in one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip("\"'")
+    if isinstance(e, AttributeError):
+      message = f"unknown config key {message!r}"
+    bad = [a for a in argv[1:] if a.startswith("--config.") and
+           a.split("=")[0][len("--config."):].split(".")[-1] in message]
+    where = f" in {bad[0]}" if bad else ""
+    print(f"error: bad command-line flag{where}: {type(e).__name__}: {message}\n"
+          f"See --helpfull and configs/common.py for every config key.", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(_friendly_errors)
+  app.run(_friendly_errors, flags_parser=parse_flags)

@@ -1,0 +1,1 @@
+"""Job launchers: run the same `python -m train.main` on one machine or many."""
