@@ -62,7 +62,12 @@ def train(config, workdir: str) -> dict:
   resumed_meta = checkpointer.restore_meta(latest) if latest is not None else None
   tokenizer, dataset = load_data(config, resumed_meta)
 
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  # The embedding is sized by config (shardable, stable across corpora); a tokenizer trained on
+  # a small corpus may have fewer pieces, never more.
+  if tokenizer.vocab_size > config.data.vocab_size:
+    raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than "
+                      f"config.data.vocab_size={config.data.vocab_size}")
+  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
   model = Transformer(model_cfg)
   task = tasks.get_task(config.task)(model, config)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
@@ -107,4 +112,7 @@ def train(config, workdir: str) -> dict:
   finally:
     writer.close()
     checkpointer.close()
+  if pi == 0:
+    from eval import plot_run
+    logging.info("loss curve: %s", plot_run.plot(workdir))
   return result

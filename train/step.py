@@ -58,7 +58,7 @@ def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
-    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
                    tokens=sums["weight"])
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
