@@ -127,7 +127,16 @@ def run(p: LoopParts) -> dict:
       p.writer.write(done_step, "train", {**m, **prog})
       metrics_lib.log_progress(done_step, num_steps, float(m["loss"]), prog)
 
+  def run_eval(step):
+    result = evaluate(eval_step, state.params, p.make_eval_iter(), batch_sharding)
+    p.writer.write(step, "validation", result)
+    logging.info("step %d validation: loss %.4f  perplexity %.2f", step, result["loss"],
+                 result["perplexity"])
+    return result
+
   try:
+    if step == 0 and p.make_eval_iter:
+      last_eval = run_eval(0)      # the untrained baseline every later evaluation compares to
     while step < num_steps:
       batch = to_global(next(p.train_iter), batch_sharding)
       state, dev_metrics = train_step(state, batch)
@@ -138,10 +147,7 @@ def run(p: LoopParts) -> dict:
 
       is_last = step == num_steps
       if p.make_eval_iter and (step % cfg.train.eval_every == 0 or is_last):
-        last_eval = evaluate(eval_step, state.params, p.make_eval_iter(), batch_sharding)
-        p.writer.write(step, "validation", last_eval)
-        logging.info("step %d validation: loss %.4f  perplexity %.2f", step, last_eval["loss"],
-                     last_eval["perplexity"])
+        last_eval = run_eval(step)
       if p.checkpointer.should_save(step) or is_last or preemption.requested:
         drain(pending)      # never checkpoint a state whose loss we have not seen to be finite
         pending = None

@@ -1,0 +1,1 @@
+"""Benchmarks and evaluations that sit beside training (no training-loop code here)."""

@@ -1,0 +1,212 @@
+r"""Step time of the project's real train step against a plain-JAX reference of the same shape.
+
+  python -m eval.step_time --config=configs/bench_step.py:cpu [--packed] [--json_out=r.json]
+
+Both steps start from the same initial params (the project's init) and see the same fixed
+random-token batch, so their first losses agree. By default a row is one document (plain
+causal mask, the attention fast path); `--packed` adds segment ids and positions so the masked
+path is timed. Timing alternates rounds (project, reference, project, ...) so a noisy machine
+slows both alike; `ratio` = reference median / project median (>= 1: the project is as fast).
+"""
+import dataclasses
+import json
+import resource
+import statistics
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from eval import reference_step
+from model import sharding as sharding_lib
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import metrics as metrics_lib
+from train import optim, tasks
+from train import state as state_lib
+from train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/bench_step.py", "Benchmark config, e.g. configs/bench_step.py:cpu",
+    lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timing rounds per step, alternating the two.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
+_PACKED = flags.DEFINE_bool("packed", False, "Add segment_ids/positions (masked attention).")
+_PEAK = flags.DEFINE_float("peak_flops", 0.0, "Per-device peak FLOP/s for MFU (0: config/table).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
+_JSON = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
+
+
+def make_batch(config, packed: bool, seed: int = 0) -> dict:
+  """Random tokens [B, T]; packed: 1-4 documents per row, their positions restarting at 0."""
+  rng = np.random.default_rng(seed)
+  b, t = config.data.batch_size, config.data.seq_len
+  batch = {"tokens": rng.integers(0, config.data.vocab_size, (b, t), dtype=np.int32)}
+  if packed:
+    seg = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    for row in range(b):
+      cuts = np.sort(rng.choice(np.arange(1, t), rng.integers(0, 4), replace=False))
+      for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t])):
+        seg[row, lo:hi], pos[row, lo:hi] = doc + 1, np.arange(hi - lo)
+    batch.update(segment_ids=seg, positions=pos)
+  return batch
+
+
+@dataclasses.dataclass
+class _Runner:
+  """One compiled step with its (donated) state and batch, timed step by step."""
+  name: str
+  fn: object
+  state: object
+  batch: dict
+  loss_of: object         # step output -> scalar loss
+  compiled: object
+  params: int
+  compile_s: float
+  times: list = dataclasses.field(default_factory=list)
+  losses: list = dataclasses.field(default_factory=list)
+
+  def run(self, n: int, timed: bool = True):
+    for _ in range(n):
+      t0 = time.perf_counter()
+      self.state, out = self.fn(self.state, self.batch)
+      jax.block_until_ready((self.state, out))
+      if timed:
+        self.times.append(time.perf_counter() - t0)
+      self.losses.append(float(self.loss_of(out)))
+
+
+def build_project(config, batch, mesh) -> _Runner:
+  """The training run's step: real sharded state, optimizer and step, compiled ahead of time."""
+  t0 = time.perf_counter()
+  model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
+  task = tasks.get_task(config.task)(model, config)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  dummy = task.dummy_batch(1, config.data.seq_len)
+  state, abstract, shardings = state_lib.create_state(model, tx, dummy, mesh, config.seed)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  # Only this batch's keys: without segment_ids/positions the model takes the plain-causal path.
+  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in batch.items()}
+  compiled = step_lib.compile_step(
+      step_lib.make_train_step(task, tx, schedule, config.optim.grad_accum_steps, mesh),
+      mesh, (shardings, batch_sharding), (shardings, sharding_lib.replicated(mesh)),
+      (state_lib.abstract_with_shardings(abstract, shardings), example), donate_argnums=(0,))
+  return _Runner("project", compiled, state, jax.device_put(batch, batch_sharding),
+                 lambda m: m["loss"], compiled, state_lib.param_count(abstract.params),
+                 time.perf_counter() - t0)
+
+
+def build_reference(config, batch, mesh, project_params) -> _Runner:
+  """reference_step.py's step from the project's initial params (copied: those are donated);
+  data parallel over the same devices, params replicated."""
+  t0 = time.perf_counter()
+  c = ModelConfig.from_config(config.model, config.data.vocab_size)
+  tx, step = reference_step.make_train_step(c, config.optim, config.train.num_steps)
+  params = jax.tree.map(jnp.copy, reference_step.from_project(project_params, c))
+  state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, PartitionSpec()))
+  batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
+  compiled = step.lower(state, batch).compile()
+  return _Runner("reference", compiled, state, batch, lambda loss: loss, compiled,
+                 state_lib.param_count(params), time.perf_counter() - t0)
+
+
+def _xla_bytes(compiled) -> float:
+  """Per-device bytes the compiled step holds: arguments + outputs + temps, less donated aliases."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flops=0.0,
+                  devices=None) -> dict:
+  """Builds both steps, times them in alternating rounds and returns the results as a dict."""
+  devices = jax.devices() if devices is None else list(devices)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  batch = make_batch(config, packed, config.seed)
+  project = build_project(config, batch, mesh)
+  runners = [project, build_reference(config, batch, mesh, project.state.params)]
+  for r in runners:
+    r.run(warmup, timed=False)
+  for _ in range(rounds):
+    for r in runners:
+      r.run(steps)
+
+  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  tokens = config.data.batch_size * config.data.seq_len
+  flops_per_step = metrics_lib.train_flops_per_token(model_cfg, config.data.seq_len) * tokens
+  peak, source = ((peak_flops, "--peak_flops") if peak_flops > 0 else
+                  metrics_lib.peak_flops_per_device(config.train.peak_flops))
+  peak_total = peak * len(devices)
+  out = {"preset": config.preset, "packed": packed, "batch_size": config.data.batch_size,
+         "seq_len": config.data.seq_len, "devices": len(devices),
+         "platform": devices[0].platform, "steps_per_round": steps, "rounds": rounds,
+         "flops_per_step": flops_per_step, "peak_flops_per_device": peak,
+         "peak_flops_source": source}
+  for r in runners:
+    med, mean = statistics.median(r.times), statistics.fmean(r.times)
+    out[r.name] = {"median_ms": 1e3 * med, "mean_ms": 1e3 * mean, "min_ms": 1e3 * min(r.times),
+                   "tokens_per_s": tokens / med, "model_flops_per_s": flops_per_step / med,
+                   "mfu": flops_per_step / med / peak_total, "xla_bytes": _xla_bytes(r.compiled),
+                   "params": r.params, "losses": r.losses, "compile_s": r.compile_s,
+                   "times_ms": [1e3 * t for t in r.times]}
+  out["ratio"] = out["reference"]["median_ms"] / out["project"]["median_ms"]
+  # Both steps share this process, so these peaks cover the whole run, not one step.
+  out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
+  out["device_peak_bytes"] = stats.get("peak_bytes_in_use") if stats else None
+  return out
+
+
+def format_table(res: dict) -> str:
+  mib = 2.0 ** 20
+  lines = [
+      f"step time: preset {res['preset']}, batch {res['batch_size']} x seq {res['seq_len']}, "
+      f"{'packed (segment mask)' if res['packed'] else 'unpacked (plain causal)'}, "
+      f"{res['devices']} {res['platform']} device(s), {res['rounds']} alternating rounds x "
+      f"{res['steps_per_round']} steps",
+      f"MFU peak: {res['peak_flops_per_device']:.3g} FLOP/s per device from "
+      f"{res['peak_flops_source']}, x {res['devices']} device(s); model FLOPs/step "
+      f"{res['flops_per_step']:.4g}",
+      f"{'':10} {'median ms':>10} {'mean ms':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>7} "
+      f"{'XLA MiB':>8} {'params':>11} {'last loss':>9} {'compile s':>9}"]
+  for name in ("project", "reference"):
+    r = res[name]
+    lines.append(f"{name:10} {r['median_ms']:10.1f} {r['mean_ms']:10.1f} "
+                 f"{r['tokens_per_s']:10.0f} {r['model_flops_per_s'] / 1e12:8.3f} "
+                 f"{100 * r['mfu']:6.1f}% {r['xla_bytes'] / mib:8.1f} {r['params']:11,d} "
+                 f"{r['losses'][-1]:9.4f} {r['compile_s']:9.1f}")
+  lines.append(f"ratio = reference / project median step time = {res['ratio']:.3f} "
+               "(>= 1.0: the project is at least as fast); of the fastest steps = "
+               f"{res['reference']['min_ms'] / res['project']['min_ms']:.3f}")
+  peaks = f"process peak RSS {res['process_peak_rss_bytes'] / mib:.0f} MiB"
+  if res["device_peak_bytes"] is not None:
+    peaks += f", device peak_bytes_in_use {res['device_peak_bytes'] / mib:.0f} MiB"
+  lines.append(f"{peaks} (whole run, both steps); XLA MiB = compiled arg + out + temp - "
+               "donated aliases, per device")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else None
+  res = run_benchmark(_CONFIG.value, packed=_PACKED.value, steps=_STEPS.value,
+                      rounds=_ROUNDS.value, warmup=_WARMUP.value, peak_flops=_PEAK.value,
+                      devices=devices)
+  print(format_table(res))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
