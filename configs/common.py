@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
-  c.model.attention.implementation = "auto"   # auto | xla | cudnn, for jax.nn.dot_product_attention
+  c.model.attention.implementation = "auto"   # auto (per backend) | xla | cudnn; see full.py
+  c.model.attention.block_size = 128          # query/key block of the causal block-skipping path
 
   # --- optimizer ------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

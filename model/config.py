@@ -31,6 +31,7 @@ class ModelConfig:
   dropout_rate: float = 0.0
   attention_kind: str = "full"
   attention_implementation: str = "auto"
+  attention_block_size: int = 128
 
   @property
   def compute_dtype(self):
@@ -45,7 +46,8 @@ class ModelConfig:
               mlp_dim=m.mlp_dim, mlp_activation=m.mlp_activation, positions=m.positions,
               rope_theta=m.rope_theta, max_len=m.max_len, tie_embeddings=m.tie_embeddings,
               dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate,
-              attention_kind=attn.kind, attention_implementation=attn.implementation)
+              attention_kind=attn.kind, attention_implementation=attn.implementation,
+              attention_block_size=attn.block_size)
     out.validate()
     return out
 

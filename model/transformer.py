@@ -33,7 +33,7 @@ class MultiHeadAttention(nn.Module):
                                        None))
     kernel = attention_lib.get_kernel(c.attention_kind)
     out = kernel(q, k, v, spec=masks.MaskSpec(causal=True), mask_inputs=mask_inputs,
-                 implementation=c.attention_implementation)
+                 implementation=c.attention_implementation, block_size=c.attention_block_size)
     out_std = (c.num_heads * c.head_dim) ** -0.5 / c.num_layers ** 0.5   # scaled residual init
     return layers.Projection((c.d_model,), ("heads", "head_dim", "embed"), out_std, dt,
                              name="out")(out)

@@ -17,7 +17,7 @@ from helpers import (BF16_ATOL, BF16_RTOL, F32_ATOL, F32_RTOL, lm_batch, numpy_p
                      replace_cfg, tiny_model_cfg)
 from model import positions as positions_lib
 from model import sharding as sharding_lib
-from model.attention import full, masks, reference
+from model.attention import causal_blocks, full, masks, reference
 from model.transformer import Transformer
 from train.tasks import pretrain
 
@@ -265,7 +265,8 @@ def _mask_case(case, b=2, t=8):
   raise ValueError(case)
 
 
-def _check_full_vs_reference(test, variant, case, dtype, kv_heads):
+def _check_full_vs_reference(test, variant, case, dtype, kv_heads, implementation="xla"):
+  """implementation="auto" with block 4 on T=8 runs the causal block-skipping kernel."""
   q, k, v, cot = _qkv(dtype, kv=kv_heads)
   mi = _mask_case(case)
   spec = masks.MaskSpec(causal=True)
@@ -276,7 +277,8 @@ def _check_full_vs_reference(test, variant, case, dtype, kv_heads):
   def fwd_bwd(kernel):
     def run(q, k, v, mi):
       out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, spec=spec, mask_inputs=mi,
-                                                implementation="xla"), q, k, v)
+                                                implementation=implementation, block_size=4),
+                         q, k, v)
       return out, vjp(cot)
     return variant(run)(q, k, v, mi)
 
@@ -317,6 +319,31 @@ class AttentionKernelTest(chex.TestCase):
   )
   def test_full_matches_reference_jit(self, case, dtype, kv_heads):
     _check_full_vs_reference(self, self.variant, case, dtype, kv_heads)
+
+
+class CausalBlocksKernelTest(chex.TestCase):
+  """The CPU/TPU default: causal attention skipping hidden key blocks (T=8, block 4)."""
+
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(
+      ("plain_causal_gqa_f32", "plain_causal", jnp.float32, 2),
+      ("packed_gqa_f32", "packed", jnp.float32, 2),
+      ("packed_mha_f32", "packed", jnp.float32, 4),
+      ("plain_causal_mqa_bf16", "plain_causal", jnp.bfloat16, 1),
+      ("packed_gqa_bf16", "packed", jnp.bfloat16, 2),
+  )
+  def test_blocks_match_reference(self, case, dtype, kv_heads):
+    mi = _mask_case(case)
+    self.assertTrue(causal_blocks.applies(masks.MaskSpec(), mi, 8, 8, 4))
+    _check_full_vs_reference(self, self.variant, case, dtype, kv_heads, implementation="auto")
+
+  def test_not_used_where_it_would_be_wrong(self):
+    spec = masks.MaskSpec()
+    self.assertFalse(causal_blocks.applies(spec, _mask_case("prefix"), 8, 8, 4))   # prefix
+    self.assertFalse(causal_blocks.applies(spec, masks.MaskInputs(), 6, 6, 4))     # ragged
+    self.assertFalse(causal_blocks.applies(spec, masks.MaskInputs(), 4, 8, 4))     # cross
+    self.assertFalse(causal_blocks.applies(masks.MaskSpec(causal=False), masks.MaskInputs(),
+                                           8, 8, 4))
 
 
 def test_reference_respects_segments_by_perturbation():
