@@ -48,14 +48,13 @@ def plot(workdir: str, out_name: str = "loss_curve.png") -> str:
   return path
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
-
-
 def main(argv):
   del argv
-  print(plot(_WORKDIR.value))
+  print(plot(flags.FLAGS.workdir))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: train.main imports this module and has its own --workdir.
+  flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -124,7 +124,7 @@ def test_uninterrupted_run_learns(reference_run):
   train = losses(reference_run)
   assert sorted(train) == list(range(1, NUM_STEPS + 1))
   val = losses(reference_run, "validation")
-  assert val[NUM_STEPS] < val[40] < val[20] < train[1] - 0.2, (train[1], val)
+  assert val[NUM_STEPS] < val[40] < val[20] < val[0] - 0.2, val
   assert checkpoint_steps(reference_run)[-1] == NUM_STEPS
   for name in ("config.json", "metrics.jsonl"):
     assert os.path.exists(os.path.join(reference_run, name))
@@ -186,3 +186,18 @@ def test_bad_config_gives_one_clear_error(corpus, data_dir, tmp_path, override, 
   assert result.returncode != 0
   assert expected in result.stderr
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_pod_sized_config_compiles_ahead_of_time():
+  """The real-size preset (widths, vocab, seq 2048, fsdp over 8 devices) builds, shards and
+  compiles; 2 of its 24 layers keep the compile short."""
+  result = subprocess.run(
+      [sys.executable, "-m", "train.main", "--config=configs/legal_pretrain.py", "--aot_only",
+       "--config.model.num_layers=2"],
+      cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "AOT compile OK" in result.stdout
+  assert "{'data': 1, 'fsdp': 8, 'tensor': 1}" in result.stdout
+  # 2 layers of d_model 2048 / MLP 8192 + a 32768 x 2048 tied table.
+  params = 2 * (4 * 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048) + 32768 * 2048 + 2048
+  assert f"{params / 1e6:.1f}M params" in result.stdout
