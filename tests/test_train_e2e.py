@@ -201,3 +201,25 @@ def test_pod_sized_config_compiles_ahead_of_time():
   # 2 layers of d_model 2048 / MLP 8192 + a 32768 x 2048 tied table.
   params = 2 * (4 * 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048) + 32768 * 2048 + 2048
   assert f"{params / 1e6:.1f}M params" in result.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, tmp_path):
+  # An absurd learning rate: step 1 is finite, its update makes step 2's loss non-finite.
+  args = base_args(corpus, data_dir, tmp_path, **{
+      "optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
+      "train.checkpoint_every": 1, "train.num_steps": 10})
+  result = run_main(args, timeout=300)
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert "non-finite loss at step 2" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert checkpoint_steps(tmp_path) == [1]
+
+  import jax
+  import orbax.checkpoint as ocp
+  from train.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path), every=1, keep=3)
+  # Untargeted restore: every saved array as written.
+  restored = ckpt.manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpt.close()
+  leaves = jax.tree.leaves(restored.state)
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
