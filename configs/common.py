@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
   c.model.attention.implementation = "auto"   # auto (per backend) | xla | cudnn; see full.py
-  c.model.attention.block_size = 128          # query/key block of the causal block-skipping path
+  c.model.attention.block_size = 128          # query/key block of the block-wise kernels
+  c.model.attention.window = 512              # kind=local: keys within this many positions
+  c.model.attention.num_global = 0            # first positions of each document seen by all
 
   # --- optimizer ------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -32,6 +32,8 @@ class ModelConfig:
   attention_kind: str = "full"
   attention_implementation: str = "auto"
   attention_block_size: int = 128
+  attention_window: int = 512      # used by attention_kind="local" only
+  attention_num_global: int = 0
 
   @property
   def compute_dtype(self):
@@ -47,7 +49,8 @@ class ModelConfig:
               rope_theta=m.rope_theta, max_len=m.max_len, tie_embeddings=m.tie_embeddings,
               dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate,
               attention_kind=attn.kind, attention_implementation=attn.implementation,
-              attention_block_size=attn.block_size)
+              attention_block_size=attn.block_size, attention_window=attn.window,
+              attention_num_global=attn.num_global)
     out.validate()
     return out
 
@@ -58,6 +61,10 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"config.model.num_heads={self.num_heads} must be a multiple of "
                        f"config.model.num_kv_heads={self.num_kv_heads}")
+    for key, low in (("block_size", 1), ("window", 1), ("num_global", 0)):
+      if getattr(self, f"attention_{key}") < low:
+        raise ValueError(f"config.model.attention.{key}={getattr(self, f'attention_{key}')} "
+                         f"must be >= {low}")
     for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim"):
       if getattr(self, key) <= 0:

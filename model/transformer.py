@@ -32,7 +32,9 @@ class MultiHeadAttention(nn.Module):
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
                                        None))
     kernel = attention_lib.get_kernel(c.attention_kind)
-    out = kernel(q, k, v, spec=masks.MaskSpec(causal=True), mask_inputs=mask_inputs,
+    window = c.attention_window if c.attention_kind == "local" else None
+    spec = masks.MaskSpec(causal=True, window=window, num_global=c.attention_num_global)
+    out = kernel(q, k, v, spec=spec, mask_inputs=mask_inputs,
                  implementation=c.attention_implementation, block_size=c.attention_block_size)
     out_std = (c.num_heads * c.head_dim) ** -0.5 / c.num_layers ** 0.5   # scaled residual init
     return layers.Projection((c.d_model,), ("heads", "head_dim", "embed"), out_std, dt,

@@ -1,12 +1,18 @@
 """Attention: patterns (masks.py) kept apart from kernels (one module each, one signature).
 
-Every kernel is `attend(q, k, v, *, spec, mask_inputs, implementation) -> out`. A new variant is
-one new module plus one line in KERNELS.
+Every kernel is `attend(q, k, v, *, spec, mask_inputs, implementation, block_size) -> out`. A new
+variant is one new module plus one line in KERNELS.
+
+- full: exact, dense or fused per backend (short and medium contexts).
+- local: causal sliding window (+ global tokens), O(N * window).
+- blocked: exact, online softmax over key blocks, O(N * block) memory; any mask.
 """
-from model.attention import full
+from model.attention import blocked, full, local
 
 KERNELS = {
     "full": full.attend,
+    "local": local.attend,
+    "blocked": blocked.attend,
 }
 
 

@@ -1,9 +1,17 @@
 """Which positions may attend to which: the one source of truth for every kernel and the reference.
 
-A mask is described by a static `MaskSpec` (causal or not, later windows/globals) plus per-call
-arrays: query/key positions, segment ids (packed documents; 0 = padding) and an optional
+A mask is described by a static `MaskSpec` (causal or not, sliding window, global tokens) plus
+per-call arrays: query/key positions, segment ids (packed documents; 0 = padding) and an optional
 per-example prefix length (prefix-LM: the prefix is seen bidirectionally). Kernels never
 build masks their own way; they call `allowed` on the blocks they compute.
+
+Windows and globals (LongT5/ETC-style, made causal-consistent): `window` keeps only keys with
+|q_pos - kv_pos| < window (for a causal LM: the `window` most recent positions, itself included).
+Global tokens are the positions < `num_global` (with packed rows: the first tokens of every
+document, since positions restart). A global key is exempt from the window for every query and a
+global query is exempt from it for every key, but causality, segments and the prefix still
+apply: in a causal LM a global key is simply never pushed out of the window. Without a window,
+globals change nothing (every past key is already visible).
 """
 import dataclasses
 from typing import Optional
@@ -15,6 +23,14 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   causal: bool = True
+  window: Optional[int] = None   # None: unbounded; else keys with |q_pos - kv_pos| < window
+  num_global: int = 0            # positions < num_global are exempt from the window
+
+  def __post_init__(self):
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"MaskSpec.window={self.window} must be >= 1 (1 = only itself) or None")
+    if self.num_global < 0:
+      raise ValueError(f"MaskSpec.num_global={self.num_global} must be >= 0")
 
 
 def allowed(spec: MaskSpec, q_pos, kv_pos, q_seg=None, kv_seg=None, prefix_len=None):
@@ -30,6 +46,11 @@ def allowed(spec: MaskSpec, q_pos, kv_pos, q_seg=None, kv_seg=None, prefix_len=N
     if prefix_len is not None:
       causal |= kp < prefix_len[:, None, None]
     ok &= causal
+  if spec.window is not None:
+    near = jnp.abs(qp - kp) < spec.window
+    if spec.num_global:
+      near |= (kp < spec.num_global) | (qp < spec.num_global)
+    ok &= near
   if q_seg is not None:
     ok &= q_seg[:, :, None] == kv_seg[:, None, :]
   return ok
@@ -41,7 +62,7 @@ def default_positions(batch: int, length: int):
 
 def is_plain_causal(spec: MaskSpec, q_pos, q_seg, prefix_len) -> bool:
   """True when the mask is exactly lower-triangular by index (fused kernels' fast path)."""
-  return spec.causal and q_pos is None and q_seg is None and prefix_len is None
+  return spec == MaskSpec(causal=True) and q_pos is None and q_seg is None and prefix_len is None
 
 
 @flax.struct.dataclass
