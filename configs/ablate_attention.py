@@ -35,26 +35,19 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   return sweep.base if part == "base" else sweep
 
 
-def _attention_grid(base, windows) -> tuple:
-  # Kernels land in the registry independently of this file; sweep over the ones that exist so
-  # the grid grows with model/attention/__init__.py instead of failing before they land.
-  from model import attention
-  kinds = tuple(k for k in ("full", "local", "blocked") if k in attention.KERNELS)
-  grid = [("model.attention.kind", kinds)]
-  if "window" in base.model.attention:
-    grid.append(("model.attention.window", tuple(windows)))
-  grid.append(("model.positions", ("rope", "learned")))
-  return tuple(grid)
+def _attention_grid(windows) -> tuple:
+  return (("model.attention.kind", ("full", "local", "blocked")),
+          ("model.attention.window", tuple(windows)),
+          ("model.positions", ("rope", "learned")))
 
 
 def _sweep(base, windows) -> ml_collections.ConfigDict:
   sweep = ml_collections.ConfigDict()
   sweep.preset = ""
   sweep.base = base
-  sweep.grid = _attention_grid(base, windows)
+  sweep.grid = _attention_grid(windows)
   # The window only changes what `local` computes; for other kernels it is left at its default.
-  sweep.relevant_if = ((("model.attention.window", "model.attention.kind", ("local",)),)
-                       if "window" in base.model.attention else ())
+  sweep.relevant_if = (("model.attention.window", "model.attention.kind", ("local",)),)
   sweep.exclude = ()
   sweep.points = ()
   return sweep
