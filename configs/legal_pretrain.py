@@ -4,7 +4,7 @@
   python -m train.main --config=configs/legal_pretrain.py --workdir=gs://bucket/lm   # pod size
 
 Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, and the default `base`
-(a ~1B-parameter run meant for a TPU/GPU pod). Any key can be overridden on the command line,
+(a ~1.7B-parameter run meant for a TPU/GPU pod). Any key can be overridden on the command line,
 e.g. `--config.optim.lr=1e-3 --config.model.attention.kind=full`.
 """
 import ml_collections
@@ -49,7 +49,7 @@ def _small(config):
 
 
 def _base(config):
-  # Pod-sized (~1.2B params): 24 layers, d_model 2048, seq 2048, fsdp over every device.
+  # Pod-sized (~1.7B params): 24 layers, d_model 2048, seq 2048, fsdp over every device.
   config.data.vocab_size = 32_768
   config.data.seq_len = 2048
   config.data.batch_size = 256
