@@ -90,14 +90,9 @@ def build_project(config, batch, mesh) -> _Runner:
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   dummy = task.dummy_batch(1, config.data.seq_len)
   state, abstract, shardings = state_lib.create_state(model, tx, dummy, mesh, config.seed)
+  compiled = step_lib.compile_train_step(
+      task, tx, schedule, config.optim.grad_accum_steps, mesh, abstract, shardings, batch)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  # Only this batch's keys: without segment_ids/positions the model takes the plain-causal path.
-  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in batch.items()}
-  compiled = step_lib.compile_step(
-      step_lib.make_train_step(task, tx, schedule, config.optim.grad_accum_steps, mesh),
-      mesh, (shardings, batch_sharding), (shardings, sharding_lib.replicated(mesh)),
-      (state_lib.abstract_with_shardings(abstract, shardings), example), donate_argnums=(0,))
   return _Runner("project", compiled, state, jax.device_put(batch, batch_sharding),
                  lambda m: m["loss"], compiled, state_lib.param_count(abstract.params),
                  time.perf_counter() - t0)

@@ -21,13 +21,9 @@ def compile_train_step(config):
   mesh = sharding_lib.make_mesh(config.mesh)
   abstract, shardings = state_lib.state_shardings(
       model, tx, task.dummy_batch(1, config.data.seq_len), mesh)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in task.dummy_batch(config.data.batch_size, config.data.seq_len).items()}
-  compiled = step_lib.compile_step(
-      step_lib.make_train_step(task, tx, schedule, config.optim.grad_accum_steps, mesh),
-      mesh, (shardings, batch_sharding), (shardings, sharding_lib.replicated(mesh)),
-      (state_lib.abstract_with_shardings(abstract, shardings), example), donate_argnums=(0,))
+  compiled = step_lib.compile_train_step(
+      task, tx, schedule, config.optim.grad_accum_steps, mesh, abstract, shardings,
+      task.dummy_batch(config.data.batch_size, config.data.seq_len))
   return compiled, abstract, model_cfg, mesh
 
 

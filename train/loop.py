@@ -92,13 +92,12 @@ def run(p: LoopParts) -> dict:
 
   # --- compile (ahead of time, with the real shardings) ------------------------------------
   example = p.task.dummy_batch(cfg.data.batch_size, cfg.data.seq_len)
+  t0 = time.perf_counter()
+  train_step = step_lib.compile_train_step(
+      p.task, p.tx, p.schedule, cfg.optim.grad_accum_steps, p.mesh, p.state, p.state_shardings,
+      example)
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in example.items()}
-  t0 = time.perf_counter()
-  train_step = step_lib.compile_step(
-      step_lib.make_train_step(p.task, p.tx, p.schedule, cfg.optim.grad_accum_steps, p.mesh),
-      p.mesh, (p.state_shardings, batch_sharding), (p.state_shardings, metric_sharding),
-      (p.state, example), donate_argnums=(0,))
   eval_step = step_lib.compile_step(
       step_lib.make_eval_step(p.task), p.mesh, (p.state_shardings.params, batch_sharding),
       metric_sharding, (p.state.params, example))

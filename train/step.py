@@ -12,6 +12,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import sharding as sharding_lib
+from train import state as state_lib
 
 
 def _tree_add(a, b):
@@ -79,3 +80,17 @@ def compile_step(fn, mesh, in_shardings, out_shardings, example_args, donate_arg
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=donate_argnums)
     return jitted.lower(*example_args).compile()
+
+
+def compile_train_step(task, tx, schedule, grad_accum_steps: int, mesh, abstract_state,
+                       state_shardings, batch):
+  """The sharded, donating train step compiled for `batch`'s keys and shapes (arrays or
+  ShapeDtypeStructs; without segment_ids/positions the model takes its plain-causal path)."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in batch.items()}
+  return compile_step(
+      make_train_step(task, tx, schedule, grad_accum_steps, mesh), mesh,
+      (state_shardings, batch_sharding), (state_shardings, sharding_lib.replicated(mesh)),
+      (state_lib.abstract_with_shardings(abstract_state, state_shardings), example),
+      donate_argnums=(0,))
