@@ -27,6 +27,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 32                  # global batch (all processes), rows per step
   c.data.num_workers = 0                  # grain worker processes (0 = in the main process)
   c.data.prefetch = 4                     # batches prepared ahead of the step
+  c.data.bad_lines = "fail"               # malformed JSONL line: fail (name file:line) | skip
+  # Fine-tuning tasks (classify, summarize) read examples from JSONL files instead of the corpus.
+  c.data.train_file = ""                  # .jsonl / .jsonl.gz; validation is held out from it
+  c.data.test_file = ""                   # scored by the final evaluators; never trained on
+  c.data.label_field = "label"            # classify: integer class id in [0, model.num_classes)
+  c.data.summary_field = "summary"        # summarize: the target text
+  c.data.max_examples = -1                # train examples used (seeded choice); -1 = all
+  c.data.truncation = "head"              # head | head_tail (keep the start and the end)
+  c.data.target_len = 128                 # summarize: summary tokens kept (rest of seq_len: doc)
 
   # --- model ----------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -44,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = "none"              # none | full | dots (save matmul outputs only)
   c.model.dropout_rate = 0.0
+  c.model.num_classes = 0             # > 0 adds a classifier head on the pooled final state
+  c.model.pooling = "mean"            # classifier pooling: mean (over tokens) | last (token)
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
   c.model.attention.implementation = "auto"   # auto (per backend) | xla | cudnn; see full.py
@@ -54,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- optimizer ------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
+  c.optim.schedule = "cosine"         # cosine | linear (to min_lr) | constant, all after warmup
   c.optim.warmup_steps = 1000
   c.optim.min_lr_ratio = 0.1          # cosine decays to lr * min_lr_ratio at the last step
   c.optim.weight_decay = 0.1
@@ -73,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --- loop -----------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10_000
+  c.train.num_epochs = 0.0            # > 0: num_steps from the train split, validation each epoch
+  c.train.init_from = ""              # workdir or checkpoint dir of a pre-trained run ("" = scratch)
+  c.train.early_stopping = 0          # stop after this many validations without improvement; 0 off
+  c.train.nonfinite = "stop"          # non-finite loss: stop (clear error) | skip (drop the update)
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.eval_batches = 16
@@ -80,4 +96,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU; 0 = guess from device
   c.train.profile = False
+
+  # --- evaluators run on data.test_file at the end (and on validation during training) --------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.evaluators = ()              # e.g. ("classification",), ("rouge", "factual")
+  c.eval.num_examples = -1            # test examples scored; -1 = all
+  c.eval.batch_size = 32
+  c.eval.decode_len = 128             # summarize: greedy decoding length cap (tokens)
+  c.eval.bootstrap = 1000             # resamples for 95% confidence intervals
+  c.eval.length_buckets = (256, 1024, 4096)   # slice edges in words of the input text
+  c.eval.slice_fields = ()            # record fields to slice by as well (e.g. "source")
+  c.eval.rubric_examples = 0          # > 0: export a human-evaluation sheet of that many examples
   return c
