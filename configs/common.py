@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Fine-tuning tasks (classify, summarize) read examples from JSONL files instead of the corpus.
   c.data.train_file = ""                  # .jsonl / .jsonl.gz; validation is held out from it
   c.data.test_file = ""                   # scored by the final evaluators; never trained on
+  c.data.test_fraction = 0.0              # no test_file: hold out this part of train_file (by id)
   c.data.label_field = "label"            # classify: integer class id in [0, model.num_classes)
   c.data.summary_field = "summary"        # summarize: the target text
   c.data.max_examples = -1                # train examples used (seeded choice); -1 = all
@@ -96,6 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU; 0 = guess from device
   c.train.profile = False
+
+  # --- distillation (task "distill"): a frozen teacher run teaches this config's model ------
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""              # workdir of the teacher run (its best state if it has one)
+  c.distill.task = "classify"         # the student's own task: classify | summarize | pretrain
+  c.distill.alpha = 0.5               # weight of the soft (teacher) loss; 1 - alpha: labels
+  c.distill.temperature = 2.0         # softens both distributions; the KL is scaled by T^2
+  c.distill.hidden_weight = 0.0       # > 0: also match token-similarity matrices of hidden states
 
   # --- evaluators run on data.test_file at the end (and on validation during training) --------
   c.eval = ml_collections.ConfigDict()

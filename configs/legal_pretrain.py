@@ -3,8 +3,9 @@
   python -m train.main --config=configs/legal_pretrain.py:tiny --workdir=/tmp/lm
   python -m train.main --config=configs/legal_pretrain.py --workdir=gs://bucket/lm   # pod size
 
-Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, and the default `base`
-(a ~1.7B-parameter run meant for a TPU/GPU pod). Any key can be overridden on the command line,
+Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, the default `base`
+(a ~1.7B-parameter run meant for a TPU/GPU pod), and `imdb_lm` (2.1M parameters on legal text
+plus IMDB train reviews: the starting point of the fine-tuning results in the README). Any key can be overridden on the command line,
 e.g. `--config.optim.lr=1e-3 --config.model.attention.kind=full`.
 """
 import ml_collections
@@ -61,4 +62,22 @@ def _base(config):
   config.train.update(num_steps=100_000, eval_every=2000, checkpoint_every=1000)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "base": _base}
+def _imdb_lm(config):
+  # The LM the sentiment and summarization fine-tuning runs start from (README results): legal
+  # text (licensedcode + CUAD contracts) and IMDB's *train* reviews, never its test reviews.
+  from configs.finetune_common import data_path
+  config.data.extra_dirs = (data_path("sentiment_imdb/train.jsonl.gz"),
+                            data_path("legal_pretrain_corpus/cuad_contracts.jsonl.gz"))
+  config.data.vocab_size = 8192
+  config.data.seq_len = 256
+  config.data.batch_size = 32
+  config.data.tokenizer_sentences = 300_000
+  config.data.validation_fraction = 0.01
+  config.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, head_dim=32,
+                      mlp_dim=512, dtype="bfloat16")
+  config.optim.update(lr=2e-3, warmup_steps=50)
+  config.train.update(num_steps=500, log_every=25, eval_every=250, eval_batches=8,
+                      checkpoint_every=100)
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "imdb_lm": _imdb_lm}

@@ -1,12 +1,16 @@
 r"""Step time of the project's real train step against a plain-JAX reference of the same shape.
 
   python -m eval.step_time --config=configs/bench_step.py:cpu [--packed] [--json_out=r.json]
+  python -m eval.step_time --config=configs/bench_step.py:cpu --mode=inference [--batch_sizes=1,32]
 
 Both steps start from the same initial params (the project's init) and see the same fixed
 random-token batch, so their first losses agree. By default a row is one document (plain
 causal mask, the attention fast path); `--packed` adds segment ids and positions so the masked
 path is timed. Timing alternates rounds (project, reference, project, ...) so a noisy machine
 slows both alike; `ratio` = reference median / project median (>= 1: the project is as fast).
+
+`--mode=inference` times the same config's forward pass instead (eval/latency.py: p50/p95/p99
+latency per batch size, throughput, model size and peak memory) on the first device.
 """
 import dataclasses
 import json
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eval import reference_step
+from eval import latency, reference_step
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -40,6 +44,11 @@ _PACKED = flags.DEFINE_bool("packed", False, "Add segment_ids/positions (masked 
 _PEAK = flags.DEFINE_float("peak_flops", 0.0, "Per-device peak FLOP/s for MFU (0: config/table).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"], "train: the train step against "
+                          "the reference; inference: forward-pass latency (eval/latency.py).")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "--mode=inference: batch sizes.")
+_ITERS = flags.DEFINE_integer("iters", 20, "--mode=inference: timed calls per batch size, at "
+                              "least (--warmup untimed calls come first).")
 
 
 def make_batch(config, packed: bool, seed: int = 0) -> dict:
@@ -114,11 +123,8 @@ def build_reference(config, batch, mesh, project_params) -> _Runner:
 
 def _xla_bytes(compiled) -> float:
   """Per-device bytes the compiled step holds: arguments + outputs + temps, less donated aliases."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+  mem = latency.xla_memory(compiled)
+  return float("nan") if mem is None else float(mem["total"])
 
 
 def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flops=0.0,
@@ -193,11 +199,16 @@ def format_table(res: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else None
-  res = run_benchmark(_CONFIG.value, packed=_PACKED.value, steps=_STEPS.value,
-                      rounds=_ROUNDS.value, warmup=_WARMUP.value, peak_flops=_PEAK.value,
-                      devices=devices)
-  print(format_table(res))
+  if _MODE.value == "inference":
+    res = latency.benchmark_config(_CONFIG.value, batch_sizes=[int(b) for b in _BATCH_SIZES.value],
+                                   warmup=_WARMUP.value, iters=_ITERS.value)
+    print(latency.format_table([res]))
+  else:
+    devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else None
+    res = run_benchmark(_CONFIG.value, packed=_PACKED.value, steps=_STEPS.value,
+                        rounds=_ROUNDS.value, warmup=_WARMUP.value, peak_flops=_PEAK.value,
+                        devices=devices)
+    print(format_table(res))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(res, f, indent=2)

@@ -9,6 +9,7 @@ _CHOICES = {
     "positions": ("rope", "learned"),
     "remat": ("none", "full", "dots"),
     "dtype": tuple(_DTYPES),
+    "pooling": ("mean", "last"),
 }
 
 
@@ -34,6 +35,8 @@ class ModelConfig:
   attention_block_size: int = 128
   attention_window: int = 512      # used by attention_kind="local" only
   attention_num_global: int = 0
+  num_classes: int = 0             # > 0: the model is a classifier (pooled state -> classes)
+  pooling: str = "mean"
 
   @property
   def compute_dtype(self):
@@ -50,7 +53,8 @@ class ModelConfig:
               dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate,
               attention_kind=attn.kind, attention_implementation=attn.implementation,
               attention_block_size=attn.block_size, attention_window=attn.window,
-              attention_num_global=attn.num_global)
+              attention_num_global=attn.num_global, num_classes=m.num_classes,
+              pooling=m.pooling)
     out.validate()
     return out
 
@@ -61,6 +65,9 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"config.model.num_heads={self.num_heads} must be a multiple of "
                        f"config.model.num_kv_heads={self.num_kv_heads}")
+    if self.num_classes < 0 or self.num_classes == 1:
+      raise ValueError(f"config.model.num_classes={self.num_classes}: expected 0 (language "
+                       "model) or at least 2 classes")
     for key, low in (("block_size", 1), ("window", 1), ("num_global", 0)):
       if getattr(self, f"attention_{key}") < low:
         raise ValueError(f"config.model.attention.{key}={getattr(self, f'attention_{key}')} "

@@ -24,6 +24,7 @@ LOGICAL_RULES = (
     ("head_dim", None),
     ("norm", None),
     ("length", None),
+    ("classes", None),
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

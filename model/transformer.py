@@ -17,7 +17,11 @@ class MultiHeadAttention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask_inputs: masks.MaskInputs, rope_positions):
+  def __call__(self, x, mask_inputs: masks.MaskInputs, rope_positions, cache_mode=None):
+    """cache_mode (autoregressive decoding, see infer/decode.py): "prefill" also writes this
+    layer's keys/values for every position of x into the "cache" collection; "step" takes one
+    new token per row at `rope_positions` [B, 1], writes its key/value there and attends to
+    the cached keys (window and causality from the same MaskSpec as training)."""
     c = self.cfg
     dt = c.compute_dtype
     std = c.d_model ** -0.5
@@ -31,25 +35,45 @@ class MultiHeadAttention(nn.Module):
       k = positions_lib.rope(k, rope_positions, c.rope_theta)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
                                        None))
-    kernel = attention_lib.get_kernel(c.attention_kind)
     window = c.attention_window if c.attention_kind == "local" else None
     spec = masks.MaskSpec(causal=True, window=window, num_global=c.attention_num_global)
-    out = kernel(q, k, v, spec=spec, mask_inputs=mask_inputs,
-                 implementation=c.attention_implementation, block_size=c.attention_block_size)
+    if cache_mode == "step":
+      out = self._decode_step(q, k, v, rope_positions, spec)
+    else:
+      if cache_mode == "prefill":
+        self.variable("cache", "cached_key", lambda: k)
+        self.variable("cache", "cached_value", lambda: v)
+      kernel = attention_lib.get_kernel(c.attention_kind)
+      out = kernel(q, k, v, spec=spec, mask_inputs=mask_inputs,
+                   implementation=c.attention_implementation, block_size=c.attention_block_size)
     out_std = (c.num_heads * c.head_dim) ** -0.5 / c.num_layers ** 0.5   # scaled residual init
     return layers.Projection((c.d_model,), ("heads", "head_dim", "embed"), out_std, dt,
                              name="out")(out)
+
+  def _decode_step(self, q, k, v, positions, spec):
+    """q/k/v [B, 1, ., D] of the token at positions [B, 1]: write, then attend to the cache."""
+    cached_k = self.variable("cache", "cached_key")
+    cached_v = self.variable("cache", "cached_value")
+    length = cached_k.value.shape[1]
+    slot = jax.nn.one_hot(positions[:, 0], length, dtype=k.dtype)[:, :, None, None]
+    cached_k.value = cached_k.value * (1 - slot) + k * slot
+    cached_v.value = cached_v.value * (1 - slot) + v * slot
+    kv_pos = jnp.broadcast_to(jnp.arange(length, dtype=positions.dtype), (q.shape[0], length))
+    # Slots after the current position hold padding or nothing yet: causality hides them.
+    mask = masks.allowed(spec, positions, kv_pos)[:, None]
+    return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask)
 
 
 class DecoderBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask_inputs, rope_positions, deterministic: bool = True):
+  def __call__(self, x, mask_inputs, rope_positions, deterministic: bool = True,
+               cache_mode=None):
     c = self.cfg
     dt = c.compute_dtype
     h = layers.RMSNorm(dtype=dt, name="attn_norm")(x)
-    h = MultiHeadAttention(c, name="attn")(h, mask_inputs, rope_positions)
+    h = MultiHeadAttention(c, name="attn")(h, mask_inputs, rope_positions, cache_mode)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(dtype=dt, name="mlp_norm")(x)
     h = layers.Mlp(c.d_model, c.mlp_dim, c.mlp_activation, c.dropout_rate, dt, name="mlp")(
@@ -64,8 +88,20 @@ _REMAT_POLICIES = {
 }
 
 
+def pool(x, valid, how: str):
+  """[B, T, D] states -> [B, D]: the mean over valid tokens, or the last valid token's state
+  (which, under causal attention, is the only one that has seen the whole input)."""
+  valid = valid.astype(jnp.float32)
+  if how == "mean":
+    total = jnp.einsum("btd,bt->bd", x.astype(jnp.float32), valid)
+    return total / jnp.maximum(valid.sum(axis=1, keepdims=True), 1.0)
+  last = jnp.maximum(valid.sum(axis=1).astype(jnp.int32) - 1, 0)
+  return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
 class Transformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, vocab] (float32), or final hidden states."""
+  """tokens [B, T] -> logits [B, T, vocab] (float32), or final hidden states; with
+  cfg.num_classes > 0, a classifier: tokens -> class logits [B, num_classes]."""
   cfg: ModelConfig
 
   def setup(self):
@@ -75,16 +111,26 @@ class Transformer(nn.Module):
       self.pos_embed = positions_lib.LearnedPositions(c.max_len, c.d_model, c.compute_dtype)
     block = DecoderBlock
     if c.remat != "none":
-      block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[c.remat], static_argnums=(4,))
+      block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[c.remat], static_argnums=(4, 5))
     self.blocks = [block(c, name=f"block_{i}") for i in range(c.num_layers)]
     self.final_norm = layers.RMSNorm(dtype=c.compute_dtype, name="final_norm")
     if not c.tie_embeddings:
       self.lm_head = layers.Projection((c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5,
                                        c.compute_dtype, output_f32=True, name="lm_head")
+    if c.num_classes:
+      self.classifier_dropout = nn.Dropout(c.dropout_rate)
+      self.cls_head = layers.Projection((c.num_classes,), ("embed", "classes"), c.d_model ** -0.5,
+                                        jnp.float32, output_f32=True, name="cls_head")
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, prefix_len=None,
-               deterministic: bool = True, return_hidden: bool = False):
-    """positions/segment_ids [B, T] (None: one document per row), prefix_len [B] (prefix-LM)."""
+               pool_mask=None, deterministic: bool = True, return_hidden: bool = False,
+               with_hidden: bool = False, cache_mode=None):
+    """positions/segment_ids [B, T] (None: one document per row), prefix_len [B] (prefix-LM).
+
+    A classifier pools over `pool_mask` [B, T] (default: segment_ids > 0, else every token).
+    with_hidden: return (logits, final hidden states), e.g. for distillation.
+    Right-padded rows need no segment_ids: under causal attention no real token sees the pads,
+    so passing only pool_mask keeps the faster plain-causal attention path."""
     c = self.cfg
     b, t = tokens.shape
     x = self.embed(tokens)   # N(0, 1) rows: unit-scale inputs for the pre-norm blocks
@@ -94,11 +140,26 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, _ACT)
     mask_inputs = masks.MaskInputs(q_pos=positions, kv_pos=positions, q_seg=segment_ids,
                                    kv_seg=segment_ids, prefix_len=prefix_len)
+    if cache_mode == "step":   # one token per row at `positions`; the cache holds the rest
+      mask_inputs = None
     for block in self.blocks:
-      x = block(x, mask_inputs, pos, deterministic)
+      x = block(x, mask_inputs, pos, deterministic, cache_mode)
     x = self.final_norm(x)
     if return_hidden:
       return x
+    if c.num_classes:
+      valid = pool_mask
+      if valid is None:
+        valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0
+      pooled = self.classifier_dropout(pool(x, valid, c.pooling), deterministic=deterministic)
+      out = self.cls_head(pooled)
+    else:
+      out = self.head(x)
+    return (out, x) if with_hidden else out
+
+  def head(self, x):
+    """Final hidden states [B, T, D] -> vocabulary logits [B, T, vocab] (float32)."""
+    c = self.cfg
     if c.tie_embeddings:
       # Unit-rms states against N(0, 1) rows: scale by d^-1/2 so initial logits are ~N(0, 1).
       logits = self.embed.attend(x * jnp.asarray(c.d_model ** -0.5, x.dtype))

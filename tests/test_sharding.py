@@ -102,7 +102,8 @@ def sharded_step(batch):
 
 
 def _assert_metrics_close(m, ref):
-  assert set(m) == set(ref) == {"loss", "z_loss", "accuracy", "grad_norm", "lr", "tokens"}
+  assert set(m) == set(ref) == {"loss", "z_loss", "accuracy", "grad_norm", "lr", "tokens",
+                                "skipped"}
   for k in ref:
     np.testing.assert_allclose(m[k], ref[k], rtol=F32_RTOL, err_msg=k)
 

@@ -11,10 +11,11 @@ class ConfigError(ValueError):
 
 def validate(config, num_devices: int, process_count: int):
   """Raises ConfigError naming the key and what was expected."""
-  from train import tasks   # here, not at import time: tasks import the model stack
+  from train import optim, tasks   # here, not at import time: tasks import the model stack
   try:
     tasks.get_task(config.task)
     ModelConfig.from_config(config.model, config.data.vocab_size)
+    optim.make_schedule(config.optim, max(config.train.num_steps, 1))
     mesh = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, num_devices)))
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -40,6 +41,21 @@ def validate(config, num_devices: int, process_count: int):
   ]
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     checks.append((t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1"))
+  checks += [
+      (config.train.nonfinite in ("stop", "skip"),
+       f"config.train.nonfinite={config.train.nonfinite!r}; expected 'stop' or 'skip'"),
+      (d.bad_lines in ("fail", "skip"),
+       f"config.data.bad_lines={d.bad_lines!r}; expected 'fail' or 'skip'"),
+      (d.truncation in ("head", "head_tail"),
+       f"config.data.truncation={d.truncation!r}; expected 'head' or 'head_tail'"),
+      (config.task != "classify" or config.model.num_classes >= 2,
+       f"config.task='classify' needs config.model.num_classes >= 2 (got "
+       f"{config.model.num_classes})"),
+      (config.task != "summarize" or 1 <= d.target_len < d.seq_len - 2,
+       f"config.data.target_len={d.target_len} must be in [1, seq_len - 2 = {d.seq_len - 2})"),
+      (config.train.early_stopping >= 0,
+       f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
+  ]
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)

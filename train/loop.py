@@ -40,6 +40,11 @@ class LoopParts:
   meta: dict                      # saved with every checkpoint (config, tokenizer path, ...)
   flops_per_token: float
   peak_flops_total: float         # all devices, for MFU
+  # Fine-tuning: keep the state with the best validation loss (and stop early on a plateau).
+  best_checkpointer: Any = None
+  best: Optional[dict] = None     # {"step", "loss"} of the best validation so far (on resume)
+  # Evaluators run at every validation: name -> fn(params) -> scalar metrics.
+  eval_hooks: dict = dataclasses.field(default_factory=dict)
 
 
 class _Preemption:
@@ -76,12 +81,24 @@ def evaluate(eval_step, params, batches, sharding) -> dict:
           "accuracy": float(totals["accuracy"]) / weight, "tokens": weight}
 
 
-def _check_finite(step: int, m: dict):
-  if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-    raise NonFiniteLossError(
-        f"non-finite loss at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-        "stopping without saving this state. The last good checkpoint is kept; lower "
-        "config.optim.lr, enable clipping (config.optim.clip_norm) or check the data")
+# Under config.train.nonfinite="skip", this many skipped steps in a row still stop the run:
+# the data or the model is broken, not one unlucky batch.
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+def _check_finite(step: int, m: dict, skip: bool, consecutive: int) -> int:
+  """Returns the count of consecutive skipped steps; raises when the run must stop."""
+  if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+    return 0
+  if skip and consecutive + 1 < MAX_CONSECUTIVE_SKIPS:
+    logging.warning("step %d: non-finite loss (loss=%s, grad_norm=%s); update skipped "
+                    "(config.train.nonfinite=skip)", step, m["loss"], m["grad_norm"])
+    return consecutive + 1
+  why = f"{MAX_CONSECUTIVE_SKIPS} steps in a row" if skip else f"step {step}"
+  raise NonFiniteLossError(
+      f"non-finite loss at {why} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+      "stopping without saving this state. The last good checkpoint is kept; lower "
+      "config.optim.lr, enable clipping (config.optim.clip_norm) or check the data")
 
 
 def run(p: LoopParts) -> dict:
@@ -95,7 +112,7 @@ def run(p: LoopParts) -> dict:
   t0 = time.perf_counter()
   train_step = step_lib.compile_train_step(
       p.task, p.tx, p.schedule, cfg.optim.grad_accum_steps, p.mesh, p.state, p.state_shardings,
-      example)
+      example, skip_nonfinite=cfg.train.nonfinite == "skip")
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in example.items()}
   eval_step = step_lib.compile_step(
@@ -111,14 +128,17 @@ def run(p: LoopParts) -> dict:
   preemption = _Preemption()
   pending = None           # (step, device metrics) of the last dispatched step
   interval_tokens = 0.0
+  skips = 0                # consecutive non-finite steps (config.train.nonfinite=skip)
   last_eval = {}
+  best = dict(p.best or {})
+  stop_early = False
 
   def drain(pending):
     """Fetches the previous step's metrics (it has finished by now) and logs them."""
-    nonlocal interval_tokens
+    nonlocal interval_tokens, skips
     done_step, dev_metrics = pending
     m = jax.device_get(dev_metrics)
-    _check_finite(done_step, m)
+    skips = _check_finite(done_step, m, cfg.train.nonfinite == "skip", skips)
     interval_tokens += float(m["tokens"])
     if done_step % cfg.train.log_every == 0 or done_step == num_steps:
       prog = progress.update(done_step, interval_tokens)
@@ -129,9 +149,28 @@ def run(p: LoopParts) -> dict:
   def run_eval(step):
     result = evaluate(eval_step, state.params, p.make_eval_iter(), batch_sharding)
     p.writer.write(step, "validation", result)
-    logging.info("step %d validation: loss %.4f  perplexity %.2f", step, result["loss"],
-                 result["perplexity"])
+    logging.info("step %d validation: loss %.4f  perplexity %.2f  accuracy %.4f", step,
+                 result["loss"], result["perplexity"], result["accuracy"])
+    for name, hook in p.eval_hooks.items():
+      p.writer.write(step, f"validation/{name}", hook(state.params))
+    if p.best_checkpointer is not None and step > 0:
+      track_best(step, result["loss"])
     return result
+
+  def track_best(step, loss):
+    """Saves the state when validation improves; stops after `early_stopping` evaluations
+    without improvement (counted from steps, so a resumed run counts the same)."""
+    nonlocal stop_early
+    if not best or loss < best["loss"]:
+      best.update(step=step, loss=loss)
+      p.best_checkpointer.save(step, state, None, {**p.meta, "best": dict(best)}, force=True)
+      logging.info("step %d: best validation loss so far (%.4f), saved to %s", step, loss,
+                   p.best_checkpointer.directory)
+    patience = cfg.train.early_stopping
+    if patience and (step - best["step"]) // cfg.train.eval_every >= patience:
+      logging.info("early stopping at step %d: no better validation loss than %.4f (step %d) "
+                   "in %d evaluations", step, best["loss"], best["step"], patience)
+      stop_early = True
 
   try:
     if step == 0 and p.make_eval_iter:
@@ -147,6 +186,7 @@ def run(p: LoopParts) -> dict:
       is_last = step == num_steps
       if p.make_eval_iter and (step % cfg.train.eval_every == 0 or is_last):
         last_eval = run_eval(step)
+        is_last = is_last or stop_early
       if p.checkpointer.should_save(step) or is_last or preemption.requested:
         drain(pending)      # never checkpoint a state whose loss we have not seen to be finite
         pending = None
@@ -155,10 +195,14 @@ def run(p: LoopParts) -> dict:
       if preemption.requested:
         logging.warning("preempted at step %d: checkpoint written, exiting", step)
         break
+      if stop_early:
+        break
     if pending is not None:
       drain(pending)
   finally:
     preemption.restore()
     p.checkpointer.wait()
-  return {"step": step, "state": state, "validation": last_eval,
-          "preempted": preemption.requested}
+    if p.best_checkpointer is not None:
+      p.best_checkpointer.wait()
+  return {"step": step, "state": state, "validation": last_eval, "best": best,
+          "preempted": preemption.requested, "stopped_early": stop_early}

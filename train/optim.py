@@ -1,13 +1,24 @@
-"""AdamW with linear warmup + cosine decay and global-norm clipping."""
+"""AdamW with linear warmup then cosine / linear decay (or a constant rate), and clipping."""
 import jax
 import optax
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def make_schedule(optim_cfg, num_steps: int):
+  """Warmup from 0 to optim.lr, then optim.schedule down to lr * min_lr_ratio at num_steps."""
+  if optim_cfg.schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}; expected one of {SCHEDULES}")
   warmup = min(optim_cfg.warmup_steps, max(num_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
-      decay_steps=max(num_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+  peak, end = optim_cfg.lr, optim_cfg.lr * optim_cfg.min_lr_ratio
+  if optim_cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=end)
+  after = (optax.constant_schedule(peak) if optim_cfg.schedule == "constant" else
+           optax.linear_schedule(peak, end, max(num_steps - warmup, 1)))
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def _decay_mask(params):

@@ -33,7 +33,10 @@ def _split_micro(batch, accum: int, mesh):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh):
+def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh, skip_nonfinite=False):
+  """skip_nonfinite: a step whose loss or gradient is not finite leaves params and optimizer
+  state unchanged (metric `skipped` = 1) instead of poisoning them; the loop decides whether
+  that is an error (config.train.nonfinite)."""
   grad_fn = jax.value_and_grad(lambda p, b, r: task.loss(p, b, r, True), has_aux=True)
 
   def loss_and_grad(params, batch, rng):
@@ -58,9 +61,14 @@ def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh):
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
-    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-                   tokens=sums["weight"])
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step), tokens=sums["weight"],
+                   skipped=1.0 - finite.astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -83,14 +91,14 @@ def compile_step(fn, mesh, in_shardings, out_shardings, example_args, donate_arg
 
 
 def compile_train_step(task, tx, schedule, grad_accum_steps: int, mesh, abstract_state,
-                       state_shardings, batch):
+                       state_shardings, batch, skip_nonfinite: bool = False):
   """The sharded, donating train step compiled for `batch`'s keys and shapes (arrays or
   ShapeDtypeStructs; without segment_ids/positions the model takes its plain-causal path)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in batch.items()}
   return compile_step(
-      make_train_step(task, tx, schedule, grad_accum_steps, mesh), mesh,
+      make_train_step(task, tx, schedule, grad_accum_steps, mesh, skip_nonfinite), mesh,
       (state_shardings, batch_sharding), (state_shardings, sharding_lib.replicated(mesh)),
       (state_lib.abstract_with_shardings(abstract_state, state_shardings), example),
       donate_argnums=(0,))

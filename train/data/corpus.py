@@ -1,17 +1,23 @@
 """Documents of the pre-training corpus: the embedded licensedcode data plus extra folders.
 
-A document is `Document(id, text)`. Ids are stable across machines and runs, so the split and
-the `max_docs` cap (both decided by hashing ids) never change for the same sources:
+An entry of `data.extra_dirs` is a folder (every .txt/.jsonl/.jsonl.gz file under it) or one
+such file. A document is `Document(id, text)`. Ids are stable across machines and runs, so the
+split and the `max_docs` cap (both decided by hashing ids) never change for the same sources:
   licensedcode/licenses/mit.LICENSE        one document per license text
   licensedcode/rules/gpl-2.0_12.RULE       one document per rule (a license notice or snippet)
   <folder name>/sub/file.txt               one document per .txt file
   <folder name>/sub/file.jsonl.gz:17       one document per JSONL line (1-based line number)
-where <folder name> is the last path component of an entry of `data.extra_dirs`.
+where <folder name> is the last path component of a folder entry of `data.extra_dirs` (for a
+file entry: of the folder holding it).
 
 The embedded corpus (PyPI licensedcode-data) has 2,310 license texts and 34,859 rules. Rules are
 short (median ~200 characters) but together about as large as the licenses; all are included
 as separate documents, with their YAML front matter removed. Every text is stripped of leading
 and trailing whitespace and whitespace-only documents are skipped.
+
+A JSONL line that is not valid UTF-8, not JSON, or lacks the text field stops the build with its
+file:line (`data.bad_lines="fail"`), or is skipped with a warning naming file:line and counted in
+`Corpus.skipped_lines` (`"skip"`: one bad record in a scraped dump should not cost the run).
 """
 from collections.abc import Callable, Iterator
 import gzip
@@ -23,6 +29,8 @@ import json
 import pathlib
 from typing import NamedTuple
 import zlib
+
+from absl import logging
 
 from train.data.errors import DataError
 
@@ -90,6 +98,10 @@ class Corpus:
 
   def __init__(self, data_config):
     self.text_field = data_config.text_field
+    self.bad_lines = data_config.bad_lines
+    if self.bad_lines not in ("fail", "skip"):
+      raise DataError(f"data.bad_lines={self.bad_lines!r}: expected 'fail' or 'skip'")
+    self.skipped_lines: list[str] = []   # "file:line: why" of every bad line skipped
     self.max_docs = int(data_config.max_docs)
     self.validation_fraction = float(data_config.validation_fraction)
     if not 0.0 <= self.validation_fraction < 1.0:
@@ -99,10 +111,17 @@ class Corpus:
       raise DataError(f"data.max_docs={self.max_docs}: expected -1 (all) or a positive count")
     self._licensedcode = licensedcode_dir() if data_config.use_licensedcode else None
     self._folders: list[tuple[str, pathlib.Path, list[pathlib.Path]]] = []
-    for folder in _extra_dirs(data_config):
-      if not folder.is_dir():
-        raise DataError(f"data.extra_dirs: {folder} is not an existing folder")
-      files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(EXTENSIONS))
+    for entry in _extra_dirs(data_config):
+      if entry.is_file() and entry.name.endswith(EXTENSIONS):
+        # One file of a folder (e.g. a train split beside a test split that must stay unseen).
+        folder, files = entry.parent, [entry]
+      elif entry.is_dir():
+        folder = entry
+        files = sorted(p for p in folder.rglob("*")
+                       if p.is_file() and p.name.endswith(EXTENSIONS))
+      else:
+        raise DataError(f"data.extra_dirs: {entry} is not an existing folder or "
+                        f"{'/'.join(EXTENSIONS)} file")
       if not files:
         raise DataError(f"data.extra_dirs: {folder} has no {'/'.join(EXTENSIONS)} files")
       if any(name == folder.name for name, _, _ in self._folders):
@@ -134,6 +153,9 @@ class Corpus:
         "text_field": self.text_field,
         "max_docs": self.max_docs,
         "validation_fraction": self.validation_fraction,
+        # Only "skip" can change the documents (a "fail" build has no bad lines), and leaving
+        # the key out for "fail" keeps the fingerprints of existing builds.
+        **({"bad_lines": "skip"} if self.bad_lines == "skip" else {}),
     }
 
   @property
@@ -177,20 +199,34 @@ class Corpus:
           doc_id = f"{file_id}:{lineno}"
           if not raw.strip() or not keep(doc_id):
             continue
-          where = f":{lineno}"
           try:
-            record = json.loads(_decode(path, raw, where))
-          except json.JSONDecodeError as e:
-            raise DataError(f"{path}{where}: malformed JSON line ({e.msg} at column "
-                            f"{e.colno})") from None
-          text = record.get(self.text_field) if isinstance(record, dict) else None
-          if not isinstance(text, str):
-            raise DataError(f"{path}{where}: expected a JSON object with a string field "
-                            f"{self.text_field!r} (data.text_field)")
-          if text.strip():
-            yield Document(doc_id, text.strip())
+            text = self._parse_line(path, lineno, raw)
+          except DataError as e:
+            if self.bad_lines != "skip":
+              raise DataError(f"{e} (or set config.data.bad_lines=skip to skip such "
+                              "lines)") from None
+            # A skipped line is in no split, so later passes never parse it again.
+            logging.warning("skipping %s (data.bad_lines=skip)", e)
+            self.skipped_lines.append(str(e))
+            continue
+          if text:
+            yield Document(doc_id, text)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
       raise DataError(f"{path}: not a readable gzip file ({e})") from None
+
+  def _parse_line(self, path: pathlib.Path, lineno: int, raw: bytes) -> str:
+    """The stripped text of one JSONL line; DataError naming path:line if the line is bad."""
+    where = f":{lineno}"
+    try:
+      record = json.loads(_decode(path, raw, where))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}{where}: malformed JSON line ({e.msg} at column "
+                      f"{e.colno})") from None
+    text = record.get(self.text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+      raise DataError(f"{path}{where}: expected a JSON object with a string field "
+                      f"{self.text_field!r} (data.text_field)")
+    return text.strip()
 
   def index(self) -> dict[str, str]:
     """Maps the id of every kept document (after the `max_docs` cap) to its split.
@@ -203,6 +239,9 @@ class Corpus:
       if self.max_docs > 0:
         ids = heapq.nsmallest(self.max_docs, ids, key=lambda i: hash_unit(i, "max_docs"))
       self._index = {i: split_of(i, self.validation_fraction) for i in ids}
+      if self.skipped_lines:
+        logging.warning("data.bad_lines=skip: skipped %d bad JSONL lines in %s",
+                        len(self.skipped_lines), self.sources())
       if not self._index:
         raise DataError(f"empty corpus: no non-empty documents in {self.sources()}")
     return self._index

@@ -5,9 +5,11 @@ A task provides `dummy_batch(batch, seq_len)` (shapes for init/compile) and
 `weight` (the number of scored tokens/examples) so the step can average exactly across
 micro-batches and devices.
 """
-from train.tasks import pretrain
+from train.tasks import classify, distill, pretrain, summarize
 
-TASKS = {"pretrain": pretrain.PretrainTask}
+# "distill" is built by train/run.py (it needs the teacher); the others take (model, config).
+TASKS = {"pretrain": pretrain.PretrainTask, "classify": classify.ClassifyTask,
+         "summarize": summarize.SummarizeTask, "distill": distill.DistillTask}
 
 
 def get_task(name: str):

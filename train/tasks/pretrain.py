@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.tasks.base import Task
+
 
 def lm_targets(tokens, segment_ids=None):
   """(targets, weights) [B, T]: next token, and 1.0 where it should be scored."""
@@ -32,12 +34,8 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
                             "weight": jnp.sum(weights)}
 
 
-class PretrainTask:
+class PretrainTask(Task):
   """Batches: tokens, segment_ids, positions (all int32 [B, T])."""
-
-  def __init__(self, model, config):
-    self.model = model
-    self.z_loss = config.optim.z_loss
 
   @staticmethod
   def dummy_batch(batch_size: int, seq_len: int):
@@ -45,10 +43,13 @@ class PretrainTask:
     return {"tokens": np.zeros(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy()}
 
-  def loss(self, params, batch, rng, train: bool):
-    segment_ids = batch.get("segment_ids")
-    logits = self.model.apply(
-        {"params": params}, batch["tokens"], positions=batch.get("positions"),
-        segment_ids=segment_ids, deterministic=not train, rngs={"dropout": rng})
-    targets, weights = lm_targets(batch["tokens"], segment_ids)
-    return cross_entropy(logits, targets, weights, self.z_loss if train else 0.0)
+  def inputs(self, batch):
+    return batch["tokens"], {"positions": batch.get("positions"),
+                             "segment_ids": batch.get("segment_ids")}
+
+  def weights(self, batch):
+    return lm_targets(batch["tokens"], batch.get("segment_ids"))[1]
+
+  def score(self, logits, batch, train: bool):
+    targets, weights = lm_targets(batch["tokens"], batch.get("segment_ids"))
+    return cross_entropy(logits, targets, weights, self.config.optim.z_loss if train else 0.0)

@@ -1,0 +1,96 @@
+r"""Classification metrics from predicted class probabilities.
+
+  python -m eval.classification --records=test_predictions.jsonl [--out=metrics.json]
+
+Records: `{"label": int, "probs": [p_0, ..., p_{C-1}], ...}` (other fields are ignored here and
+used by eval/slices.py). The prediction is the arg-max class. Why more than accuracy: macro F1
+and the per-class table expose a model that ignores a minority class, the confusion matrix
+says which classes it confuses, and ECE / NLL say whether its probabilities can be trusted
+(a fine-tuned transformer is often accurate but over-confident).
+
+Definitions:
+- per class c: precision = TP / predicted c, recall = TP / true c, F1 their harmonic mean; 0
+  where the denominator is 0 (as sklearn's zero_division=0).
+- macro_f1: mean F1 over the classes that occur as a label or a prediction (sklearn's default
+  label set), so a class absent from both does not count as a zero.
+- confusion_matrix[i][j]: examples of true class i predicted as j.
+- ece: top-label expected calibration error, 15 equal-width confidence bins (lo, hi]:
+  sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|.
+- nll: mean -log p(true label), with p clipped at 1e-12 so one zero cannot make it infinite.
+"""
+import numpy as np
+
+from eval import common
+
+NAME = "classification"
+ECE_BINS = 15
+# Probabilities must sum to 1 within this; softmax outputs in float32 are far closer.
+_SUM_TOLERANCE = 1e-3
+
+
+def _arrays(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """(labels [N], probs [N, C]) after checking every record."""
+  common.check_fields(records, {"label": int, "probs": list}, NAME)
+  num_classes = len(records[0]["probs"])
+  if num_classes < 2:
+    raise common.EvalError(f"{NAME}: record 0 has {num_classes} probabilities; expected >= 2")
+  for i, r in enumerate(records):
+    if len(r["probs"]) != num_classes:
+      raise common.EvalError(f"{NAME}: record {i} has {len(r['probs'])} probabilities; expected "
+                             f"{num_classes} like record 0")
+    if not 0 <= r["label"] < num_classes:
+      raise common.EvalError(f"{NAME}: record {i} label {r['label']} is outside "
+                             f"[0, {num_classes})")
+  probs = np.asarray([r["probs"] for r in records], np.float64)
+  with np.errstate(invalid="ignore"):
+    bad = (~np.isfinite(probs).all(1) | (probs < 0).any(1) |
+           (np.abs(probs.sum(1) - 1) > _SUM_TOLERANCE))
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise common.EvalError(f"{NAME}: record {i} probs {records[i]['probs']} are not a "
+                           f"probability distribution (finite, >= 0, summing to 1); logits?")
+  return np.asarray([r["label"] for r in records]), probs
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               num_bins: int = ECE_BINS) -> float:
+  # Bin b holds confidences in (b/num_bins, (b+1)/num_bins]; a confidence of 0 joins bin 0.
+  bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
+  ece = 0.0
+  for b in range(num_bins):
+    in_bin = bins == b
+    if in_bin.any():
+      ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+  return float(ece)
+
+
+def evaluate(records: list[dict], cfg) -> dict:
+  labels, probs = _arrays(records)
+  num_classes = probs.shape[1]
+  predicted = probs.argmax(1)
+  correct = (predicted == labels).astype(np.float64)
+
+  out = {"count": len(records), "num_classes": num_classes}
+  common.add_mean(out, "accuracy", correct, cfg)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels, predicted), 1)
+  tp = np.diag(confusion).astype(np.float64)
+  support, predicted_count = confusion.sum(1), confusion.sum(0)
+  precision = np.divide(tp, predicted_count, out=np.zeros_like(tp), where=predicted_count > 0)
+  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+  denom = precision + recall
+  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  present = (support > 0) | (predicted_count > 0)
+  out["macro_f1"] = float(f1[present].mean())
+  out["ece"] = expected_calibration_error(probs.max(1), correct)
+  p_true = probs[np.arange(len(labels)), labels]
+  out["nll"] = float(-np.log(np.maximum(p_true, 1e-12)).mean())
+  out["per_class"] = [
+      {"class": c, "precision": float(precision[c]), "recall": float(recall[c]),
+       "f1": float(f1[c]), "support": int(support[c])} for c in range(num_classes)]
+  out["confusion_matrix"] = confusion.tolist()
+  return out
+
+
+if __name__ == "__main__":
+  common.run_cli(evaluate, "classification")

@@ -1,0 +1,235 @@
+"""Fine-tuning: JSONL examples, classify/summarize tasks, pre-trained starts, the final report.
+
+Runs are in-process on tiny generated data (no shared datasets needed): a sentiment task a
+2-layer model separates within 40 steps, and a summarization task whose pipeline (prefix-LM
+loss, greedy decoding, ROUGE with CIs, lead baselines, rubric sheet) is checked end to end.
+"""
+import gzip
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import legal_pretrain, legal_summ_finetune, sentiment_finetune
+from train import finetune, optim
+from train import run as run_lib
+from train import state as state_lib
+from train.config_check import ConfigError
+from train.data import examples as examples_lib
+from train.data.errors import DataError
+from train.tasks import summarize
+
+POS = "great wonderful superb moving brilliant loved delightful".split()
+NEG = "awful boring dreadful terrible waste hated dull".split()
+FILLER = "the film story actor scene plot music camera ending director cast script".split()
+
+
+def _review(rng, label):
+  words = list(rng.choice(FILLER, rng.integers(8, 30))) + list(
+      rng.choice(POS if label else NEG, 3))
+  rng.shuffle(words)
+  return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def sentiment_files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sentiment")
+  rng = np.random.default_rng(0)
+  for name, n in (("train.jsonl.gz", 240), ("test.jsonl", 64)):
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(root / name, "wt", encoding="utf-8") as f:
+      for i in range(n):
+        label = i % 2
+        f.write(json.dumps({"id": f"{name}:{i}", "text": _review(rng, label), "label": label,
+                            "source": "a" if i % 3 else "b"}) + "\n")
+  return root
+
+
+def _sentiment_config(files, data_dir, **train):
+  config = sentiment_finetune.get_config("tiny")
+  config.data.train_file = str(files / "train.jsonl.gz")
+  config.data.test_file = str(files / "test.jsonl")
+  config.data.data_dir = str(data_dir)
+  config.train.update(**train)
+  return config
+
+
+def test_classifier_from_scratch_learns_and_writes_report(sentiment_files, tmp_path):
+  config = _sentiment_config(sentiment_files, tmp_path / "cache", num_steps=40)
+  result = run_lib.train(config, str(tmp_path / "run"))
+  test = result["test"]["model: classification"]
+  assert test["accuracy"] > 0.85, test
+  assert test["count"] == 64
+  baseline = result["test"]["baseline: tf-idf + logistic regression"]
+  assert baseline["accuracy"] > 0.85
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert f"{test['accuracy']:.3f}" in report and "tf-idf" in report
+  # The best validation state is kept and used for the test evaluation.
+  assert result["best"]["step"] in (10, 20, 30, 40)
+  assert os.listdir(tmp_path / "run" / "best" / "checkpoints")
+  lines = (tmp_path / "run" / "test_predictions.jsonl").read_text().splitlines()
+  assert len(lines) == 64 and abs(sum(json.loads(lines[0])["probs"]) - 1) < 1e-5
+
+
+def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tmp_path):
+  # A tiny LM pre-trained on the review texts, then a classifier started from it.
+  lm = legal_pretrain.get_config("tiny")
+  lm.data.update(use_licensedcode=False, extra_dirs=(str(sentiment_files),), vocab_size=512,
+                 data_dir=str(tmp_path / "cache"), seq_len=32, batch_size=8, max_docs=-1)
+  lm.model.update(num_layers=1, d_model=48, num_heads=2, num_kv_heads=2, head_dim=24,
+                  mlp_dim=96)
+  lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
+  run_lib.train(lm, str(tmp_path / "lm"))
+
+  config = _sentiment_config(sentiment_files, tmp_path / "cache")
+  config.train.init_from = str(tmp_path / "lm")
+  pretrained = finetune.open_pretrained(config)
+  assert (config.model.d_model, config.model.num_layers, config.data.vocab_size) == (48, 1, 512)
+  model, task, tx, mesh = _parts(config)
+  state, _, _ = state_lib.create_state(model, tx, task.dummy_batch(1, 8), mesh, seed=1)
+  loaded = finetune.load_backbone(pretrained, state, mesh)
+  lm_params = _lm_params(lm, tmp_path / "lm")
+  chex.assert_trees_all_equal(
+      {k: v for k, v in loaded.params.items() if k != "cls_head"}, lm_params)
+  chex.assert_trees_all_equal(loaded.params["cls_head"], state.params["cls_head"])
+
+
+def _parts(config):
+  from model import sharding as sharding_lib
+  from model.config import ModelConfig
+  from model.transformer import Transformer
+  from train import tasks
+  model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
+  tx, _ = optim.make_optimizer(config.optim, 10)
+  return model, tasks.get_task(config.task)(model, config), tx, sharding_lib.make_mesh(
+      config.mesh)
+
+
+def _lm_params(lm_config, workdir):
+  from train import checkpoint as checkpoint_lib
+  model, task, tx, mesh = _parts(lm_config)
+  abstract, shardings = state_lib.state_shardings(model, tx, task.dummy_batch(1, 8), mesh)
+  ckpt = checkpoint_lib.Checkpointer(str(workdir), every=1, keep=5, async_save=False)
+  state, _ = ckpt.restore(ckpt.latest_step(),
+                          state_lib.abstract_with_shardings(abstract, shardings))
+  return state.params
+
+
+def _summary_file(path, n=80, seed=0):
+  rng = np.random.default_rng(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(n):
+      first = " ".join(rng.choice(FILLER, 5))
+      rest = ". ".join(" ".join(rng.choice(FILLER + POS, 8)) for _ in range(rng.integers(2, 6)))
+      f.write(json.dumps({"id": f"d{i}", "text": f"{first}. {rest}.", "summary": first,
+                          "source": "x" if i % 2 else "y"}) + "\n")
+
+
+def test_summarizer_pipeline_reports_rouge_with_baselines(tmp_path):
+  _summary_file(tmp_path / "pairs.jsonl")
+  config = legal_summ_finetune.get_config("tiny")
+  config.data.update(train_file=str(tmp_path / "pairs.jsonl"), data_dir=str(tmp_path / "cache"))
+  config.eval.slice_fields = ("dataset",)
+  result = run_lib.train(config, str(tmp_path / "run"))
+  sections = result["test"]
+  rouge = sections["model: rouge"]
+  for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+    assert 0.0 <= rouge[key] <= 1.0
+  assert "baseline: lead-3: rouge" in sections and "baseline: lead-N: rouge" in sections
+  assert "model: factual" in sections
+  # Lead-3 copies the source's first sentences, which contain the reference here.
+  assert sections["baseline: lead-3: rouge"]["rouge1"] > 0.3
+  assert (tmp_path / "run" / "rubric_sheet.csv").exists()
+  assert "rouge1" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_summary_loss_scores_only_summary_tokens():
+  tokens = np.array([[2, 10, 11, 3, 20, 21, 3, 0]], np.int32)
+  mask = (tokens > 0).astype(np.int32)
+  mask[0, 0] = 1
+  targets, weights = summarize.summary_targets(tokens, mask, np.array([4], np.int32))
+  # Position t predicts t+1: scored for the summary tokens 20, 21 and the final eos.
+  np.testing.assert_array_equal(np.asarray(weights[0]), [0, 0, 0, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(targets[0, 3:6]), [20, 21, 3])
+
+
+class _Tok:
+  bos_id, eos_id = 2, 3
+
+  def encode(self, text):
+    return [int(w) for w in text.split()]
+
+
+def test_encode_truncates_head_tail_and_sets_prefix():
+  cfg = sentiment_finetune.get_config("tiny").data
+  cfg.update(seq_len=10, truncation="head_tail", target_len=4)
+  ids = " ".join(str(i) for i in range(100, 120))
+  row = examples_lib.encode(examples_lib.Example("a", ids, 1, "f"), _Tok(), "classify", cfg)
+  # 8 text tokens: the first quarter (2) and the last 6.
+  np.testing.assert_array_equal(row["tokens"], [2, 100, 101, 114, 115, 116, 117, 118, 119, 3])
+  row = examples_lib.encode(examples_lib.Example("a", ids, "7 8 9 10 11", "f"), _Tok(),
+                            "summarize", cfg)
+  # Summary: target_len - 1 = 3 tokens + eos; the document gets the 4 left (1 head, 3 tail).
+  np.testing.assert_array_equal(row["tokens"], [2, 100, 117, 118, 119, 3, 7, 8, 9, 3])
+  assert row["prefix_len"] == 6
+  row = examples_lib.encode(examples_lib.Example("a", "5", "7", "f"), _Tok(), "summarize", cfg)
+  np.testing.assert_array_equal(row["tokens"], [2, 5, 3, 7, 3, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(row["mask"], [1] * 5 + [0] * 5)
+  assert row["prefix_len"] == 3
+
+
+def test_bad_lines_fail_with_line_number_or_skip(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(b'{"text": "good", "label": 1}\n{"text": broken\n{"text": "x", "label": "1"}\n'
+                   b'\xff\xfe\n{"text": "fine", "label": 0}\n')
+  cfg = sentiment_finetune.get_config("tiny").data
+  with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+    examples_lib.read_examples(str(path), "classify", cfg)
+  cfg.bad_lines = "skip"
+  kept = examples_lib.read_examples(str(path), "classify", cfg)
+  assert [e.text for e in kept] == ["good", "fine"]
+
+
+def test_label_out_of_range_is_a_clear_error(sentiment_files):
+  cfg = _sentiment_config(sentiment_files, "/tmp").data
+  with pytest.raises(DataError, match="label 1; expected 0..0"):
+    examples_lib.load_splits(cfg, "classify", num_classes=1)
+
+
+def test_missing_pretrained_run_is_a_config_error(tmp_path):
+  config = sentiment_finetune.get_config("tiny")
+  config.train.init_from = str(tmp_path)
+  with pytest.raises(ConfigError, match="no checkpoints/ folder"):
+    finetune.open_pretrained(config)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedules(schedule):
+  cfg = sentiment_finetune.get_config("tiny").optim
+  cfg.update(schedule=schedule, lr=1.0, warmup_steps=10, min_lr_ratio=0.0)
+  lr = optim.make_schedule(cfg, 110)
+  values = np.array([float(lr(s)) for s in (0, 5, 10, 60, 110)])
+  expected = {"constant": [0, 0.5, 1, 1, 1], "linear": [0, 0.5, 1, 0.5, 0],
+              "cosine": [0, 0.5, 1, 0.5, 0]}[schedule]
+  np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_nonfinite_update_is_skipped_not_applied():
+  from train import step as step_lib
+  config = sentiment_finetune.get_config("tiny")
+  model, task, tx, mesh = _parts(config)
+  state, _, _ = state_lib.create_state(model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  params = jax.tree.map(np.array, state.params)   # writable host copies
+  params["cls_head"]["kernel"][0, 0] = np.nan
+  state = state.replace(params=params)
+  step = jax.jit(step_lib.make_train_step(task, tx, optim.make_schedule(config.optim, 10), 1,
+                                          mesh, skip_nonfinite=True))
+  batch = task.dummy_batch(8, 16)
+  new_state, metrics = step(state, batch)
+  assert float(metrics["skipped"]) == 1.0
+  assert int(new_state.step) == 1
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_state.params), params)
+  chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)

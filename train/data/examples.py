@@ -1,0 +1,222 @@
+"""Fine-tuning data: labelled JSONL examples -> fixed-shape token batches, resumable.
+
+A fine-tuning dataset is one or two JSONL files (`data.train_file`, `data.test_file`, optionally
+gzipped) with one JSON object per line. Field names come from the config (`data.text_field`,
+`data.label_field`, `data.summary_field`). The validation split is held out from the train file
+by a hash of each example's id (its `id` field, else `<file name>:<line>`), so it never changes
+between runs or machines; `data.max_examples` keeps a seeded subset of the train split (e.g. the
+10k-example IMDB variant).
+
+Rows are fixed-length (`data.seq_len`), right-padded with id 0:
+  classify:   [bos] text [eos]                     mask = 1 on real tokens
+  summarize:  [bos] document [eos] summary [eos]   prefix_len = len([bos] document [eos]);
+              the summary keeps at most `data.target_len` tokens, the document the rest.
+`data.truncation` = head keeps the start of an over-long text; head_tail keeps its first quarter
+and its end (the end of a review or judgment often carries the verdict).
+"""
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import pathlib
+
+import grain
+import numpy as np
+from absl import logging
+
+from train.data import corpus as corpus_lib
+from train.data.errors import DataError
+from train.data.pipeline import LMIterator
+
+TASK_FIELDS = {"classify": "label_field", "summarize": "summary_field"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  text: str
+  target: object           # int label (classify) or summary text (summarize)
+  source: str              # file name, for slicing by source dataset
+
+
+def _open(path: pathlib.Path):
+  return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def read_examples(path: str, task: str, data_cfg) -> list[Example]:
+  """Every example of one JSONL file, checked; bad lines fail or are skipped per data.bad_lines."""
+  p = pathlib.Path(os.path.expanduser(path))
+  if not p.is_file():
+    raise DataError(f"{path}: no such file (data.train_file / data.test_file)")
+  text_key, target_key = data_cfg.text_field, data_cfg[TASK_FIELDS[task]]
+  examples, skipped = [], 0
+  try:
+    with _open(p) as f:
+      for lineno, raw in enumerate(f, 1):
+        if not raw.strip():
+          continue
+        try:
+          example = _parse(raw, p.name, lineno, text_key, target_key, task)
+        except DataError as e:
+          if data_cfg.bad_lines != "skip":
+            raise DataError(f"{p}:{lineno}: {e} (set config.data.bad_lines=skip to skip such "
+                            "lines)") from None
+          logging.warning("skipping %s:%d: %s", p, lineno, e)
+          skipped += 1
+          continue
+        examples.append(example)
+  except (gzip.BadGzipFile, EOFError, OSError) as e:
+    raise DataError(f"{p}: not a readable JSONL file ({e})") from None
+  if not examples:
+    raise DataError(f"{p}: no examples with fields {text_key!r} and {target_key!r}")
+  if skipped:
+    logging.warning("%s: skipped %d bad lines of %d", p, skipped, skipped + len(examples))
+  return examples
+
+
+def _parse(raw: bytes, file_name: str, lineno: int, text_key: str, target_key: str,
+           task: str) -> Example:
+  try:
+    record = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise DataError(f"not valid UTF-8 (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(record, dict):
+    raise DataError("expected a JSON object")
+  text, target = record.get(text_key), record.get(target_key)
+  if not isinstance(text, str) or not text.strip():
+    raise DataError(f"expected a non-empty string field {text_key!r} (data.text_field)")
+  if task == "classify" and (isinstance(target, bool) or not isinstance(target, int)):
+    raise DataError(f"expected an integer field {target_key!r} (data.label_field), got "
+                    f"{target!r}")
+  if task == "summarize" and (not isinstance(target, str) or not target.strip()):
+    raise DataError(f"expected a non-empty string field {target_key!r} (data.summary_field)")
+  doc_id = str(record.get("id", f"{file_name}:{lineno}"))
+  return Example(doc_id, text.strip(), target if task == "classify" else target.strip(),
+                 str(record.get("source", file_name)))
+
+
+def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Example]]:
+  """{'train', 'validation'[, 'test']}: validation (and, without a test file, test) held out
+  from the train file by id hash."""
+  if not data_cfg.train_file:
+    raise DataError(f"config.data.train_file is empty: task {task!r} needs a JSONL file")
+  every = read_examples(data_cfg.train_file, task, data_cfg)
+  splits = {"train": [], "validation": []}
+  if data_cfg.test_fraction > 0 and not data_cfg.test_file:
+    splits["test"] = [e for e in every
+                      if corpus_lib.hash_unit(e.id, "test") < data_cfg.test_fraction]
+    every = [e for e in every if corpus_lib.hash_unit(e.id, "test") >= data_cfg.test_fraction]
+  for ex in every:
+    splits[corpus_lib.split_of(ex.id, data_cfg.validation_fraction)].append(ex)
+  if data_cfg.max_examples > 0 and len(splits["train"]) > data_cfg.max_examples:
+    keep = sorted(splits["train"], key=lambda e: corpus_lib.hash_unit(e.id, "max_examples"))
+    keep = set(e.id for e in keep[:data_cfg.max_examples])
+    splits["train"] = [e for e in splits["train"] if e.id in keep]
+  if data_cfg.test_file:
+    splits["test"] = read_examples(data_cfg.test_file, task, data_cfg)
+  for name, examples in splits.items():
+    if not examples:
+      raise DataError(f"the {name} split is empty (data.validation_fraction="
+                      f"{data_cfg.validation_fraction}, {len(every)} train examples)")
+    if task == "classify":
+      bad = [e for e in examples if not 0 <= e.target < num_classes]
+      if bad:
+        raise DataError(f"{name} example {bad[0].id} has label {bad[0].target}; expected "
+                        f"0..{num_classes - 1} (config.model.num_classes={num_classes})")
+  return splits
+
+
+def fingerprint(data_cfg) -> str:
+  """Names the fine-tuning data (file contents + fields), e.g. for its tokenizer."""
+  h = hashlib.blake2b(digest_size=6)
+  with _open(pathlib.Path(os.path.expanduser(data_cfg.train_file))) as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  h.update(f"{data_cfg.text_field}|{data_cfg.summary_field}".encode())
+  return "ft" + h.hexdigest()
+
+
+class TextSource:
+  """The train texts in the shape the tokenizer trainer reads (records of id/text bytes)."""
+
+  def __init__(self, examples: list[Example], task: str):
+    texts = [e.text + ("\n" + e.target if task == "summarize" else "") for e in examples]
+    self._records = [{"id": e.id.encode(), "text": t.encode()} for e, t in zip(examples, texts)]
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitems__(self, indices):
+    return [self._records[i] for i in indices]
+
+
+def _truncate(ids: list[int], budget: int, how: str) -> list[int]:
+  if len(ids) <= budget:
+    return ids
+  if how == "head_tail":
+    head = budget // 4
+    return ids[:head] + ids[len(ids) - (budget - head):]
+  return ids[:budget]
+
+
+def encode(example: Example, tokenizer, task: str, data_cfg) -> dict[str, np.ndarray]:
+  """One fixed-length row (see the module docstring)."""
+  seq_len = data_cfg.seq_len
+  bos, eos = tokenizer.bos_id, tokenizer.eos_id
+  if task == "classify":
+    ids = [bos] + _truncate(tokenizer.encode(example.text), seq_len - 2, data_cfg.truncation)
+    ids.append(eos)
+    row = {"label": np.int32(example.target)}
+    prefix = 0
+  else:
+    summary = tokenizer.encode(example.target)[:data_cfg.target_len - 1] + [eos]
+    doc = _truncate(tokenizer.encode(example.text), seq_len - 2 - len(summary),
+                    data_cfg.truncation)
+    prefix = len(doc) + 2
+    ids = [bos] + doc + [eos] + summary
+    row = {"prefix_len": np.int32(prefix)}
+  tokens = np.zeros(seq_len, np.int32)
+  tokens[:len(ids)] = ids
+  row.update(tokens=tokens, mask=(np.arange(seq_len) < len(ids)).astype(np.int32))
+  return row
+
+
+def encode_prompt(text: str, tokenizer, data_cfg, max_len: int) -> list[int]:
+  """A summarization prompt, `[bos] document [eos]`, leaving `max_len - len` tokens to decode."""
+  doc = _truncate(tokenizer.encode(text), max_len - 2, data_cfg.truncation)
+  return [tokenizer.bos_id] + doc + [tokenizer.eos_id]
+
+
+def pad_batch(rows, batch_size: int):
+  """Stacks rows; a short final batch is filled with all-zero rows (mask 0: never scored)."""
+  out = {}
+  for key in rows[0]:
+    x = np.stack([r[key] for r in rows])
+    out[key] = np.pad(x, [(0, batch_size - len(rows))] + [(0, 0)] * (x.ndim - 1))
+  return out
+
+
+def make_iterator(rows: list[dict], data_cfg, *, split: str, shuffle: bool, repeat: bool,
+                  seed: int, process_index: int = 0, process_count: int = 1,
+                  identity: dict | None = None) -> LMIterator:
+  """Batches of this process's rows; checkpointable like the pre-training iterator."""
+  batch_size = data_cfg.batch_size // process_count
+  ds = grain.MapDataset.source(rows)[process_index::process_count]
+  if not len(ds):
+    raise DataError(f"process {process_index} of {process_count} gets no {split} examples")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.batch(batch_size, drop_remainder=repeat,
+                batch_fn=lambda b: pad_batch(b, batch_size)).to_iter_dataset()
+  if data_cfg.prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_cfg.prefetch)
+  ident = {"split": split, "rows": len(rows), "seq_len": data_cfg.seq_len,
+           "batch_size": batch_size, "process_index": process_index,
+           "process_count": process_count, "shuffle": shuffle, "repeat": repeat, "seed": seed,
+           **(identity or {})}
+  return LMIterator(ds, ident)

@@ -1,0 +1,96 @@
+"""Knowledge distillation: a small student learns from a frozen teacher on the student's task.
+
+  loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+         + (1 - alpha) * task loss on the labels
+         + hidden_weight * relation loss (optional)
+
+The KL is per example for a classifier and per scored token for an LM or summarizer
+(token-level KD), weighted exactly like the task's own loss. The relation loss matches the
+token-to-token cosine-similarity matrices of the two models' final hidden states (as in
+MiniLM's relation distillation): it needs no projection between different widths.
+
+Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
+the teacher is sharded by the same logical axis rules as the student and its logits are
+computed on the fly in the same jit'd step; `frozen_labels` keeps the optimizer off it.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train.tasks.base import Task
+
+
+class StudentTeacher(nn.Module):
+  student_cfg: ModelConfig
+  teacher_cfg: ModelConfig
+
+  def setup(self):
+    self.student = Transformer(self.student_cfg)
+    self.teacher = Transformer(self.teacher_cfg)
+
+  def __call__(self, tokens, **kwargs):
+    """Both models' outputs (initialises both)."""
+    return self.student(tokens, **kwargs), self.teacher(tokens, **kwargs)
+
+
+def frozen_labels(params):
+  """optax.multi_transform labels: the teacher subtree is frozen."""
+  return {k: jax.tree.map(lambda _: "frozen" if k == "teacher" else "train", v)
+          for k, v in params.items()}
+
+
+def _relation(hidden, valid):
+  """Cosine similarities [B, T, T] between a row's tokens, zero outside valid pairs."""
+  h = hidden.astype(jnp.float32)
+  h = h * jax.lax.rsqrt(jnp.sum(h * h, axis=-1, keepdims=True) + 1e-6)
+  pair = valid[:, :, None] * valid[:, None, :]
+  return jnp.einsum("btd,bsd->bts", h, h) * pair, pair
+
+
+class DistillTask(Task):
+  """`base`: the student's own task (classify, summarize or pretrain) on the student model."""
+
+  def __init__(self, model, config, base_task_cls, teacher_cfg: ModelConfig):
+    super().__init__(StudentTeacher(model.cfg, teacher_cfg), config)
+    self.student = model
+    self.teacher = Transformer(teacher_cfg)
+    self.base = base_task_cls(model, config)
+    self.dummy_batch = base_task_cls.dummy_batch
+    d = config.distill
+    self.alpha, self.temperature, self.hidden_weight = d.alpha, d.temperature, d.hidden_weight
+
+  def loss(self, params, batch, rng, train: bool):
+    tokens, kwargs = self.base.inputs(batch)
+    kwargs.update(with_hidden=True, deterministic=not train)
+    rngs = {"dropout": rng} if train else None
+    s_logits, s_hidden = self.student.apply({"params": params["student"]}, tokens, rngs=rngs,
+                                            **kwargs)
+    teacher = jax.lax.stop_gradient(params["teacher"])
+    t_logits, t_hidden = self.teacher.apply({"params": teacher}, tokens,
+                                            **{**kwargs, "deterministic": True})
+    task_loss, sums = self.base.score(s_logits, batch, train)
+    weights = self.base.weights(batch)
+    t = self.temperature
+    t_logp = jax.nn.log_softmax(t_logits.astype(jnp.float32) / t)
+    s_logp = jax.nn.log_softmax(s_logits.astype(jnp.float32) / t)
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    kd = jnp.sum(kl * weights) * t * t
+    total = self.alpha * kd + (1 - self.alpha) * task_loss
+    sums = {**sums, "task_loss": task_loss, "kd": kd}
+    if self.hidden_weight:
+      valid = (tokens > 0).astype(jnp.float32)
+      s_rel, pair = _relation(s_hidden, valid)
+      t_rel, _ = _relation(t_hidden, valid)
+      # Per row: mean squared difference over its valid pairs, weighted like the task.
+      row = jnp.sum(jnp.square(s_rel - t_rel), axis=(1, 2)) / jnp.maximum(pair.sum((1, 2)), 1.0)
+      row_weight = weights if weights.ndim == 1 else weights.sum(-1)
+      relation = jnp.sum(row * row_weight)
+      total = total + self.hidden_weight * relation
+      sums["relation"] = relation
+    sums["loss"] = total
+    return total, sums
+
+  def student_params(self, params):
+    return params["student"]
