@@ -1,5 +1,6 @@
 """Autoregressive decoding with a KV cache: one prefill over the prompts, then one jit'd step
-per new token (a `lax.scan`, so the whole generation is a single compiled call).
+per new token (a `lax.scan`, so the whole generation is a single compiled call). Greedy,
+temperature / top-k / top-p sampling, and beam search.
 
 Prompts are right-padded into a fixed buffer of `prompt_len.max() + max_new` positions (the
 caller picks bucket sizes, so shapes - and compilations - stay few). Row b's prompt occupies
@@ -25,26 +26,107 @@ def _first_token_logits(model, params, tokens, prompt_len):
   return variables["cache"], logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id"))
-def greedy(model, params, tokens, prompt_len, *, max_new: int, eos_id: int):
-  """tokens [B, L] (prompts right-padded, L >= max(prompt_len) + max_new), prompt_len [B] ->
-  generated ids [B, max_new]; after a row's eos the rest of that row is eos."""
-  cache, logits = _first_token_logits(model, params, tokens, prompt_len)
-  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _step(model, params, cache, token, position):
+  """Feeds one token per row at `position` [B]: (next-token logits [B, vocab], new cache)."""
+  logits, variables = model.apply(
+      {"params": params, "cache": cache}, token[:, None], positions=position[:, None],
+      cache_mode="step", mutable=["cache"])
+  return logits[:, 0], variables["cache"]
 
-  def step(carry, s):
+
+def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """Logits scaled by 1/temperature with everything outside the top-k / nucleus (smallest set
+  of tokens whose probability reaches top_p) set to -inf."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep a token while the probability mass before it is below top_p (the first always).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id", "temperature",
+                                             "top_k", "top_p"))
+def generate(model, params, tokens, prompt_len, rng=None, *, max_new: int, eos_id: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """tokens [B, L] (prompts right-padded, L >= max(prompt_len) + max_new), prompt_len [B] ->
+  generated ids [B, max_new]; after a row's eos the rest of that row is eos.
+  temperature 0: greedy; otherwise sampling, optionally restricted to top-k / top-p."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+
+  def pick(logits, key):
+    if temperature == 0.0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)
+                                  ).astype(jnp.int32)
+
+  cache, logits = _first_token_logits(model, params, tokens, prompt_len)
+  keys = jax.random.split(rng, max_new + 1)
+  first = pick(logits, keys[0])
+
+  def step(carry, xs):
+    s, key = xs
     cache, token, done = carry
     out = jnp.where(done, eos_id, token)
     done = done | (token == eos_id)
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, token[:, None], positions=(prompt_len + s)[:, None],
-        cache_mode="step", mutable=["cache"])
-    nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-    return (variables["cache"], nxt, done), out
+    logits, cache = _step(model, params, cache, token, prompt_len + s)
+    return (cache, pick(logits, key), done), out
 
   done = jnp.zeros(first.shape, bool)
-  _, generated = jax.lax.scan(step, (cache, first, done), jnp.arange(max_new))
+  _, generated = jax.lax.scan(step, (cache, first, done), (jnp.arange(max_new), keys[1:]))
   return generated.T
+
+
+def greedy(model, params, tokens, prompt_len, *, max_new: int, eos_id: int):
+  return generate(model, params, tokens, prompt_len, max_new=max_new, eos_id=eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam", "max_new", "eos_id",
+                                             "length_penalty"))
+def beam_search(model, params, tokens, prompt_len, *, beam: int, max_new: int, eos_id: int,
+                length_penalty: float = 1.0):
+  """The highest-scoring of `beam` hypotheses per row: sum of log-probabilities divided by
+  length ** length_penalty (length up to and including eos). Returns ids [B, max_new], eos-
+  padded like `generate`. Every beam keeps its own cache rows, reordered as beams are."""
+  b = tokens.shape[0]
+  cache, logits = _first_token_logits(model, params, tokens, prompt_len)
+  scores, first = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), beam)
+  vocab = logits.shape[-1]
+  cache = jax.tree.map(lambda c: jnp.repeat(c, beam, axis=0), cache)
+  positions = jnp.repeat(prompt_len, beam)
+  seqs = jnp.full((b, beam, max_new), eos_id, jnp.int32).at[:, :, 0].set(first)
+  done = first == eos_id
+  lengths = jnp.ones((b, beam), jnp.int32)
+  # A finished beam may only "emit" eos again, at no cost, so its score stays fixed.
+  eos_only = jnp.full((vocab,), -jnp.inf).at[eos_id].set(0.0)
+
+  def step(carry, s):
+    cache, seqs, scores, done, lengths = carry
+    token = seqs[:, :, s - 1].reshape(-1)
+    logits, cache = _step(model, params, cache, token, positions + s - 1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, beam, vocab)
+    logp = jnp.where(done[..., None], eos_only, logp)
+    flat = (scores[..., None] + logp).reshape(b, beam * vocab)
+    scores, index = jax.lax.top_k(flat, beam)
+    origin, token = index // vocab, (index % vocab).astype(jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, origin, axis=1)
+    seqs = jnp.take_along_axis(seqs, origin[..., None], axis=1).at[:, :, s].set(token)
+    lengths = take(lengths) + (~take(done)).astype(jnp.int32)
+    done = take(done) | (token == eos_id)
+    rows = (jnp.arange(b)[:, None] * beam + origin).reshape(-1)
+    cache = jax.tree.map(lambda c: c[rows], cache)
+    return (cache, seqs, scores, done, lengths), None
+
+  carry = (cache, seqs, scores, done, lengths)
+  (_, seqs, scores, _, lengths), _ = jax.lax.scan(step, carry, jnp.arange(1, max_new))
+  best = jnp.argmax(scores / lengths.astype(jnp.float32) ** length_penalty, axis=1)
+  return jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id"))

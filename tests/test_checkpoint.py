@@ -7,6 +7,7 @@ params/moments, int32 step and counts, uint32 rng) without compiling the random 
 """
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -232,3 +233,68 @@ def test_missing_data_iterator_file_is_a_clear_error(tmp_path):
       ckpt.restore(1, state_lib.abstract_with_shardings(abstract, shardings), FakeIterator())
   finally:
     ckpt.close()
+
+
+def _largest_array_file(step_dir):
+  files = [p for p in step_dir.joinpath("state").rglob("*") if p.is_file() and "/d/" in str(p)]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_damaged_steps_are_skipped_for_the_newest_intact_one(tmp_path, caplog):
+  mesh = _mesh8()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=3)
+  hosts = {}
+  try:
+    for step in (1, 2, 3):
+      state, hosts[step], abstract, shardings = _filled_state(mesh, seed=10 + step)
+      ckpt.save(step, state, FakeIterator(seed=step), {"step": step})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  root = tmp_path / "checkpoints"
+  big = _largest_array_file(root / "3")                 # step 3: truncated (a disk-full save)
+  big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+  shutil.rmtree(root / "2" / "state")                   # step 2: readable, wrong values
+  shutil.copytree(root / "1" / "state", root / "2" / "state")
+
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=3)
+  try:
+    assert ckpt.latest_step() == 3                      # its metadata still reads back
+    it = FakeIterator()
+    restored, meta = ckpt.restore(3, state_lib.abstract_with_shardings(abstract, shardings), it)
+    _assert_bit_identical(restored, hosts[1])
+    assert meta == {"step": 1} and it.seed == 1
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "step 3 in" in warned and "unreadable" in warned
+    assert "step 2 in" in warned and "differ from the checksums" in warned
+    # Training on from step 1 saves steps 2 and 3 again: the damaged ones are set aside first.
+    assert ckpt.save(2, restored, None, {"step": 2}, force=True)
+    ckpt.wait()
+    assert ckpt.latest_step() == 2
+  finally:
+    ckpt.close()
+  assert sorted(n.split("-")[0] for n in os.listdir(root)) == ["1", "2", "2.unusable",
+                                                              "3.unusable"]
+
+
+def test_checkpoint_of_another_model_is_an_error_not_a_fallback(tmp_path):
+  state, _, _, _ = _filled_state(_mesh8(), seed=7)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=3)
+  try:
+    for step in (1, 2):
+      ckpt.save(step, state, None, META)
+    ckpt.wait()
+    (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text("{")
+    assert ckpt.latest_step() == 1                      # unreadable metadata: skipped
+    other = Transformer(ModelConfig(vocab_size=320, num_layers=1, d_model=64, num_heads=4,
+                                    num_kv_heads=2, head_dim=16, mlp_dim=128))
+    tx, _ = optim.make_optimizer(optim_cfg(), 10)
+    abstract, shardings = state_lib.state_shardings(
+        other, tx, pretrain.PretrainTask.dummy_batch(1, SEQ), _mesh8())
+    with pytest.raises(checkpoint_lib.CheckpointError,
+                       match=r"params/embed/embedding is float32\[256, 64\] there but "
+                             r"float32\[320, 64\] now"):
+      ckpt.restore(1, state_lib.abstract_with_shardings(abstract, shardings))
+  finally:
+    ckpt.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]   # nothing moved

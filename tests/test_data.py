@@ -260,3 +260,25 @@ def test_bad_config_raises_clear_error(prepared, tmp_path):
     corpus_lib.Corpus(_config(tmp_path, *cfg.extra_dirs, validation_fraction=1.0))
   with pytest.raises(DataError, match="no sources"):
     corpus_lib.Corpus(_config(tmp_path))
+
+
+def test_bad_lines_skip_policy_counts_and_names_each_line(tmp_path, caplog):
+  folder = tmp_path / "dump"
+  folder.mkdir()
+  (folder / "d.jsonl").write_bytes(b'{"text": "first good"}\n{"text": oops}\n{"body": "x"}\n'
+                                   b'{"text": "caf\xe9"}\n\n{"text": "second good"}\n')
+  with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON line.*bad_lines=skip"):
+    corpus_lib.Corpus(_config(tmp_path, folder, validation_fraction=0.0)).index()
+
+  corpus = corpus_lib.Corpus(_config(tmp_path, folder, validation_fraction=0.0,
+                                     bad_lines="skip"))
+  assert sorted(corpus.index()) == ["dump/d.jsonl:1", "dump/d.jsonl:6"]
+  assert [d.text for d in corpus.split("train")] == ["first good", "second good"]
+  assert [line.split(": ")[0] for line in corpus.skipped_lines] == [
+      f"{folder}/d.jsonl:{n}" for n in (2, 3, 4)]   # counted once, though read twice
+  warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("d.jsonl:4: not valid UTF-8" in w for w in warned)
+  assert any("skipped 3 bad JSONL lines" in w for w in warned)
+  # A "skip" build never stands in for a "fail" one, which must still report the bad lines.
+  fail = corpus_lib.Corpus(_config(tmp_path, folder, validation_fraction=0.0))
+  assert corpus.fingerprint != fail.fingerprint

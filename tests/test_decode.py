@@ -63,3 +63,61 @@ def test_pack_prompts_and_strip():
   np.testing.assert_array_equal(prompt_len, [3, 1])
   assert decode.strip([9, 10, 3, 3], eos_id=3) == [9, 10]
   assert decode.strip([9, 10], eos_id=3) == [9, 10]
+
+
+def test_sampling_with_top_k_1_is_greedy_and_temperature_changes_samples():
+  model, params = _model("full")
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(4, 64, n)) for n in (4, 7)]
+  tokens, prompt_len = decode.pack_prompts(prompts, max_new=8, bucket=8)
+  greedy = decode.greedy(model, params, tokens, prompt_len, max_new=8, eos_id=3)
+  top1 = decode.generate(model, params, tokens, prompt_len, jax.random.PRNGKey(5), max_new=8,
+                         eos_id=3, temperature=1.0, top_k=1)
+  np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+  hot = [decode.generate(model, params, tokens, prompt_len, jax.random.PRNGKey(k), max_new=8,
+                         eos_id=3, temperature=2.0) for k in range(2)]
+  assert not np.array_equal(np.asarray(hot[0]), np.asarray(hot[1]))
+
+
+def test_filter_logits_top_k_and_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()
+  assert kept(decode.filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
+  # Nucleus 0.7: 0.5 < 0.7 so the second token is needed; 0.8 >= 0.7 stops there.
+  assert kept(decode.filter_logits(logits, 1.0, top_p=0.7)) == [True, True, False, False]
+  assert kept(decode.filter_logits(logits, 1.0, top_p=0.9)) == [True, True, True, False]
+
+
+def test_beam_of_one_is_greedy():
+  model, params = _model("blocked")
+  rng = np.random.default_rng(4)
+  prompts = [list(rng.integers(4, 64, n)) for n in (5, 9)]
+  tokens, prompt_len = decode.pack_prompts(prompts, max_new=6, bucket=8)
+  beam = decode.beam_search(model, params, tokens, prompt_len, beam=1, max_new=6, eos_id=3,
+                            length_penalty=0.0)
+  greedy = decode.greedy(model, params, tokens, prompt_len, max_new=6, eos_id=3)
+  np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
+
+
+def test_full_width_beam_finds_the_best_two_token_continuation():
+  # With beam = vocab, two steps of beam search are exhaustive: compare with brute force.
+  model, params = _model("full")
+  prompt = [7, 21, 40, 9]
+  tokens, prompt_len = decode.pack_prompts([prompt], max_new=2, bucket=8)
+  best = decode.beam_search(model, params, tokens, prompt_len, beam=64, max_new=2, eos_id=3,
+                            length_penalty=0.0)
+  p = len(prompt)
+  rows = np.repeat(tokens, 64, axis=0)
+  rows[:, p] = np.arange(64)
+  mask = np.zeros_like(rows)
+  mask[:, :p + 1] = 1
+  logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(rows),
+                                        segment_ids=jnp.asarray(mask),
+                                        prefix_len=jnp.full((64,), p, jnp.int32)))
+  first = np.asarray(logp[0, p - 1])             # the same for every row (prefix only)
+  second = np.asarray(logp[:, p])                # [first token, second token]
+  total = first[:, None] + second
+  total[3] = -np.inf
+  total[3, 3] = first[3]                          # eos first: the hypothesis ends there
+  t1, t2 = np.unravel_index(np.argmax(total), total.shape)
+  np.testing.assert_array_equal(np.asarray(best)[0], [t1, t2])

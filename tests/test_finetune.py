@@ -57,9 +57,16 @@ def _sentiment_config(files, data_dir, **train):
   return config
 
 
-def test_classifier_from_scratch_learns_and_writes_report(sentiment_files, tmp_path):
-  config = _sentiment_config(sentiment_files, tmp_path / "cache", num_steps=40)
-  result = run_lib.train(config, str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def classifier_run(sentiment_files, tmp_path_factory):
+  """A tiny classifier trained from scratch: (workdir, result); also the distillation teacher."""
+  root = tmp_path_factory.mktemp("classifier")
+  config = _sentiment_config(sentiment_files, root / "cache", num_steps=40)
+  return root, run_lib.train(config, str(root / "run"))
+
+
+def test_classifier_from_scratch_learns_and_writes_report(classifier_run):
+  tmp_path, result = classifier_run
   test = result["test"]["model: classification"]
   assert test["accuracy"] > 0.85, test
   assert test["count"] == 64
@@ -95,6 +102,27 @@ def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tm
   chex.assert_trees_all_equal(
       {k: v for k, v in loaded.params.items() if k != "cls_head"}, lm_params)
   chex.assert_trees_all_equal(loaded.params["cls_head"], state.params["cls_head"])
+
+
+def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifier_run, tmp_path):
+  from configs import sentiment_distill
+  teacher_dir = classifier_run[0] / "run"
+  config = sentiment_distill.get_config("tiny")
+  config.data.update(train_file=str(sentiment_files / "train.jsonl.gz"),
+                     test_file=str(sentiment_files / "test.jsonl"), data_dir=str(tmp_path))
+  config.distill.teacher = str(teacher_dir)
+  config.train.update(num_steps=60, eval_every=20, checkpoint_every=20)
+  result = run_lib.train(config, str(tmp_path / "student"))
+  # The teacher's parameters are the teacher run's best state, untouched by 60 updates.
+  teacher = finetune.find_run(str(teacher_dir), "teacher", prefer_best=True)
+  model, _, _, mesh = _parts(sentiment_finetune.get_config("tiny"))
+  expected = finetune.restore_model_params(teacher, model, mesh)
+  chex.assert_trees_all_equal(result["state"].params["teacher"], expected)
+  student = result["test"]["model: classification"]
+  assert student["accuracy"] > 0.8, student
+  # The report counts the student's parameters only.
+  student_params = state_lib.param_count(result["state"].params["student"])
+  assert f"parameters: {student_params}" in (tmp_path / "student" / "report.md").read_text()
 
 
 def _parts(config):

@@ -1,8 +1,8 @@
 """End-to-end runs of `python -m train.main` in subprocesses, on a tiny generated corpus.
 
 Covers what only a real process can show: kill -9 and SIGTERM mid-run followed by a rerun give
-bit-identical per-step losses to an uninterrupted run; a 2-process jax.distributed run on
-localhost; clear one-line errors for bad configs and data.
+bit-identical per-step losses to an uninterrupted run; clear one-line errors for bad configs
+and data. (The 2-process jax.distributed run and its resume: tests/test_launch.py.)
 """
 import json
 import os
@@ -150,28 +150,6 @@ def test_interrupted_run_resumes_bit_identical(corpus, data_dir, tmp_path, refer
   # Bit-identical: the JSON floats are exact reprs of the float32 values.
   assert losses(tmp_path) == losses(reference_run)
   assert losses(tmp_path, "validation") == losses(reference_run, "validation")
-
-
-def test_two_process_distributed_run(corpus, data_dir, tmp_path):
-  args = base_args(corpus, data_dir, tmp_path, **{"train.num_steps": 6, "mesh.fsdp": 2,
-                                                  "train.checkpoint_every": 3})
-  cmd = [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=2",
-         "--", *args]
-  result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout[-4000:]
-  assert "on 4 devices (2 processes)" in result.stdout
-  train = losses(tmp_path)
-  assert sorted(train) == list(range(1, 7)) and all(np.isfinite(list(train.values())))
-  data_states = sorted(os.listdir(tmp_path / "checkpoints" / "6" / "data"))
-  assert "process_0-of-2.json" in data_states and "process_1-of-2.json" in data_states
-
-  resumed = subprocess.run(cmd[:-len(args)] + base_args(
-      corpus, data_dir, tmp_path, **{"train.num_steps": 8, "mesh.fsdp": 2,
-                                     "train.checkpoint_every": 3}),
-      cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stdout[-4000:]
-  assert "resumed from step 6" in resumed.stdout
-  assert sorted(losses(tmp_path)) == list(range(1, 9))
 
 
 @pytest.mark.parametrize("override, expected", [

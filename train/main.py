@@ -76,12 +76,13 @@ class _QuietLibraries:
 
 def _friendly_errors(argv):
   """Known user errors end in one clear line (exit 2), not a traceback wall."""
+  from train.checkpoint import CheckpointError
   from train.config_check import ConfigError
   from train.data.errors import DataError
   from train.loop import NonFiniteLossError
   try:
     main(argv)
-  except (ConfigError, DataError, NonFiniteLossError) as e:
+  except (CheckpointError, ConfigError, DataError, NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3 if isinstance(e, NonFiniteLossError) else 2)
 

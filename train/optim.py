@@ -21,17 +21,27 @@ def make_schedule(optim_cfg, num_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def _decay_mask(params):
-  # Matrices decay; norm scales (1-D) do not.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def _decay_mask(frozen: tuple):
+  def mask(params):
+    # Matrices decay; norm scales (1-D) do not; nor does a frozen subtree.
+    decay = jax.tree.map(lambda p: p.ndim > 1, params)
+    if isinstance(decay, dict):
+      decay = {k: jax.tree.map(lambda _: False, v) if k in frozen else v
+               for k, v in decay.items()}
+    return decay
+  return mask
 
 
-def make_optimizer(optim_cfg, num_steps: int):
-  """Returns (optax transform, lr schedule)."""
+def make_optimizer(optim_cfg, num_steps: int, frozen: tuple = ()):
+  """Returns (optax transform, lr schedule).
+
+  `frozen`: top-level parameter groups (e.g. a distillation teacher) that get no weight decay;
+  their gradients are zero (stop_gradient), so Adam leaves them bit-identical.
+  """
   schedule = make_schedule(optim_cfg, num_steps)
   parts = []
   if optim_cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
+                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask(frozen)))
   return optax.chain(*parts), schedule

@@ -6,7 +6,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -158,11 +157,8 @@ def train(config, workdir: str) -> dict:
   model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
   model = Transformer(model_cfg)
   task = build_task(config, model, teacher)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  if distilling:
-    from train.tasks import distill
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               distill.frozen_labels)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps,
+                                     frozen=("teacher",) if distilling else ())
   mesh = sharding_lib.make_mesh(config.mesh)
 
   dummy = task.dummy_batch(1, config.data.seq_len)
@@ -170,7 +166,7 @@ def train(config, workdir: str) -> dict:
     abstract, shardings = state_lib.state_shardings(task.model, tx, dummy, mesh)
     state, _ = checkpointer.restore(
         latest, state_lib.abstract_with_shardings(abstract, shardings), train_iter)
-    logging.info("resumed from step %d in %s", latest, workdir)
+    logging.info("resumed from step %d in %s", int(jax.device_get(state.step)), workdir)
   else:
     state, abstract, shardings = state_lib.create_state(task.model, tx, dummy, mesh, config.seed)
     if pretrained is not None:

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from train.data import corpus as corpus_lib
+from train.data import tokenizer as tokenizer_lib
 from train.data.errors import DataError
 from train.data.pipeline import LMIterator
 
@@ -153,27 +154,19 @@ class TextSource:
     return [self._records[i] for i in indices]
 
 
-def _truncate(ids: list[int], budget: int, how: str) -> list[int]:
-  if len(ids) <= budget:
-    return ids
-  if how == "head_tail":
-    head = budget // 4
-    return ids[:head] + ids[len(ids) - (budget - head):]
-  return ids[:budget]
-
-
 def encode(example: Example, tokenizer, task: str, data_cfg) -> dict[str, np.ndarray]:
   """One fixed-length row (see the module docstring)."""
   seq_len = data_cfg.seq_len
   bos, eos = tokenizer.bos_id, tokenizer.eos_id
   if task == "classify":
-    ids = [bos] + _truncate(tokenizer.encode(example.text), seq_len - 2, data_cfg.truncation)
+    ids = [bos] + tokenizer_lib.truncate(tokenizer.encode(example.text), seq_len - 2,
+                                         data_cfg.truncation)
     ids.append(eos)
     row = {"label": np.int32(example.target)}
     prefix = 0
   else:
     summary = tokenizer.encode(example.target)[:data_cfg.target_len - 1] + [eos]
-    doc = _truncate(tokenizer.encode(example.text), seq_len - 2 - len(summary),
+    doc = tokenizer_lib.truncate(tokenizer.encode(example.text), seq_len - 2 - len(summary),
                     data_cfg.truncation)
     prefix = len(doc) + 2
     ids = [bos] + doc + [eos] + summary
@@ -186,7 +179,7 @@ def encode(example: Example, tokenizer, task: str, data_cfg) -> dict[str, np.nda
 
 def encode_prompt(text: str, tokenizer, data_cfg, max_len: int) -> list[int]:
   """A summarization prompt, `[bos] document [eos]`, leaving `max_len - len` tokens to decode."""
-  doc = _truncate(tokenizer.encode(text), max_len - 2, data_cfg.truncation)
+  doc = tokenizer_lib.truncate(tokenizer.encode(text), max_len - 2, data_cfg.truncation)
   return [tokenizer.bos_id] + doc + [tokenizer.eos_id]
 
 

@@ -88,6 +88,16 @@ class Tokenizer:
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
 
+def truncate(ids: list[int], budget: int, how: str) -> list[int]:
+  """At most `budget` ids: the head, or (how="head_tail") the first quarter and the end."""
+  if len(ids) <= budget:
+    return ids
+  if how == "head_tail":
+    head = budget // 4
+    return ids[:head] + ids[len(ids) - (budget - head):]
+  return ids[:budget]
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """Restores a tokenizer from its .model file (e.g. the one recorded with a checkpoint)."""
   return Tokenizer(path)

@@ -11,7 +11,9 @@ MiniLM's relation distillation): it needs no projection between different widths
 
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
 the teacher is sharded by the same logical axis rules as the student and its logits are
-computed on the fly in the same jit'd step; `frozen_labels` keeps the optimizer off it.
+computed on the fly in the same jit'd step. It is frozen by stop_gradient (zero gradients) and
+excluded from weight decay (train/optim.py `frozen`); Adam's moments for it stay zero, which
+costs memory, not correctness.
 """
 import flax.linen as nn
 import jax
@@ -33,12 +35,6 @@ class StudentTeacher(nn.Module):
   def __call__(self, tokens, **kwargs):
     """Both models' outputs (initialises both)."""
     return self.student(tokens, **kwargs), self.teacher(tokens, **kwargs)
-
-
-def frozen_labels(params):
-  """optax.multi_transform labels: the teacher subtree is frozen."""
-  return {k: jax.tree.map(lambda _: "frozen" if k == "teacher" else "train", v)
-          for k, v in params.items()}
 
 
 def _relation(hidden, valid):

@@ -1,0 +1,36 @@
+"""Distil a fine-tuned sentiment classifier (the teacher) into a smaller, faster student.
+
+  python -m train.main --config=configs/sentiment_distill.py:imdb --workdir=runs/imdb_student \\
+      --config.distill.teacher=runs/imdb_ft
+
+The student adopts the teacher's tokenizer and vocabulary; its own architecture is below
+(half the layers, half the width). loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) *
+cross-entropy on the labels; `distill.hidden_weight` adds token-relation matching.
+Presets: `imdb` (the data of configs/sentiment_finetune.py:imdb), `tiny` (tests).
+"""
+from configs import finetune_common, sentiment_finetune
+
+
+def get_config(arg: str = "imdb"):
+  preset = finetune_common.check_preset("sentiment_distill.py", arg, PRESETS)
+  config = sentiment_finetune.get_config("tiny" if preset == "tiny" else "imdb")
+  config.preset = preset
+  config.task = "distill"
+  config.distill.update(task="classify", alpha=0.7, temperature=2.0)
+  PRESETS[preset](config)
+  return config
+
+
+def _imdb(config):
+  config.model.update(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, head_dim=32,
+                      mlp_dim=256)
+  config.optim.lr = 2e-3
+  config.train.num_epochs = 2.0
+
+
+def _tiny(config):
+  config.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                      mlp_dim=64)
+
+
+PRESETS = {"imdb": _imdb, "tiny": _tiny}

@@ -1,0 +1,187 @@
+r"""Batch inference from a run's checkpoint: a JSONL file of texts in, one prediction per line out.
+
+  python -m infer.main --workdir=runs/imdb_ft --input=reviews.jsonl.gz --output=preds.jsonl
+
+The run decides what is predicted: a classifier writes {"id", "probs", "label"} per line, a
+summarizer {"id", "summary"} (greedy, at most --max_new tokens). Ids are the input's `id` field,
+else `<file name>:<line>`. The whole input is read and checked before the model is loaded, so a
+bad line fails in seconds, not after an hour of inference; predictions are then written (and
+flushed) batch by batch, with a progress line and ETA for long inputs.
+
+Shapes stay few, so jit compiles a handful of programs rather than one per batch: every batch is
+padded to --batch_size rows, classifier rows to `data.seq_len` tokens and summarizer prompts to a
+multiple of decode.pack_prompts' bucket. `predict`, `load_model` and the error handling are shared
+with the HTTP server (infer/serve.py).
+"""
+import gzip
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app, flags, logging
+
+from infer import loading
+from train.data.errors import DataError
+from train.metrics import format_eta
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).")
+_INPUT = flags.DEFINE_string("input", None, "JSONL (or .jsonl.gz) file, one JSON object a line.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where the predictions go (JSONL).")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Input field holding the text.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Texts per model call.", lower_bound=1)
+_MAX_NEW = flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: "
+                                "the run's eval.decode_len).", lower_bound=1)
+
+PROGRESS_EVERY_S = 10.0
+
+
+class InputError(ValueError):
+  """Bad command-line input; the message names the flag, file or file:line at fault."""
+
+
+# --- the model ------------------------------------------------------------------------------
+def load_model(workdir: str) -> loading.LoadedModel:
+  """The run's model, checked to be one that predicts (a classifier or a summarizer)."""
+  if not os.path.isdir(os.path.expanduser(workdir)):
+    raise InputError(f"--workdir={workdir}: no such directory")
+  loaded = loading.LoadedModel.from_workdir(workdir)
+  if loaded.kind not in ("classify", "summarize"):
+    raise InputError(f"--workdir={workdir} holds a {loaded.kind!r} run; inference needs a "
+                     "fine-tuned classifier or summarizer")
+  return loaded
+
+
+def check_max_new(loaded: loading.LoadedModel, max_new: int | None) -> int | None:
+  """The summary length to use (None for a classifier); fails unless it leaves room for a
+  prompt in the model's sequence length."""
+  if loaded.kind != "summarize":
+    if max_new:
+      raise InputError(f"--max_new={max_new}: only summarizers generate; this is a "
+                       f"{loaded.kind!r} model")
+    return None
+  max_new = max_new or loaded.config.eval.decode_len
+  limit = loaded.config.data.seq_len - 3      # [bos] at least one token [eos]
+  if not 1 <= max_new <= limit:
+    raise InputError(f"--max_new={max_new}: expected 1..{limit} (data.seq_len="
+                     f"{loaded.config.data.seq_len} holds the prompt and the summary)")
+  return max_new
+
+
+def predict(loaded: loading.LoadedModel, texts: list[str], *, max_new: int | None = None,
+            pad_to: int | None = None) -> list[dict]:
+  """One result per text: {"probs", "label"} (classifier) or {"summary"} (summarizer).
+
+  The batch is padded to `pad_to` rows with copies of its first text (which never lengthens a
+  summarizer's prompt bucket), so callers control the batch shapes jit sees."""
+  padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
+  if loaded.kind == "classify":
+    probs = loaded.classify(padded)[:len(texts)]
+    return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]
+  return [{"summary": s} for s in loaded.summarize(padded, max_new)[:len(texts)]]
+
+
+# --- the files ------------------------------------------------------------------------------
+def read_inputs(path: str, text_field: str) -> list[tuple[object, str]]:
+  """(id, text) of every non-blank line; the first bad line fails as `file:line: problem`."""
+  p = pathlib.Path(os.path.expanduser(path))
+  if not p.is_file():
+    raise InputError(f"--input={path}: no such file")
+  out = []
+  try:
+    with (gzip.open(p, "rb") if p.name.endswith(".gz") else open(p, "rb")) as f:
+      for lineno, raw in enumerate(f, 1):
+        if raw.strip():
+          out.append(_parse_line(raw, f"{p}:{lineno}", f"{p.name}:{lineno}", text_field))
+  except (gzip.BadGzipFile, EOFError, OSError) as e:
+    raise InputError(f"{p}: not a readable JSONL file ({e})") from None
+  if not out:
+    raise InputError(f"{p}: no lines to predict")
+  return out
+
+
+def _parse_line(raw: bytes, where: str, default_id: str, text_field: str):
+  try:
+    record = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise InputError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(record, dict):
+    raise InputError(f"{where}: expected a JSON object")
+  text = record.get(text_field)
+  if not isinstance(text, str) or not text.strip():
+    raise InputError(f"{where}: expected a non-empty string field {text_field!r} "
+                     "(--text_field)")
+  return record.get("id", default_id), text.strip()
+
+
+def write_predictions(loaded: loading.LoadedModel, inputs: list[tuple[object, str]],
+                      output: str, *, batch_size: int, max_new: int | None = None) -> None:
+  """Predicts `inputs` in batches of `batch_size`, writing one JSON line per input in order."""
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  progress = _Progress(len(inputs))
+  with open(output, "w", encoding="utf-8") as f:
+    for start in range(0, len(inputs), batch_size):
+      chunk = inputs[start:start + batch_size]
+      results = predict(loaded, [text for _, text in chunk], max_new=max_new, pad_to=batch_size)
+      for (doc_id, _), result in zip(chunk, results):
+        f.write(json.dumps({"id": doc_id, **result}) + "\n")
+      f.flush()
+      progress.update(start + len(chunk))
+  logging.info("wrote %d predictions to %s in %.1fs", len(inputs), output, progress.elapsed())
+
+
+class _Progress:
+  """A progress line every PROGRESS_EVERY_S; the rate (and ETA) leaves out the first batch,
+  which includes compilation."""
+
+  def __init__(self, total: int):
+    self.total = total
+    self.t0 = self.last_log = time.perf_counter()
+    self.first = None     # (done, time) after the first batch
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.t0
+
+  def update(self, done: int):
+    now = time.perf_counter()
+    if self.first is None:
+      self.first = (done, now)
+      return
+    if now - self.last_log < PROGRESS_EVERY_S or done == self.total:
+      return
+    self.last_log = now
+    rate = (done - self.first[0]) / max(now - self.first[1], 1e-9)
+    logging.info("%d/%d texts (%.0f%%)  %.1f texts/s  ETA %s", done, self.total,
+                 100 * done / self.total, rate, format_eta((self.total - done) / rate))
+
+
+# --- the command line -----------------------------------------------------------------------
+def friendly_errors(main):
+  """Wraps an absl main: user errors end in one `error: ...` line and exit code 2."""
+  def wrapped(argv):
+    try:
+      main(argv)
+    except (InputError, loading.LoadError, DataError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  inputs = read_inputs(_INPUT.value, _TEXT_FIELD.value)
+  loaded = load_model(_WORKDIR.value)
+  max_new = check_max_new(loaded, _MAX_NEW.value)
+  logging.info("%s model (step %d) from %s: %d texts", loaded.kind, loaded.step,
+               _WORKDIR.value, len(inputs))
+  write_predictions(loaded, inputs, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
+                    max_new=max_new)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "input", "output"])
+  app.run(friendly_errors(main))

@@ -1,0 +1,415 @@
+r"""An HTTP server for a fine-tuned classifier or summarizer, batching concurrent requests.
+
+  python -m infer.serve --workdir=runs/imdb_ft --port=8000
+  curl -s localhost:8000/classify -d '{"text": "A moving, brilliant film."}'
+  curl -s localhost:8000/classify -d '{"texts": ["Dull.", "Loved it."]}'
+  curl -s localhost:8000/summarize -d '{"text": "..."}'
+  curl -s localhost:8000/health
+
+Endpoints (JSON in and out):
+  POST /classify   {"text": str} -> {"probs": [float], "label": int}
+                   {"texts": [str]} -> {"probs": [[float]], "label": [int]}
+  POST /summarize  {"text": str} -> {"summary": str}; {"texts": [str]} -> {"summary": [str]}
+  GET  /health     the model (kind, step, params, limits) and counts of what was served
+Errors are {"error": message}: 400 malformed request (or the endpoint of the other model
+kind), 404 unknown path, 405 wrong method, 411 no Content-Length, 413 too large (a text over
+--max_chars, over --max_batch texts, a body over what those allow), 415 body not UTF-8, 500 the
+model failed (logged; the server keeps serving).
+
+Why a queue: one model call on 32 texts costs little more than on one, so handler threads (one
+per connection) queue their texts and a single worker thread runs whatever is queued together -
+up to --max_batch texts, waiting at most --max_wait_ms after the oldest request for company -
+and hands each request its own results. Throughput then grows with concurrency, and the model
+is only ever called from that one thread. Batches are padded to a power of two rows (capped at
+--max_batch) and all those shapes (times the summarizer's prompt-length buckets) are compiled
+before the port opens, so no request waits for a compilation. Standard library only.
+"""
+import collections
+import dataclasses
+import http.server
+import json
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from infer import decode
+from infer import main as batch_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory to serve.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: every one).")
+_PORT = flags.DEFINE_integer("port", 8000, "TCP port (0: any free one).", lower_bound=0)
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most texts per model call and per request.",
+                                  lower_bound=1)
+_MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "How long the oldest queued request may "
+                                  "wait for others to share its batch.", lower_bound=0.0)
+_MAX_CHARS = flags.DEFINE_integer("max_chars", 20_000, "Longest accepted text, in characters.",
+                                  lower_bound=1)
+_MAX_NEW = flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: "
+                                "the run's eval.decode_len).", lower_bound=1)
+
+
+class RequestError(Exception):
+  """A request the server refuses: an HTTP status and the message sent back."""
+
+  def __init__(self, status: int, message: str, headers: dict | None = None):
+    super().__init__(message)
+    self.status, self.headers = status, headers or {}
+
+
+# --- batching -------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class _Job:
+  texts: list
+  arrived: float = dataclasses.field(default_factory=time.monotonic)
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  results: list | None = None
+  error: Exception | None = None
+
+
+class Batcher:
+  """Runs `predict(texts) -> one result per text` on one worker thread, over the texts of as
+  many queued requests as fit in `max_batch`."""
+
+  def __init__(self, predict, max_batch: int, max_wait_s: float):
+    self._predict, self._max_batch, self._max_wait_s = predict, max_batch, max_wait_s
+    self._queue = collections.deque()
+    self._cond = threading.Condition()
+    self._closed = False
+    self._counts = {"requests": 0, "texts": 0, "batches": 0, "failed_batches": 0}
+    self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
+    self._thread.start()
+
+  def submit(self, texts: list) -> list:
+    """Blocks until `texts` were run; returns their results or raises the model's error."""
+    if not 1 <= len(texts) <= self._max_batch:
+      raise ValueError(f"a request holds 1..{self._max_batch} texts, not {len(texts)}")
+    job = _Job(texts)
+    with self._cond:
+      if self._closed:
+        raise RuntimeError("the server is shutting down")
+      self._queue.append(job)
+      self._cond.notify()
+    job.done.wait()
+    if job.error is not None:
+      raise job.error
+    return job.results
+
+  def counts(self) -> dict:
+    """Requests, texts and batches run so far (and batches the model failed on)."""
+    with self._cond:
+      return dict(self._counts)
+
+  def close(self):
+    """Runs what is queued, then stops the worker."""
+    with self._cond:
+      self._closed = True
+      self._cond.notify()
+    self._thread.join()
+
+  def _take(self) -> list[_Job]:
+    """The next batch of jobs, oldest first; [] once closed and drained."""
+    with self._cond:
+      while not self._queue and not self._closed:
+        self._cond.wait()
+      deadline = self._queue[0].arrived + self._max_wait_s if self._queue else 0
+      while (not self._closed and sum(len(j.texts) for j in self._queue) < self._max_batch
+             and time.monotonic() < deadline):
+        self._cond.wait(deadline - time.monotonic())
+      jobs, count = [], 0
+      while self._queue and count + len(self._queue[0].texts) <= self._max_batch:
+        jobs.append(self._queue.popleft())
+        count += len(jobs[-1].texts)
+      return jobs
+
+  def _work(self):
+    while jobs := self._take():
+      texts = [t for job in jobs for t in job.texts]
+      try:
+        results = self._predict(texts)
+      except Exception as e:   # each request of the batch reports it; the worker carries on
+        logging.exception("the model failed on a batch of %d texts", len(texts))
+        for job in jobs:
+          job.error = e
+      else:
+        for job in jobs:
+          job.results, results = results[:len(job.texts)], results[len(job.texts):]
+      with self._cond:
+        self._counts["requests"] += len(jobs)
+        self._counts["texts"] += len(texts)
+        self._counts["batches"] += 1
+        self._counts["failed_batches"] += int(jobs[0].error is not None)
+      for job in jobs:
+        job.done.set()
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+  """The padded batch sizes: powers of two below max_batch, and max_batch."""
+  return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+
+
+def warm_up(loaded, sizes: list[int], max_new: int | None) -> int:
+  """Compiles every shape a batch can take (the jit caches LoadedModel's calls hit); returns
+  how many."""
+  if loaded.kind == "classify":
+    for size in sizes:
+      loaded.classify(["warm-up"] * size)
+    return len(sizes)
+  # Prompts are [bos] document [eos]: 2 .. seq_len - max_new tokens, in pack_prompts' buckets.
+  budget = loaded.config.data.seq_len - max_new
+  lengths = sorted({decode.pack_prompts([[0] * n], max_new)[0].shape[1]
+                    for n in range(2, budget + 1)})
+  for size in sizes:
+    for length in lengths:
+      decode.greedy(loaded.model, loaded.params, np.zeros((size, length), np.int32),
+                    np.full(size, 2, np.int32), max_new=max_new,
+                    eos_id=loaded.tokenizer.eos_id).block_until_ready()
+  return len(sizes) * len(lengths)
+
+
+# --- requests -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_batch: int
+  max_chars: int
+
+  @property
+  def max_body_bytes(self) -> int:
+    """The largest valid request: max_batch texts of max_chars characters, each JSON-escaped
+    (at most 12 bytes a character: a surrogate pair as \\uXXXX\\uXXXX), and some room."""
+    return self.max_batch * self.max_chars * 12 + (64 << 10)
+
+
+def _json_type(value) -> str:
+  names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+           int: "a number", float: "a number", type(None): "null"}
+  return names[type(value)]
+
+
+def parse_body(raw: bytes) -> dict:
+  """The request's JSON object, or a RequestError naming what is wrong with the body."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RequestError(415, f"the request body is not UTF-8 (byte {e.start})") from None
+  if not text.strip():
+    raise RequestError(400, "the request body is empty; expected a JSON object")
+  try:
+    body = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RequestError(400, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+  except RecursionError:
+    raise RequestError(400, "invalid JSON: nested too deeply") from None
+  if not isinstance(body, dict):
+    raise RequestError(400, f"expected a JSON object, got {_json_type(body)}")
+  return body
+
+
+def parse_texts(body: dict, limits: Limits) -> tuple[list[str], bool]:
+  """(texts, whether the request sent one "text" rather than a "texts" list), checked."""
+  expected = 'expected "text" (a string) or "texts" (an array of strings)'
+  unknown = sorted(set(body) - {"text", "texts"})
+  if unknown:
+    raise RequestError(400, f"unknown field {unknown[0]!r}; {expected}")
+  if ("text" in body) == ("texts" in body):
+    raise RequestError(400, f"{expected}, exactly one of them")
+  single = "text" in body
+  texts = [body["text"]] if single else body["texts"]
+  if not isinstance(texts, list):
+    raise RequestError(400, f'"texts" must be an array of strings, got {_json_type(texts)}')
+  if not texts:
+    raise RequestError(400, '"texts" is empty')
+  if len(texts) > limits.max_batch:
+    raise RequestError(413, f'"texts" has {len(texts)} entries; the limit is '
+                       f"{limits.max_batch} (--max_batch)")
+  for i, text in enumerate(texts):
+    name = '"text"' if single else f'"texts"[{i}]'
+    if not isinstance(text, str):
+      raise RequestError(400, f"{name} must be a string, got {_json_type(text)}")
+    if not text.strip():
+      raise RequestError(400, f"{name} is empty")
+    if len(text) > limits.max_chars:
+      raise RequestError(413, f"{name} has {len(text)} characters; the limit is "
+                         f"{limits.max_chars} (--max_chars)")
+  return [t.strip() for t in texts], single
+
+
+def _health(handler) -> dict:
+  return handler.server.info()
+
+
+def _predict_endpoint(kind: str):
+  def endpoint(handler) -> dict:
+    server = handler.server
+    if server.loaded.kind != kind:
+      raise RequestError(400, f"this server runs a {server.loaded.kind} model: use "
+                         f"/{server.loaded.kind}, not /{kind}")
+    texts, single = parse_texts(handler.read_json(), server.limits)
+    results = server.batcher.submit(texts)
+    return results[0] if single else {key: [r[key] for r in results] for key in results[0]}
+  return endpoint
+
+
+_ROUTES = {"/health": ("GET", _health), "/classify": ("POST", _predict_endpoint("classify")),
+           "/summarize": ("POST", _predict_endpoint("summarize"))}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"      # keep-alive: a client's next request skips the handshake
+  server_version = "legal-lm-serve"
+  timeout = 60                       # seconds a client may stall mid-request
+
+  def _dispatch(self):
+    path = urllib.parse.urlsplit(self.path).path
+    headers = {}
+    try:
+      if path not in _ROUTES:
+        raise RequestError(404, f"unknown path {path}; expected one of {sorted(_ROUTES)}")
+      method, endpoint = _ROUTES[path]
+      if self.command != method:
+        raise RequestError(405, f"{path} takes {method}, not {self.command}", {"Allow": method})
+      status, payload = 200, endpoint(self)
+    except RequestError as e:
+      status, payload, headers = e.status, {"error": str(e)}, e.headers
+    except Exception as e:
+      logging.exception("%s %s failed", self.command, path)
+      status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+    self._reply(status, payload, headers)
+
+  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+  def read_json(self) -> dict:
+    length = self.headers.get("Content-Length")
+    if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+      raise RequestError(411, "a Content-Length header is required")
+    if not length.isdigit():
+      raise RequestError(400, f"bad Content-Length {length!r}")
+    limit = self.server.limits.max_body_bytes
+    if int(length) > limit:
+      raise RequestError(413, f"the request body has {length} bytes; the limit is {limit} "
+                         "(--max_batch texts of --max_chars characters)")
+    try:
+      raw = self.rfile.read(int(length))
+    except TimeoutError:
+      raise RequestError(408, "timed out reading the request body") from None
+    return parse_body(raw)
+
+  def _reply(self, status: int, payload: dict, headers: dict):
+    body = (json.dumps(payload) + "\n").encode()
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(body)))
+    for key, value in headers.items():
+      self.send_header(key, value)
+    if status != 200:     # the body may be unread: start the next request on a clean socket
+      self.send_header("Connection", "close")
+      self.close_connection = True
+    self.end_headers()
+    if self.command != "HEAD":
+      self.wfile.write(body)
+    if status != 200:
+      logging.info("%s %s -> %d: %s", self.command, self.path, status, payload["error"])
+
+  def log_message(self, format, *args):   # noqa: A002 (the base class's name)
+    logging.debug("%s " + format, self.address_string(), *args)
+
+
+class InferenceServer(http.server.ThreadingHTTPServer):
+  """The HTTP server (a thread per connection) around one model and its Batcher."""
+  request_queue_size = 128    # listen backlog for bursts of connections
+
+  def __init__(self, address, loaded, *, max_batch: int, max_wait_ms: float, max_chars: int,
+               max_new: int | None, sizes: list[int]):
+    super().__init__(address, _Handler)
+    self.loaded, self.max_new, self.sizes = loaded, max_new, sizes
+    self.limits = Limits(max_batch, max_chars)
+    self.num_params = sum(x.size for x in jax.tree.leaves(loaded.params))
+    self.batcher = Batcher(self._predict, max_batch, max_wait_ms / 1e3)
+
+  def _predict(self, texts: list[str]) -> list[dict]:
+    pad_to = min(s for s in self.sizes if s >= len(texts))
+    return batch_lib.predict(self.loaded, texts, max_new=self.max_new, pad_to=pad_to)
+
+  @property
+  def url(self) -> str:
+    host, port = self.server_address[:2]
+    return f"http://{host}:{port}"
+
+  def info(self) -> dict:
+    config = self.loaded.config
+    info = {"status": "ok", "kind": self.loaded.kind, "step": self.loaded.step,
+            "params": self.num_params, "seq_len": config.data.seq_len,
+            "max_batch": self.limits.max_batch, "max_chars": self.limits.max_chars,
+            "batch_sizes": self.sizes}
+    if self.loaded.kind == "classify":
+      info["num_classes"] = config.model.num_classes
+    else:
+      info["max_new"] = self.max_new
+    info["served"] = self.batcher.counts()
+    return info
+
+  def handle_error(self, request, client_address):
+    if isinstance(sys.exc_info()[1], ConnectionError):   # the client went away: not our bug
+      logging.info("client %s disconnected: %s", client_address, sys.exc_info()[1])
+    else:
+      super().handle_error(request, client_address)
+
+  def server_close(self):
+    super().server_close()
+    self.batcher.close()
+
+
+def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
+                max_wait_ms: float = 5.0, max_chars: int = 20_000,
+                max_new: int | None = None) -> InferenceServer:
+  """A ready server for `loaded` (an infer.loading.LoadedModel): shapes compiled, port bound
+  (port 0: a free one, see .url). Run it with serve_forever(); stop it with shutdown() from
+  another thread, then server_close()."""
+  max_new = batch_lib.check_max_new(loaded, max_new)
+  sizes = batch_sizes(max_batch)
+  t0 = time.perf_counter()
+  count = warm_up(loaded, sizes, max_new)
+  logging.info("compiled %d shapes (batch sizes %s) in %.1fs", count, sizes,
+               time.perf_counter() - t0)
+  try:
+    return InferenceServer((host, port), loaded, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                           max_chars=max_chars, max_new=max_new, sizes=sizes)
+  except OSError as e:
+    raise batch_lib.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _stop_on_signals(server: InferenceServer):
+  """SIGINT / SIGTERM: stop accepting, answer what is queued, exit 0."""
+  def stop(signum, frame):
+    del frame
+    logging.info("%s: shutting down", signal.Signals(signum).name)
+    threading.Thread(target=server.shutdown).start()   # shutdown() waits for serve_forever
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, stop)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  loaded = batch_lib.load_model(_WORKDIR.value)
+  server = make_server(loaded, _HOST.value, _PORT.value, max_batch=_MAX_BATCH.value,
+                       max_wait_ms=_MAX_WAIT_MS.value, max_chars=_MAX_CHARS.value,
+                       max_new=_MAX_NEW.value)
+  _stop_on_signals(server)
+  logging.info("ready: %s model (step %d, %d params) at %s", loaded.kind, loaded.step,
+               server.num_params, server.url)
+  try:
+    server.serve_forever()
+  finally:
+    server.server_close()
+  logging.info("stopped")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(batch_lib.friendly_errors(main))
