@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _first_token_logits(model, params, tokens, prompt_len):
+def _first_token_logits(model, params, tokens, prompt_len, prefix_lm: bool):
   """Prefill: (cache, logits [B, vocab] for the first new token)."""
   mask = (jnp.arange(tokens.shape[1])[None] < prompt_len[:, None]).astype(jnp.int32)
   hidden, variables = model.apply(
-      {"params": params}, tokens, segment_ids=mask, prefix_len=prompt_len, return_hidden=True,
-      cache_mode="prefill", mutable=["cache"])
+      {"params": params}, tokens, segment_ids=mask, prefix_len=prompt_len if prefix_lm else None,
+      return_hidden=True, cache_mode="prefill", mutable=["cache"])
   last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)
   logits = model.apply({"params": params}, last, method=type(model).head)[:, 0]
   return variables["cache"], logits
@@ -52,12 +52,15 @@ def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id", "temperature",
-                                             "top_k", "top_p"))
+                                             "top_k", "top_p", "prefix_lm"))
 def generate(model, params, tokens, prompt_len, rng=None, *, max_new: int, eos_id: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             prefix_lm: bool = True):
   """tokens [B, L] (prompts right-padded, L >= max(prompt_len) + max_new), prompt_len [B] ->
   generated ids [B, max_new]; after a row's eos the rest of that row is eos.
-  temperature 0: greedy; otherwise sampling, optionally restricted to top-k / top-p."""
+  temperature 0: greedy; otherwise sampling, optionally restricted to top-k / top-p.
+  prefix_lm: the prompt is attended bidirectionally (the summarizer); False: a plain causal LM
+  continuation (the only mode `local` attention supports; its cache is window-sized)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
 
   def pick(logits, key):
@@ -66,7 +69,7 @@ def generate(model, params, tokens, prompt_len, rng=None, *, max_new: int, eos_i
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)
                                   ).astype(jnp.int32)
 
-  cache, logits = _first_token_logits(model, params, tokens, prompt_len)
+  cache, logits = _first_token_logits(model, params, tokens, prompt_len, prefix_lm)
   keys = jax.random.split(rng, max_new + 1)
   first = pick(logits, keys[0])
 
@@ -83,19 +86,21 @@ def generate(model, params, tokens, prompt_len, rng=None, *, max_new: int, eos_i
   return generated.T
 
 
-def greedy(model, params, tokens, prompt_len, *, max_new: int, eos_id: int):
-  return generate(model, params, tokens, prompt_len, max_new=max_new, eos_id=eos_id)
+def greedy(model, params, tokens, prompt_len, *, max_new: int, eos_id: int,
+           prefix_lm: bool = True):
+  return generate(model, params, tokens, prompt_len, max_new=max_new, eos_id=eos_id,
+                  prefix_lm=prefix_lm)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam", "max_new", "eos_id",
-                                             "length_penalty"))
+                                             "length_penalty", "prefix_lm"))
 def beam_search(model, params, tokens, prompt_len, *, beam: int, max_new: int, eos_id: int,
-                length_penalty: float = 1.0):
+                length_penalty: float = 1.0, prefix_lm: bool = True):
   """The highest-scoring of `beam` hypotheses per row: sum of log-probabilities divided by
   length ** length_penalty (length up to and including eos). Returns ids [B, max_new], eos-
   padded like `generate`. Every beam keeps its own cache rows, reordered as beams are."""
   b = tokens.shape[0]
-  cache, logits = _first_token_logits(model, params, tokens, prompt_len)
+  cache, logits = _first_token_logits(model, params, tokens, prompt_len, prefix_lm)
   scores, first = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), beam)
   vocab = logits.shape[-1]
   cache = jax.tree.map(lambda c: jnp.repeat(c, beam, axis=0), cache)
@@ -129,8 +134,9 @@ def beam_search(model, params, tokens, prompt_len, *, beam: int, max_new: int, e
   return jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id"))
-def greedy_recompute(model, params, tokens, prompt_len, *, max_new: int, eos_id: int):
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id", "prefix_lm"))
+def greedy_recompute(model, params, tokens, prompt_len, *, max_new: int, eos_id: int,
+                     prefix_lm: bool = True):
   """The same greedy decoding without a cache: a full forward pass per new token. The
   yardstick the cached decoder is tested and benchmarked against."""
   rows = jnp.arange(tokens.shape[0])
@@ -139,7 +145,8 @@ def greedy_recompute(model, params, tokens, prompt_len, *, max_new: int, eos_id:
     tokens, done = carry
     length = prompt_len + s
     mask = (jnp.arange(tokens.shape[1])[None] < length[:, None]).astype(jnp.int32)
-    logits = model.apply({"params": params}, tokens, segment_ids=mask, prefix_len=prompt_len)
+    logits = model.apply({"params": params}, tokens, segment_ids=mask,
+                         prefix_len=prompt_len if prefix_lm else None)
     nxt = jnp.argmax(logits[rows, length - 1], axis=-1).astype(jnp.int32)
     out = jnp.where(done, eos_id, nxt)
     return (tokens.at[rows, length].set(nxt), done | (nxt == eos_id)), out

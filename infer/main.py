@@ -26,14 +26,6 @@ from infer import loading
 from train.data.errors import DataError
 from train.metrics import format_eta
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).")
-_INPUT = flags.DEFINE_string("input", None, "JSONL (or .jsonl.gz) file, one JSON object a line.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where the predictions go (JSONL).")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Input field holding the text.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Texts per model call.", lower_bound=1)
-_MAX_NEW = flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: "
-                                "the run's eval.decode_len).", lower_bound=1)
-
 PROGRESS_EVERY_S = 10.0
 
 
@@ -170,18 +162,32 @@ def friendly_errors(main):
   return wrapped
 
 
+def define_model_flags():
+  """--workdir and --max_new, which the server's command line shares."""
+  flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).",
+                      required=True)
+  flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
+                       "eval.decode_len).", lower_bound=1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  inputs = read_inputs(_INPUT.value, _TEXT_FIELD.value)
-  loaded = load_model(_WORKDIR.value)
-  max_new = check_max_new(loaded, _MAX_NEW.value)
-  logging.info("%s model (step %d) from %s: %d texts", loaded.kind, loaded.step,
-               _WORKDIR.value, len(inputs))
-  write_predictions(loaded, inputs, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
-                    max_new=max_new)
+  f = flags.FLAGS
+  inputs = read_inputs(f.input, f.text_field)
+  loaded = load_model(f.workdir)
+  max_new = check_max_new(loaded, f.max_new)
+  logging.info("%s model (step %d) from %s: %d texts", loaded.kind, loaded.step, f.workdir,
+               len(inputs))
+  write_predictions(loaded, inputs, f.output, batch_size=f.batch_size, max_new=max_new)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  # Defined here, not at import: infer/serve.py and tests import this module.
+  define_model_flags()
+  flags.DEFINE_string("input", None, "JSONL (or .jsonl.gz) file, one JSON object a line.",
+                      required=True)
+  flags.DEFINE_string("output", None, "Where the predictions go (JSONL).", required=True)
+  flags.DEFINE_string("text_field", "text", "Input field holding the text.")
+  flags.DEFINE_integer("batch_size", 32, "Texts per model call.", lower_bound=1)
   app.run(friendly_errors(main))

@@ -30,6 +30,7 @@ else as it is) and `meta` (JSON: the mode and the ModelConfig, enough to rebuild
 import dataclasses
 import math
 import os
+import sys
 
 from absl import app, flags
 import flax
@@ -40,6 +41,7 @@ import orbax.checkpoint as ocp
 import qwix
 from qwix._src.providers import ptq as qwix_ptq   # WithAux, the quantized-param node (private)
 
+from infer import loading
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -121,6 +123,13 @@ def param_bytes(params) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
 
 
+def kernel_bytes(params, qparams) -> tuple:
+  """(float bytes, int8 + scale bytes) of the kernels that `qparams` holds quantized."""
+  flat, flat_q = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(qparams)
+  keys = [k for k, v in flat_q.items() if _is_quantized(v)]
+  return sum(param_bytes(flat[k]) for k in keys), sum(param_bytes(flat_q[k]) for k in keys)
+
+
 def _to_plain(qparams):
   """WithAux(QArray) nodes -> {"qvalue", "scale"} dicts: a tree of plain arrays for Orbax."""
   def plain(x):
@@ -184,21 +193,29 @@ def _folder_bytes(path: str) -> int:
 
 
 def main(argv):
-  from infer.loading import LoadedModel   # the CLI only: loading pulls in the tokenizer stack
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   if os.path.exists(f.out):
     raise app.UsageError(f"--out={f.out} exists; give a new folder")
-  loaded = LoadedModel.from_workdir(f.workdir)
+  try:
+    loaded = loading.LoadedModel.from_workdir(f.workdir)
+  except loading.LoadError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   tokens = jnp.zeros((1, loaded.config.data.seq_len), jnp.int32)
   qmodel, qparams = quantize(loaded.model, loaded.params, f.mode, tokens)
   save(f.out, qparams, {"mode": f.mode, "model_config": dataclasses.asdict(qmodel.cfg),
                         "source_workdir": os.path.abspath(f.workdir), "source_step": loaded.step})
+  mib = lambda n: f"{n / 2**20:.2f} MiB"
   before, after = param_bytes(loaded.params), param_bytes(qparams)
   print(f"{f.workdir} (step {loaded.step}, {loaded.kind}) -> {f.out} [{f.mode}]")
-  print(f"params in memory: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB "
-        f"({before / after:.2f}x smaller); on disk: {_folder_bytes(f.out) / 2**20:.2f} MiB")
+  print(f"params in memory: {mib(before)} -> {mib(after)} ({before / after:.2f}x smaller); "
+        f"on disk: {mib(_folder_bytes(f.out))}")
+  if f.mode not in ("f32", "bf16"):
+    k_before, k_after = kernel_bytes(loaded.params, qparams)
+    print(f"  of which quantized kernels: {mib(k_before)} -> {mib(k_after)} "
+          f"({k_before / k_after:.2f}x); the rest (embedding, norms, heads) stays float")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ is only ever called from that one thread. Batches are padded to a power of two r
 before the port opens, so no request waits for a compilation. Standard library only.
 """
 import collections
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -40,18 +41,6 @@ from absl import app, flags, logging
 
 from infer import decode
 from infer import main as batch_lib
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory to serve.")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: every one).")
-_PORT = flags.DEFINE_integer("port", 8000, "TCP port (0: any free one).", lower_bound=0)
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most texts per model call and per request.",
-                                  lower_bound=1)
-_MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "How long the oldest queued request may "
-                                  "wait for others to share its batch.", lower_bound=0.0)
-_MAX_CHARS = flags.DEFINE_integer("max_chars", 20_000, "Longest accepted text, in characters.",
-                                  lower_bound=1)
-_MAX_NEW = flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: "
-                                "the run's eval.decode_len).", lower_bound=1)
 
 
 class RequestError(Exception):
@@ -266,12 +255,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _dispatch(self):
     path = urllib.parse.urlsplit(self.path).path
-    headers = {}
+    headers, self._body_read = {}, False
     try:
       if path not in _ROUTES:
         raise RequestError(404, f"unknown path {path}; expected one of {sorted(_ROUTES)}")
       method, endpoint = _ROUTES[path]
-      if self.command != method:
+      if self.command != method and (self.command, method) != ("HEAD", "GET"):
         raise RequestError(405, f"{path} takes {method}, not {self.command}", {"Allow": method})
       status, payload = 200, endpoint(self)
     except RequestError as e:
@@ -293,11 +282,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if int(length) > limit:
       raise RequestError(413, f"the request body has {length} bytes; the limit is {limit} "
                          "(--max_batch texts of --max_chars characters)")
+    self._body_read = True
     try:
       raw = self.rfile.read(int(length))
     except TimeoutError:
       raise RequestError(408, "timed out reading the request body") from None
     return parse_body(raw)
+
+  def _drain_body(self):
+    """Reads a request body left unread (if of an allowed size): closing a socket with unread
+    data resets the connection, and the client could lose the answer."""
+    length = self.headers.get("Content-Length", "")
+    if not self._body_read and length.isdigit() and (
+        int(length) <= self.server.limits.max_body_bytes):
+      with contextlib.suppress(OSError):
+        self.rfile.read(int(length))
 
   def _reply(self, status: int, payload: dict, headers: dict):
     body = (json.dumps(payload) + "\n").encode()
@@ -306,7 +305,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.send_header("Content-Length", str(len(body)))
     for key, value in headers.items():
       self.send_header(key, value)
-    if status != 200:     # the body may be unread: start the next request on a clean socket
+    if status != 200:     # after an error, start the next request on a clean connection
+      self._drain_body()
       self.send_header("Connection", "close")
       self.close_connection = True
     self.end_headers()
@@ -396,10 +396,10 @@ def _stop_on_signals(server: InferenceServer):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  loaded = batch_lib.load_model(_WORKDIR.value)
-  server = make_server(loaded, _HOST.value, _PORT.value, max_batch=_MAX_BATCH.value,
-                       max_wait_ms=_MAX_WAIT_MS.value, max_chars=_MAX_CHARS.value,
-                       max_new=_MAX_NEW.value)
+  f = flags.FLAGS
+  loaded = batch_lib.load_model(f.workdir)
+  server = make_server(loaded, f.host, f.port, max_batch=f.max_batch,
+                       max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=f.max_new)
   _stop_on_signals(server)
   logging.info("ready: %s model (step %d, %d params) at %s", loaded.kind, loaded.step,
                server.num_params, server.url)
@@ -411,5 +411,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
+  # Defined here, not at import, like infer/main.py's.
+  batch_lib.define_model_flags()
+  flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: every one).")
+  flags.DEFINE_integer("port", 8000, "TCP port (0: any free one).", lower_bound=0)
+  flags.DEFINE_integer("max_batch", 32, "Most texts per model call and per request.",
+                       lower_bound=1)
+  flags.DEFINE_float("max_wait_ms", 5.0, "How long the oldest queued request may wait for "
+                     "others to share its batch.", lower_bound=0.0)
+  flags.DEFINE_integer("max_chars", 20_000, "Longest accepted text, in characters.",
+                       lower_bound=1)
   app.run(batch_lib.friendly_errors(main))

@@ -41,8 +41,7 @@ class MultiHeadAttention(nn.Module):
       out = self._decode_step(q, k, v, rope_positions, spec)
     else:
       if cache_mode == "prefill":
-        self.variable("cache", "cached_key", lambda: k)
-        self.variable("cache", "cached_value", lambda: v)
+        self._fill_cache(k, v, mask_inputs, window)
       kernel = attention_lib.get_kernel(c.attention_kind)
       out = kernel(q, k, v, spec=spec, mask_inputs=mask_inputs,
                    implementation=c.attention_implementation, block_size=c.attention_block_size)
@@ -50,17 +49,45 @@ class MultiHeadAttention(nn.Module):
     return layers.Projection((c.d_model,), ("heads", "head_dim", "embed"), out_std, dt,
                              name="out")(out)
 
+  def _fill_cache(self, k, v, mask_inputs, window):
+    """Stores keys/values for decoding. Slot p % size holds position p, with size = the
+    prefill length, or the window for local attention: a ring holding the last `window`
+    positions of each row's prompt (rows are right-padded; segment ids mark the prompt)."""
+    b, t = k.shape[:2]
+    if window is None or window >= t:
+      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    else:
+      if self.cfg.attention_num_global:
+        raise ValueError("decoding with local attention keeps a window-sized cache, which "
+                         "would drop the global tokens; use model.attention.num_global=0")
+      length = (jnp.sum(mask_inputs.q_seg > 0, axis=1) if mask_inputs.q_seg is not None
+                else jnp.full((b,), t))[:, None]
+      slot = jnp.arange(window, dtype=jnp.int32)[None]
+      # The newest prompt position in each slot, or -1 (slot not used yet).
+      pos = slot + window * ((length - 1 - slot) // window)
+      pos = jnp.where(slot <= length - 1, pos, -1)
+      take = lambda x: jnp.take_along_axis(x, jnp.maximum(pos, 0)[:, :, None, None], axis=1)
+      k, v = take(k), take(v)
+    self.variable("cache", "cached_key", lambda: k)
+    self.variable("cache", "cached_value", lambda: v)
+    self.variable("cache", "cached_pos", lambda: pos)
+
   def _decode_step(self, q, k, v, positions, spec):
     """q/k/v [B, 1, ., D] of the token at positions [B, 1]: write, then attend to the cache."""
     cached_k = self.variable("cache", "cached_key")
     cached_v = self.variable("cache", "cached_value")
-    length = cached_k.value.shape[1]
-    slot = jax.nn.one_hot(positions[:, 0], length, dtype=k.dtype)[:, :, None, None]
+    cached_pos = self.variable("cache", "cached_pos")
+    size = cached_k.value.shape[1]
+    index = positions[:, 0] % size
+    slot = jax.nn.one_hot(index, size, dtype=k.dtype)[:, :, None, None]
     cached_k.value = cached_k.value * (1 - slot) + k * slot
     cached_v.value = cached_v.value * (1 - slot) + v * slot
-    kv_pos = jnp.broadcast_to(jnp.arange(length, dtype=positions.dtype), (q.shape[0], length))
-    # Slots after the current position hold padding or nothing yet: causality hides them.
-    mask = masks.allowed(spec, positions, kv_pos)[:, None]
+    cached_pos.value = jnp.where(jnp.arange(size)[None] == index[:, None], positions,
+                                 cached_pos.value)
+    # Slots after the current position (padding, or not written yet) are hidden by causality,
+    # unused ring slots by their position -1.
+    kv_pos = cached_pos.value
+    mask = (masks.allowed(spec, positions, kv_pos) & (kv_pos >= 0)[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask)
 
 

@@ -1,0 +1,347 @@
+"""Batch inference (infer/main.py) and the HTTP server (infer/serve.py) on real tiny runs.
+
+A classifier and a summarizer are trained once per module for two steps: the point is real
+checkpoints, configs and tokenizers, not quality. Two steps leave a summarizer that ends every
+summary at once, so its served model gets random weights: then equal summaries mean something.
+Every answer is compared with LoadedModel's own classify / summarize on the same texts.
+"""
+import contextlib
+import dataclasses
+import gzip
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from configs import legal_summ_finetune
+from helpers import numpy_params
+from infer import loading, serve
+from infer import main as batch_lib
+from test_finetune import _sentiment_config, _summary_file, sentiment_files  # noqa: F401
+from train import run as run_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["great wonderful film", "awful boring script", "the plot was dull", "superb cast",
+         "hated the ending", "a moving story", "music and camera", "terrible waste"]
+MAX_BATCH, MAX_CHARS = 4, 200
+
+
+def _train_fast(config, workdir: str) -> str:
+  config.model.num_layers = 1
+  config.eval.evaluators = ()     # no validation decoding
+  config.train.update(num_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+  run_lib.train(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(sentiment_files, tmp_path_factory):  # noqa: F811 (the imported fixture)
+  root = tmp_path_factory.mktemp("classifier")
+  config = _sentiment_config(sentiment_files, root / "cache")
+  config.data.test_file = ""      # no final test evaluation
+  return _train_fast(config, str(root / "run"))
+
+
+@pytest.fixture(scope="module")
+def classifier(classifier_dir):
+  return loading.LoadedModel.from_workdir(classifier_dir)
+
+
+@pytest.fixture(scope="module")
+def summarizer(tmp_path_factory):
+  root = tmp_path_factory.mktemp("summarizer")
+  _summary_file(root / "pairs.jsonl", n=40)
+  config = legal_summ_finetune.get_config("tiny")
+  config.data.update(train_file=str(root / "pairs.jsonl"), data_dir=str(root / "cache"),
+                     test_fraction=0.0)
+  config.model.attention.kind = "full"    # compiles faster than the preset's blocked kernel
+  loaded = loading.LoadedModel.from_workdir(_train_fast(config, str(root / "run")))
+  params = numpy_params(loaded.model, np.zeros((1, 8), np.int32))
+  return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))
+
+
+@contextlib.contextmanager
+def _no_compilation():
+  """Fails unless the block compiles nothing (the server's warm-up compiled every shape)."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles, f"{len(compiles)} compilation(s) while serving"
+
+
+@contextlib.contextmanager
+def _serving(loaded, **limits):
+  server = serve.make_server(loaded, "127.0.0.1", portpicker.pick_unused_port(), **limits)
+  thread = threading.Thread(target=server.serve_forever)
+  thread.start()
+  try:
+    yield server
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def cls_server(classifier):
+  # A long max_wait so that concurrent requests reliably share batches.
+  with _serving(classifier, max_batch=MAX_BATCH, max_wait_ms=50, max_chars=MAX_CHARS) as server:
+    yield server
+
+
+def _call(server, path: str, payload=None, *, method=None, data: bytes | None = None):
+  """(status, JSON answer) of one request; `payload` is sent as JSON, `data` as is."""
+  if payload is not None:
+    data = json.dumps(payload).encode()
+  request = urllib.request.Request(server.url + path, data=data, method=method,
+                                   headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=120) as response:
+      return response.status, json.load(response)
+  except urllib.error.HTTPError as e:
+    return e.code, json.load(e)
+
+
+# --- classification -------------------------------------------------------------------------
+def test_classify_one_and_many_match_the_loaded_model(cls_server, classifier):
+  with _no_compilation():
+    one = _call(cls_server, "/classify", {"text": TEXTS[0]})
+    three = _call(cls_server, "/classify", {"texts": TEXTS[:3]})   # padded to a batch of 4
+    blanks = _call(cls_server, "/classify", {"text": f"  {TEXTS[0]}\n"})
+  assert (one[0], three[0], blanks[0]) == (200, 200, 200)
+  expected = classifier.classify(TEXTS[:1])[0]
+  np.testing.assert_allclose(one[1]["probs"], expected, atol=1e-5)
+  assert one[1]["label"] == int(expected.argmax())
+  expected = classifier.classify(TEXTS[:3])
+  np.testing.assert_allclose(three[1]["probs"], expected, atol=1e-5)
+  assert three[1]["label"] == expected.argmax(-1).tolist()
+  # Leading / trailing blanks are dropped, as in training.
+  np.testing.assert_allclose(blanks[1]["probs"], one[1]["probs"], atol=1e-6)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(cls_server, classifier):
+  before = cls_server.batcher.counts()
+  barrier = threading.Barrier(len(TEXTS))
+  answers = [None] * len(TEXTS)
+
+  def client(i):
+    barrier.wait()
+    answers[i] = _call(cls_server, "/classify", {"text": TEXTS[i]})
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(len(TEXTS))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  expected = np.concatenate([classifier.classify(TEXTS[:4]), classifier.classify(TEXTS[4:])])
+  assert [status for status, _ in answers] == [200] * len(TEXTS)
+  np.testing.assert_allclose([a["probs"] for _, a in answers], expected, atol=1e-5)
+  after = cls_server.batcher.counts()
+  assert after["requests"] - before["requests"] == len(TEXTS)
+  assert after["batches"] - before["batches"] < len(TEXTS)
+
+
+def test_batcher_fills_batches_in_arrival_order():
+  release, started, batches = threading.Event(), threading.Event(), []
+
+  def predict(texts):
+    batches.append(list(texts))
+    started.set()
+    release.wait()
+    return [t.upper() for t in texts]
+  batcher = serve.Batcher(predict, max_batch=4, max_wait_s=0.0)
+  results = {}
+
+  def submit(name, texts):
+    results[name] = batcher.submit(texts)
+  first = threading.Thread(target=submit, args=("a", ["a"]))
+  first.start()
+  started.wait()            # the worker is busy: the next requests queue up behind it
+  others = [threading.Thread(target=submit, args=(name, texts))
+            for name, texts in (("b", ["b1", "b2"]), ("c", ["c1", "c2"]), ("d", ["d"]))]
+  for t in others:
+    t.start()
+    while len(batcher._queue) < others.index(t) + 1:   # queued in this order
+      threading.Event().wait(0.001)
+  release.set()
+  for t in [first] + others:
+    t.join()
+  batcher.close()
+  # b and c fill one batch of four; d would overflow it and runs next.
+  assert batches == [["a"], ["b1", "b2", "c1", "c2"], ["d"]]
+  assert results == {"a": ["A"], "b": ["B1", "B2"], "c": ["C1", "C2"], "d": ["D"]}
+  assert batcher.counts() == {"requests": 4, "texts": 6, "batches": 3, "failed_batches": 0}
+  with pytest.raises(ValueError, match="1..4 texts"):
+    batcher.submit(["x"] * 5)
+
+
+@pytest.mark.parametrize("method,path,body,status,message", [
+    ("POST", "/classify", b"not json", 400, "invalid JSON"),
+    ("POST", "/classify", b"", 400, "body is empty"),
+    ("POST", "/classify", b"[1, 2]", 400, "expected a JSON object, got an array"),
+    ("POST", "/classify", b"\xff\xfe{}", 415, "not UTF-8"),
+    ("POST", "/classify", b"{}", 400, 'expected "text"'),
+    ("POST", "/classify", b'{"text": "a", "texts": ["b"]}', 400, "exactly one"),
+    ("POST", "/classify", b'{"text": "a", "max_new": 3}', 400, "unknown field 'max_new'"),
+    ("POST", "/classify", b'{"text": ""}', 400, '"text" is empty'),
+    ("POST", "/classify", b'{"text": "  \\n"}', 400, '"text" is empty'),
+    ("POST", "/classify", b'{"text": 5}', 400, '"text" must be a string, got a number'),
+    ("POST", "/classify", b'{"texts": "abc"}', 400, "must be an array of strings"),
+    ("POST", "/classify", b'{"texts": []}', 400, '"texts" is empty'),
+    ("POST", "/classify", b'{"texts": ["a", null]}', 400, '"texts"[1] must be a string'),
+    ("POST", "/classify", json.dumps({"text": "x" * (MAX_CHARS + 1)}).encode(), 413,
+     f"{MAX_CHARS + 1} characters; the limit is {MAX_CHARS}"),
+    ("POST", "/classify", json.dumps({"texts": ["a"] * (MAX_BATCH + 1)}).encode(), 413,
+     f"{MAX_BATCH + 1} entries; the limit is {MAX_BATCH}"),
+    ("POST", "/summarize", b'{"text": "a"}', 400, "use /classify"),
+    ("GET", "/nope", None, 404, "unknown path /nope"),
+    ("POST", "/nope", b"{}", 404, "unknown path /nope"),
+    ("GET", "/classify", None, 405, "/classify takes POST, not GET"),
+    ("DELETE", "/health", None, 405, "/health takes GET, not DELETE"),
+])
+def test_bad_requests_get_a_clear_error_and_the_server_carries_on(cls_server, method, path,
+                                                                  body, status, message):
+  got, answer = _call(cls_server, path, method=method, data=body)
+  assert (got, message in answer["error"]) == (status, True), answer
+  assert _call(cls_server, "/health")[0] == 200
+
+
+@pytest.mark.parametrize("headers,status,message", [
+    ({}, 411, "Content-Length header is required"),
+    ({"Content-Length": "999999999"}, 413, "999999999 bytes; the limit is"),
+    ({"Content-Length": "-1"}, 400, "bad Content-Length"),
+])
+def test_body_size_is_checked_before_reading(cls_server, headers, status, message):
+  host, port = cls_server.server_address[:2]
+  conn = http.client.HTTPConnection(host, port, timeout=60)
+  conn.putrequest("POST", "/classify")
+  for key, value in headers.items():
+    conn.putheader(key, value)
+  conn.endheaders()           # and no body
+  response = conn.getresponse()
+  assert response.status == status
+  assert message in json.load(response)["error"]
+  conn.close()
+
+
+def test_a_model_failure_is_a_500_and_the_next_request_is_served(cls_server, classifier,
+                                                                 monkeypatch):
+  def broken(texts):
+    raise RuntimeError("device on fire")
+  monkeypatch.setattr(classifier, "classify", broken)
+  status, answer = _call(cls_server, "/classify", {"text": TEXTS[0]})
+  assert status == 500 and "RuntimeError: device on fire" in answer["error"]
+  monkeypatch.undo()
+  status, answer = _call(cls_server, "/classify", {"text": TEXTS[0]})
+  assert status == 200 and len(answer["probs"]) == 2
+  assert cls_server.batcher.counts()["failed_batches"] >= 1
+
+
+def test_health_describes_the_model(cls_server, classifier):
+  status, info = _call(cls_server, "/health")
+  assert status == 200
+  assert (info["kind"], info["step"], info["num_classes"]) == ("classify", classifier.step, 2)
+  assert info["params"] == sum(x.size for x in jax.tree.leaves(classifier.params)) > 0
+  assert info["batch_sizes"] == [1, 2, 4] and info["max_chars"] == MAX_CHARS
+
+
+# --- summarization --------------------------------------------------------------------------
+def test_summaries_match_the_loaded_model(summarizer):
+  docs = ["the film story actor. scene plot music camera.", "ending director cast script."]
+  with _serving(summarizer, max_batch=2) as server:
+    with _no_compilation():
+      one = _call(server, "/summarize", {"text": docs[0]})
+      two = _call(server, "/summarize", {"texts": docs})
+    wrong = _call(server, "/classify", {"text": docs[0]})
+    health = _call(server, "/health")[1]
+  assert one == (200, {"summary": summarizer.summarize(docs[:1])[0]})
+  assert one[1]["summary"]
+  assert two == (200, {"summary": summarizer.summarize(docs)})
+  assert wrong[0] == 400 and "use /summarize" in wrong[1]["error"]
+  assert health["max_new"] == summarizer.config.eval.decode_len
+
+
+def test_write_predictions_summaries(summarizer, tmp_path):
+  inputs = [("a", "the film story. actor scene."), ("b", "plot music camera."),
+            ("c", "ending director.")]
+  out = tmp_path / "out" / "summaries.jsonl"
+  batch_lib.write_predictions(summarizer, inputs, str(out), batch_size=2)
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  expected = summarizer.summarize([t for _, t in inputs])
+  assert lines == [{"id": i, "summary": s} for (i, _), s in zip(inputs, expected)]
+
+
+# --- batch inference from the command line --------------------------------------------------
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "infer.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_one_prediction_per_line(classifier_dir, classifier, tmp_path):
+  path = tmp_path / "in.jsonl.gz"
+  lines = [{"id": 7, "body": TEXTS[0]}, {"body": TEXTS[1]}, None, {"body": TEXTS[2], "id": "x"},
+           {"body": TEXTS[3]}, {"body": TEXTS[4]}]
+  with gzip.open(path, "wt") as f:      # line 3 is blank: skipped
+    f.writelines((json.dumps(x) if x else "") + "\n" for x in lines)
+  result = _run_cli(f"--workdir={classifier_dir}", f"--input={path}",
+                    f"--output={tmp_path / 'preds.jsonl'}", "--text_field=body", "--batch_size=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
+  assert [x["id"] for x in preds] == [7, "in.jsonl.gz:2", "x", "in.jsonl.gz:5", "in.jsonl.gz:6"]
+  # Batches of four; the last (one text) padded to four.
+  expected = np.concatenate([classifier.classify(TEXTS[:4]), classifier.classify(TEXTS[4:5])])
+  np.testing.assert_allclose([x["probs"] for x in preds], expected, atol=1e-5)
+  assert [x["label"] for x in preds] == expected.argmax(-1).tolist()
+
+
+def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "fine"}\n{"text": broken\n')
+  main = batch_lib.friendly_errors(lambda argv: batch_lib.read_inputs(str(path), "text"))
+  with pytest.raises(SystemExit) as exit_info:
+    main(["infer.main"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == (f"error: {path}:2: malformed JSON (Expecting value at "
+                                     "column 10)\n")
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"text": "ok"}\n{"title": "no text"}\n', r"in.jsonl:2: expected a non-empty string field 'text'"),
+    ('{"text": "ok"}\n\n["a list"]\n', r"in.jsonl:3: expected a JSON object"),
+    (b'{"text": "\xff"}\n', r"in.jsonl:1: not valid UTF-8"),
+    ("\n\n", r"in.jsonl: no lines to predict"),
+])
+def test_bad_input_files_name_file_and_line(tmp_path, content, message):
+  path = tmp_path / "in.jsonl"
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(batch_lib.InputError, match=message):
+    batch_lib.read_inputs(str(path), "text")
+
+
+def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifier, summarizer):
+  with pytest.raises(batch_lib.InputError, match="no such directory"):
+    batch_lib.load_model(str(tmp_path / "nope"))
+  with pytest.raises(loading.LoadError, match="no finished checkpoint"):
+    batch_lib.load_model(str(tmp_path))
+  with pytest.raises(batch_lib.InputError, match="no such file"):
+    batch_lib.read_inputs(str(tmp_path / "nope.jsonl"), "text")
+  with pytest.raises(batch_lib.InputError, match="only summarizers generate"):
+    batch_lib.check_max_new(classifier, 8)
+  with pytest.raises(batch_lib.InputError, match=r"--max_new=62: expected 1..61"):
+    batch_lib.check_max_new(summarizer, 62)
+  assert batch_lib.check_max_new(summarizer, None) == summarizer.config.eval.decode_len
