@@ -19,6 +19,7 @@ from eval import classification, factual, report, rouge, slices, tfidf_baseline
 from infer import decode
 from model import sharding as sharding_lib
 from train import loop as loop_lib
+from train.data import corpus as corpus_lib
 from train.data import examples as examples_lib
 
 EVALUATORS = {m.NAME: m for m in (classification, rouge, factual)}
@@ -32,8 +33,14 @@ def task_kind(config) -> str:
   return config.distill.task if config.task == "distill" else config.task
 
 
-def _subset(items, n):
-  return items if n < 0 else items[:n]
+def _subset(examples, n):
+  """All examples, or a fixed random `n` of them (by id hash: test files are often sorted by
+  label, so the first n would be one class)."""
+  if n < 0 or n >= len(examples):
+    return examples
+  keep = set(sorted(range(len(examples)),
+                    key=lambda i: corpus_lib.hash_unit(examples[i].id, "eval"))[:n])
+  return [e for i, e in enumerate(examples) if i in keep]
 
 
 def predict_classes(task, params, rows, batch_size: int, mesh) -> np.ndarray:
@@ -111,9 +118,10 @@ def run(config, workdir: str, *, task, model, params, tokenizer, splits, rows, m
     logging.warning("no config.data.test_file: skipping the final test evaluation")
     return {}
   t0 = time.perf_counter()
-  test = _subset(splits["test"], config.eval.num_examples)
-  records = _records(config, task, model, params, tokenizer, test, rows["test"][:len(test)],
-                     mesh)
+  chosen = set(e.id for e in _subset(splits["test"], config.eval.num_examples))
+  picked = [(e, r) for e, r in zip(splits["test"], rows["test"]) if e.id in chosen]
+  test, test_rows = [e for e, _ in picked], [r for _, r in picked]
+  records = _records(config, task, model, params, tokenizer, test, test_rows, mesh)
   with open(os.path.join(workdir, "test_predictions.jsonl"), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
