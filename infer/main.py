@@ -93,15 +93,34 @@ def read_inputs(path: str, text_field: str) -> list[tuple[object, str]]:
   return out
 
 
+def json_type(value) -> str:
+  """How JSON names the type of a parsed value, for error messages."""
+  names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+           int: "a number", float: "a number", type(None): "null"}
+  return names[type(value)]
+
+
+def json_object(text: str) -> dict:
+  """The JSON object `text` holds; InputError says what is wrong otherwise."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+    raise InputError(f"malformed JSON ({e.msg} at {where})") from None
+  except RecursionError:
+    raise InputError("malformed JSON (nested too deeply)") from None
+  if not isinstance(value, dict):
+    raise InputError(f"expected a JSON object, got {json_type(value)}")
+  return value
+
+
 def _parse_line(raw: bytes, where: str, default_id: str, text_field: str):
   try:
-    record = json.loads(raw.decode("utf-8"))
+    record = json_object(raw.decode("utf-8"))
   except UnicodeDecodeError as e:
     raise InputError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-  except json.JSONDecodeError as e:
-    raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-  if not isinstance(record, dict):
-    raise InputError(f"{where}: expected a JSON object")
+  except InputError as e:
+    raise InputError(f"{where}: {e}") from None
   text = record.get(text_field)
   if not isinstance(text, str) or not text.strip():
     raise InputError(f"{where}: expected a non-empty string field {text_field!r} "

@@ -64,11 +64,17 @@ class _CastableWithAux(qwix_ptq.WithAux):
 
 
 class _PtqProvider(qwix.PtqProvider):
-  """qwix's PTQ provider, handing modules _CastableWithAux kernels."""
+  """qwix's PTQ provider, handing modules _CastableWithAux kernels and keeping the caller's
+  result dtype: qwix 0.1.8 drops `preferred_element_type`, so under bfloat16 compute an
+  `output_f32` projection (the LM head) would return bfloat16 logits."""
 
   def nn_param(self, module, name, *args, **kwargs):
     value = super().nn_param(module, name, *args, **kwargs)
     return _CastableWithAux(value.array, value.how) if _is_quantized(value) else value
+
+  def dot_general(self, *args, preferred_element_type=None, **kwargs):
+    out = super().dot_general(*args, preferred_element_type=preferred_element_type, **kwargs)
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
 def _check_mode(mode: str):

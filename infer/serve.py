@@ -11,18 +11,18 @@ Endpoints (JSON in and out):
                    {"texts": [str]} -> {"probs": [[float]], "label": [int]}
   POST /summarize  {"text": str} -> {"summary": str}; {"texts": [str]} -> {"summary": [str]}
   GET  /health     the model (kind, step, params, limits) and counts of what was served
-Errors are {"error": message}: 400 malformed request (or the endpoint of the other model
-kind), 404 unknown path, 405 wrong method, 411 no Content-Length, 413 too large (a text over
+Errors are {"error": message}: 400 malformed request (or the other model kind's endpoint),
+404 unknown path, 405 wrong method, 411 no Content-Length, 413 too large (a text over
 --max_chars, over --max_batch texts, a body over what those allow), 415 body not UTF-8, 500 the
 model failed (logged; the server keeps serving).
 
-Why a queue: one model call on 32 texts costs little more than on one, so handler threads (one
-per connection) queue their texts and a single worker thread runs whatever is queued together -
-up to --max_batch texts, waiting at most --max_wait_ms after the oldest request for company -
-and hands each request its own results. Throughput then grows with concurrency, and the model
-is only ever called from that one thread. Batches are padded to a power of two rows (capped at
---max_batch) and all those shapes (times the summarizer's prompt-length buckets) are compiled
-before the port opens, so no request waits for a compilation. Standard library only.
+Why a queue: a model call on 32 texts costs little more than on one, so the handler threads
+(one per connection) queue their texts and one worker thread runs what is queued together - up
+to --max_batch texts, waiting at most --max_wait_ms after the oldest request for company - and
+hands each request its own results: throughput grows with concurrency, and only that thread
+calls the model. Batches are padded to a power of two rows (at most --max_batch); those shapes,
+times the summarizer's prompt-length buckets, are compiled before the port opens, so no request
+waits for a compilation. Standard library only.
 """
 import collections
 import contextlib
@@ -51,6 +51,10 @@ class RequestError(Exception):
     self.status, self.headers = status, headers or {}
 
 
+class ModelError(RuntimeError):
+  """The model failed on the batch that held a request's texts (the Batcher logged why)."""
+
+
 # --- batching -------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
 class _Job:
@@ -75,7 +79,7 @@ class Batcher:
     self._thread.start()
 
   def submit(self, texts: list) -> list:
-    """Blocks until `texts` were run; returns their results or raises the model's error."""
+    """Blocks until `texts` were run; returns their results (ModelError if the model failed)."""
     if not 1 <= len(texts) <= self._max_batch:
       raise ValueError(f"a request holds 1..{self._max_batch} texts, not {len(texts)}")
     job = _Job(texts)
@@ -86,7 +90,7 @@ class Batcher:
       self._cond.notify()
     job.done.wait()
     if job.error is not None:
-      raise job.error
+      raise ModelError(f"the model failed: {type(job.error).__name__}: {job.error}")
     return job.results
 
   def counts(self) -> dict:
@@ -162,24 +166,6 @@ def warm_up(loaded, sizes: list[int], max_new: int | None) -> int:
 
 
 # --- requests -------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Limits:
-  max_batch: int
-  max_chars: int
-
-  @property
-  def max_body_bytes(self) -> int:
-    """The largest valid request: max_batch texts of max_chars characters, each JSON-escaped
-    (at most 12 bytes a character: a surrogate pair as \\uXXXX\\uXXXX), and some room."""
-    return self.max_batch * self.max_chars * 12 + (64 << 10)
-
-
-def _json_type(value) -> str:
-  names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-           int: "a number", float: "a number", type(None): "null"}
-  return names[type(value)]
-
-
 def parse_body(raw: bytes) -> dict:
   """The request's JSON object, or a RequestError naming what is wrong with the body."""
   try:
@@ -189,17 +175,12 @@ def parse_body(raw: bytes) -> dict:
   if not text.strip():
     raise RequestError(400, "the request body is empty; expected a JSON object")
   try:
-    body = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise RequestError(400, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-  except RecursionError:
-    raise RequestError(400, "invalid JSON: nested too deeply") from None
-  if not isinstance(body, dict):
-    raise RequestError(400, f"expected a JSON object, got {_json_type(body)}")
-  return body
+    return batch_lib.json_object(text)
+  except batch_lib.InputError as e:
+    raise RequestError(400, str(e)) from None
 
 
-def parse_texts(body: dict, limits: Limits) -> tuple[list[str], bool]:
+def parse_texts(body: dict, max_batch: int, max_chars: int) -> tuple[list[str], bool]:
   """(texts, whether the request sent one "text" rather than a "texts" list), checked."""
   expected = 'expected "text" (a string) or "texts" (an array of strings)'
   unknown = sorted(set(body) - {"text", "texts"})
@@ -210,26 +191,23 @@ def parse_texts(body: dict, limits: Limits) -> tuple[list[str], bool]:
   single = "text" in body
   texts = [body["text"]] if single else body["texts"]
   if not isinstance(texts, list):
-    raise RequestError(400, f'"texts" must be an array of strings, got {_json_type(texts)}')
+    raise RequestError(400, '"texts" must be an array of strings, got '
+                       f"{batch_lib.json_type(texts)}")
   if not texts:
     raise RequestError(400, '"texts" is empty')
-  if len(texts) > limits.max_batch:
-    raise RequestError(413, f'"texts" has {len(texts)} entries; the limit is '
-                       f"{limits.max_batch} (--max_batch)")
+  if len(texts) > max_batch:
+    raise RequestError(413, f'"texts" has {len(texts)} entries; the limit is {max_batch} '
+                       "(--max_batch)")
   for i, text in enumerate(texts):
     name = '"text"' if single else f'"texts"[{i}]'
     if not isinstance(text, str):
-      raise RequestError(400, f"{name} must be a string, got {_json_type(text)}")
+      raise RequestError(400, f"{name} must be a string, got {batch_lib.json_type(text)}")
     if not text.strip():
       raise RequestError(400, f"{name} is empty")
-    if len(text) > limits.max_chars:
-      raise RequestError(413, f"{name} has {len(text)} characters; the limit is "
-                         f"{limits.max_chars} (--max_chars)")
+    if len(text) > max_chars:
+      raise RequestError(413, f"{name} has {len(text)} characters; the limit is {max_chars} "
+                         "(--max_chars)")
   return [t.strip() for t in texts], single
-
-
-def _health(handler) -> dict:
-  return handler.server.info()
 
 
 def _predict_endpoint(kind: str):
@@ -238,13 +216,14 @@ def _predict_endpoint(kind: str):
     if server.loaded.kind != kind:
       raise RequestError(400, f"this server runs a {server.loaded.kind} model: use "
                          f"/{server.loaded.kind}, not /{kind}")
-    texts, single = parse_texts(handler.read_json(), server.limits)
+    texts, single = parse_texts(handler.read_json(), server.max_batch, server.max_chars)
     results = server.batcher.submit(texts)
     return results[0] if single else {key: [r[key] for r in results] for key in results[0]}
   return endpoint
 
 
-_ROUTES = {"/health": ("GET", _health), "/classify": ("POST", _predict_endpoint("classify")),
+_ROUTES = {"/health": ("GET", lambda handler: handler.server.info()),
+           "/classify": ("POST", _predict_endpoint("classify")),
            "/summarize": ("POST", _predict_endpoint("summarize"))}
 
 
@@ -265,6 +244,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       status, payload = 200, endpoint(self)
     except RequestError as e:
       status, payload, headers = e.status, {"error": str(e)}, e.headers
+    except ModelError as e:
+      status, payload = 500, {"error": str(e)}
     except Exception as e:
       logging.exception("%s %s failed", self.command, path)
       status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
@@ -278,7 +259,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       raise RequestError(411, "a Content-Length header is required")
     if not length.isdigit():
       raise RequestError(400, f"bad Content-Length {length!r}")
-    limit = self.server.limits.max_body_bytes
+    limit = self.server.max_body_bytes
     if int(length) > limit:
       raise RequestError(413, f"the request body has {length} bytes; the limit is {limit} "
                          "(--max_batch texts of --max_chars characters)")
@@ -294,7 +275,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     data resets the connection, and the client could lose the answer."""
     length = self.headers.get("Content-Length", "")
     if not self._body_read and length.isdigit() and (
-        int(length) <= self.server.limits.max_body_bytes):
+        int(length) <= self.server.max_body_bytes):
       with contextlib.suppress(OSError):
         self.rfile.read(int(length))
 
@@ -327,7 +308,10 @@ class InferenceServer(http.server.ThreadingHTTPServer):
                max_new: int | None, sizes: list[int]):
     super().__init__(address, _Handler)
     self.loaded, self.max_new, self.sizes = loaded, max_new, sizes
-    self.limits = Limits(max_batch, max_chars)
+    self.max_batch, self.max_chars = max_batch, max_chars
+    # The largest valid request: max_batch texts of max_chars characters, JSON-escaped (at
+    # most 12 bytes a character: a surrogate pair as \uXXXX\uXXXX), and some room.
+    self.max_body_bytes = max_batch * max_chars * 12 + (64 << 10)
     self.num_params = sum(x.size for x in jax.tree.leaves(loaded.params))
     self.batcher = Batcher(self._predict, max_batch, max_wait_ms / 1e3)
 
@@ -344,7 +328,7 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     config = self.loaded.config
     info = {"status": "ok", "kind": self.loaded.kind, "step": self.loaded.step,
             "params": self.num_params, "seq_len": config.data.seq_len,
-            "max_batch": self.limits.max_batch, "max_chars": self.limits.max_chars,
+            "max_batch": self.max_batch, "max_chars": self.max_chars,
             "batch_sizes": self.sizes}
     if self.loaded.kind == "classify":
       info["num_classes"] = config.model.num_classes
@@ -373,9 +357,9 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
   max_new = batch_lib.check_max_new(loaded, max_new)
   sizes = batch_sizes(max_batch)
   t0 = time.perf_counter()
+  logging.info("compiling the model for batches of %s texts", sizes)
   count = warm_up(loaded, sizes, max_new)
-  logging.info("compiled %d shapes (batch sizes %s) in %.1fs", count, sizes,
-               time.perf_counter() - t0)
+  logging.info("compiled %d shapes in %.1fs", count, time.perf_counter() - t0)
   try:
     return InferenceServer((host, port), loaded, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_chars=max_chars, max_new=max_new, sizes=sizes)

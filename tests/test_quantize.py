@@ -108,6 +108,26 @@ def test_w8a8_multiplies_in_int8_weight_only_in_float(setup, quantized):
                       "w8a8": PROJECTIONS_PER_LAYER * model.cfg.num_layers}
 
 
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_language_model_head(tie_embeddings):
+  """A tied LM head shares the embedding table, so it stays float; an untied one is int8.
+  Either way the logits are float32, as the float model's, under bfloat16 compute too."""
+  cfg = helpers.tiny_model_cfg(tie_embeddings=tie_embeddings)
+  model = Transformer(cfg)
+  tokens = np.random.default_rng(2).integers(1, cfg.vocab_size, (4, 16)).astype(np.int32)
+  params = helpers.numpy_params(model, tokens)
+  reference = _forward(model, params, tokens)
+  bf16_model = Transformer(dataclasses.replace(cfg, dtype="bfloat16"))
+  qmodel, qparams = quantize_lib.quantize(bf16_model, params, "w8a8", tokens[:1])
+  leaves = _flat(qparams)
+  assert leaves["['embed']['embedding']"].dtype == jnp.float32
+  assert ("['lm_head']['kernel'].array.qvalue" in leaves) == (not tie_embeddings)
+  out = _forward(qmodel, qparams, tokens)
+  assert out.dtype == np.float32 and out.shape == reference.shape == (4, 16, cfg.vocab_size)
+  rel_error = np.linalg.norm(out - reference) / np.linalg.norm(reference)
+  assert 1e-4 < rel_error < 0.05, rel_error
+
+
 @pytest.mark.parametrize("mode", ["w8a8", "bf16"])
 def test_save_load_round_trip_is_bit_identical(setup, quantized, tmp_path, mode):
   _, _, tokens, _ = setup

@@ -10,7 +10,10 @@ import dataclasses
 import gzip
 import http.client
 import json
+import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +27,7 @@ import pytest
 
 from configs import legal_summ_finetune
 from helpers import numpy_params
-from infer import loading, serve
+from infer import decode, loading, serve
 from infer import main as batch_lib
 from test_finetune import _sentiment_config, _summary_file, sentiment_files  # noqa: F401
 from train import run as run_lib
@@ -105,11 +108,11 @@ def cls_server(classifier):
     yield server
 
 
-def _call(server, path: str, payload=None, *, method=None, data: bytes | None = None):
+def _call(url: str, payload=None, *, method=None, data: bytes | None = None):
   """(status, JSON answer) of one request; `payload` is sent as JSON, `data` as is."""
   if payload is not None:
     data = json.dumps(payload).encode()
-  request = urllib.request.Request(server.url + path, data=data, method=method,
+  request = urllib.request.Request(url, data=data, method=method,
                                    headers={"Content-Type": "application/json"})
   try:
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -118,17 +121,17 @@ def _call(server, path: str, payload=None, *, method=None, data: bytes | None = 
     return e.code, json.load(e)
 
 
-# --- classification -------------------------------------------------------------------------
+# --- the server: classification, batching, bad requests ------------------------------------------
 def test_classify_one_and_many_match_the_loaded_model(cls_server, classifier):
   with _no_compilation():
-    one = _call(cls_server, "/classify", {"text": TEXTS[0]})
-    three = _call(cls_server, "/classify", {"texts": TEXTS[:3]})   # padded to a batch of 4
-    blanks = _call(cls_server, "/classify", {"text": f"  {TEXTS[0]}\n"})
+    one = _call(cls_server.url + "/classify", {"text": TEXTS[0]})
+    three = _call(cls_server.url + "/classify", {"texts": TEXTS[:3]})   # padded to a batch of 4
+    blanks = _call(cls_server.url + "/classify", {"text": f"  {TEXTS[0]}\n"})
   assert (one[0], three[0], blanks[0]) == (200, 200, 200)
   expected = classifier.classify(TEXTS[:1])[0]
   np.testing.assert_allclose(one[1]["probs"], expected, atol=1e-5)
   assert one[1]["label"] == int(expected.argmax())
-  expected = classifier.classify(TEXTS[:3])
+  expected = classifier.classify(TEXTS[:4])[:3]     # rows are independent
   np.testing.assert_allclose(three[1]["probs"], expected, atol=1e-5)
   assert three[1]["label"] == expected.argmax(-1).tolist()
   # Leading / trailing blanks are dropped, as in training.
@@ -142,7 +145,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(cls_server,
 
   def client(i):
     barrier.wait()
-    answers[i] = _call(cls_server, "/classify", {"text": TEXTS[i]})
+    answers[i] = _call(cls_server.url + "/classify", {"text": TEXTS[i]})
   threads = [threading.Thread(target=client, args=(i,)) for i in range(len(TEXTS))]
   for t in threads:
     t.start()
@@ -191,7 +194,7 @@ def test_batcher_fills_batches_in_arrival_order():
 
 
 @pytest.mark.parametrize("method,path,body,status,message", [
-    ("POST", "/classify", b"not json", 400, "invalid JSON"),
+    ("POST", "/classify", b"not json", 400, "malformed JSON (Expecting value at column 1)"),
     ("POST", "/classify", b"", 400, "body is empty"),
     ("POST", "/classify", b"[1, 2]", 400, "expected a JSON object, got an array"),
     ("POST", "/classify", b"\xff\xfe{}", 415, "not UTF-8"),
@@ -216,9 +219,9 @@ def test_batcher_fills_batches_in_arrival_order():
 ])
 def test_bad_requests_get_a_clear_error_and_the_server_carries_on(cls_server, method, path,
                                                                   body, status, message):
-  got, answer = _call(cls_server, path, method=method, data=body)
+  got, answer = _call(cls_server.url + path, method=method, data=body)
   assert (got, message in answer["error"]) == (status, True), answer
-  assert _call(cls_server, "/health")[0] == 200
+  assert _call(cls_server.url + "/health")[0] == 200
 
 
 @pytest.mark.parametrize("headers,status,message", [
@@ -244,31 +247,31 @@ def test_a_model_failure_is_a_500_and_the_next_request_is_served(cls_server, cla
   def broken(texts):
     raise RuntimeError("device on fire")
   monkeypatch.setattr(classifier, "classify", broken)
-  status, answer = _call(cls_server, "/classify", {"text": TEXTS[0]})
+  status, answer = _call(cls_server.url + "/classify", {"text": TEXTS[0]})
   assert status == 500 and "RuntimeError: device on fire" in answer["error"]
   monkeypatch.undo()
-  status, answer = _call(cls_server, "/classify", {"text": TEXTS[0]})
+  status, answer = _call(cls_server.url + "/classify", {"text": TEXTS[0]})
   assert status == 200 and len(answer["probs"]) == 2
   assert cls_server.batcher.counts()["failed_batches"] >= 1
 
 
 def test_health_describes_the_model(cls_server, classifier):
-  status, info = _call(cls_server, "/health")
+  status, info = _call(cls_server.url + "/health")
   assert status == 200
   assert (info["kind"], info["step"], info["num_classes"]) == ("classify", classifier.step, 2)
   assert info["params"] == sum(x.size for x in jax.tree.leaves(classifier.params)) > 0
   assert info["batch_sizes"] == [1, 2, 4] and info["max_chars"] == MAX_CHARS
 
 
-# --- summarization --------------------------------------------------------------------------
+# --- summarization -------------------------------------------------------------------------------
 def test_summaries_match_the_loaded_model(summarizer):
   docs = ["the film story actor. scene plot music camera.", "ending director cast script."]
   with _serving(summarizer, max_batch=2) as server:
     with _no_compilation():
-      one = _call(server, "/summarize", {"text": docs[0]})
-      two = _call(server, "/summarize", {"texts": docs})
-    wrong = _call(server, "/classify", {"text": docs[0]})
-    health = _call(server, "/health")[1]
+      one = _call(server.url + "/summarize", {"text": docs[0]})
+      two = _call(server.url + "/summarize", {"texts": docs})
+    wrong = _call(server.url + "/classify", {"text": docs[0]})
+    health = _call(server.url + "/health")[1]
   assert one == (200, {"summary": summarizer.summarize(docs[:1])[0]})
   assert one[1]["summary"]
   assert two == (200, {"summary": summarizer.summarize(docs)})
@@ -282,14 +285,57 @@ def test_write_predictions_summaries(summarizer, tmp_path):
   out = tmp_path / "out" / "summaries.jsonl"
   batch_lib.write_predictions(summarizer, inputs, str(out), batch_size=2)
   lines = [json.loads(line) for line in out.read_text().splitlines()]
-  expected = summarizer.summarize([t for _, t in inputs])
+  texts = [t for _, t in inputs]
+  expected = summarizer.summarize(texts[:2]) + summarizer.summarize(texts[2:])
   assert lines == [{"id": i, "summary": s} for (i, _), s in zip(inputs, expected)]
 
 
-# --- batch inference from the command line --------------------------------------------------
-def _run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "infer.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+def test_summaries_drop_ids_the_tokenizer_has_no_piece_for(summarizer, monkeypatch):
+  tok = summarizer.tokenizer
+  past = summarizer.config.data.vocab_size - 1      # an embedding row past the tokenizer
+  assert past >= tok.vocab_size
+  monkeypatch.setattr(decode, "greedy",
+                      lambda *args, **kwargs: np.array([[40, past, 41, tok.eos_id]]))
+  assert summarizer.summarize(["a document."], max_new=4) == [tok.decode([40, 41])]
+
+
+# --- batch inference and the command lines -------------------------------------------------------
+def test_long_inputs_log_progress_with_an_eta(classifier, tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(batch_lib, "PROGRESS_EVERY_S", 0.0)
+  caplog.set_level(logging.INFO)
+  inputs = [(i, TEXTS[i % len(TEXTS)]) for i in range(12)]
+  batch_lib.write_predictions(classifier, inputs, str(tmp_path / "p.jsonl"), batch_size=4)
+  # The first batch (compilation) sets the pace's start; the last one is the summary line.
+  progress = [r.getMessage() for r in caplog.records if "texts/s" in r.getMessage()]
+  assert len(progress) == 1 and re.match(r"8/12 texts \(67%\) .* ETA 0:00:\d\d$", progress[0])
+  assert "wrote 12 predictions" in caplog.text
+  assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 12
+
+
+def test_serve_command_answers_then_stops_cleanly_on_sigterm(classifier_dir, classifier):
+  port = portpicker.pick_unused_port()
+  proc = subprocess.Popen([sys.executable, "-m", "infer.serve", f"--workdir={classifier_dir}",
+                           f"--port={port}", "--max_batch=1"], cwd=REPO,
+                          stderr=subprocess.PIPE, text=True)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    for _ in range(600):     # up to a minute for imports, loading and warm-up
+      with contextlib.suppress(OSError):
+        if _call(url + "/health")[0] == 200:
+          break
+      assert proc.poll() is None, proc.stderr.read()[-2000:]
+      threading.Event().wait(0.1)
+    else:
+      pytest.fail("the server did not answer /health within a minute")
+    status, answer = _call(url + "/classify", {"text": TEXTS[0]})
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert status == 200
+  np.testing.assert_allclose(answer["probs"], classifier.classify(TEXTS[:1])[0], atol=1e-5)
+  assert proc.returncode == 0, stderr[-2000:]
+  assert f"at http://127.0.0.1:{port}" in stderr and "SIGTERM: shutting down" in stderr
 
 
 def test_cli_writes_one_prediction_per_line(classifier_dir, classifier, tmp_path):
@@ -298,8 +344,10 @@ def test_cli_writes_one_prediction_per_line(classifier_dir, classifier, tmp_path
            {"body": TEXTS[3]}, {"body": TEXTS[4]}]
   with gzip.open(path, "wt") as f:      # line 3 is blank: skipped
     f.writelines((json.dumps(x) if x else "") + "\n" for x in lines)
-  result = _run_cli(f"--workdir={classifier_dir}", f"--input={path}",
-                    f"--output={tmp_path / 'preds.jsonl'}", "--text_field=body", "--batch_size=4")
+  result = subprocess.run(
+      [sys.executable, "-m", "infer.main", f"--workdir={classifier_dir}", f"--input={path}",
+       f"--output={tmp_path / 'preds.jsonl'}", "--text_field=body", "--batch_size=4"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
   assert [x["id"] for x in preds] == [7, "in.jsonl.gz:2", "x", "in.jsonl.gz:5", "in.jsonl.gz:6"]
@@ -321,9 +369,10 @@ def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"text": "ok"}\n{"title": "no text"}\n', r"in.jsonl:2: expected a non-empty string field 'text'"),
-    ('{"text": "ok"}\n\n["a list"]\n', r"in.jsonl:3: expected a JSON object"),
+    ('{"text": "ok"}\n{"title": "no"}\n', "in.jsonl:2: expected a non-empty string field 'text'"),
+    ('{"text": "ok"}\n\n{"text": 3}\n', r"in.jsonl:3: expected a non-empty string field"),
     (b'{"text": "\xff"}\n', r"in.jsonl:1: not valid UTF-8"),
+    ('{"text": "ok"}\n[1]\n', r"in.jsonl:2: expected a JSON object, got an array"),
     ("\n\n", r"in.jsonl: no lines to predict"),
 ])
 def test_bad_input_files_name_file_and_line(tmp_path, content, message):

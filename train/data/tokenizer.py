@@ -85,7 +85,10 @@ class Tokenizer:
     return self._sp.encode(text)
 
   def decode(self, ids) -> str:
-    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+    """Text of `ids`. The model's embedding may have more rows (data.vocab_size) than this
+    tokenizer has pieces; a generated id past the pieces has no text and is dropped."""
+    n = self.vocab_size
+    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < n])
 
 
 def truncate(ids: list[int], budget: int, how: str) -> list[int]:
