@@ -11,7 +11,7 @@ float ones.
 
 Modes:
   f32 / bf16         the float model, compute dtype float32 / bfloat16 (bf16 also stores its
-                     matrices in bf16: half the bytes, no per-call cast).
+                     matrices in bf16).
   int8_weight_only   int8 kernels, dequantized to the compute dtype before a float matmul.
   w8a8               int8 kernels and dynamic (per-token, absmax) int8 activations: the
                      projection is an int8 x int8 -> int32 matmul, rescaled after.
@@ -22,6 +22,9 @@ gather) and hence the tied LM head, because `Embed.attend` reads the same table 
 the parameter itself, which the gather cannot read; RMSNorm scales; the attention score and
 value einsums (activations against activations); and the classifier head ([d_model, classes]:
 nothing to save, and its logits are the decision).
+
+Use: `qmodel, qparams = quantize(model, params, mode, tokens)` (or `load(folder)`), then
+`qmodel.apply({"params": qparams}, tokens)` exactly as the float model.
 
 Saved format: one Orbax checkpoint, items `params` (a plain nested dict: a quantized kernel is
 {"qvalue": int8, "scale": float32}, the layout of qwix's pre-quantized checkpoints; everything
@@ -77,6 +80,12 @@ class _PtqProvider(qwix.PtqProvider):
     return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
+def _bf16_storage(x):
+  """The dtype mode "bf16" stores a parameter in: matrices bfloat16 (half the bytes, no
+  per-call cast); vectors (norm scales, applied in float32 anyway) as they are."""
+  return jnp.bfloat16 if x.ndim >= 2 else x.dtype
+
+
 def _check_mode(mode: str):
   if mode not in MODES:
     raise ValueError(f"quantization mode {mode!r}; expected one of {MODES}")
@@ -114,8 +123,8 @@ def quantize(model: Transformer, params, mode: str, sample_tokens):
   params = jax.tree.map(jnp.asarray, params)
   if mode == "f32":
     return qmodel, jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  if mode == "bf16":   # matrices only: norm scales are applied in float32 anyway
-    return qmodel, jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+  if mode == "bf16":
+    return qmodel, jax.tree.map(lambda x: x.astype(_bf16_storage(x)), params)
   abstract = _abstract_params(qmodel, sample_tokens)
   if not any(_is_quantized(x) for x in jax.tree.leaves(abstract, is_leaf=_is_quantized)):
     raise ValueError(f"no module of the model matches {QUANTIZED_MODULES!r}: nothing to "
@@ -183,8 +192,7 @@ def load(path: str):
     qmodel = build_model(ModelConfig(**meta["model_config"]), meta["mode"])
     abstract = _abstract_params(qmodel, jnp.zeros((1, 8), jnp.int32))
     if meta["mode"] == "bf16":
-      abstract = jax.tree.map(
-          lambda x: x.update(dtype=jnp.bfloat16) if x.ndim >= 2 else x, abstract)
+      abstract = jax.tree.map(lambda x: x.update(dtype=_bf16_storage(x)), abstract)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           _to_plain(abstract))
