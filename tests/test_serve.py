@@ -60,14 +60,19 @@ def classifier(classifier_dir):
 
 
 @pytest.fixture(scope="module")
-def summarizer(tmp_path_factory):
+def summarizer_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("summarizer")
   _summary_file(root / "pairs.jsonl", n=40)
   config = legal_summ_finetune.get_config("tiny")
   config.data.update(train_file=str(root / "pairs.jsonl"), data_dir=str(root / "cache"),
                      test_fraction=0.0)
   config.model.attention.kind = "full"    # compiles faster than the preset's blocked kernel
-  loaded = loading.LoadedModel.from_workdir(_train_fast(config, str(root / "run")))
+  return _train_fast(config, str(root / "run"))
+
+
+@pytest.fixture(scope="module")
+def summarizer(summarizer_dir):
+  loaded = loading.LoadedModel.from_workdir(summarizer_dir)
   params = numpy_params(loaded.model, np.zeros((1, 8), np.int32))
   return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))
 
@@ -394,3 +399,30 @@ def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifi
   with pytest.raises(batch_lib.InputError, match=r"--max_new=62: expected 1..61"):
     batch_lib.check_max_new(summarizer, 62)
   assert batch_lib.check_max_new(summarizer, None) == summarizer.config.eval.decode_len
+
+
+def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir, sentiment_files,
+                                                 tmp_path):
+  from configs import inference_report as report_config
+  from eval import inference_report
+  cfg = report_config.get_config("tiny")
+  # The tiny classifier stands in for both teacher and student: the report's plumbing is
+  # under test here, not distillation (tests/test_finetune.py covers that).
+  cfg.update(teacher=classifier_dir, student=classifier_dir, summarizer=summarizer_dir,
+             test_file=str(sentiment_files / "test.jsonl"), out_dir=str(tmp_path),
+             summarizer_file=str(tmp_path / "docs.jsonl"))
+  _summary_file(tmp_path / "docs.jsonl", n=3)
+  result = inference_report.run(cfg)
+  rows = {r["variant"]: r for r in result["classification"]}
+  assert list(rows) == ["teacher f32", "student f32", "student bf16",
+                        "student int8_weight_only", "student w8a8"]
+  # The same f32 model twice: the same accuracy; int8 stores fewer bytes.
+  assert rows["teacher f32"]["accuracy"] == rows["student f32"]["accuracy"]
+  assert rows["student w8a8"]["memory MiB"] < rows["student f32"]["memory MiB"]
+  assert abs(rows["student w8a8"]["accuracy"] - rows["student f32"]["accuracy"]) <= 0.1
+  for r in rows.values():
+    assert 0 < r["p50 ms (b=1)"] <= r["p99 ms (b=1)"]
+  assert result["decoders_agree"]
+  assert {r["decoder"] for r in result["decoding"]} == {"KV cache", "recompute"}
+  for name in ("inference_report.md", "inference_report.json", "latency_vs_accuracy.png"):
+    assert (tmp_path / name).exists()

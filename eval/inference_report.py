@@ -1,0 +1,165 @@
+r"""The production-inference report: teacher vs distilled student vs quantized student.
+
+  python -m eval.inference_report --config=configs/inference_report.py:imdb \
+      --config.teacher=runs/imdb_ft --config.student=runs/imdb_student
+
+For each variant (teacher f32; student f32, bf16, int8 weight-only, w8a8 — quantized by
+infer/quantize.py from the student's checkpoint) one row: parameters, bytes in memory and on
+disk, accuracy and macro F1 on the test file (eval/classification.py), latency p50/p99 at
+batch 1 and throughput at batch 32 (eval/latency.py, all variants timed in this one run on this
+machine), and XLA's peak memory. With `summarizer` set, a second table: greedy decoding tokens/s
+with the KV cache against full recomputation (infer/decode.py), and whether they agree.
+Writes `<out_dir>/inference_report.md`, `.json` and `latency_vs_accuracy.png`.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, logging
+from ml_collections import config_flags
+
+from eval import classification, common, latency, report
+from infer import decode, quantize
+from infer.loading import LoadedModel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/inference_report.py:<preset>")
+
+
+def _test_records(cfg):
+  records = common.read_jsonl(os.path.expanduser(cfg.test_file))
+  rng = np.random.default_rng(cfg.seed)
+  if 0 < cfg.num_examples < len(records):   # a fixed random subset (files sort by label)
+    records = [records[i] for i in sorted(rng.choice(len(records), cfg.num_examples, False))]
+  return records
+
+
+def _variants(cfg):
+  """[(name, model, params, disk bytes)] for the teacher and each student mode."""
+  teacher = LoadedModel.from_workdir(cfg.teacher)
+  student = LoadedModel.from_workdir(cfg.student)
+  out = [("teacher f32", teacher, teacher.model, teacher.params, None)]
+  sample = student.encode_for_classify(["a"])["tokens"]
+  for mode in cfg.student_modes:
+    model, params = quantize.quantize(student.model, student.params, mode, sample)
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "q")
+      quantize.save(path, params, {"mode": mode,
+                                   "model_config": dataclasses.asdict(student.model.cfg)})
+      disk = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
+    out.append((f"student {mode}", student, model, params, disk))
+  return out
+
+
+def _classify_fn(model):
+  return jax.jit(lambda params, tokens, mask: jax.nn.softmax(
+      model.apply({"params": params}, tokens, pool_mask=mask > 0)))
+
+
+def _row(cfg, name, loaded, model, params, disk, records):
+  fn = _classify_fn(model)
+  texts = [r[cfg.text_field] for r in records]
+  probs = []
+  for start in range(0, len(texts), cfg.batch_size):
+    batch = loaded.encode_for_classify(texts[start:start + cfg.batch_size], cfg.seq_len)
+    probs.append(np.asarray(fn(params, batch["tokens"], batch["mask"])))
+  probs = np.concatenate(probs)
+  quality = classification.evaluate(
+      [{"label": int(r[cfg.label_field]), "probs": p.tolist()} for r, p in zip(records, probs)],
+      common.eval_config(bootstrap=cfg.bootstrap))
+  example = loaded.encode_for_classify(texts[:max(cfg.latency_batches)], cfg.seq_len)
+
+  def args_for(b):
+    reps = -(-b // len(example["tokens"]))
+    tile = lambda x: np.tile(x, (reps, 1))[:b]
+    return params, tile(example["tokens"]), tile(example["mask"])
+  timing = latency.measure(lambda p, t, m: fn(p, t, m), args_for,
+                           batch_sizes=tuple(cfg.latency_batches), warmup=cfg.warmup,
+                           iters=cfg.iters, seq_len=cfg.seq_len)
+  b1, bn = timing[min(cfg.latency_batches)], timing[max(cfg.latency_batches)]
+  return {"variant": name, "params": latency.model_size(params)["params"],
+          "memory MiB": quantize.param_bytes(params) / 2**20,
+          "disk MiB": None if disk is None else disk / 2**20,
+          "accuracy": quality["accuracy"], "macro F1": quality["macro_f1"],
+          "p50 ms (b=1)": b1["p50_ms"], "p99 ms (b=1)": b1["p99_ms"],
+          f"examples/s (b={max(cfg.latency_batches)})": bn["examples_per_s"],
+          "XLA peak MiB": bn["xla_bytes"]["total"] / 2**20}
+
+
+def _decode_rows(cfg):
+  loaded = LoadedModel.from_workdir(cfg.summarizer)
+  records = common.read_jsonl(os.path.expanduser(cfg.summarizer_file))[:cfg.decode_examples]
+  tok = loaded.tokenizer
+  budget = loaded.config.data.seq_len - cfg.decode_len
+  prompts = [[tok.bos_id] + tok.encode(r[cfg.text_field])[:budget - 2] + [tok.eos_id]
+             for r in records]
+  tokens, prompt_len = decode.pack_prompts(prompts, cfg.decode_len)
+  rows, outputs = [], {}
+  for name, fn in (("KV cache", decode.greedy), ("recompute", decode.greedy_recompute)):
+    run = lambda: jax.block_until_ready(fn(loaded.model, loaded.params, tokens, prompt_len,
+                                           max_new=cfg.decode_len, eos_id=tok.eos_id))
+    run()   # compile
+    t0 = time.perf_counter()
+    outputs[name] = np.asarray(run())
+    seconds = time.perf_counter() - t0
+    rows.append({"decoder": name, "batch": len(prompts), "new tokens": cfg.decode_len,
+                 "seconds": seconds, "tokens/s": len(prompts) * cfg.decode_len / seconds})
+  same = bool(np.array_equal(outputs["KV cache"], outputs["recompute"]))
+  return rows, same
+
+
+def _plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in rows:
+    ax.scatter(r["p99 ms (b=1)"], 100 * r["accuracy"])
+    ax.annotate(r["variant"], (r["p99 ms (b=1)"], 100 * r["accuracy"]), fontsize=8)
+  ax.set_xlabel("p99 latency at batch 1 (ms)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(cfg) -> dict:
+  os.makedirs(cfg.out_dir, exist_ok=True)
+  records = _test_records(cfg)
+  rows = []
+  for variant in _variants(cfg):
+    logging.info("measuring %s", variant[0])
+    rows.append(_row(cfg, *variant, records))
+  columns = list(rows[0])
+  text = [f"# Inference report ({jax.devices()[0].device_kind}, {len(records)} test examples, "
+          f"seq {cfg.seq_len})", "", report.comparison_table(
+              {r["variant"]: r for r in rows}, columns[1:]), ""]
+  result = {"classification": rows}
+  if cfg.summarizer:
+    decode_rows, same = _decode_rows(cfg)
+    result.update(decoding=decode_rows, decoders_agree=same)
+    text += ["## Decoding", "", report.comparison_table(
+        {r["decoder"]: r for r in decode_rows}, list(decode_rows[0])[1:]), "",
+             f"KV-cache and recomputed greedy outputs identical: {same}", ""]
+  with open(os.path.join(cfg.out_dir, "inference_report.md"), "w") as f:
+    f.write("\n".join(text))
+  with open(os.path.join(cfg.out_dir, "inference_report.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  _plot(rows, os.path.join(cfg.out_dir, "latency_vs_accuracy.png"))
+  print("\n".join(text))
+  return result
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/inference_report.py:<preset> is required")
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
