@@ -26,7 +26,13 @@ from eval import classification, common, latency, report
 from infer import decode, quantize
 from infer.loading import LoadedModel
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/inference_report.py:<preset>")
+_CONFIG = None   # defined by _define_flags when run as a command (train.main has --config too)
+
+
+def _define_flags():
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_file("config", None,
+                                            "configs/inference_report.py:<preset>")
 
 
 def _test_records(cfg):
@@ -162,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

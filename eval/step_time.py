@@ -34,21 +34,27 @@ from train import optim, tasks
 from train import state as state_lib
 from train import step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/bench_step.py", "Benchmark config, e.g. configs/bench_step.py:cpu",
-    lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timing rounds per step, alternating the two.")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
-_PACKED = flags.DEFINE_bool("packed", False, "Add segment_ids/positions (masked attention).")
-_PEAK = flags.DEFINE_float("peak_flops", 0.0, "Per-device peak FLOP/s for MFU (0: config/table).")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
-_JSON = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"], "train: the train step against "
-                          "the reference; inference: forward-pass latency (eval/latency.py).")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "--mode=inference: batch sizes.")
-_ITERS = flags.DEFINE_integer("iters", 20, "--mode=inference: timed calls per batch size, at "
-                              "least (--warmup untimed calls come first).")
+def _define_flags():
+  # Only when run as a command: other entry points (train.main) define --config too, and
+  # tests import this module beside them.
+  global _CONFIG, _STEPS, _ROUNDS, _WARMUP, _PACKED, _PEAK, _DEVICES, _JSON, _MODE
+  global _BATCH_SIZES, _ITERS
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/bench_step.py", "Benchmark config, e.g. configs/bench_step.py:cpu",
+      lock_config=True)
+  _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round.")
+  _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timing rounds per step, alternating the two.")
+  _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
+  _PACKED = flags.DEFINE_bool("packed", False, "Add segment_ids/positions (masked attention).")
+  _PEAK = flags.DEFINE_float("peak_flops", 0.0, "Per-device peak FLOP/s for MFU (0: config/table).")
+  _DEVICES = flags.DEFINE_integer("devices", 0, "Use the first N devices (0: all).")
+  _JSON = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
+  _MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"],
+                            "train: the train step against the reference; inference: "
+                            "forward-pass latency (eval/latency.py).")
+  _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "--mode=inference: batch sizes.")
+  _ITERS = flags.DEFINE_integer("iters", 20, "--mode=inference: timed calls per batch size, at "
+                                "least (--warmup untimed calls come first).")
 
 
 def make_batch(config, packed: bool, seed: int = 0) -> dict:
@@ -215,4 +221,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
