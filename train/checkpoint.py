@@ -223,10 +223,10 @@ class Checkpointer:
       if have != (tuple(want.shape), np.dtype(want.dtype)):
         shown = have if have == "missing" else f"{have[1]}{list(have[0])}"
         raise CheckpointError(
-            f"checkpoint step {step} in {self.directory} does not fit the model: {name} is "
-            f"{shown} there but {np.dtype(want.dtype)}{list(want.shape)} now; the config "
-            "changed since it was written (e.g. data.vocab_size or model.*): resume with the "
-            "original config or use a new --workdir")
+            f"checkpoint step {step} does not fit the model (the config changed since it was "
+            f"written, e.g. data.vocab_size or model.*): {name} is {shown} there but "
+            f"{np.dtype(want.dtype)}{list(want.shape)} now; resume with the original config "
+            f"or use a new --workdir (checkpoints: {self.directory})")
 
   def _restore_verified(self, step: int, abstract_state, data_iter):
     """(restored, None), or (None, why) when the arrays are unreadable or fail the checksums
