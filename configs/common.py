@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.alpha = 0.5               # weight of the soft (teacher) loss; 1 - alpha: labels
   c.distill.temperature = 2.0         # softens both distributions; the KL is scaled by T^2
   c.distill.hidden_weight = 0.0       # > 0: also match token-similarity matrices of hidden states
+  # "teacher_layers": start the student from the teacher's embedding, head and evenly spaced
+  # blocks (DistilBERT's recipe; needs the teacher's width); "none": random initialisation.
+  c.distill.init_student = "none"
 
   # --- evaluators run on data.test_file at the end (and on validation during training) --------
   c.eval = ml_collections.ConfigDict()

@@ -47,8 +47,10 @@ def _variants(cfg):
   """[(name, model, params, disk bytes)] for the teacher and each student mode."""
   teacher = LoadedModel.from_workdir(cfg.teacher)
   student = LoadedModel.from_workdir(cfg.student)
-  out = [("teacher f32", teacher, teacher.model, teacher.params, None)]
   sample = student.encode_for_classify(["a"])["tokens"]
+  # The teacher as trained may compute in bf16; the reference row is its f32 forward.
+  out = [("teacher f32", teacher, *quantize.quantize(teacher.model, teacher.params, "f32",
+                                                     sample), None)]
   for mode in cfg.student_modes:
     model, params = quantize.quantize(student.model, student.params, mode, sample)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +102,7 @@ def _decode_rows(cfg):
   records = common.read_jsonl(os.path.expanduser(cfg.summarizer_file))[:cfg.decode_examples]
   tok = loaded.tokenizer
   budget = loaded.config.data.seq_len - cfg.decode_len
-  prompts = [[tok.bos_id] + tok.encode(r[cfg.text_field])[:budget - 2] + [tok.eos_id]
+  prompts = [tok.encode_framed(r[cfg.text_field], budget, loaded.config.data.truncation)
              for r in records]
   tokens, prompt_len = decode.pack_prompts(prompts, cfg.decode_len)
   rows, outputs = [], {}

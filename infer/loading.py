@@ -25,19 +25,6 @@ class LoadError(ValueError):
   pass
 
 
-def find_checkpoint(workdir: str, prefer_best: bool = True):
-  """(Checkpointer, step) of the run's best state if kept, else its newest checkpoint."""
-  workdir = os.path.expanduser(workdir)
-  for candidate in ([os.path.join(workdir, "best")] if prefer_best else []) + [workdir]:
-    if os.path.isdir(os.path.join(candidate, "checkpoints")):
-      ckpt = checkpoint_lib.Checkpointer(candidate, every=1, keep=1000, async_save=False)
-      step = ckpt.latest_step()
-      if step is not None:
-        return ckpt, step
-  raise LoadError(f"{workdir}: no finished checkpoint (expected checkpoints/ or best/ from a "
-                  "training run)")
-
-
 def _abstract_params(model, sharding):
   tokens = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(lambda r: model.init(r, tokens), jax.random.PRNGKey(0))
@@ -56,7 +43,11 @@ class LoadedModel:
 
   @classmethod
   def from_workdir(cls, workdir: str, prefer_best: bool = True) -> "LoadedModel":
-    ckpt, step = find_checkpoint(workdir, prefer_best)
+    found = checkpoint_lib.find_finished(workdir, prefer_best)
+    if found is None:
+      raise LoadError(f"{workdir}: no finished checkpoint (expected checkpoints/ or best/ from a "
+                      "training run)")
+    ckpt, step = found
     meta = ckpt.restore_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
     kind = config.distill.task if config.task == "distill" else config.task
@@ -76,12 +67,9 @@ class LoadedModel:
   def encode_for_classify(self, texts: list[str], seq_len: int | None = None) -> dict:
     """Right-padded [B, seq_len] rows, truncated like training (data.truncation)."""
     seq_len = seq_len or self.config.data.seq_len
-    tok = self.tokenizer
     tokens = np.zeros((len(texts), seq_len), np.int32)
     for i, text in enumerate(texts):
-      ids = tokenizer_lib.truncate(tok.encode(text), seq_len - 2,
-                                   self.config.data.truncation)
-      ids = [tok.bos_id] + ids + [tok.eos_id]
+      ids = self.tokenizer.encode_framed(text, seq_len, self.config.data.truncation)
       tokens[i, :len(ids)] = ids
     return {"tokens": tokens, "mask": (tokens > 0).astype(np.int32)}
 
@@ -97,9 +85,7 @@ class LoadedModel:
     max_new = max_new or self.config.eval.decode_len
     budget = self.config.data.seq_len - max_new
     tok = self.tokenizer
-    how = self.config.data.truncation
-    prompts = [[tok.bos_id] + tokenizer_lib.truncate(tok.encode(t), budget - 2, how)
-               + [tok.eos_id] for t in texts]
+    prompts = [tok.encode_framed(t, budget, self.config.data.truncation) for t in texts]
     tokens, prompt_len = decode.pack_prompts(prompts, max_new)
     ids = decode.greedy(self.model, self.params, tokens, prompt_len, max_new=max_new,
                         eos_id=tok.eos_id)

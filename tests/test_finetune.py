@@ -19,6 +19,7 @@ from train import run as run_lib
 from train import state as state_lib
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
+from train.data import tokenizer as tokenizer_lib
 from train.data.errors import DataError
 from train.tasks import summarize
 
@@ -111,6 +112,11 @@ def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifie
   config.data.update(train_file=str(sentiment_files / "train.jsonl.gz"),
                      test_file=str(sentiment_files / "test.jsonl"), data_dir=str(tmp_path))
   config.distill.teacher = str(teacher_dir)
+  # One block of the teacher's width, started from its embedding, head and last block: the
+  # train step must donate the student's copies while the teacher's stay intact.
+  teacher_model = sentiment_finetune.get_config("tiny").model
+  config.model.update({k: teacher_model[k] for k in finetune.ARCHITECTURE_KEYS}, num_layers=1)
+  config.distill.init_student = "teacher_layers"
   config.train.update(num_steps=60, eval_every=20, checkpoint_every=20)
   result = run_lib.train(config, str(tmp_path / "student"))
   # The teacher's parameters are the teacher run's best state, untouched by 60 updates.
@@ -123,6 +129,37 @@ def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifie
   # The report counts the student's parameters only.
   student_params = state_lib.param_count(result["state"].params["student"])
   assert f"parameters: {student_params}" in (tmp_path / "student" / "report.md").read_text()
+
+
+def test_teacher_layer_map_keeps_first_and_last():
+  assert finetune.teacher_layer_map(2, 4) == [0, 3]
+  assert finetune.teacher_layer_map(3, 6) == [0, 2, 5]   # round(2.5) = 2: banker's rounding
+  assert finetune.teacher_layer_map(1, 4) == [3]
+
+
+def test_student_starts_from_teacher_layers():
+  import dataclasses
+  from configs import sentiment_distill
+  from train.tasks import classify
+  from train.tasks.distill import DistillTask
+  config = sentiment_distill.get_config("tiny")
+  config.task = "classify"     # _parts builds the student and its own task
+  model, _, tx, mesh = _parts(config)
+  student_cfg = model.cfg
+  task = DistillTask(model, config, classify.ClassifyTask,
+                     dataclasses.replace(student_cfg, num_layers=3))
+  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  teacher = state.params["teacher"]
+  student = finetune.init_student_from_teacher(state, 2, 3).params["student"]
+  expected = {**{k: v for k, v in teacher.items() if not k.startswith("block_")},
+              "block_0": teacher["block_0"], "block_1": teacher["block_2"]}
+  chex.assert_trees_all_equal(student, expected)
+  # A narrower student cannot take the teacher's blocks: a ConfigError naming the array.
+  wide = DistillTask(model, config, classify.ClassifyTask,
+                     dataclasses.replace(student_cfg, d_model=2 * student_cfg.d_model))
+  state, _, _ = state_lib.create_state(wide.model, tx, wide.dummy_batch(1, 8), mesh, seed=0)
+  with pytest.raises(ConfigError, match=r"needs the teacher's width: student block_0"):
+    finetune.init_student_from_teacher(state, 2, 2)
 
 
 def _parts(config):
@@ -185,7 +222,9 @@ def test_summary_loss_scores_only_summary_tokens():
 
 
 class _Tok:
+  """Whitespace-separated integers are the ids; framing and truncation are the real ones."""
   bos_id, eos_id = 2, 3
+  encode_framed = tokenizer_lib.Tokenizer.encode_framed
 
   def encode(self, text):
     return [int(w) for w in text.split()]

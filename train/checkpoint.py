@@ -264,3 +264,18 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def find_finished(path: str, prefer_best: bool = False):
+  """(Checkpointer, step) of the finished run at `path` (its workdir or checkpoints folder):
+  with prefer_best its best-validation state when it kept one, else its newest checkpoint;
+  None when there is none. Fine-tuning, distillation and inference all find runs this way."""
+  path = os.path.expanduser(path).rstrip("/")
+  workdir = os.path.dirname(path) if path.endswith("checkpoints") else path
+  for candidate in ([os.path.join(workdir, "best")] if prefer_best else []) + [workdir]:
+    if os.path.isdir(os.path.join(candidate, "checkpoints")):
+      checkpointer = Checkpointer(candidate, every=1, keep=1000, async_save=False)
+      step = checkpointer.latest_step()
+      if step is not None:
+        return checkpointer, step
+  return None

@@ -53,6 +53,9 @@ def validate(config, num_devices: int, process_count: int):
        f"{config.model.num_classes})"),
       (config.task != "summarize" or 1 <= d.target_len < d.seq_len - 2,
        f"config.data.target_len={d.target_len} must be in [1, seq_len - 2 = {d.seq_len - 2})"),
+      (config.distill.init_student in ("none", "teacher_layers"),
+       f"config.distill.init_student={config.distill.init_student!r}; expected 'none' or "
+       "'teacher_layers'"),
       (config.train.early_stopping >= 0,
        f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
   ]

@@ -62,7 +62,7 @@ def generate_summaries(model, params, examples, tokenizer, data_cfg, eval_cfg) -
   out = []
   for start in range(0, len(examples), eval_cfg.batch_size):
     chunk = examples[start:start + eval_cfg.batch_size]
-    prompts = [examples_lib.encode_prompt(e.text, tokenizer, data_cfg, budget) for e in chunk]
+    prompts = [tokenizer.encode_framed(e.text, budget, data_cfg.truncation) for e in chunk]
     tokens, prompt_len = decode.pack_prompts(prompts, eval_cfg.decode_len)
     ids = decode.greedy(model, params, tokens, prompt_len, max_new=eval_cfg.decode_len,
                         eos_id=tokenizer.eos_id)

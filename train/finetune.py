@@ -44,19 +44,13 @@ class Pretrained:
 def find_run(path: str, key: str, prefer_best: bool = False) -> Pretrained:
   """The newest checkpoint of the run at `path` (a workdir or its checkpoints folder); with
   prefer_best, its best-validation state when it kept one. `key` names the config key."""
-  path = os.path.expanduser(path).rstrip("/")
-  workdir = os.path.dirname(path) if path.endswith("checkpoints") else path
-  candidates = ([os.path.join(workdir, "best")] if prefer_best else []) + [workdir]
-  for candidate in candidates:
-    if os.path.isdir(os.path.join(candidate, "checkpoints")):
-      checkpointer = checkpoint_lib.Checkpointer(candidate, every=1, keep=1000,
-                                                 async_save=False)
-      step = checkpointer.latest_step()
-      if step is not None:
-        meta = checkpointer.restore_meta(step)
-        logging.info("%s: %s step %d (%.2fM params)", key, candidate, step,
-                     meta.get("params", 0) / 1e6)
-        return Pretrained(checkpointer, step, meta)
+  found = checkpoint_lib.find_finished(path, prefer_best)
+  if found is not None:
+    checkpointer, step = found
+    meta = checkpointer.restore_meta(step)
+    logging.info("%s: %s step %d (%.2fM params)", key,
+                 os.path.dirname(checkpointer.directory), step, meta.get("params", 0) / 1e6)
+    return Pretrained(checkpointer, step, meta)
   raise ConfigError(f"{key}={path}: no checkpoints/ folder with a finished checkpoint there; "
                     "expected the workdir of a finished run")
 
@@ -116,6 +110,41 @@ def load_backbone(pretrained: Pretrained, state, mesh):
   logging.info("restored %d pre-trained parameter groups; newly initialised: %s; unused: %s",
                len(set(params) & set(restored)), new or "none", unused or "none")
   return state.replace(params=params)
+
+
+def teacher_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+  """The teacher block each student block starts from: evenly spaced, first and last kept (the
+  last feeds the head the student also inherits)."""
+  if student_layers == 1:
+    return [teacher_layers - 1]
+  return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
+
+
+def init_student_from_teacher(state, student_layers: int, teacher_layers: int):
+  """`state` with the student's parameters copied from the (restored) teacher's: every group
+  but the blocks by name, block i from teacher block teacher_layer_map()[i]. Shapes must match:
+  the student may be shallower than the teacher, not narrower."""
+  student, teacher = state.params["student"], state.params["teacher"]
+  layer_map = teacher_layer_map(student_layers, teacher_layers)
+  source = {name: (f"block_{layer_map[int(name[6:])]}" if name.startswith("block_") else name)
+            for name in student}
+  copied = {}
+  for name, origin in source.items():
+    if origin not in teacher:
+      raise ConfigError(f"config.distill.init_student='teacher_layers': the teacher has no "
+                        f"parameter group {origin!r} for the student's {name!r}")
+    for (path, s), t in zip(jax.tree_util.tree_leaves_with_path(student[name]),
+                            jax.tree.leaves(teacher[origin])):
+      if s.shape != t.shape:
+        raise ConfigError(
+            f"config.distill.init_student='teacher_layers' needs the teacher's width: student "
+            f"{name}{jax.tree_util.keystr(path)} is {s.shape}, the teacher's is {t.shape}")
+    # Copies (may_alias=False): the train step donates the student's buffers, never the
+    # teacher's, so the two must not share one.
+    copied[name] = jax.tree.map(lambda t, s: jax.device_put(t, s.sharding, may_alias=False),
+                                teacher[origin], student[name])
+  logging.info("student initialised from the teacher: blocks %s", layer_map)
+  return state.replace(params={**state.params, "student": copied})
 
 
 def load_data(config, task: str, pretrained: Pretrained | None, resumed_meta: dict | None):

@@ -123,11 +123,11 @@ def run(p: LoopParts) -> dict:
   # --- loop ----------------------------------------------------------------------------------
   state = p.state
   step = int(jax.device_get(state.step))
-  progress = metrics_lib.Progress(step, num_steps, p.flops_per_token * cfg.data.batch_size *
-                                  cfg.data.seq_len, p.peak_flops_total)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  progress = metrics_lib.Progress(step, num_steps, tokens_per_step,
+                                  p.flops_per_token * tokens_per_step, p.peak_flops_total)
   preemption = _Preemption()
   pending = None           # (step, device metrics) of the last dispatched step
-  interval_tokens = 0.0
   skips = 0                # consecutive non-finite steps (config.train.nonfinite=skip)
   last_eval = {}
   best = dict(p.best or {})
@@ -135,14 +135,12 @@ def run(p: LoopParts) -> dict:
 
   def drain(pending):
     """Fetches the previous step's metrics (it has finished by now) and logs them."""
-    nonlocal interval_tokens, skips
+    nonlocal skips
     done_step, dev_metrics = pending
     m = jax.device_get(dev_metrics)
     skips = _check_finite(done_step, m, cfg.train.nonfinite == "skip", skips)
-    interval_tokens += float(m["tokens"])
     if done_step % cfg.train.log_every == 0 or done_step == num_steps:
-      prog = progress.update(done_step, interval_tokens)
-      interval_tokens = 0.0
+      prog = progress.update(done_step)
       p.writer.write(done_step, "train", {**m, **prog})
       metrics_lib.log_progress(done_step, num_steps, float(m["loss"]), prog)
 

@@ -61,29 +61,35 @@ class MetricWriter:
 
 
 class Progress:
-  """Steps/s, tokens/s, MFU and ETA over the last logging interval."""
+  """Steps/s, tokens/s, MFU and ETA over the last logging interval.
 
-  def __init__(self, start_step: int, num_steps: int, flops_per_step: float, peak_flops: float):
+  Tokens are input positions (batch x seq_len, padding included, as MFU counts them), so
+  pre-training and classification report the same kind of number."""
+
+  def __init__(self, start_step: int, num_steps: int, tokens_per_step: int,
+               flops_per_step: float, peak_flops: float):
     self.num_steps = num_steps
+    self.tokens_per_step = tokens_per_step
     self.flops_per_step = flops_per_step
     self.peak = peak_flops
     self.last_step, self.last_time = start_step, time.perf_counter()
     self.first = True
 
-  def update(self, step: int, tokens: float) -> dict:
+  def update(self, step: int) -> dict:
     now = time.perf_counter()
     steps, dt = step - self.last_step, max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    out = {"step_time_s": dt / max(steps, 1), "tokens_per_s": tokens / dt,
+    out = {"step_time_s": dt / max(steps, 1), "tokens_per_s": self.tokens_per_step * steps / dt,
            "mfu": self.flops_per_step * steps / dt / self.peak}
-    # The first interval includes compilation: no ETA from it.
-    out["eta_s"] = float("nan") if self.first else out["step_time_s"] * (self.num_steps - step)
+    # The first interval includes compilation: no ETA from it (and none written).
+    if not self.first:
+      out["eta_s"] = out["step_time_s"] * (self.num_steps - step)
     self.first = False
     return out
 
 
-def format_eta(seconds: float) -> str:
-  if seconds != seconds:   # NaN
+def format_eta(seconds: float | None) -> str:
+  if seconds is None:
     return "--"
   seconds = int(seconds)
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -92,4 +98,4 @@ def format_eta(seconds: float) -> str:
 def log_progress(step: int, num_steps: int, loss: float, prog: dict):
   logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ms/step  MFU %.1f%%  ETA %s",
                step, num_steps, loss, prog["tokens_per_s"], 1e3 * prog["step_time_s"],
-               100 * prog["mfu"], format_eta(prog["eta_s"]))
+               100 * prog["mfu"], format_eta(prog.get("eta_s")))

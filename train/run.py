@@ -25,8 +25,8 @@ from train.data import tokenizer as tokenizer_lib
 
 
 def prepare_workdir(workdir: str, config) -> None:
-  """Creates the run directory and records the config beside it; fails early if it is not
-  writable or has no room for the checkpoints."""
+  """Creates the run directory; fails early if it is not writable or has no room for the
+  checkpoints."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
@@ -51,9 +51,6 @@ def prepare_workdir(workdir: str, config) -> None:
         f"--workdir={workdir} has {free:,} bytes free but the run needs about {needed:,} "
         f"({copies} checkpoints of {12 * params / 2**30:.2f} GiB and logs); free space, lower "
         "config.train.keep_checkpoints or use another --workdir")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_data(config, resumed_meta):
@@ -174,6 +171,9 @@ def train(config, workdir: str) -> dict:
     if teacher is not None:
       state = state.replace(params={**state.params, "teacher": finetune.restore_model_params(
           teacher, task.teacher, mesh)})
+      if config.distill.init_student == "teacher_layers":
+        state = finetune.init_student_from_teacher(state, config.model.num_layers,
+                                                   teacher.model_config().num_layers)
   # What is evaluated and served: the student alone when distilling.
   eval_task, eval_params = (task.base, task.student_params) if distilling else (
       task, lambda p: p)
@@ -195,6 +195,9 @@ def train(config, workdir: str) -> dict:
                peak, peak_source)
   meta = {"config": json.loads(config.to_json_best_effort()), "tokenizer_path": tokenizer.path,
           "vocab_size": tokenizer.vocab_size, "dataset": data_source, "params": n_params}
+  if pi == 0:   # only now: a run that fails to start leaves an existing record untouched
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metrics_lib.MetricWriter(workdir, enabled=pi == 0)
   t0 = time.perf_counter()
   try:

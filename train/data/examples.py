@@ -157,30 +157,18 @@ class TextSource:
 def encode(example: Example, tokenizer, task: str, data_cfg) -> dict[str, np.ndarray]:
   """One fixed-length row (see the module docstring)."""
   seq_len = data_cfg.seq_len
-  bos, eos = tokenizer.bos_id, tokenizer.eos_id
   if task == "classify":
-    ids = [bos] + tokenizer_lib.truncate(tokenizer.encode(example.text), seq_len - 2,
-                                         data_cfg.truncation)
-    ids.append(eos)
+    ids = tokenizer.encode_framed(example.text, seq_len, data_cfg.truncation)
     row = {"label": np.int32(example.target)}
-    prefix = 0
   else:
-    summary = tokenizer.encode(example.target)[:data_cfg.target_len - 1] + [eos]
-    doc = tokenizer_lib.truncate(tokenizer.encode(example.text), seq_len - 2 - len(summary),
-                    data_cfg.truncation)
-    prefix = len(doc) + 2
-    ids = [bos] + doc + [eos] + summary
-    row = {"prefix_len": np.int32(prefix)}
+    summary = tokenizer.encode(example.target)[:data_cfg.target_len - 1] + [tokenizer.eos_id]
+    doc = tokenizer.encode_framed(example.text, seq_len - len(summary), data_cfg.truncation)
+    ids = doc + summary
+    row = {"prefix_len": np.int32(len(doc))}
   tokens = np.zeros(seq_len, np.int32)
   tokens[:len(ids)] = ids
   row.update(tokens=tokens, mask=(np.arange(seq_len) < len(ids)).astype(np.int32))
   return row
-
-
-def encode_prompt(text: str, tokenizer, data_cfg, max_len: int) -> list[int]:
-  """A summarization prompt, `[bos] document [eos]`, leaving `max_len - len` tokens to decode."""
-  doc = tokenizer_lib.truncate(tokenizer.encode(text), max_len - 2, data_cfg.truncation)
-  return [tokenizer.bos_id] + doc + [tokenizer.eos_id]
 
 
 def pad_batch(rows, batch_size: int):

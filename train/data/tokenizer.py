@@ -84,6 +84,11 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
+  def encode_framed(self, text: str, max_len: int, how: str) -> list[int]:
+    """`[bos] text [eos]` in at most max_len ids, the text cut by `truncate(..., how)`: a
+    classifier input or a summarization prompt, the same in training and at inference."""
+    return [self.bos_id] + truncate(self.encode(text), max_len - 2, how) + [self.eos_id]
+
   def decode(self, ids) -> str:
     """Text of `ids`. The model's embedding may have more rows (data.vocab_size) than this
     tokenizer has pieces; a generated id past the pieces has no text and is dropped."""
