@@ -8,7 +8,8 @@ infer/quantize.py from the student's checkpoint) one row: parameters, bytes in m
 disk, accuracy and macro F1 on the test file (eval/classification.py), latency p50/p99 at
 batch 1 and throughput at batch 32 (eval/latency.py, all variants timed in this one run on this
 machine), and XLA's peak memory. With `summarizer` set, a second table: greedy decoding tokens/s
-with the KV cache against full recomputation (infer/decode.py), and whether they agree.
+with the KV cache against full recomputation (infer/decode.py) in f32 and bf16 compute, and how
+many outputs agree. Either table may be left out (leave teacher/student or summarizer unset).
 Writes `<out_dir>/inference_report.md`, `.json` and `latency_vs_accuracy.png`.
 """
 import dataclasses
@@ -98,6 +99,9 @@ def _row(cfg, name, loaded, model, params, disk, records):
 
 
 def _decode_rows(cfg):
+  """Greedy decoding with the KV cache against full recomputation, in f32 and in bf16 compute:
+  rows of speed, and per dtype how many outputs are identical. f32 must agree exactly; in bf16
+  the cached and recomputed attention round differently, so a near-tie may flip a token."""
   loaded = LoadedModel.from_workdir(cfg.summarizer)
   records = common.read_jsonl(os.path.expanduser(cfg.summarizer_file))[:cfg.decode_examples]
   tok = loaded.tokenizer
@@ -105,18 +109,23 @@ def _decode_rows(cfg):
   prompts = [tok.encode_framed(r[cfg.text_field], budget, loaded.config.data.truncation)
              for r in records]
   tokens, prompt_len = decode.pack_prompts(prompts, cfg.decode_len)
-  rows, outputs = [], {}
-  for name, fn in (("KV cache", decode.greedy), ("recompute", decode.greedy_recompute)):
-    run = lambda: jax.block_until_ready(fn(loaded.model, loaded.params, tokens, prompt_len,
-                                           max_new=cfg.decode_len, eos_id=tok.eos_id))
-    run()   # compile
-    t0 = time.perf_counter()
-    outputs[name] = np.asarray(run())
-    seconds = time.perf_counter() - t0
-    rows.append({"decoder": name, "batch": len(prompts), "new tokens": cfg.decode_len,
-                 "seconds": seconds, "tokens/s": len(prompts) * cfg.decode_len / seconds})
-  same = bool(np.array_equal(outputs["KV cache"], outputs["recompute"]))
-  return rows, same
+  rows, agree = [], {}
+  for mode in ("f32", "bf16"):
+    model = quantize.build_model(loaded.model.cfg, mode)
+    outputs = {}
+    for name, fn in (("KV cache", decode.greedy), ("recompute", decode.greedy_recompute)):
+      run = lambda: jax.block_until_ready(fn(model, loaded.params, tokens, prompt_len,
+                                             max_new=cfg.decode_len, eos_id=tok.eos_id))
+      run()   # compile
+      t0 = time.perf_counter()
+      outputs[name] = np.asarray(run())
+      seconds = time.perf_counter() - t0
+      rows.append({"decoder": f"{name} ({mode})", "batch": len(prompts),
+                   "new tokens": cfg.decode_len, "seconds": seconds,
+                   "tokens/s": len(prompts) * cfg.decode_len / seconds})
+    same = (outputs["KV cache"] == outputs["recompute"]).all(axis=1)
+    agree[mode] = {"identical rows": int(same.sum()), "rows": len(same)}
+  return rows, agree
 
 
 def _plot(rows, path):
@@ -136,28 +145,35 @@ def _plot(rows, path):
 
 
 def run(cfg) -> dict:
+  """The classification table (teacher and student set) and the decoding table (summarizer
+  set); at least one of them."""
+  if not (cfg.teacher and cfg.student) and not cfg.summarizer:
+    raise ValueError("set config.teacher and config.student (classification table) and/or "
+                     "config.summarizer (decoding table)")
   os.makedirs(cfg.out_dir, exist_ok=True)
-  records = _test_records(cfg)
-  rows = []
-  for variant in _variants(cfg):
-    logging.info("measuring %s", variant[0])
-    rows.append(_row(cfg, *variant, records))
-  columns = list(rows[0])
-  text = [f"# Inference report ({jax.devices()[0].device_kind}, {len(records)} test examples, "
-          f"seq {cfg.seq_len})", "", report.comparison_table(
-              {r["variant"]: r for r in rows}, columns[1:]), ""]
-  result = {"classification": rows}
+  text = [f"# Inference report ({jax.devices()[0].device_kind})", ""]
+  result = {}
+  if cfg.teacher and cfg.student:
+    records = _test_records(cfg)
+    rows = []
+    for variant in _variants(cfg):
+      logging.info("measuring %s", variant[0])
+      rows.append(_row(cfg, *variant, records))
+    result["classification"] = rows
+    text += [f"## Classification ({len(records)} test examples, seq {cfg.seq_len})", "",
+             report.comparison_table({r["variant"]: r for r in rows}, list(rows[0])[1:]), ""]
+    _plot(rows, os.path.join(cfg.out_dir, "latency_vs_accuracy.png"))
   if cfg.summarizer:
-    decode_rows, same = _decode_rows(cfg)
-    result.update(decoding=decode_rows, decoders_agree=same)
+    decode_rows, agree = _decode_rows(cfg)
+    result.update(decoding=decode_rows, decoders_agree=agree)
     text += ["## Decoding", "", report.comparison_table(
-        {r["decoder"]: r for r in decode_rows}, list(decode_rows[0])[1:]), "",
-             f"KV-cache and recomputed greedy outputs identical: {same}", ""]
+        {r["decoder"]: r for r in decode_rows}, list(decode_rows[0])[1:]), ""]
+    text += [f"KV-cache and recomputed greedy outputs identical ({mode} compute): "
+             f"{a['identical rows']} of {a['rows']} rows" for mode, a in agree.items()] + [""]
   with open(os.path.join(cfg.out_dir, "inference_report.md"), "w") as f:
     f.write("\n".join(text))
   with open(os.path.join(cfg.out_dir, "inference_report.json"), "w") as f:
     json.dump(result, f, indent=2)
-  _plot(rows, os.path.join(cfg.out_dir, "latency_vs_accuracy.png"))
   print("\n".join(text))
   return result
 
