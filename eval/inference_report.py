@@ -13,6 +13,7 @@ many outputs agree. Either table may be left out (leave teacher/student or summa
 Writes `<out_dir>/inference_report.md`, `.json` and `latency_vs_accuracy.png`.
 """
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ from ml_collections import config_flags
 
 from eval import classification, common, latency, report
 from infer import decode, quantize
-from infer.loading import LoadedModel
+from infer.loading import LoadedModel, classify_probs
 
 _CONFIG = None   # defined by _define_flags when run as a command (train.main has --config too)
 
@@ -63,19 +64,21 @@ def _variants(cfg):
   return out
 
 
-def _classify_fn(model):
-  return jax.jit(lambda params, tokens, mask: jax.nn.softmax(
-      model.apply({"params": params}, tokens, pool_mask=mask > 0)))
+def _encoded(cfg, loaded, texts, cache: dict):
+  """The test set as classifier batches; encoded once per tokenizer (the students share their
+  teacher's) rather than once per variant."""
+  key = (loaded.tokenizer.fingerprint, loaded.config.data.truncation)
+  if key not in cache:
+    cache[key] = [loaded.encode_for_classify(texts[start:start + cfg.batch_size], cfg.seq_len)
+                  for start in range(0, len(texts), cfg.batch_size)]
+  return cache[key]
 
 
-def _row(cfg, name, loaded, model, params, disk, records):
-  fn = _classify_fn(model)
+def _row(cfg, name, loaded, model, params, disk, records, cache):
+  fn = functools.partial(classify_probs, model)
   texts = [r[cfg.text_field] for r in records]
-  probs = []
-  for start in range(0, len(texts), cfg.batch_size):
-    batch = loaded.encode_for_classify(texts[start:start + cfg.batch_size], cfg.seq_len)
-    probs.append(np.asarray(fn(params, batch["tokens"], batch["mask"])))
-  probs = np.concatenate(probs)
+  probs = np.concatenate([np.asarray(fn(params, b["tokens"], b["mask"]))
+                          for b in _encoded(cfg, loaded, texts, cache)])
   quality = classification.evaluate(
       [{"label": int(r[cfg.label_field]), "probs": p.tolist()} for r, p in zip(records, probs)],
       common.eval_config(bootstrap=cfg.bootstrap))
@@ -85,7 +88,7 @@ def _row(cfg, name, loaded, model, params, disk, records):
     reps = -(-b // len(example["tokens"]))
     tile = lambda x: np.tile(x, (reps, 1))[:b]
     return params, tile(example["tokens"]), tile(example["mask"])
-  timing = latency.measure(lambda p, t, m: fn(p, t, m), args_for,
+  timing = latency.measure(fn, args_for,
                            batch_sizes=tuple(cfg.latency_batches), warmup=cfg.warmup,
                            iters=cfg.iters, seq_len=cfg.seq_len)
   b1, bn = timing[min(cfg.latency_batches)], timing[max(cfg.latency_batches)]
@@ -105,10 +108,9 @@ def _decode_rows(cfg):
   loaded = LoadedModel.from_workdir(cfg.summarizer)
   records = common.read_jsonl(os.path.expanduser(cfg.summarizer_file))[:cfg.decode_examples]
   tok = loaded.tokenizer
-  budget = loaded.config.data.seq_len - cfg.decode_len
-  prompts = [tok.encode_framed(r[cfg.text_field], budget, loaded.config.data.truncation)
-             for r in records]
-  tokens, prompt_len = decode.pack_prompts(prompts, cfg.decode_len)
+  tokens, prompt_len = decode.encode_prompts(
+      tok, [r[cfg.text_field] for r in records], loaded.config.data.seq_len, cfg.decode_len,
+      loaded.config.data.truncation)
   rows, agree = [], {}
   for mode in ("f32", "bf16"):
     model = quantize.build_model(loaded.model.cfg, mode)
@@ -120,9 +122,9 @@ def _decode_rows(cfg):
       t0 = time.perf_counter()
       outputs[name] = np.asarray(run())
       seconds = time.perf_counter() - t0
-      rows.append({"decoder": f"{name} ({mode})", "batch": len(prompts),
+      rows.append({"decoder": f"{name} ({mode})", "batch": len(records),
                    "new tokens": cfg.decode_len, "seconds": seconds,
-                   "tokens/s": len(prompts) * cfg.decode_len / seconds})
+                   "tokens/s": len(records) * cfg.decode_len / seconds})
     same = (outputs["KV cache"] == outputs["recompute"]).all(axis=1)
     agree[mode] = {"identical rows": int(same.sum()), "rows": len(same)}
   return rows, agree
@@ -155,10 +157,10 @@ def run(cfg) -> dict:
   result = {}
   if cfg.teacher and cfg.student:
     records = _test_records(cfg)
-    rows = []
+    rows, cache = [], {}
     for variant in _variants(cfg):
       logging.info("measuring %s", variant[0])
-      rows.append(_row(cfg, *variant, records))
+      rows.append(_row(cfg, *variant, records, cache))
     result["classification"] = rows
     text += [f"## Classification ({len(records)} test examples, seq {cfg.seq_len})", "",
              report.comparison_table({r["variant"]: r for r in rows}, list(rows[0])[1:]), ""]

@@ -166,6 +166,13 @@ def pack_prompts(prompts: list[list[int]], max_new: int, bucket: int = 64):
   return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
+def encode_prompts(tokenizer, texts: list[str], seq_len: int, max_new: int, how: str):
+  """pack_prompts of `[bos] text [eos]` prompts, each text cut (`how`) to leave max_new of the
+  model's seq_len for the summary: how training framed documents, so how every caller decodes."""
+  prompts = [tokenizer.encode_framed(t, seq_len - max_new, how) for t in texts]
+  return pack_prompts(prompts, max_new)
+
+
 def strip(ids, eos_id: int) -> list[int]:
   """Generated ids up to (not including) the first eos."""
   ids = list(np.asarray(ids))

@@ -76,22 +76,22 @@ class LoadedModel:
   def classify(self, texts: list[str], params=None) -> np.ndarray:
     """Class probabilities [len(texts), num_classes]."""
     batch = self.encode_for_classify(texts)
-    return np.asarray(_classify(self.model, self.params if params is None else params,
+    return np.asarray(classify_probs(self.model, self.params if params is None else params,
                                 batch["tokens"], batch["mask"]))
 
   # --- generation ------------------------------------------------------------------------------
   def summarize(self, texts: list[str], max_new: int | None = None) -> list[str]:
     """Greedy summaries (KV cache), the document truncated like training."""
     max_new = max_new or self.config.eval.decode_len
-    budget = self.config.data.seq_len - max_new
     tok = self.tokenizer
-    prompts = [tok.encode_framed(t, budget, self.config.data.truncation) for t in texts]
-    tokens, prompt_len = decode.pack_prompts(prompts, max_new)
+    tokens, prompt_len = decode.encode_prompts(tok, texts, self.config.data.seq_len, max_new,
+                                               self.config.data.truncation)
     ids = decode.greedy(self.model, self.params, tokens, prompt_len, max_new=max_new,
                         eos_id=tok.eos_id)
     return [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)]
 
 
-_classify = jax.jit(lambda model, params, tokens, mask: jax.nn.softmax(
+# Class probabilities of any model that applies like the Transformer (a quantized one too).
+classify_probs = jax.jit(lambda model, params, tokens, mask: jax.nn.softmax(
     model.apply({"params": params}, tokens, pool_mask=mask > 0)), static_argnums=0)
 

@@ -58,12 +58,12 @@ def predict_classes(task, params, rows, batch_size: int, mesh) -> np.ndarray:
 
 def generate_summaries(model, params, examples, tokenizer, data_cfg, eval_cfg) -> list[str]:
   """Greedy summaries of `examples`' documents, `eval.batch_size` at a time."""
-  budget = data_cfg.seq_len - eval_cfg.decode_len
   out = []
   for start in range(0, len(examples), eval_cfg.batch_size):
     chunk = examples[start:start + eval_cfg.batch_size]
-    prompts = [tokenizer.encode_framed(e.text, budget, data_cfg.truncation) for e in chunk]
-    tokens, prompt_len = decode.pack_prompts(prompts, eval_cfg.decode_len)
+    tokens, prompt_len = decode.encode_prompts(tokenizer, [e.text for e in chunk],
+                                               data_cfg.seq_len, eval_cfg.decode_len,
+                                               data_cfg.truncation)
     ids = decode.greedy(model, params, tokens, prompt_len, max_new=eval_cfg.decode_len,
                         eos_id=tokenizer.eos_id)
     out += [tokenizer.decode(decode.strip(row, tokenizer.eos_id)) for row in np.asarray(ids)]
