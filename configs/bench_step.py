@@ -1,6 +1,6 @@
-"""Step-time benchmark shapes for eval/step_time.py (no data or tokenizer is read).
+"""Step-time benchmark shapes for bench/step_time.py (no data or tokenizer is read).
 
-  python -m eval.step_time --config=configs/bench_step.py:cpu
+  python -m bench.step_time --config=configs/bench_step.py:cpu
 
 Presets: `cpu` (default; ~30M params, minutes on 2 CPU cores), `gpu` (~1.3B params, bf16, one
 H100) and `tiny` (seconds on CPU, for tests). The optimizer, z-loss and clipping keep the

@@ -1,6 +1,6 @@
-"""What `python -m eval.inference_report` compares (see its docstring).
+"""What `python -m bench.inference_report` compares (see its docstring).
 
-  python -m eval.inference_report --config=configs/inference_report.py:imdb \\
+  python -m bench.inference_report --config=configs/inference_report.py:imdb \\
       --config.teacher=runs/imdb_ft --config.student=runs/imdb_student \\
       --config.summarizer=runs/summ_pe
 """

@@ -3,7 +3,7 @@ workdir (its best-validation state when it kept one), with batched classify / su
 
 Works for every run the loop writes: a classifier, a summarizer, a pre-trained LM, and a
 distilled student (only the student's parameters are loaded). Imports only model/,
-train/checkpoint.py (the layering rule) and the tokenizer (whose truncation training shares).
+model/checkpoint.py (the layering rule) and the tokenizer (whose truncation training shares).
 """
 import dataclasses
 import os
@@ -17,8 +17,8 @@ import numpy as np
 from infer import decode
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import checkpoint as checkpoint_lib
-from train.data import tokenizer as tokenizer_lib
+from model import checkpoint as checkpoint_lib
+from model import tokenizer as tokenizer_lib
 
 
 class LoadError(ValueError):

@@ -23,7 +23,7 @@ import time
 from absl import app, flags, logging
 
 from infer import loading
-from train.data.errors import DataError
+from model.errors import DataError
 from train.metrics import format_eta
 
 PROGRESS_EVERY_S = 10.0

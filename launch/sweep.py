@@ -197,7 +197,7 @@ def collect(point: Point, workdir: str, num_steps: int) -> tuple:
     row.update(peak_rss_mib=record["peak_rss_bytes"] / 2**20, wall_s=record["wall_s"])
   step = final_checkpoint_step(workdir)
   if step is not None:
-    from train.checkpoint import Checkpointer
+    from model.checkpoint import Checkpointer
     ckpt = Checkpointer(workdir, every=1, keep=1)
     try:
       row["params"] = ckpt.restore_meta(step).get("params")
@@ -257,7 +257,7 @@ def write_results(rows: list, curves: dict, sweep_dir: str):
 
 
 def define_flags():
-  """Called only when run as a program: eval.step_time, imported beside this module in tests,
+  """Called only when run as a program: bench.step_time, imported beside this module in tests,
   defines its own --config."""
   config_flags.DEFINE_config_file(
       "config", None, "Sweep config, e.g. configs/ablate_attention.py:tiny", lock_config=True)

@@ -1,4 +1,4 @@
-"""Tests of train/checkpoint.py: bit-identical round trips of the sharded TrainState (same mesh
+"""Tests of model/checkpoint.py: bit-identical round trips of the sharded TrainState (same mesh
 and a different one), metadata, retention and the data-iterator state.
 
 The state has the real TrainState structure (tiny model, AdamW from train/optim.py) but its
@@ -16,7 +16,7 @@ import pytest
 from helpers import mesh_from, optim_cfg
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import checkpoint as checkpoint_lib
+from model import checkpoint as checkpoint_lib
 from train import optim
 from train import state as state_lib
 from train.tasks import pretrain

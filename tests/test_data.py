@@ -14,8 +14,9 @@ from configs import common
 from train.data import corpus as corpus_lib
 from train.data import pipeline
 from train.data import tfds_builder
-from train.data import tokenizer as tokenizer_lib
-from train.data.errors import DataError
+from model import tokenizer as tokenizer_lib
+from train.data import tokenizer_training
+from model.errors import DataError
 
 _WORDS = ("the licensee shall not sublicense assign or transfer any rights under this agreement "
           "without prior written consent of licensor and all warranties are disclaimed to the "
@@ -152,8 +153,8 @@ def test_tokenizer_cache_roundtrip_and_ids(prepared, tmp_path):
   restored = tokenizer_lib.load_tokenizer(tok.path)
   assert restored.encode("assign the rights") == tok.encode("assign the rights")
   assert pickle.loads(pickle.dumps(tok)).encode("notice") == tok.encode("notice")
-  assert tokenizer_lib.model_path(cfg, dataset.fingerprint) == pathlib.Path(tok.path)
-  retrained = tokenizer_lib.train_tokenizer(  # deterministic: same sample, same model
+  assert tokenizer_training.model_path(cfg, dataset.fingerprint) == pathlib.Path(tok.path)
+  retrained = tokenizer_training.train_tokenizer(  # deterministic: same sample, same model
       _config(tmp_path, *cfg.extra_dirs), tfds_builder.data_source(dataset.dir, "train"),
       dataset.fingerprint)
   assert retrained.path != tok.path and retrained.fingerprint == tok.fingerprint

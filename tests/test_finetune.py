@@ -19,8 +19,8 @@ from train import run as run_lib
 from train import state as state_lib
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
-from train.data import tokenizer as tokenizer_lib
-from train.data.errors import DataError
+from model import tokenizer as tokenizer_lib
+from model.errors import DataError
 from train.tasks import summarize
 
 POS = "great wonderful superb moving brilliant loved delightful".split()
@@ -174,7 +174,7 @@ def _parts(config):
 
 
 def _lm_params(lm_config, workdir):
-  from train import checkpoint as checkpoint_lib
+  from model import checkpoint as checkpoint_lib
   model, task, tx, mesh = _parts(lm_config)
   abstract, shardings = state_lib.state_shardings(model, tx, task.dummy_batch(1, 8), mesh)
   ckpt = checkpoint_lib.Checkpointer(str(workdir), every=1, keep=5, async_save=False)

@@ -1,5 +1,5 @@
-"""eval/latency.py on tiny models: sane statistics, exact sizes, checkpoint restore and both CLIs
-(eval.latency and eval.step_time --mode=inference). Well under a minute on 2 CPU cores."""
+"""bench/latency.py on tiny models: sane statistics, exact sizes, checkpoint restore and both CLIs
+(bench.latency and bench.step_time --mode=inference). Well under a minute on 2 CPU cores."""
 import json
 import os
 import subprocess
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from configs import bench_step
-from eval import latency
+from bench import latency
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import checkpoint as checkpoint_lib
+from model import checkpoint as checkpoint_lib
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +148,7 @@ def test_overrides_target_presets_and_keep_the_preset_size():
 def test_cli_compares_two_configs_and_writes_json(tmp_path):
   out = tmp_path / "latency.json"
   stdout = _run_module(
-      "eval.latency", "--compare=configs/bench_step.py:tiny,configs/legal_pretrain.py:tiny",
+      "bench.latency", "--compare=configs/bench_step.py:tiny,configs/legal_pretrain.py:tiny",
       "--seq_len=16", "--batch_sizes=2", "--iters=3", "--warmup=1",
       "--override=model.num_layers=1", "--override=legal_pretrain:tiny:model.d_model=64",
       "--task=classify", f"--out={out}")
@@ -169,7 +169,7 @@ def test_cli_compares_two_configs_and_writes_json(tmp_path):
 
 def test_step_time_inference_mode(tmp_path):
   out = tmp_path / "r.json"
-  stdout = _run_module("eval.step_time", "--config=configs/bench_step.py:tiny", "--mode=inference",
+  stdout = _run_module("bench.step_time", "--config=configs/bench_step.py:tiny", "--mode=inference",
                        "--batch_sizes=3", "--iters=2", "--warmup=0", f"--json_out={out}")
   res = json.loads(out.read_text())
   assert res["seq_len"] == 32 and list(res["results"]) == ["3"]

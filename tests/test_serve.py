@@ -404,7 +404,7 @@ def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifi
 def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir, sentiment_files,
                                                  tmp_path):
   from configs import inference_report as report_config
-  from eval import inference_report
+  from bench import inference_report
   cfg = report_config.get_config("tiny")
   # The tiny classifier stands in for both teacher and student: the report's plumbing is
   # under test here, not distillation (tests/test_finetune.py covers that).

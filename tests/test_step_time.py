@@ -1,4 +1,4 @@
-"""eval/step_time.py and eval/reference_step.py on the tiny preset (8 fake CPU devices, 1 used)."""
+"""bench/step_time.py and bench/reference_step.py on the tiny preset (8 fake CPU devices, 1 used)."""
 import json
 import math
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import bench_step
-from eval import reference_step, step_time
+from bench import reference_step, step_time
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import tasks

@@ -1,4 +1,4 @@
-"""launch/sweep.py (grid expansion, job commands, a real 2-point sweep) and eval/long_context.py.
+"""launch/sweep.py (grid expansion, job commands, a real 2-point sweep) and bench/long_context.py.
 
 The end-to-end tests run the programs in subprocesses on the tiny generated corpus of
 test_train_e2e.py, with `full` attention only, so they pass whichever kernels are registered.
@@ -153,7 +153,7 @@ def test_mini_sweep_end_to_end_then_skips_finished_points(mini_config, corpus, d
 def test_long_context_benchmark_tiny(tmp_path):
   out = tmp_path / "lc"
   result = subprocess.run(
-      [sys.executable, "-m", "eval.long_context", "--kinds=full,no_such_kernel",
+      [sys.executable, "-m", "bench.long_context", "--kinds=full,no_such_kernel",
        "--lengths=64,128", "--tokens_per_batch=256", "--num_layers=1", "--d_model=32",
        "--num_heads=2", "--vocab_size=256", "--timed_steps=2", f"--out_dir={out}"],
       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)

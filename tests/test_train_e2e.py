@@ -194,7 +194,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, 
 
   import jax
   import orbax.checkpoint as ocp
-  from train.checkpoint import Checkpointer
+  from model.checkpoint import Checkpointer
   ckpt = Checkpointer(str(tmp_path), every=1, keep=3)
   # Untargeted restore: every saved array as written.
   restored = ckpt.manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))

@@ -18,11 +18,12 @@ from absl import logging
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import checkpoint as checkpoint_lib
+from model import checkpoint as checkpoint_lib
 from train import state as state_lib
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
-from train.data import tokenizer as tokenizer_lib
+from model import tokenizer as tokenizer_lib
+from train.data import tokenizer_training
 
 ARCHITECTURE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                      "mlp_activation", "positions", "rope_theta", "max_len", "tie_embeddings")
@@ -156,7 +157,7 @@ def load_data(config, task: str, pretrained: Pretrained | None, resumed_meta: di
   elif pretrained is not None:
     tokenizer = tokenizer_lib.load_tokenizer(pretrained.meta["tokenizer_path"])
   else:
-    tokenizer = tokenizer_lib.train_tokenizer(
+    tokenizer = tokenizer_training.train_tokenizer(
         config.data, examples_lib.TextSource(splits["train"], task),
         examples_lib.fingerprint(config.data))
   if tokenizer.vocab_size > config.data.vocab_size:

@@ -76,9 +76,9 @@ class _QuietLibraries:
 
 def _friendly_errors(argv):
   """Known user errors end in one clear line (exit 2), not a traceback wall."""
-  from train.checkpoint import CheckpointError
+  from model.checkpoint import CheckpointError
   from train.config_check import ConfigError
-  from train.data.errors import DataError
+  from model.errors import DataError
   from train.loop import NonFiniteLossError
   try:
     main(argv)

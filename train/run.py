@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import checkpoint as checkpoint_lib
+from model import checkpoint as checkpoint_lib
 from train import final_eval, finetune
 from train import loop as loop_lib
 from train import metrics as metrics_lib
@@ -21,7 +21,7 @@ from train import state as state_lib
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
 from train.data import pipeline
-from train.data import tokenizer as tokenizer_lib
+from model import tokenizer as tokenizer_lib
 
 
 def prepare_workdir(workdir: str, config) -> None:

@@ -32,7 +32,7 @@ import zlib
 
 from absl import logging
 
-from train.data.errors import DataError
+from model.errors import DataError
 
 # Bump when reading or cleaning changes, so builds made by older code are not reused.
 CORPUS_FORMAT = 1

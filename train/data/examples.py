@@ -26,8 +26,8 @@ import numpy as np
 from absl import logging
 
 from train.data import corpus as corpus_lib
-from train.data import tokenizer as tokenizer_lib
-from train.data.errors import DataError
+from model import tokenizer as tokenizer_lib
+from model.errors import DataError
 from train.data.pipeline import LMIterator
 
 TASK_FIELDS = {"classify": "label_field", "summarize": "summary_field"}

@@ -25,8 +25,9 @@ import numpy as np
 
 from train.data import corpus as corpus_lib
 from train.data import tfds_builder
-from train.data import tokenizer as tokenizer_lib
-from train.data.errors import DataError
+from model import tokenizer as tokenizer_lib
+from train.data import tokenizer_training
+from model.errors import DataError
 
 # Bump when the pipeline's structure changes: states saved by another structure cannot resume.
 STATE_FORMAT = 1
@@ -52,7 +53,7 @@ def prepare(data_config) -> tuple[tokenizer_lib.Tokenizer, DatasetRef]:
   """Builds the dataset and trains the tokenizer where needed; both are cached in data_dir."""
   dataset = build_dataset(data_config)
   train_source = tfds_builder.data_source(dataset.dir, "train")
-  tokenizer = tokenizer_lib.train_tokenizer(data_config, train_source, dataset.fingerprint)
+  tokenizer = tokenizer_training.train_tokenizer(data_config, train_source, dataset.fingerprint)
   return tokenizer, dataset
 
 

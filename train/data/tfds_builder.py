@@ -19,7 +19,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from train.data import corpus as corpus_lib
-from train.data.errors import DataError
+from model.errors import DataError
 
 NAME = "legal_corpus"
 

@@ -1,11 +1,11 @@
 r"""Inference latency, throughput, model size and memory of a forward pass, per batch size.
 
-  python -m eval.latency --compare=configs/legal_pretrain.py:tiny,configs/legal_pretrain.py:small \
+  python -m bench.latency --compare=configs/legal_pretrain.py:tiny,configs/legal_pretrain.py:small \
       --seq_len=256 [--batch_sizes=1,32] [--task=lm|classify] [--out=latency.json]
-  python -m eval.latency --config=configs/legal_pretrain.py:base --override=model.num_layers=2
-  python -m eval.latency --config=configs/legal_pretrain.py:tiny --checkpoint=runs/tiny
+  python -m bench.latency --config=configs/legal_pretrain.py:base --override=model.num_layers=2
+  python -m bench.latency --config=configs/legal_pretrain.py:tiny --checkpoint=runs/tiny
 
-Why: the train-step benchmark (eval/step_time.py) says nothing about serving, where the latency
+Why: the train-step benchmark (bench/step_time.py) says nothing about serving, where the latency
 of one request (its tail, not only its median) and the throughput of a full batch matter, and
 where models of different sizes - later distilled or int8 versions of one - must be compared on
 the same footing. `measure` is the reusable part (any apply function, any inputs); the CLI builds
@@ -52,7 +52,7 @@ import psutil
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import checkpoint as checkpoint_lib
+from model import checkpoint as checkpoint_lib
 from train import state as state_lib
 
 TASKS = {"lm": "LM forward (full-sequence logits)",
@@ -306,7 +306,7 @@ def prepare(spec: str, overrides) -> tuple:
 
 
 def _define_flags():
-  # Only when run as a script: eval/step_time.py imports this module and has its own --config.
+  # Only when run as a script: bench/step_time.py imports this module and has its own --config.
   flags.DEFINE_multi_string("config", [], "A config to measure, 'configs/<file>.py:<preset>'; "
                             "repeat it to compare models.")
   flags.DEFINE_list("compare", [], "More configs, comma-separated, measured side by side.")

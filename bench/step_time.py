@@ -1,7 +1,7 @@
 r"""Step time of the project's real train step against a plain-JAX reference of the same shape.
 
-  python -m eval.step_time --config=configs/bench_step.py:cpu [--packed] [--json_out=r.json]
-  python -m eval.step_time --config=configs/bench_step.py:cpu --mode=inference [--batch_sizes=1,32]
+  python -m bench.step_time --config=configs/bench_step.py:cpu [--packed] [--json_out=r.json]
+  python -m bench.step_time --config=configs/bench_step.py:cpu --mode=inference [--batch_sizes=1,32]
 
 Both steps start from the same initial params (the project's init) and see the same fixed
 random-token batch, so their first losses agree. By default a row is one document (plain
@@ -9,7 +9,7 @@ causal mask, the attention fast path); `--packed` adds segment ids and positions
 path is timed. Timing alternates rounds (project, reference, project, ...) so a noisy machine
 slows both alike; `ratio` = reference median / project median (>= 1: the project is as fast).
 
-`--mode=inference` times the same config's forward pass instead (eval/latency.py: p50/p95/p99
+`--mode=inference` times the same config's forward pass instead (bench/latency.py: p50/p95/p99
 latency per batch size, throughput, model size and peak memory) on the first device.
 """
 import dataclasses
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eval import latency, reference_step
+from bench import latency, reference_step
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -51,7 +51,7 @@ def _define_flags():
   _JSON = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
   _MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"],
                             "train: the train step against the reference; inference: "
-                            "forward-pass latency (eval/latency.py).")
+                            "forward-pass latency (bench/latency.py).")
   _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "--mode=inference: batch sizes.")
   _ITERS = flags.DEFINE_integer("iters", 20, "--mode=inference: timed calls per batch size, at "
                                 "least (--warmup untimed calls come first).")

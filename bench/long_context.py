@@ -1,6 +1,6 @@
 r"""Train-step time and memory against sequence length, per attention kernel, at fixed tokens.
 
-  python -m eval.long_context [--kinds=full,local,blocked] [--lengths=512,1024,...,16384] \
+  python -m bench.long_context [--kinds=full,local,blocked] [--lengths=512,1024,...,16384] \
       [--tokens_per_batch=16384] [--out_dir=runs/long_context]
 
 For every kernel in model/attention's registry (kinds asked for but not registered are listed
@@ -70,7 +70,7 @@ def point_config(kind: str, seq_len: int):
 def time_point(kind: str, seq_len: int) -> dict:
   """Compiles and times the project's step for one point, in this process."""
   import jax
-  from eval import step_time
+  from bench import step_time
   from model import sharding as sharding_lib
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   config = point_config(kind, seq_len)
@@ -97,7 +97,7 @@ def run_isolated(kind: str, seq_len: int, out_dir: str) -> dict:
   """One point in a subprocess: its own peak RSS (wait4), and an OOM cannot take us down."""
   result = {"kind": kind, "seq_len": seq_len, "batch": max(1, _TOKENS.value // seq_len)}
   point_json = os.path.join(out_dir, f"point_{kind}_{seq_len}.json")
-  cmd = [sys.executable, "-m", "eval.long_context", f"--point={kind}:{seq_len}",
+  cmd = [sys.executable, "-m", "bench.long_context", f"--point={kind}:{seq_len}",
          f"--point_json={point_json}", *(f"--{f.name}={f.value}" for f in _SHAPE_FLAGS)]
   with open(os.path.join(out_dir, f"point_{kind}_{seq_len}.log"), "w+") as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -1,12 +1,12 @@
 r"""The production-inference report: teacher vs distilled student vs quantized student.
 
-  python -m eval.inference_report --config=configs/inference_report.py:imdb \
+  python -m bench.inference_report --config=configs/inference_report.py:imdb \
       --config.teacher=runs/imdb_ft --config.student=runs/imdb_student
 
 For each variant (teacher f32; student f32, bf16, int8 weight-only, w8a8 — quantized by
 infer/quantize.py from the student's checkpoint) one row: parameters, bytes in memory and on
 disk, accuracy and macro F1 on the test file (eval/classification.py), latency p50/p99 at
-batch 1 and throughput at batch 32 (eval/latency.py, all variants timed in this one run on this
+batch 1 and throughput at batch 32 (bench/latency.py, all variants timed in this one run on this
 machine), and XLA's peak memory. With `summarizer` set, a second table: greedy decoding tokens/s
 with the KV cache against full recomputation (infer/decode.py) in f32 and bf16 compute, and how
 many outputs agree. Either table may be left out (leave teacher/student or summarizer unset).
@@ -24,7 +24,8 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
-from eval import classification, common, latency, report
+from bench import latency
+from eval import classification, common, report
 from infer import decode, quantize
 from infer.loading import LoadedModel, classify_probs
 

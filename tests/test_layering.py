@@ -1,0 +1,89 @@
+"""The package layering (README "What is where"), checked by parsing every import.
+
+Bottom to top: model/ (with the tokenizer, data errors and checkpoint I/O) -> eval/ (pure
+evaluators) -> infer/ -> train/ -> bench/ and launch/. A module imports only from its own layer
+or below; configs/ is plain data beside them and imports only itself. Entry points (`main.py`)
+may wire layers together from above but are never imported as a library.
+"""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAYER = {"configs": 0, "model": 1, "eval": 2, "infer": 3, "train": 4, "bench": 5, "launch": 5}
+
+
+def _imports(path: pathlib.Path):
+  """(line, imported module) of every absolute import in `path`, lazy ones inside functions too."""
+  tree = ast.parse(path.read_text(encoding="utf-8"))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        yield node.lineno, alias.name
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      yield node.lineno, node.module
+      for alias in node.names:   # `from train import main` imports train.main
+        yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def _project_files():
+  for package in LAYER:
+    yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def test_every_top_level_package_has_a_layer():
+  packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {"tests"}
+  assert packages <= set(LAYER), f"packages without a layer: {packages - set(LAYER)}"
+
+
+def test_no_module_imports_from_a_layer_above_it():
+  problems = []
+  for path in _project_files():
+    if path.name == "main.py":
+      continue
+    src = path.relative_to(ROOT).parts[0]
+    for line, module in _imports(path):
+      dst = module.split(".")[0]
+      if dst in LAYER and dst != src and (LAYER[dst] > LAYER[src] or
+                                          (src == "configs" and dst != "configs")):
+        problems.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({src} is below {dst})")
+  assert not problems, "\n".join(problems)
+
+
+def test_no_two_packages_import_each_other():
+  edges = {}
+  for path in _project_files():
+    if path.name == "main.py":
+      continue
+    src = path.relative_to(ROOT).parts[0]
+    for line, module in _imports(path):
+      dst = module.split(".")[0]
+      if dst in LAYER and dst != src:
+        edges.setdefault((src, dst), f"{path.relative_to(ROOT)}:{line}")
+  cycles = [f"{a} <-> {b} ({edges[(a, b)]} / {edges[(b, a)]})"
+            for (a, b) in edges if (b, a) in edges and a < b]
+  assert not cycles, "\n".join(cycles)
+
+
+def test_entry_points_are_not_imported_as_libraries():
+  mains = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in _project_files()
+           if p.name == "main.py"}
+  problems = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+              for path in _project_files() for line, module in _imports(path) if module in mains]
+  assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("from train import loop\n", "imports train.loop (model is below train)"),
+    ("import bench.step_time\n", "imports bench.step_time (model is below bench)"),
+])
+def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, bad, expected):
+  """The rule must be able to fail: a model/ module importing upward is reported."""
+  fake_root = tmp_path / "repo"
+  (fake_root / "model").mkdir(parents=True)
+  (fake_root / "model" / "__init__.py").write_text("")
+  (fake_root / "model" / "bad.py").write_text(bad)
+  monkeypatch.setattr(__import__(__name__), "ROOT", fake_root)
+  with pytest.raises(AssertionError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    test_no_module_imports_from_a_layer_above_it()
