@@ -1,8 +1,10 @@
 """What the fine-tuning configs share: where the datasets live and fine-tuning defaults.
 
-Dataset paths are configuration, never code: they resolve under $LEGAL_LM_DATA (default
-../shared/data, beside the repository) and every one can be overridden, e.g.
-`--config.data.train_file=my.jsonl`.
+Dataset paths are configuration, never code: the local copies resolve under $LEGAL_LM_DATA
+(default ../shared/data, beside the repository; README "Datasets: where they come from" says
+where each comes from and the layout) and every one can be overridden with a local JSONL/CSV/TSV
+file or a prepared TFDS dataset, e.g. `--config.data.train_file=my.csv` or
+`--config.data.train_file=tfds:imdb_reviews:train` (train/data/sources.py).
 """
 import os
 
@@ -12,6 +14,8 @@ from configs import common
 
 
 def data_path(relative: str) -> str:
+  """`relative` under $LEGAL_LM_DATA (default ../shared/data): where the presets' local copies
+  live."""
   return os.path.join(os.environ.get("LEGAL_LM_DATA", "../shared/data"), relative)
 
 

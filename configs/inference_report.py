@@ -3,6 +3,9 @@
   python -m bench.inference_report --config=configs/inference_report.py:imdb \\
       --config.teacher=runs/imdb_ft --config.student=runs/imdb_student \\
       --config.summarizer=runs/summ_pe
+
+test_file / summarizer_file are local JSONL files under $LEGAL_LM_DATA (default ../shared/data;
+README "Datasets: where they come from"); point them at any JSONL with the same fields.
 """
 import ml_collections
 

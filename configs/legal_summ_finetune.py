@@ -9,6 +9,9 @@ Presets:
   held out by id hash is the test split; 10% of the rest is validation).
 - `in_abs`: Indian Supreme Court judgments -> headnotes (IN-Abs train/test).
 - `tiny`: tests (set the files).
+Both read local JSONL copies under $LEGAL_LM_DATA (default ../shared/data; no TFDS builder
+exists for either: README "Datasets: where they come from"); any JSONL or CSV/TSV file with
+`text` and `summary` columns (or data.text_field / data.summary_field) works.
 Long documents: judgments run to tens of thousands of tokens, so the document is truncated to
 `data.seq_len - data.target_len` tokens (head_tail: its first quarter and its end, where the
 holding is) and attention is `blocked` (memory O(N x block), exact). Raising seq_len towards

@@ -7,14 +7,16 @@ The student adopts the teacher's tokenizer and vocabulary; its own architecture 
 the layers, started from the teacher's: `distill.init_student`).
 loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy on the labels;
 `distill.hidden_weight` adds token-relation matching.
-Presets: `imdb` (a 10k subset of the data of configs/sentiment_finetune.py:imdb), `tiny` (tests).
+Presets: `imdb` (a 10k subset of the data of configs/sentiment_finetune.py:imdb, from
+$LEGAL_LM_DATA), `imdb_tfds` (the same recipe on the TFDS dataset imdb_reviews: see
+configs/sentiment_finetune.py:imdb_tfds), `tiny` (tests).
 """
 from configs import finetune_common, sentiment_finetune
 
 
 def get_config(arg: str = "imdb"):
   preset = finetune_common.check_preset("sentiment_distill.py", arg, PRESETS)
-  config = sentiment_finetune.get_config("tiny" if preset == "tiny" else "imdb")
+  config = sentiment_finetune.get_config(preset if preset in ("tiny", "imdb_tfds") else "imdb")
   config.preset = preset
   config.task = "distill"
   config.distill.update(task="classify", alpha=0.7, temperature=2.0)
@@ -38,4 +40,4 @@ def _tiny(config):
                       mlp_dim=64)
 
 
-PRESETS = {"imdb": _imdb, "tiny": _tiny}
+PRESETS = {"imdb": _imdb, "imdb_tfds": _imdb, "tiny": _tiny}

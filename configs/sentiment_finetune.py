@@ -7,9 +7,14 @@
   python -m train.main --config=configs/sentiment_finetune.py:imdb --workdir=runs/imdb_scratch
 
 Presets: `imdb` (25k train reviews, 5% held out for validation; the full 25k test set),
-`imdb10k` (a fixed 10k-example subset of the train split), `tiny` (tests; set the files).
-Any JSONL with a text and an integer label works: set data.train_file / data.test_file and,
-if named differently, data.text_field / data.label_field.
+`imdb10k` (a fixed 10k-example subset of the train split), `imdb_tfds` (`imdb` read from the
+TFDS dataset imdb_reviews, prepared once in data.data_dir on a machine with internet:
+`python -m train.data.sources tfds:imdb_reviews`), `tiny` (tests; set the files).
+`imdb` / `imdb10k` read $LEGAL_LM_DATA/sentiment_imdb/{train,test}.jsonl.gz (default
+../shared/data; README "Datasets: where they come from"); any preset reads TFDS instead with
+`--config.data.train_file=tfds:imdb_reviews:train --config.data.test_file=tfds:imdb_reviews:test`.
+Any JSONL or CSV/TSV file with a text and an integer label works: set data.train_file /
+data.test_file and, if named differently, data.text_field / data.label_field.
 The run ends with report.md: accuracy, F1, confusion matrix, calibration, per-slice results
 and a TF-IDF + logistic-regression baseline on the same test split.
 """
@@ -42,6 +47,14 @@ def _imdb10k(config):
   config.train.num_epochs = 4.0
 
 
+def _imdb_tfds(config):
+  # The same reviews and official split as `imdb`, from TFDS (text/label features, same names).
+  # The held-out validation ids differ (TFDS has no review ids), so results are comparable, not
+  # identical, to the `imdb` rows of the README.
+  config.data.train_file = "tfds:imdb_reviews:train"
+  config.data.test_file = "tfds:imdb_reviews:test"
+
+
 def _tiny(config):
   config.data.train_file = config.data.test_file = ""
   config.data.vocab_size = 512
@@ -58,4 +71,4 @@ def _tiny(config):
   config.eval.bootstrap = 100
 
 
-PRESETS = {"imdb": _imdb, "imdb10k": _imdb10k, "tiny": _tiny}
+PRESETS = {"imdb": _imdb, "imdb10k": _imdb10k, "imdb_tfds": _imdb_tfds, "tiny": _tiny}

@@ -1,9 +1,11 @@
 """Fine-tuning data: labelled JSONL examples -> fixed-shape token batches, resumable.
 
-A fine-tuning dataset is one or two JSONL files (`data.train_file`, `data.test_file`, optionally
-gzipped) with one JSON object per line. Field names come from the config (`data.text_field`,
-`data.label_field`, `data.summary_field`). The validation split is held out from the train file
-by a hash of each example's id (its `id` field, else `<file name>:<line>`), so it never changes
+A fine-tuning dataset is one or two of `data.train_file`, `data.test_file`: each a JSONL file
+(one JSON object per line), a CSV/TSV file with a header row (each optionally gzipped), or a
+prepared TFDS dataset `tfds:<name>[/<config>][:<split>]` (train/data/sources.py reads them all).
+Field names come from the config (`data.text_field`, `data.label_field`, `data.summary_field`).
+The validation split is held out from the train data by a hash of each example's id (its `id`
+field, else `<file name>:<line>`, or `<tfds name>:<split>:<index>`), so it never changes
 between runs or machines; `data.max_examples` keeps a seeded subset of the train split (e.g. the
 10k-example IMDB variant).
 
@@ -15,17 +17,15 @@ Rows are fixed-length (`data.seq_len`), right-padded with id 0:
 and its end (the end of a review or judgment often carries the verdict).
 """
 import dataclasses
-import gzip
 import hashlib
-import json
 import os
-import pathlib
 
 import grain
 import numpy as np
 from absl import logging
 
 from train.data import corpus as corpus_lib
+from train.data import sources as sources_lib
 from model import tokenizer as tokenizer_lib
 from model.errors import DataError
 from train.data.pipeline import LMIterator
@@ -41,51 +41,37 @@ class Example:
   source: str              # file name, for slicing by source dataset
 
 
-def _open(path: pathlib.Path):
-  return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
-def read_examples(path: str, task: str, data_cfg) -> list[Example]:
-  """Every example of one JSONL file, checked; bad lines fail or are skipped per data.bad_lines."""
-  p = pathlib.Path(os.path.expanduser(path))
-  if not p.is_file():
-    raise DataError(f"{path}: no such file (data.train_file / data.test_file)")
+def read_examples(path: str, task: str, data_cfg, key: str = "data.train_file") -> list[Example]:
+  """Every example of one dataset (a JSONL/CSV/TSV file or tfds:<name>[:<split>]), checked; bad
+  records fail (file:line) or are skipped per data.bad_lines. `key` names the config key in
+  errors."""
   text_key, target_key = data_cfg.text_field, data_cfg[TASK_FIELDS[task]]
+  int_fields = (target_key,) if task == "classify" else ()
   examples, skipped = [], 0
-  try:
-    with _open(p) as f:
-      for lineno, raw in enumerate(f, 1):
-        if not raw.strip():
-          continue
-        try:
-          example = _parse(raw, p.name, lineno, text_key, target_key, task)
-        except DataError as e:
-          if data_cfg.bad_lines != "skip":
-            raise DataError(f"{p}:{lineno}: {e} (set config.data.bad_lines=skip to skip such "
-                            "lines)") from None
-          logging.warning("skipping %s:%d: %s", p, lineno, e)
-          skipped += 1
-          continue
-        examples.append(example)
-  except (gzip.BadGzipFile, EOFError, OSError) as e:
-    raise DataError(f"{p}: not a readable JSONL file ({e})") from None
+  name = path if sources_lib.is_tfds(path) else os.path.basename(path)
+  for where, record in sources_lib.records(path, key, data_cfg, (text_key, target_key),
+                                           int_fields):
+    try:
+      if isinstance(record, DataError):
+        raise record
+      example = _to_example(record, name, where.rpartition(":")[2], text_key, target_key, task)
+    except DataError as e:
+      if data_cfg.bad_lines != "skip":
+        raise DataError(f"{where}: {e} (set config.data.bad_lines=skip to skip such "
+                        "lines)") from None
+      logging.warning("skipping %s: %s", where, e)
+      skipped += 1
+      continue
+    examples.append(example)
   if not examples:
-    raise DataError(f"{p}: no examples with fields {text_key!r} and {target_key!r}")
+    raise DataError(f"{path}: no examples with fields {text_key!r} and {target_key!r}")
   if skipped:
-    logging.warning("%s: skipped %d bad lines of %d", p, skipped, skipped + len(examples))
+    logging.warning("%s: skipped %d bad lines of %d", path, skipped, skipped + len(examples))
   return examples
 
 
-def _parse(raw: bytes, file_name: str, lineno: int, text_key: str, target_key: str,
-           task: str) -> Example:
-  try:
-    record = json.loads(raw.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise DataError(f"not valid UTF-8 (byte {e.start})") from None
-  except json.JSONDecodeError as e:
-    raise DataError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-  if not isinstance(record, dict):
-    raise DataError("expected a JSON object")
+def _to_example(record: dict, file_name: str, lineno: str, text_key: str, target_key: str,
+                task: str) -> Example:
   text, target = record.get(text_key), record.get(target_key)
   if not isinstance(text, str) or not text.strip():
     raise DataError(f"expected a non-empty string field {text_key!r} (data.text_field)")
@@ -103,8 +89,9 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
   """{'train', 'validation'[, 'test']}: validation (and, without a test file, test) held out
   from the train file by id hash."""
   if not data_cfg.train_file:
-    raise DataError(f"config.data.train_file is empty: task {task!r} needs a JSONL file")
-  every = read_examples(data_cfg.train_file, task, data_cfg)
+    raise DataError(f"config.data.train_file is empty: task {task!r} needs a dataset (a JSONL "
+                    "or CSV file, or tfds:<name>:<split>)")
+  every = read_examples(data_cfg.train_file, task, data_cfg, "data.train_file")
   splits = {"train": [], "validation": []}
   if data_cfg.test_fraction > 0 and not data_cfg.test_file:
     splits["test"] = [e for e in every
@@ -117,7 +104,7 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
     keep = set(e.id for e in keep[:data_cfg.max_examples])
     splits["train"] = [e for e in splits["train"] if e.id in keep]
   if data_cfg.test_file:
-    splits["test"] = read_examples(data_cfg.test_file, task, data_cfg)
+    splits["test"] = read_examples(data_cfg.test_file, task, data_cfg, "data.test_file")
   for name, examples in splits.items():
     if not examples:
       raise DataError(f"the {name} split is empty (data.validation_fraction="
@@ -131,11 +118,10 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
 
 
 def fingerprint(data_cfg) -> str:
-  """Names the fine-tuning data (file contents + fields), e.g. for its tokenizer."""
+  """Names the fine-tuning data (file contents, or a TFDS dataset's version and split, + fields),
+  e.g. for its tokenizer."""
   h = hashlib.blake2b(digest_size=6)
-  with _open(pathlib.Path(os.path.expanduser(data_cfg.train_file))) as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
+  sources_lib.fingerprint_update(h, data_cfg.train_file, "data.train_file", data_cfg)
   h.update(f"{data_cfg.text_field}|{data_cfg.summary_field}".encode())
   return "ft" + h.hexdigest()
 
