@@ -28,6 +28,7 @@ from bench import latency
 from eval import classification, common, report
 from infer import decode, quantize
 from infer.loading import LoadedModel, classify_probs
+from model import log_setup
 
 _CONFIG = None   # defined by _define_flags when run as a command (train.main has --config too)
 
@@ -182,6 +183,7 @@ def run(cfg) -> dict:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/inference_report.py:<preset> is required")

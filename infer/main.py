@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 from infer import loading
 from model.errors import DataError
+from model import log_setup
 from train.metrics import format_eta
 
 PROGRESS_EVERY_S = 10.0
@@ -190,6 +191,7 @@ def define_model_flags():
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

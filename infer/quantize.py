@@ -45,6 +45,7 @@ import qwix
 from qwix._src.providers import ptq as qwix_ptq   # WithAux, the quantized-param node (private)
 
 from infer import loading
+from model import log_setup
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -207,6 +208,7 @@ def _folder_bytes(path: str) -> int:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

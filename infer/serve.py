@@ -41,6 +41,7 @@ from absl import app, flags, logging
 
 from infer import decode
 from infer import main as batch_lib
+from model import log_setup
 
 
 class RequestError(Exception):
@@ -378,6 +379,7 @@ def _stop_on_signals(server: InferenceServer):
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

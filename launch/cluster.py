@@ -27,7 +27,7 @@ from absl import app, flags
 from configs import platforms
 from launch import templates
 from train import config_check
-from train import main as train_main   # defines --config / --workdir; its parser is reused
+from train import cli   # train.main's --config / --workdir flags and their parser
 from train.config_check import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,4 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train_main.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
