@@ -1,8 +1,9 @@
 r"""Inference latency, throughput, model size and memory of a forward pass, per batch size.
 
-  python -m bench.latency --compare=configs/legal_pretrain.py:tiny,configs/legal_pretrain.py:small \
-      --seq_len=256 [--batch_sizes=1,32] [--task=lm|classify] [--out=latency.json]
-  python -m bench.latency --config=configs/legal_pretrain.py:base --override=model.num_layers=2
+  python -m bench.latency --config=configs/legal_pretrain.py:tiny \
+      --compare=configs/legal_pretrain.py:small --config.data.seq_len=256 \
+      [--batch_sizes=1,32] [--task=lm|classify] [--out=latency.json]
+  python -m bench.latency --config=configs/legal_pretrain.py:base --config.model.num_layers=2
   python -m bench.latency --config=configs/legal_pretrain.py:tiny --checkpoint=runs/tiny
 
 Why: the train-step benchmark (bench/step_time.py) says nothing about serving, where the latency
@@ -29,22 +30,24 @@ Memory, per batch size:
                   device memory and this is host-side only; read device_peak instead (the
                   allocator's peak_bytes_in_use, over the process's life: JAX cannot reset it).
 
-Overrides: `--override=model.num_layers=2` applies to every config, `--override=base:key=value`
-only to configs whose preset, label (`legal_pretrain:base`) or whole spec is `base`;
-`--seq_len` is `data.seq_len`. The base preset (~1.7B params, bf16) is far too slow for a short
-CPU run, so it is measured cut down: the table prints each model's overrides and, when they
-change the parameter count, the preset's own count, so a 2-layer base reads as exactly that.
+Configs and overrides are ml_collections config_flags: `--config=FILE:PRESET` is the first
+model, `--compare=FILE:PRESET[,...]` adds more to the same table, and each
+`--config.KEY=VALUE` (after --config; parsed with the type of --config's key) applies to every
+one of them, e.g. `--config.data.seq_len=256` (sequence length) or `--config.model.num_layers=2`.
+The base preset (~1.7B params, bf16) is far too slow for a short CPU run, so it is measured cut
+down: the table prints each model's overrides and, when they change the parameter count, the
+preset's own count, so a 2-layer base reads as exactly that.
 """
-import ast
 import dataclasses
-import importlib.util
 import json
 import math
 import os
+import sys
 import time
 
 from absl import app, flags
 import flax.linen as nn
+from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +55,7 @@ import psutil
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from model import checkpoint as checkpoint_lib
-from train import state as state_lib
+from infer import loading
 
 TASKS = {"lm": "LM forward (full-sequence logits)",
          "classify": "classify forward (final hidden states, mean-pooled)"}
@@ -171,24 +173,11 @@ def _init_params(model, seed: int, abstract: bool = False):
 
 
 def restore_params(workdir: str, model, device):
-  """(params of the newest checkpoint under <workdir>/checkpoints, placed on device; that
-  checkpoint's step folder, whose files hold params + optimizer state + metadata)."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise ValueError(f"--checkpoint={workdir}: no checkpoints/ folder there; expected the "
-                     "workdir of a training run")
-  # keep: opening a manager must never prune someone's run.
-  checkpointer = checkpoint_lib.Checkpointer(workdir, every=1, keep=1 << 30, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"--checkpoint={workdir}: the run has no finished checkpoint")
-    abstract = _init_params(model, 0, abstract=True)
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    params = checkpointer.restore_params(step, state_lib.abstract_with_shardings(
-        abstract, jax.tree.map(lambda _: sharding, abstract)))
-    return params, os.path.join(checkpointer.directory, str(step))
-  finally:
-    checkpointer.close()
+  """(params of the run's newest checkpoint (any run infer/loading.py opens), placed on
+  device; that checkpoint's step folder, whose files hold params + optimizer state + metadata)."""
+  run = loading.open_run(workdir, what="--checkpoint")
+  params = jax.device_put(loading.restore_params(run, model), device)
+  return params, os.path.join(run.checkpointer.directory, str(run.step))
 
 
 def benchmark_config(config, *, batch_sizes=(1, 32), task="lm", warmup=3, iters=20,
@@ -262,93 +251,79 @@ def format_table(reports: list) -> str:
   return "\n".join(lines)
 
 
-def load_config(spec: str):
-  """'path/to/config.py[:arg]' -> that file's get_config(arg), locked (unknown keys fail)."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
-  if module_spec is None or not os.path.isfile(path):
-    raise ValueError(f"config {spec!r}: no Python file {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  config.lock()
-  return config
-
-
-def _split(item: str):
-  """'[target:]key=value' -> (target or '', key, value)."""
-  lhs, _, value = item.partition("=")
-  target, _, key = lhs.rpartition(":")
-  return target, key, value
-
-
-def prepare(spec: str, overrides) -> tuple:
-  """(label '<file>:<preset>', spec's config with the overrides that apply to it, those
-  overrides, the parameter count of the preset as written). An override applies when it has no
-  target or its target is this config's preset, label or whole spec; its value is a Python
-  literal or a plain string (bfloat16); a wrong type or an unknown key fails with
-  ml_collections' own message."""
-  config = load_config(spec)
-  label = f"{os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]}:{config.preset}"
-  preset_params = model_size(_init_params(Transformer(
-      ModelConfig.from_config(config.model, config.data.vocab_size)), 0, abstract=True))["params"]
-  items = [o for o in overrides if _split(o)[0] in ("", spec, label, config.preset)]
-  for item in items:
-    _, key, value = _split(item)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass   # a bare string
-    config.update_from_flattened_dict({key: value})
-  ModelConfig.from_config(config.model, config.data.vocab_size)   # validates the result
-  return label, config, items, preset_params
-
-
-def _define_flags():
+def _define_flags(flag_values=flags.FLAGS):
   # Only when run as a script: bench/step_time.py imports this module and has its own --config.
-  flags.DEFINE_multi_string("config", [], "A config to measure, 'configs/<file>.py:<preset>'; "
-                            "repeat it to compare models.")
-  flags.DEFINE_list("compare", [], "More configs, comma-separated, measured side by side.")
-  flags.DEFINE_multi_string("override", [], "'key=value' for every config, or '<preset, label "
-                            "or spec>:key=value' for some, e.g. base:model.num_layers=2.")
-  flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes timed.")
-  flags.DEFINE_integer("seq_len", 0, "Tokens per example (sets data.seq_len; 0: the config's).")
+  config_flags.DEFINE_config_file(
+      "config", None, "The config to measure, 'configs/<file>.py:<preset>'; override its keys "
+      "with --config.KEY=VALUE, which also apply to every --compare config.",
+      flag_values=flag_values, lock_config=True)
+  flags.DEFINE_list("compare", [], "More configs, comma-separated, measured side by side with "
+                    "--config (with the same --config.KEY overrides).", flag_values=flag_values)
+  flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes timed.", flag_values=flag_values)
   flags.DEFINE_enum("task", "lm", list(TASKS), "lm: logits of every position; classify: the "
-                    "mean-pooled final hidden states (a classifier's input).")
-  flags.DEFINE_integer("warmup", 3, "Untimed calls per batch size after compiling.")
-  flags.DEFINE_integer("iters", 20, "Timed calls per batch size, at least.")
-  flags.DEFINE_float("min_seconds", 0.0, "Keep timing each batch size until this much time.")
+                    "mean-pooled final hidden states (a classifier's input).",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("warmup", 3, "Untimed calls per batch size after compiling.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("iters", 20, "Timed calls per batch size, at least.",
+                       flag_values=flag_values)
+  flags.DEFINE_float("min_seconds", 0.0, "Keep timing each batch size until this much time.",
+                     flag_values=flag_values)
   flags.DEFINE_string("checkpoint", None, "Training workdir whose newest params are measured "
-                      "(one config only; it must describe the checkpoint's architecture).")
-  flags.DEFINE_string("out", None, "Also write the results here as JSON.")
+                      "(one config only; it must describe the checkpoint's architecture).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Also write the results here as JSON.",
+                      flag_values=flag_values)
+
+
+def configs_from_flags(flag_values=flags.FLAGS) -> list[dict]:
+  """The models to measure, from the parsed flags: --config, then each --compare config, every
+  one with the --config.KEY overrides applied. Each is {"spec", "label" ('<file>:<preset>'),
+  "config", "overrides" (['key=value', ...]), "preset_params" (the preset's parameter count as
+  written, counted abstractly)}. A compare config that cannot load or take an override, or an
+  invalid model, is an app.UsageError."""
+  flag = flag_values["config"]
+  if flag.value is None:
+    raise app.UsageError("give --config (and --compare for more configs)")
+  overrides = config_flags.get_override_values(flag)
+  first = config_flags.get_config_filename(flag)
+  models = []
+  for spec in [first, *flag_values["compare"].value]:
+    try:
+      preset = flag.parser.parse(spec)   # loaded as config_flags loads --config
+      if spec == first:
+        config = flag.value
+      else:
+        config = flag.parser.parse(spec)
+        config.update_from_flattened_dict(overrides)
+      ModelConfig.from_config(config.model, config.data.vocab_size)   # validates the result
+      preset_params = model_size(_init_params(Transformer(
+          ModelConfig.from_config(preset.model, preset.data.vocab_size)), 0, abstract=True))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+      raise app.UsageError(f"{spec}: {type(e).__name__}: {e}") from e
+    models.append({
+        "spec": spec, "config": config, "preset_params": preset_params["params"],
+        "label": f"{os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]}:"
+                 f"{config.preset}",
+        "overrides": [f"{key}={value}" for key, value in overrides.items()]})
+  return models
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  specs = f.config + f.compare
-  if not specs:
-    raise app.UsageError("give --config (repeatable) or --compare")
-  if f.checkpoint and len(specs) != 1:
-    raise app.UsageError("--checkpoint measures one model: give exactly one config")
-  overrides = ([f"data.seq_len={f.seq_len}"] if f.seq_len else []) + f.override
-  try:
-    prepared = {spec: prepare(spec, overrides) for spec in specs}
-  except (ValueError, TypeError, KeyError, AttributeError) as e:
-    raise app.UsageError(f"{type(e).__name__}: {e}") from e
-  unused = [o for o in f.override if not any(o in p[2] for p in prepared.values())]
-  if unused:
-    raise app.UsageError(f"--override {unused} matches none of the configs {specs}")
+  models = configs_from_flags(f)
+  if f.checkpoint and len(models) != 1:
+    raise app.UsageError("--checkpoint measures one model: give no --compare")
   reports = []
-  for spec, (label, config, items, preset_params) in prepared.items():
+  for m in models:
     report = benchmark_config(
-        config, batch_sizes=[int(b) for b in f.batch_sizes], task=f.task, warmup=f.warmup,
-        iters=f.iters, min_seconds=f.min_seconds, checkpoint=f.checkpoint, label=label)
-    report.update(spec=spec, overrides=items)
-    if report["size"]["params"] != preset_params:
-      report["preset_params"] = preset_params
+        m["config"], batch_sizes=[int(b) for b in f.batch_sizes], task=f.task, warmup=f.warmup,
+        iters=f.iters, min_seconds=f.min_seconds, checkpoint=f.checkpoint, label=m["label"])
+    report.update(spec=m["spec"], overrides=m["overrides"])
+    if report["size"]["params"] != m["preset_params"]:
+      report["preset_params"] = m["preset_params"]
     reports.append(report)
   print(format_table(reports))
   if f.out:
@@ -356,6 +331,20 @@ def main(argv):
       json.dump(reports, out, indent=2)
 
 
+def _parse_flags(argv):
+  """absl's parser; config_flags reports an unknown --config.KEY as an AttributeError or
+  KeyError with a traceback, here one line like absl's own flag errors."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], Exception):   # AttributeError(KeyError(text))
+      e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    print(f"FATAL Flags parsing error: unknown --config key {' '.join(text.split())}",
+          file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -28,11 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bench import latency, reference_step
 from model import sharding as sharding_lib
 from model.config import ModelConfig
-from model.transformer import Transformer
+from train import build
 from train import metrics as metrics_lib
-from train import optim, tasks
 from train import state as state_lib
-from train import step as step_lib
 
 def _define_flags():
   # Only when run as a command: other entry points (train.main) define --config too, and
@@ -100,17 +98,12 @@ class _Runner:
 def build_project(config, batch, mesh) -> _Runner:
   """The training run's step: real sharded state, optimizer and step, compiled ahead of time."""
   t0 = time.perf_counter()
-  model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
-  task = tasks.get_task(config.task)(model, config)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  dummy = task.dummy_batch(1, config.data.seq_len)
-  state, abstract, shardings = state_lib.create_state(model, tx, dummy, mesh, config.seed)
-  compiled = step_lib.compile_train_step(
-      task, tx, schedule, config.optim.grad_accum_steps, mesh, abstract, shardings, batch)
+  parts = build.build(config, mesh)
+  state = parts.init_state()
+  compiled = parts.compile_train_step(batch)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   return _Runner("project", compiled, state, jax.device_put(batch, batch_sharding),
-                 lambda m: m["loss"], compiled, state_lib.param_count(abstract.params),
-                 time.perf_counter() - t0)
+                 lambda m: m["loss"], compiled, parts.param_count(), time.perf_counter() - t0)
 
 
 def build_reference(config, batch, mesh, project_params) -> _Runner:

@@ -1,9 +1,14 @@
-"""A trained model ready for inference: architecture, parameters and tokenizer from a run's
-workdir (its best-validation state when it kept one), with batched classify / summarize.
+"""The one inference API: find a run, restore its parameters, and classify / summarize /
+generate with it.
 
-Works for every run the loop writes: a classifier, a summarizer, a pre-trained LM, and a
-distilled student (only the student's parameters are loaded). Imports only model/,
-model/checkpoint.py (the layering rule) and the tokenizer (whose truncation training shares).
+Every model form is a run: a classifier, a summarizer, a pre-trained LM, a distilled student
+(only the student half of its parameters is loaded) and a quantized copy written by
+`python -m infer.quantize` (its own workdir, holding `quantized/` and a record of the run it came
+from). Fine-tuning (`train.init_from`), distillation (the teacher), batch inference, the HTTP
+server, the final evaluation and the benchmarks all go through `open_run` / `restore_params` /
+`LoadedModel`, so a run that loads in one loads in all.
+
+Imports only model/ (checkpoint I/O, tokenizer) and infer/: the layering rule.
 """
 import dataclasses
 import os
@@ -14,58 +19,136 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import decode
+from infer import decode, quantize
+from model import checkpoint as checkpoint_lib
+from model import sharding as sharding_lib
+from model import tokenizer as tokenizer_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
-from model import checkpoint as checkpoint_lib
-from model import tokenizer as tokenizer_lib
+
+QUANTIZED_DIR = "quantized"   # inside a quantized run's workdir (infer/quantize.py writes it)
 
 
 class LoadError(ValueError):
-  pass
+  """No usable run at a path; the message names the path (and the flag or key given)."""
 
 
-def _abstract_params(model, sharding):
+def resolve_path(path: str) -> str:
+  """An absolute, user-expanded path: Orbax rejects relative ones, and every entry point
+  takes paths as the user typed them."""
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def task_kind(config) -> str:
+  """classify | summarize | pretrain: what a run's (student) model does, from its config (a
+  ConfigDict or the dict a checkpoint records)."""
+  return config["distill"]["task"] if config["task"] == "distill" else config["task"]
+
+
+@dataclasses.dataclass
+class Run:
+  """A finished run on disk: where, which checkpoint step, and what it recorded."""
+  workdir: str
+  step: int
+  meta: dict                                  # config, tokenizer_path, vocab_size, params ...
+  checkpointer: checkpoint_lib.Checkpointer | None   # None for a quantized run
+  quantization: str = "none"                  # or the infer/quantize.py mode it was written in
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self.meta["config"])
+
+  @property
+  def kind(self) -> str:
+    return task_kind(self.meta["config"])
+
+  def model_config(self, **changes) -> ModelConfig:
+    source = self.config
+    cfg = ModelConfig.from_config(source.model, source.data.vocab_size)
+    return dataclasses.replace(cfg, **changes)
+
+
+def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -> Run:
+  """The run at `path` (its workdir, or its checkpoints folder): with prefer_best its
+  best-validation state when it kept one, else its newest checkpoint. `what` names the flag or
+  config key the path came from, for the error message."""
+  workdir = resolve_path(path).rstrip("/")
+  if os.path.basename(workdir) == "checkpoints":
+    workdir = os.path.dirname(workdir)
+  if os.path.isdir(os.path.join(workdir, QUANTIZED_DIR, "params")):
+    meta = quantize.load_meta(os.path.join(workdir, QUANTIZED_DIR))
+    return Run(workdir, meta["source_step"], meta["run_meta"], None, meta["mode"])
+  if not os.path.isdir(workdir):
+    raise LoadError(f"{what}={path}: no such directory ({workdir})")
+  found = checkpoint_lib.find_finished(workdir, prefer_best)
+  if found is None:
+    raise LoadError(f"{what}={path}: no finished checkpoint in {workdir} (expected the workdir "
+                    "of a training run, with checkpoints/, or of infer.quantize, with "
+                    f"{QUANTIZED_DIR}/)")
+  checkpointer, step = found
+  return Run(workdir, step, checkpointer.restore_meta(step), checkpointer)
+
+
+def abstract_params(model, mesh=None):
+  """`model`'s parameter tree as ShapeDtypeStructs: placed by its logical axis names over
+  `mesh`, or on the default device when mesh is None."""
   tokens = jnp.zeros((1, 8), jnp.int32)
-  boxed = jax.eval_shape(lambda r: model.init(r, tokens), jax.random.PRNGKey(0))
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                      nn.meta.unbox(boxed["params"]))
+  boxed = jax.eval_shape(lambda r: model.init(r, tokens), jax.random.PRNGKey(0))["params"]
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
+  else:
+    shardings = sharding_lib.logical_sharding(nn.get_partition_spec(boxed), mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
+def restore_params(run: Run, model, mesh=None):
+  """The parameters `model` has from `run`'s checkpoint (a distilled run's student half), in
+  their shardings over `mesh` (None: the default device); the optimizer state is not read."""
+  if run.checkpointer is None:
+    raise LoadError(f"{run.workdir} is a quantized ({run.quantization}) run: its int8 "
+                    "parameters load with LoadedModel, not as float parameters to train from")
+  abstract = abstract_params(model, mesh)
+  distilled = run.meta["config"]["task"] == "distill"
+  params = run.checkpointer.restore_params(run.step, {"student": abstract} if distilled
+                                           else abstract)
+  return params["student"] if distilled else params
 
 
 @dataclasses.dataclass
 class LoadedModel:
+  """A model ready to predict: its run config, module, parameters and tokenizer."""
   config: ml_collections.ConfigDict     # the run's config
-  kind: str                            # classify | summarize | pretrain
-  model: Transformer
+  kind: str                             # classify | summarize | pretrain
+  model: nn.Module                      # a Transformer, or qwix's wrapper of one
   params: dict
   tokenizer: tokenizer_lib.Tokenizer
   step: int
+  quantization: str = "none"
+  mesh: jax.sharding.Mesh | None = None   # where params live; batches are split over it
 
   @classmethod
-  def from_workdir(cls, workdir: str, prefer_best: bool = True) -> "LoadedModel":
-    found = checkpoint_lib.find_finished(workdir, prefer_best)
-    if found is None:
-      raise LoadError(f"{workdir}: no finished checkpoint (expected checkpoints/ or best/ from a "
-                      "training run)")
-    ckpt, step = found
-    meta = ckpt.restore_meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
-    kind = config.distill.task if config.task == "distill" else config.task
-    model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = _abstract_params(model, sharding)
-    if config.task == "distill":   # the student half of {"student", "teacher"}
-      abstract = {"student": abstract}
-    params = ckpt.restore_params(step, abstract)
-    params = params["student"] if config.task == "distill" else params
-    path = meta["tokenizer_path"]
-    if not os.path.exists(path):
-      raise LoadError(f"{workdir}: the run's tokenizer {path} is missing")
-    return cls(config, kind, model, params, tokenizer_lib.load_tokenizer(path), step)
+  def from_run(cls, run: Run, mesh=None) -> "LoadedModel":
+    tokenizer_path = run.meta["tokenizer_path"]
+    if not os.path.exists(tokenizer_path):
+      raise LoadError(f"{run.workdir}: the run's tokenizer {tokenizer_path} is missing")
+    if run.quantization != "none":
+      model, params, _ = quantize.load(os.path.join(run.workdir, QUANTIZED_DIR))
+    else:
+      model = Transformer(run.model_config())
+      params = restore_params(run, model, mesh)
+    return cls(run.config, run.kind, model, params, tokenizer_lib.Tokenizer(tokenizer_path),
+               run.step, run.quantization, None if run.quantization != "none" else mesh)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, prefer_best: bool = True, mesh=None,
+                   what: str = "--workdir") -> "LoadedModel":
+    return cls.from_run(open_run(workdir, prefer_best=prefer_best, what=what), mesh)
 
   # --- classification -----------------------------------------------------------------------
   def encode_for_classify(self, texts: list[str], seq_len: int | None = None) -> dict:
-    """Right-padded [B, seq_len] rows, truncated like training (data.truncation)."""
+    """Right-padded [B, seq_len] rows, framed and truncated like training (data.truncation)."""
     seq_len = seq_len or self.config.data.seq_len
     tokens = np.zeros((len(texts), seq_len), np.int32)
     for i, text in enumerate(texts):
@@ -73,25 +156,114 @@ class LoadedModel:
       tokens[i, :len(ids)] = ids
     return {"tokens": tokens, "mask": (tokens > 0).astype(np.int32)}
 
-  def classify(self, texts: list[str], params=None) -> np.ndarray:
-    """Class probabilities [len(texts), num_classes]."""
-    batch = self.encode_for_classify(texts)
-    return np.asarray(classify_probs(self.model, self.params if params is None else params,
-                                batch["tokens"], batch["mask"]))
+  def _place(self, rows: np.ndarray):
+    """A batch of rows on the model's mesh, split over its batch axes (as is without a mesh)."""
+    if self.mesh is None:
+      return rows
+    return jax.device_put(rows, sharding_lib.batch_sharding(self.mesh))
+
+  def _chunks(self, texts: list[str], batch_size: int | None):
+    """`texts` in chunks of batch_size, each padded to batch_size rows with its first text
+    (one compiled shape); a chunk of everything without a batch_size."""
+    size = batch_size or max(len(texts), 1)
+    for start in range(0, len(texts), size):
+      chunk = texts[start:start + size]
+      yield len(chunk), chunk + chunk[:1] * (size - len(chunk) if batch_size else 0)
+
+  def classify(self, texts: list[str], params=None, batch_size: int | None = None
+               ) -> np.ndarray:
+    """Class probabilities [len(texts), num_classes], `batch_size` texts per call."""
+    params = self.params if params is None else params
+    out = []
+    for n, chunk in self._chunks(texts, batch_size):
+      batch = self.encode_for_classify(chunk)
+      probs = classify_probs(self.model, params, self._place(batch["tokens"]),
+                             self._place(batch["mask"]))
+      out.append(np.asarray(jax.device_get(probs))[:n])
+    return np.concatenate(out)
 
   # --- generation ------------------------------------------------------------------------------
-  def summarize(self, texts: list[str], max_new: int | None = None) -> list[str]:
-    """Greedy summaries (KV cache), the document truncated like training."""
+  def summarize(self, texts: list[str], max_new: int | None = None, params=None,
+                batch_size: int | None = None) -> list[str]:
+    """Greedy summaries (KV cache), each document framed and truncated like training,
+    `batch_size` documents per call."""
     max_new = max_new or self.config.eval.decode_len
+    params = self.params if params is None else params
     tok = self.tokenizer
-    tokens, prompt_len = decode.encode_prompts(tok, texts, self.config.data.seq_len, max_new,
-                                               self.config.data.truncation)
-    ids = decode.greedy(self.model, self.params, tokens, prompt_len, max_new=max_new,
-                        eos_id=tok.eos_id)
+    out = []
+    for n, chunk in self._chunks(texts, batch_size):
+      tokens, prompt_len = decode.encode_prompts(tok, chunk, self.config.data.seq_len, max_new,
+                                                 self.config.data.truncation)
+      ids = decode.greedy(self.model, params, tokens, prompt_len, max_new=max_new,
+                          eos_id=tok.eos_id)
+      out += [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)[:n]]
+    return out
+
+  def generate(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Continuations of `prompts` as a plain causal LM (any run: a pre-trained LM too):
+    greedy at temperature 0, else sampled; each prompt is `[bos] text`, its head kept."""
+    tok = self.tokenizer
+    budget = self.config.data.seq_len - max_new
+    if budget < 2:
+      raise ValueError(f"max_new={max_new} leaves no room for a prompt in data.seq_len="
+                       f"{self.config.data.seq_len}")
+    prompts = [[tok.bos_id] + tok.encode(p)[:budget - 1] for p in prompts]
+    tokens, prompt_len = decode.pack_prompts(prompts, max_new)
+    ids = decode.generate(self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed),
+                          max_new=max_new, eos_id=tok.eos_id, temperature=temperature,
+                          top_k=top_k, top_p=top_p, prefix_lm=False)
     return [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)]
+
+  def check_max_new(self, max_new: int | None) -> int | None:
+    """The summary length to use (None for a classifier); ValueError unless it leaves room for
+    a prompt in the model's sequence length."""
+    if self.kind != "summarize":
+      if max_new:
+        raise ValueError(f"max_new={max_new}: only summarizers generate; this is a "
+                         f"{self.kind!r} model")
+      return None
+    max_new = max_new or self.config.eval.decode_len
+    limit = self.config.data.seq_len - 3      # [bos] at least one token [eos]
+    if not 1 <= max_new <= limit:
+      raise ValueError(f"max_new={max_new}: expected 1..{limit} (data.seq_len="
+                       f"{self.config.data.seq_len} holds the prompt and the summary)")
+    return max_new
+
+  def predict(self, texts: list[str], *, max_new: int | None = None,
+              pad_to: int | None = None) -> list[dict]:
+    """One result per text: {"probs", "label"} (classifier) or {"summary"} (summarizer).
+
+    The batch is padded to `pad_to` rows with copies of its first text (which never lengthens a
+    summarizer's prompt bucket), so callers control the batch shapes jit sees."""
+    if self.kind not in ("classify", "summarize"):
+      raise ValueError(f"a {self.kind!r} run does not predict: inference needs a fine-tuned "
+                       "classifier or summarizer")
+    padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
+    if self.kind == "classify":
+      probs = self.classify(padded)[:len(texts)]
+      return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]
+    return [{"summary": s} for s in self.summarize(padded, max_new)[:len(texts)]]
+
+  def warm_up(self, sizes: list[int], max_new: int | None) -> int:
+    """Compiles every shape a batch of `sizes` rows can take (the jit caches `predict` hits);
+    returns how many."""
+    if self.kind == "classify":
+      for size in sizes:
+        self.classify(["warm-up"] * size)
+      return len(sizes)
+    # Prompts are [bos] document [eos]: 2 .. seq_len - max_new tokens, in pack_prompts' buckets.
+    budget = self.config.data.seq_len - max_new
+    lengths = sorted({decode.pack_prompts([[0] * n], max_new)[0].shape[1]
+                      for n in range(2, budget + 1)})
+    for size in sizes:
+      for length in lengths:
+        decode.greedy(self.model, self.params, np.zeros((size, length), np.int32),
+                      np.full(size, 2, np.int32), max_new=max_new,
+                      eos_id=self.tokenizer.eos_id).block_until_ready()
+    return len(sizes) * len(lengths)
 
 
 # Class probabilities of any model that applies like the Transformer (a quantized one too).
 classify_probs = jax.jit(lambda model, params, tokens, mask: jax.nn.softmax(
     model.apply({"params": params}, tokens, pool_mask=mask > 0)), static_argnums=0)
-

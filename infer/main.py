@@ -10,8 +10,9 @@ flushed) batch by batch, with a progress line and ETA for long inputs.
 
 Shapes stay few, so jit compiles a handful of programs rather than one per batch: every batch is
 padded to --batch_size rows, classifier rows to `data.seq_len` tokens and summarizer prompts to a
-multiple of decode.pack_prompts' bucket. `predict`, `load_model` and the error handling are shared
-with the HTTP server (infer/serve.py).
+multiple of decode.pack_prompts' bucket. The model is infer/loading.py's LoadedModel (any run,
+quantized ones too); input parsing and error handling are infer/inputs.py's, shared with the
+HTTP server (infer/serve.py).
 """
 import gzip
 import json
@@ -23,56 +24,12 @@ import time
 from absl import app, flags, logging
 
 from infer import loading
-from model.errors import DataError
+from infer.inputs import (InputError, define_model_flags, friendly_errors, json_object,
+                          load_predictor)
 from model import log_setup
 from train.metrics import format_eta
 
 PROGRESS_EVERY_S = 10.0
-
-
-class InputError(ValueError):
-  """Bad command-line input; the message names the flag, file or file:line at fault."""
-
-
-# --- the model ------------------------------------------------------------------------------
-def load_model(workdir: str) -> loading.LoadedModel:
-  """The run's model, checked to be one that predicts (a classifier or a summarizer)."""
-  if not os.path.isdir(os.path.expanduser(workdir)):
-    raise InputError(f"--workdir={workdir}: no such directory")
-  loaded = loading.LoadedModel.from_workdir(workdir)
-  if loaded.kind not in ("classify", "summarize"):
-    raise InputError(f"--workdir={workdir} holds a {loaded.kind!r} run; inference needs a "
-                     "fine-tuned classifier or summarizer")
-  return loaded
-
-
-def check_max_new(loaded: loading.LoadedModel, max_new: int | None) -> int | None:
-  """The summary length to use (None for a classifier); fails unless it leaves room for a
-  prompt in the model's sequence length."""
-  if loaded.kind != "summarize":
-    if max_new:
-      raise InputError(f"--max_new={max_new}: only summarizers generate; this is a "
-                       f"{loaded.kind!r} model")
-    return None
-  max_new = max_new or loaded.config.eval.decode_len
-  limit = loaded.config.data.seq_len - 3      # [bos] at least one token [eos]
-  if not 1 <= max_new <= limit:
-    raise InputError(f"--max_new={max_new}: expected 1..{limit} (data.seq_len="
-                     f"{loaded.config.data.seq_len} holds the prompt and the summary)")
-  return max_new
-
-
-def predict(loaded: loading.LoadedModel, texts: list[str], *, max_new: int | None = None,
-            pad_to: int | None = None) -> list[dict]:
-  """One result per text: {"probs", "label"} (classifier) or {"summary"} (summarizer).
-
-  The batch is padded to `pad_to` rows with copies of its first text (which never lengthens a
-  summarizer's prompt bucket), so callers control the batch shapes jit sees."""
-  padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
-  if loaded.kind == "classify":
-    probs = loaded.classify(padded)[:len(texts)]
-    return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]
-  return [{"summary": s} for s in loaded.summarize(padded, max_new)[:len(texts)]]
 
 
 # --- the files ------------------------------------------------------------------------------
@@ -92,27 +49,6 @@ def read_inputs(path: str, text_field: str) -> list[tuple[object, str]]:
   if not out:
     raise InputError(f"{p}: no lines to predict")
   return out
-
-
-def json_type(value) -> str:
-  """How JSON names the type of a parsed value, for error messages."""
-  names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-           int: "a number", float: "a number", type(None): "null"}
-  return names[type(value)]
-
-
-def json_object(text: str) -> dict:
-  """The JSON object `text` holds; InputError says what is wrong otherwise."""
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
-    raise InputError(f"malformed JSON ({e.msg} at {where})") from None
-  except RecursionError:
-    raise InputError("malformed JSON (nested too deeply)") from None
-  if not isinstance(value, dict):
-    raise InputError(f"expected a JSON object, got {json_type(value)}")
-  return value
 
 
 def _parse_line(raw: bytes, where: str, default_id: str, text_field: str):
@@ -137,7 +73,7 @@ def write_predictions(loaded: loading.LoadedModel, inputs: list[tuple[object, st
   with open(output, "w", encoding="utf-8") as f:
     for start in range(0, len(inputs), batch_size):
       chunk = inputs[start:start + batch_size]
-      results = predict(loaded, [text for _, text in chunk], max_new=max_new, pad_to=batch_size)
+      results = loaded.predict([text for _, text in chunk], max_new=max_new, pad_to=batch_size)
       for (doc_id, _), result in zip(chunk, results):
         f.write(json.dumps({"id": doc_id, **result}) + "\n")
       f.flush()
@@ -171,40 +107,20 @@ class _Progress:
 
 
 # --- the command line -----------------------------------------------------------------------
-def friendly_errors(main):
-  """Wraps an absl main: user errors end in one `error: ...` line and exit code 2."""
-  def wrapped(argv):
-    try:
-      main(argv)
-    except (InputError, loading.LoadError, DataError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  return wrapped
-
-
-def define_model_flags():
-  """--workdir and --max_new, which the server's command line shares."""
-  flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).",
-                      required=True)
-  flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
-                       "eval.decode_len).", lower_bound=1)
-
-
 def main(argv):
   log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   inputs = read_inputs(f.input, f.text_field)
-  loaded = load_model(f.workdir)
-  max_new = check_max_new(loaded, f.max_new)
+  loaded, max_new = load_predictor(f.workdir, f.max_new)
   logging.info("%s model (step %d) from %s: %d texts", loaded.kind, loaded.step, f.workdir,
                len(inputs))
   write_predictions(loaded, inputs, f.output, batch_size=f.batch_size, max_new=max_new)
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: infer/serve.py and tests import this module.
+  # Defined here, not at import: tests import this module.
   define_model_flags()
   flags.DEFINE_string("input", None, "JSONL (or .jsonl.gz) file, one JSON object a line.",
                       required=True)

@@ -1,7 +1,8 @@
 r"""Post-training quantization of a trained Transformer with qwix (AQT's successor), and its
 Orbax save/load.
 
-  python -m infer.quantize --workdir=runs/imdb_ft --mode=w8a8 --out=runs/imdb_ft/w8a8
+  python -m infer.quantize --workdir=runs/imdb_ft --mode=w8a8 --out=runs/imdb_ft_w8a8
+  python -m infer.serve --workdir=runs/imdb_ft_w8a8      # a quantized run serves like any run
 
 Why: serving wants smaller, cheaper models without retraining or a second copy of the model
 code. qwix's PTQ provider intercepts the `jax.lax.dot_general` calls made inside Linen modules
@@ -29,8 +30,12 @@ Use: `qmodel, qparams = quantize(model, params, mode, tokens)` (or `load(folder)
 Saved format: one Orbax checkpoint, items `params` (a plain nested dict: a quantized kernel is
 {"qvalue": int8, "scale": float32}, the layout of qwix's pre-quantized checkpoints; everything
 else as it is) and `meta` (JSON: the mode and the ModelConfig, enough to rebuild the model).
+The command writes it as `<out>/quantized/` with the source run's record in `meta["run_meta"]`:
+a quantized run, which infer/loading.py opens like any other (batch inference, serving,
+evaluation).
 """
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -42,9 +47,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import qwix
-from qwix._src.providers import ptq as qwix_ptq   # WithAux, the quantized-param node (private)
 
-from infer import loading
 from model import log_setup
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -53,28 +56,52 @@ MODES = ("f32", "bf16", "int8_weight_only", "w8a8")
 QUANTIZED_MODULES = r"block_\d+/(attn/(query|key|value|out)|mlp/(wi|wg|wo))|lm_head"
 
 
+@functools.cache
+def _with_aux() -> type:
+  """qwix's quantized-parameter node, WithAux (the array and how it was quantized). qwix 0.1.8
+  defines it only in the private qwix._src.providers.ptq and exports no name for it, so it is
+  taken here as the type of the kernel that the public PTQ provider gives a one-unit Dense,
+  initialised abstractly (nothing allocated; once, outside any model trace: _PtqProvider asks
+  when it is made)."""
+  dense = qwix.quantize_model(nn.Dense(1, use_bias=False), qwix.PtqProvider(
+      [qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8)]))
+  variables = jax.eval_shape(dense.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                             jax.ShapeDtypeStruct((1, 1), jnp.float32))
+  return type(variables["params"]["kernel"])
+
+
 def _is_quantized(x) -> bool:
-  return isinstance(x, qwix_ptq.WithAux)
+  return isinstance(x, _with_aux())
 
 
-@flax.struct.dataclass
-class _CastableWithAux(qwix_ptq.WithAux):
-  """A quantized kernel whose astype works. `Projection` casts its kernel to the compute dtype
-  before the dot; qwix 0.1.8's WithAux.astype hands the QArray to `update_boxed`, which accepts
-  only boxed or plain arrays and raises. Casting a QArray sets its scale's (dequant) dtype."""
+@functools.cache
+def _castable_with_aux() -> type:
+  """WithAux whose astype works. `Projection` casts its kernel to the compute dtype before the
+  dot; qwix 0.1.8's WithAux.astype hands the QArray to `update_boxed`, which accepts only boxed
+  or plain arrays and raises. Casting a QArray sets its scale's (dequant) dtype. A subclass of
+  the type _with_aux() finds, hence made on first use."""
 
-  def astype(self, dtype):
-    return self.replace(array=self.array.astype(dtype))
+  @flax.struct.dataclass
+  class _CastableWithAux(_with_aux()):
+
+    def astype(self, dtype):
+      return self.replace(array=self.array.astype(dtype))
+
+  return _CastableWithAux
 
 
 class _PtqProvider(qwix.PtqProvider):
-  """qwix's PTQ provider, handing modules _CastableWithAux kernels and keeping the caller's
-  result dtype: qwix 0.1.8 drops `preferred_element_type`, so under bfloat16 compute an
-  `output_f32` projection (the LM head) would return bfloat16 logits."""
+  """qwix's PTQ provider, handing modules castable WithAux kernels (_castable_with_aux) and
+  keeping the caller's result dtype: qwix 0.1.8 drops `preferred_element_type`, so under
+  bfloat16 compute an `output_f32` projection (the LM head) would return bfloat16 logits."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._castable = _castable_with_aux()   # found now, not inside the model's trace
 
   def nn_param(self, module, name, *args, **kwargs):
     value = super().nn_param(module, name, *args, **kwargs)
-    return _CastableWithAux(value.array, value.how) if _is_quantized(value) else value
+    return self._castable(value.array, value.how) if _is_quantized(value) else value
 
   def dot_general(self, *args, preferred_element_type=None, **kwargs):
     out = super().dot_general(*args, preferred_element_type=preferred_element_type, **kwargs)
@@ -181,15 +208,22 @@ def save(path: str, qparams, meta: dict):
         params=ocp.args.StandardSave(_to_plain(qparams)), meta=ocp.args.JsonSave(meta)))
 
 
-def load(path: str):
-  """(model to apply, params, meta) from a folder written by save(); the params are bit
-  identical to the saved ones, on the default device."""
+def load_meta(path: str) -> dict:
+  """The meta dict save() wrote to `path`."""
   path = os.path.abspath(path)
   if not os.path.isdir(os.path.join(path, "params")):
     raise FileNotFoundError(f"{path}: not a quantized checkpoint (no params/ folder; write "
                             "one with `python -m infer.quantize`)")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def load(path: str):
+  """(model to apply, params, meta) from a folder written by save(); the params are bit
+  identical to the saved ones, on the default device."""
+  path = os.path.abspath(path)
+  meta = load_meta(path)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     qmodel = build_model(ModelConfig(**meta["model_config"]), meta["mode"])
     abstract = _abstract_params(qmodel, jnp.zeros((1, 8), jnp.int32))
     if meta["mode"] == "bf16":
@@ -208,30 +242,43 @@ def _folder_bytes(path: str) -> int:
 
 
 def main(argv):
+  """Writes a quantized run: <out>/quantized/ (params + meta, which keeps the source run's
+  record: config, tokenizer, step), so infer.main, infer.serve and the benchmarks load <out>
+  like any other run."""
   log_setup.quiet_libraries()
+  from infer import loading   # loading reads quantized runs through this module
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  if os.path.exists(f.out):
+  out = loading.resolve_path(f.out)
+  if os.path.exists(out):
     raise app.UsageError(f"--out={f.out} exists; give a new folder")
   try:
-    loaded = loading.LoadedModel.from_workdir(f.workdir)
+    run = loading.open_run(f.workdir, prefer_best=True)
+    if run.quantization != "none":
+      raise loading.LoadError(f"--workdir={f.workdir} is already quantized "
+                              f"({run.quantization}); quantize the float run it came from")
+    loaded = loading.LoadedModel.from_run(run)
   except loading.LoadError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   tokens = jnp.zeros((1, loaded.config.data.seq_len), jnp.int32)
   qmodel, qparams = quantize(loaded.model, loaded.params, f.mode, tokens)
-  save(f.out, qparams, {"mode": f.mode, "model_config": dataclasses.asdict(qmodel.cfg),
-                        "source_workdir": os.path.abspath(f.workdir), "source_step": loaded.step})
+  # The quantized run records the float run's metadata as its own (what it does, its
+  # tokenizer, its config) plus how it was quantized.
+  save(os.path.join(out, loading.QUANTIZED_DIR), qparams, {
+      "mode": f.mode, "model_config": dataclasses.asdict(qmodel.cfg), "run_meta": run.meta,
+      "source_workdir": run.workdir, "source_step": run.step})
   mib = lambda n: f"{n / 2**20:.2f} MiB"
   before, after = param_bytes(loaded.params), param_bytes(qparams)
   print(f"{f.workdir} (step {loaded.step}, {loaded.kind}) -> {f.out} [{f.mode}]")
   print(f"params in memory: {mib(before)} -> {mib(after)} ({before / after:.2f}x smaller); "
-        f"on disk: {mib(_folder_bytes(f.out))}")
+        f"on disk: {mib(_folder_bytes(out))}")
   if f.mode not in ("f32", "bf16"):
     k_before, k_after = kernel_bytes(loaded.params, qparams)
     print(f"  of which quantized kernels: {mib(k_before)} -> {mib(k_after)} "
           f"({k_before / k_after:.2f}x); the rest (embedding, norms, heads) stays float")
+  print(f"serve it like any run: python -m infer.serve --workdir={f.out}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from infer import decode
-from infer import main as batch_lib
+from infer import inputs as inputs_lib
 from model import log_setup
 
 
@@ -147,25 +147,6 @@ def batch_sizes(max_batch: int) -> list[int]:
   return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
 
 
-def warm_up(loaded, sizes: list[int], max_new: int | None) -> int:
-  """Compiles every shape a batch can take (the jit caches LoadedModel's calls hit); returns
-  how many."""
-  if loaded.kind == "classify":
-    for size in sizes:
-      loaded.classify(["warm-up"] * size)
-    return len(sizes)
-  # Prompts are [bos] document [eos]: 2 .. seq_len - max_new tokens, in pack_prompts' buckets.
-  budget = loaded.config.data.seq_len - max_new
-  lengths = sorted({decode.pack_prompts([[0] * n], max_new)[0].shape[1]
-                    for n in range(2, budget + 1)})
-  for size in sizes:
-    for length in lengths:
-      decode.greedy(loaded.model, loaded.params, np.zeros((size, length), np.int32),
-                    np.full(size, 2, np.int32), max_new=max_new,
-                    eos_id=loaded.tokenizer.eos_id).block_until_ready()
-  return len(sizes) * len(lengths)
-
-
 # --- requests -------------------------------------------------------------------------------
 def parse_body(raw: bytes) -> dict:
   """The request's JSON object, or a RequestError naming what is wrong with the body."""
@@ -176,8 +157,8 @@ def parse_body(raw: bytes) -> dict:
   if not text.strip():
     raise RequestError(400, "the request body is empty; expected a JSON object")
   try:
-    return batch_lib.json_object(text)
-  except batch_lib.InputError as e:
+    return inputs_lib.json_object(text)
+  except inputs_lib.InputError as e:
     raise RequestError(400, str(e)) from None
 
 
@@ -193,7 +174,7 @@ def parse_texts(body: dict, max_batch: int, max_chars: int) -> tuple[list[str], 
   texts = [body["text"]] if single else body["texts"]
   if not isinstance(texts, list):
     raise RequestError(400, '"texts" must be an array of strings, got '
-                       f"{batch_lib.json_type(texts)}")
+                       f"{inputs_lib.json_type(texts)}")
   if not texts:
     raise RequestError(400, '"texts" is empty')
   if len(texts) > max_batch:
@@ -202,7 +183,7 @@ def parse_texts(body: dict, max_batch: int, max_chars: int) -> tuple[list[str], 
   for i, text in enumerate(texts):
     name = '"text"' if single else f'"texts"[{i}]'
     if not isinstance(text, str):
-      raise RequestError(400, f"{name} must be a string, got {batch_lib.json_type(text)}")
+      raise RequestError(400, f"{name} must be a string, got {inputs_lib.json_type(text)}")
     if not text.strip():
       raise RequestError(400, f"{name} is empty")
     if len(text) > max_chars:
@@ -318,7 +299,7 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 
   def _predict(self, texts: list[str]) -> list[dict]:
     pad_to = min(s for s in self.sizes if s >= len(texts))
-    return batch_lib.predict(self.loaded, texts, max_new=self.max_new, pad_to=pad_to)
+    return self.loaded.predict(texts, max_new=self.max_new, pad_to=pad_to)
 
   @property
   def url(self) -> str:
@@ -355,17 +336,20 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
   """A ready server for `loaded` (an infer.loading.LoadedModel): shapes compiled, port bound
   (port 0: a free one, see .url). Run it with serve_forever(); stop it with shutdown() from
   another thread, then server_close()."""
-  max_new = batch_lib.check_max_new(loaded, max_new)
+  try:
+    max_new = loaded.check_max_new(max_new)
+  except ValueError as e:
+    raise inputs_lib.InputError(f"--{e}") from None
   sizes = batch_sizes(max_batch)
   t0 = time.perf_counter()
   logging.info("compiling the model for batches of %s texts", sizes)
-  count = warm_up(loaded, sizes, max_new)
+  count = loaded.warm_up(sizes, max_new)
   logging.info("compiled %d shapes in %.1fs", count, time.perf_counter() - t0)
   try:
     return InferenceServer((host, port), loaded, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_chars=max_chars, max_new=max_new, sizes=sizes)
   except OSError as e:
-    raise batch_lib.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    raise inputs_lib.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _stop_on_signals(server: InferenceServer):
@@ -383,9 +367,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  loaded = batch_lib.load_model(f.workdir)
+  loaded, max_new = inputs_lib.load_predictor(f.workdir, f.max_new)
   server = make_server(loaded, f.host, f.port, max_batch=f.max_batch,
-                       max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=f.max_new)
+                       max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=max_new)
   _stop_on_signals(server)
   logging.info("ready: %s model (step %d, %d params) at %s", loaded.kind, loaded.step,
                server.num_params, server.url)
@@ -397,8 +381,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Defined here, not at import, like infer/main.py's.
-  batch_lib.define_model_flags()
+  # Defined here, not at import: tests import this module.
+  inputs_lib.define_model_flags()
   flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: every one).")
   flags.DEFINE_integer("port", 8000, "TCP port (0: any free one).", lower_bound=0)
   flags.DEFINE_integer("max_batch", 32, "Most texts per model call and per request.",
@@ -407,4 +391,4 @@ if __name__ == "__main__":
                      "others to share its batch.", lower_bound=0.0)
   flags.DEFINE_integer("max_chars", 20_000, "Longest accepted text, in characters.",
                        lower_bound=1)
-  app.run(batch_lib.friendly_errors(main))
+  app.run(inputs_lib.friendly_errors(main))

@@ -10,11 +10,13 @@ import os
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import legal_pretrain, legal_summ_finetune, sentiment_finetune
-from train import finetune, optim
+from infer import loading
+from train import build, finetune, optim
 from train import run as run_lib
 from train import state as state_lib
 from train.config_check import ConfigError
@@ -94,11 +96,11 @@ def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tm
 
   config = _sentiment_config(sentiment_files, tmp_path / "cache")
   config.train.init_from = str(tmp_path / "lm")
-  pretrained = finetune.open_pretrained(config)
+  config, sources = build.resolve(config)
   assert (config.model.d_model, config.model.num_layers, config.data.vocab_size) == (48, 1, 512)
-  model, task, tx, mesh = _parts(config)
-  state, _, _ = state_lib.create_state(model, tx, task.dummy_batch(1, 8), mesh, seed=1)
-  loaded = finetune.load_backbone(pretrained, state, mesh)
+  parts = build.build(config)
+  state = parts.init_state(seed=1)
+  loaded = finetune.load_backbone(sources.pretrained, state, parts.mesh)
   lm_params = _lm_params(lm, tmp_path / "lm")
   chex.assert_trees_all_equal(
       {k: v for k, v in loaded.params.items() if k != "cls_head"}, lm_params)
@@ -115,14 +117,14 @@ def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifie
   # One block of the teacher's width, started from its embedding, head and last block: the
   # train step must donate the student's copies while the teacher's stay intact.
   teacher_model = sentiment_finetune.get_config("tiny").model
-  config.model.update({k: teacher_model[k] for k in finetune.ARCHITECTURE_KEYS}, num_layers=1)
+  config.model.update({k: teacher_model[k] for k in build.ARCHITECTURE_KEYS}, num_layers=1)
   config.distill.init_student = "teacher_layers"
   config.train.update(num_steps=60, eval_every=20, checkpoint_every=20)
   result = run_lib.train(config, str(tmp_path / "student"))
   # The teacher's parameters are the teacher run's best state, untouched by 60 updates.
-  teacher = finetune.find_run(str(teacher_dir), "teacher", prefer_best=True)
+  teacher = loading.open_run(str(teacher_dir), prefer_best=True)
   model, _, _, mesh = _parts(sentiment_finetune.get_config("tiny"))
-  expected = finetune.restore_model_params(teacher, model, mesh)
+  expected = loading.restore_params(teacher, model, mesh)
   chex.assert_trees_all_equal(result["state"].params["teacher"], expected)
   student = result["test"]["model: classification"]
   assert student["accuracy"] > 0.8, student
@@ -146,8 +148,8 @@ def test_student_starts_from_teacher_layers():
   config.task = "classify"     # _parts builds the student and its own task
   model, _, tx, mesh = _parts(config)
   student_cfg = model.cfg
-  task = DistillTask(model, config, classify.ClassifyTask,
-                     dataclasses.replace(student_cfg, num_layers=3))
+  task = DistillTask(classify.ClassifyTask(model), dataclasses.replace(student_cfg, num_layers=3),
+                     config.distill)
   state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
   teacher = state.params["teacher"]
   student = finetune.init_student_from_teacher(state, 2, 3).params["student"]
@@ -155,22 +157,20 @@ def test_student_starts_from_teacher_layers():
               "block_0": teacher["block_0"], "block_1": teacher["block_2"]}
   chex.assert_trees_all_equal(student, expected)
   # A narrower student cannot take the teacher's blocks: a ConfigError naming the array.
-  wide = DistillTask(model, config, classify.ClassifyTask,
-                     dataclasses.replace(student_cfg, d_model=2 * student_cfg.d_model))
+  wide = DistillTask(classify.ClassifyTask(model),
+                     dataclasses.replace(student_cfg, d_model=2 * student_cfg.d_model),
+                     config.distill)
   state, _, _ = state_lib.create_state(wide.model, tx, wide.dummy_batch(1, 8), mesh, seed=0)
   with pytest.raises(ConfigError, match=r"needs the teacher's width: student block_0"):
     finetune.init_student_from_teacher(state, 2, 2)
 
 
 def _parts(config):
-  from model import sharding as sharding_lib
-  from model.config import ModelConfig
-  from model.transformer import Transformer
-  from train import tasks
-  model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
-  tx, _ = optim.make_optimizer(config.optim, 10)
-  return model, tasks.get_task(config.task)(model, config), tx, sharding_lib.make_mesh(
-      config.mesh)
+  """(model, task, optimizer, mesh) from the factory, for a 10-step schedule."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.num_steps = 10
+  parts = build.build(config)
+  return parts.model, parts.task, parts.tx, parts.mesh
 
 
 def _lm_params(lm_config, workdir):
@@ -269,8 +269,8 @@ def test_label_out_of_range_is_a_clear_error(sentiment_files):
 def test_missing_pretrained_run_is_a_config_error(tmp_path):
   config = sentiment_finetune.get_config("tiny")
   config.train.init_from = str(tmp_path)
-  with pytest.raises(ConfigError, match="no checkpoints/ folder"):
-    finetune.open_pretrained(config)
+  with pytest.raises(ConfigError, match="config.train.init_from=.*no finished checkpoint"):
+    build.resolve(config)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])

@@ -27,7 +27,7 @@ import pytest
 
 from configs import legal_summ_finetune
 from helpers import numpy_params
-from infer import decode, loading, serve
+from infer import decode, inputs, loading, serve
 from infer import main as batch_lib
 from test_finetune import _sentiment_config, _summary_file, sentiment_files  # noqa: F401
 from train import run as run_lib
@@ -365,7 +365,7 @@ def test_cli_writes_one_prediction_per_line(classifier_dir, classifier, tmp_path
 def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"text": "fine"}\n{"text": broken\n')
-  main = batch_lib.friendly_errors(lambda argv: batch_lib.read_inputs(str(path), "text"))
+  main = inputs.friendly_errors(lambda argv: batch_lib.read_inputs(str(path), "text"))
   with pytest.raises(SystemExit) as exit_info:
     main(["infer.main"])
   assert exit_info.value.code == 2
@@ -383,22 +383,22 @@ def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
 def test_bad_input_files_name_file_and_line(tmp_path, content, message):
   path = tmp_path / "in.jsonl"
   path.write_bytes(content if isinstance(content, bytes) else content.encode())
-  with pytest.raises(batch_lib.InputError, match=message):
+  with pytest.raises(inputs.InputError, match=message):
     batch_lib.read_inputs(str(path), "text")
 
 
 def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifier, summarizer):
-  with pytest.raises(batch_lib.InputError, match="no such directory"):
-    batch_lib.load_model(str(tmp_path / "nope"))
+  with pytest.raises(loading.LoadError, match="no such directory"):
+    inputs.load_predictor(str(tmp_path / "nope"), None)
   with pytest.raises(loading.LoadError, match="no finished checkpoint"):
-    batch_lib.load_model(str(tmp_path))
-  with pytest.raises(batch_lib.InputError, match="no such file"):
+    inputs.load_predictor(str(tmp_path), None)
+  with pytest.raises(inputs.InputError, match="no such file"):
     batch_lib.read_inputs(str(tmp_path / "nope.jsonl"), "text")
-  with pytest.raises(batch_lib.InputError, match="only summarizers generate"):
-    batch_lib.check_max_new(classifier, 8)
-  with pytest.raises(batch_lib.InputError, match=r"--max_new=62: expected 1..61"):
-    batch_lib.check_max_new(summarizer, 62)
-  assert batch_lib.check_max_new(summarizer, None) == summarizer.config.eval.decode_len
+  with pytest.raises(ValueError, match="only summarizers generate"):
+    classifier.check_max_new(8)
+  with pytest.raises(ValueError, match=r"max_new=62: expected 1..61"):
+    summarizer.check_max_new(62)
+  assert summarizer.check_max_new(None) == summarizer.config.eval.decode_len
 
 
 def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir, sentiment_files,
@@ -431,3 +431,45 @@ def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir,
   cfg.update(teacher="", summarizer="")
   with pytest.raises(ValueError, match="config.summarizer"):
     inference_report.run(cfg)
+
+
+def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier, tmp_path):
+  """`infer.quantize --out=DIR` writes a run: infer.main and the server load DIR by path (a
+  relative one, as the README writes it) and predict what the in-process int8 model does."""
+  from infer import quantize
+  out = tmp_path / "runs" / "w8a8"
+  result = subprocess.run(
+      [sys.executable, "-m", "infer.quantize", f"--workdir={classifier_dir}", "--mode=w8a8",
+       "--out=runs/w8a8"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (out / loading.QUANTIZED_DIR / "params").is_dir()
+  loaded = loading.LoadedModel.from_workdir(str(out))
+  assert (loaded.kind, loaded.quantization, loaded.step) == ("classify", "w8a8", classifier.step)
+  qmodel, qparams = quantize.quantize(classifier.model, classifier.params, "w8a8",
+                                      np.zeros((1, 8), np.int32))
+  batch = classifier.encode_for_classify(TEXTS[:4])
+  expected = np.asarray(loading.classify_probs(qmodel, qparams, batch["tokens"], batch["mask"]))
+  np.testing.assert_allclose(loaded.classify(TEXTS[:4]), expected, atol=1e-6)
+  # Batch inference from the command line, with the relative path.
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
+  result = subprocess.run(
+      [sys.executable, "-m", "infer.main", "--workdir=runs/w8a8", "--input=in.jsonl",
+       "--output=preds.jsonl", "--batch_size=4"], cwd=tmp_path,
+      env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose([p["probs"] for p in preds], expected, atol=1e-5)
+  # The server answers from it too.
+  with _serving(loaded, max_batch=1) as server:
+    status, answer = _call(server.url + "/classify", {"text": TEXTS[0]})
+  assert status == 200
+  np.testing.assert_allclose(answer["probs"], expected[0], atol=1e-5)
+
+
+def test_relative_workdir_loads_and_a_missing_one_says_so(classifier_dir, tmp_path, monkeypatch):
+  monkeypatch.chdir(os.path.dirname(classifier_dir))
+  loaded = loading.LoadedModel.from_workdir(os.path.basename(classifier_dir))
+  assert loaded.kind == "classify"
+  with pytest.raises(loading.LoadError, match=r"--workdir=nope: no such directory"):
+    loading.open_run("nope")

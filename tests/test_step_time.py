@@ -10,9 +10,7 @@ import pytest
 
 from configs import bench_step
 from bench import reference_step, step_time
-from model.config import ModelConfig
-from model.transformer import Transformer
-from train import tasks
+from train import build
 
 
 @pytest.mark.parametrize("overrides, packed", [
@@ -23,9 +21,8 @@ def test_reference_computes_the_project_loss(overrides, packed):
   """Same params, same batch -> same loss: the reference has the project's shape and math."""
   config = bench_step.get_config("tiny")
   config.model.update(**overrides)
-  c = ModelConfig.from_config(config.model, config.data.vocab_size)
-  model = Transformer(c)
-  task = tasks.get_task(config.task)(model, config)
+  parts = build.build(config)
+  c, model, task = parts.model_cfg, parts.model, parts.task
   batch = {k: jnp.asarray(v) for k, v in step_time.make_batch(config, packed, seed=1).items()}
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"])["params"])
 

@@ -6,6 +6,8 @@ and data. (The 2-process jax.distributed run and its resume: tests/test_launch.p
 """
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,3 +203,54 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, 
   ckpt.close()
   leaves = jax.tree.leaves(restored.state)
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_nonfinite_skip_drops_updates_then_stops_after_a_run_of_them(corpus, data_dir, tmp_path):
+  """config.train.nonfinite=skip, through the real loop: every non-finite step is logged and
+  skipped; MAX_CONSECUTIVE_SKIPS in a row still stop the run (exit 3)."""
+  from train.loop import MAX_CONSECUTIVE_SKIPS
+  args = base_args(corpus, data_dir, tmp_path, **{
+      "optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
+      "train.checkpoint_every": 100, "train.num_steps": 30, "train.nonfinite": "skip"})
+  result = run_main(args, timeout=300)
+  assert result.returncode == 3, result.stderr[-3000:]
+  skipped = [int(s) for s in re.findall(r"step (\d+): non-finite loss .* update skipped",
+                                        result.stderr)]
+  # Step 1 is finite and its update diverges: steps 2 .. N are skipped, step N + 1 stops.
+  assert skipped == list(range(2, MAX_CONSECUTIVE_SKIPS + 1)), result.stderr[-3000:]
+  assert f"non-finite loss at {MAX_CONSECUTIVE_SKIPS} steps in a row" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_rerunning_a_finished_run_says_so_and_validates_again(reference_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run, workdir)
+  before = losses(workdir, "validation")
+  result = run_main(base_args_for(workdir, reference_run))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"already finished (step {NUM_STEPS} of config.train.num_steps={NUM_STEPS}): "
+          "nothing to train") in result.stderr
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  again = [r for r in rows if r["split"] == "validation" and r["step"] == NUM_STEPS]
+  assert len(again) == 2 and again[0]["loss"] == again[1]["loss"] == before[NUM_STEPS]
+  assert checkpoint_steps(workdir) == checkpoint_steps(reference_run)
+
+
+def base_args_for(workdir, reference_workdir):
+  """The command line `reference_workdir` was trained with, pointed at `workdir`."""
+  config = json.loads((reference_workdir / "config.json").read_text())
+  data = config["data"]
+  return base_args(data["extra_dirs"][0], data["data_dir"], workdir)
+
+
+def test_a_failed_start_leaves_no_workdir_or_checkpoints_folder(corpus, data_dir, tmp_path):
+  bad = {"data.extra_dirs": "('/no/such/folder',)"}
+  fresh = tmp_path / "new_run"
+  result = run_main(base_args(corpus, data_dir, fresh, **bad), timeout=300)
+  assert result.returncode == 2 and "/no/such/folder" in result.stderr, result.stderr[-2000:]
+  assert not fresh.exists()
+  existing = tmp_path / "made_by_the_user"
+  existing.mkdir()
+  result = run_main(base_args(corpus, data_dir, existing, **bad), timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert existing.is_dir() and os.listdir(existing) == []

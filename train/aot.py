@@ -5,31 +5,17 @@ config can be checked on a laptop (8 fake CPU devices) before it is launched.
 """
 import jax
 
-from model import sharding as sharding_lib
-from model.config import ModelConfig
-from model.transformer import Transformer
-from train import optim, state as state_lib, step as step_lib, tasks
+from train import build
 from train import metrics as metrics_lib
 
 
-def compile_train_step(config):
-  """Returns (compiled step, abstract state, model config, mesh) for `config`."""
-  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
-  model = Transformer(model_cfg)
-  task = tasks.get_task(config.task)(model, config)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  abstract, shardings = state_lib.state_shardings(
-      model, tx, task.dummy_batch(1, config.data.seq_len), mesh)
-  compiled = step_lib.compile_train_step(
-      task, tx, schedule, config.optim.grad_accum_steps, mesh, abstract, shardings,
-      task.dummy_batch(config.data.batch_size, config.data.seq_len))
-  return compiled, abstract, model_cfg, mesh
-
-
 def report(config) -> dict:
-  compiled, abstract, model_cfg, mesh = compile_train_step(config)
-  n_params = state_lib.param_count(abstract.params)
+  """Resolves `config` like a run does, builds it and compiles its train step."""
+  config, _ = build.resolve(config)
+  parts = build.build(config)
+  compiled = parts.compile_train_step()
+  model_cfg, mesh = parts.model_cfg, parts.mesh
+  n_params = parts.param_count()
   mem = compiled.memory_analysis()
   per_device = {}
   if mem is not None:

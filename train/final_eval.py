@@ -11,26 +11,18 @@ import json
 import os
 import time
 
-import jax
-import numpy as np
 from absl import logging
 
 from eval import classification, factual, report, rouge, slices, tfidf_baseline
-from infer import decode
-from model import sharding as sharding_lib
-from train import loop as loop_lib
+from infer import loading
+from model import checkpoint as checkpoint_lib
+from train import build
 from train.data import corpus as corpus_lib
-from train.data import examples as examples_lib
 
 EVALUATORS = {m.NAME: m for m in (classification, rouge, factual)}
 # Higher is better for these metrics; the worst slice is the one with the lowest value.
 _HIGHER_IS_BETTER = ("accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
                      "entity_precision", "number_precision", "date_precision")
-
-
-def task_kind(config) -> str:
-  """classify or summarize: what the evaluated model does (a distilled student: its task)."""
-  return config.distill.task if config.task == "distill" else config.task
 
 
 def _subset(examples, n):
@@ -43,59 +35,33 @@ def _subset(examples, n):
   return [e for i, e in enumerate(examples) if i in keep]
 
 
-def predict_classes(task, params, rows, batch_size: int, mesh) -> np.ndarray:
-  """Class probabilities [N, C] for `rows`, batched and sharded like the eval step."""
-  sharding = sharding_lib.batch_sharding(mesh)
-  predict = jax.jit(task.predict)
-  out = []
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    batch = examples_lib.pad_batch(chunk, batch_size)
-    probs = predict(params, loop_lib.to_global(batch, sharding))
-    out.append(np.asarray(jax.device_get(probs))[:len(chunk)])
-  return np.concatenate(out)
-
-
-def generate_summaries(model, params, examples, tokenizer, data_cfg, eval_cfg) -> list[str]:
-  """Greedy summaries of `examples`' documents, `eval.batch_size` at a time."""
-  out = []
-  for start in range(0, len(examples), eval_cfg.batch_size):
-    chunk = examples[start:start + eval_cfg.batch_size]
-    tokens, prompt_len = decode.encode_prompts(tokenizer, [e.text for e in chunk],
-                                               data_cfg.seq_len, eval_cfg.decode_len,
-                                               data_cfg.truncation)
-    ids = decode.greedy(model, params, tokens, prompt_len, max_new=eval_cfg.decode_len,
-                        eos_id=tokenizer.eos_id)
-    out += [tokenizer.decode(decode.strip(row, tokenizer.eos_id)) for row in np.asarray(ids)]
-  return out
-
-
-def _records(config, task, model, params, tokenizer, test, test_rows, mesh):
-  if task_kind(config) == "classify":
-    probs = predict_classes(task, params, test_rows, config.eval.batch_size, mesh)
+def _records(loaded: loading.LoadedModel, params, examples, batch_size: int) -> list[dict]:
+  """One record per example for the evaluators: class probabilities or a greedy summary,
+  predicted through the inference API (batched, sharded over the run's mesh)."""
+  texts = [e.text for e in examples]
+  if loaded.kind == "classify":
+    probs = loaded.classify(texts, params, batch_size=batch_size)
     return [{"id": e.id, "label": int(e.target), "probs": p.tolist(), "text": e.text,
-             "dataset": e.source} for e, p in zip(test, probs)]
-  summaries = generate_summaries(model, params, test, tokenizer, config.data, config.eval)
+             "dataset": e.source} for e, p in zip(examples, probs)]
+  summaries = loaded.summarize(texts, params=params, batch_size=batch_size)
   return [{"id": e.id, "prediction": s, "reference": e.target, "source": e.text,
-           "dataset": e.source} for e, s in zip(test, summaries)]
+           "dataset": e.source} for e, s in zip(examples, summaries)]
 
 
 # Summaries decoded at each validation: enough for a ROUGE trend, cheap next to training.
 VALIDATION_DECODES = 32
 
 
-def validation_hooks(config, *, task, model, tokenizer, splits, rows, mesh,
-                     select_params=lambda p: p) -> dict:
+def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params) -> dict:
   """{evaluator name: fn(params) -> scalar metrics} on the validation split, for the loop;
   `select_params` picks the evaluated model's parameters from the train state's."""
   valid = splits["validation"]
-  if task_kind(config) == "summarize":
+  if loaded.kind == "summarize":
     valid = valid[:VALIDATION_DECODES]
 
   def hook(name):
     def run_on(params):
-      records = _records(config, task, model, select_params(params), tokenizer, valid,
-                         rows["validation"][:len(valid)], mesh)
+      records = _records(loaded, select_params(params), valid, config.eval.batch_size)
       metrics = EVALUATORS[name].evaluate(records, config.eval)
       return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     return run_on
@@ -111,7 +77,7 @@ def _evaluate(name, records, cfg):
   return result
 
 
-def run(config, workdir: str, *, task, model, params, tokenizer, splits, rows, mesh, writer,
+def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, writer,
         step: int, facts: dict) -> dict:
   """Evaluates `params` on the test split; returns {section: metrics} as in the report."""
   if "test" not in splits:
@@ -119,9 +85,8 @@ def run(config, workdir: str, *, task, model, params, tokenizer, splits, rows, m
     return {}
   t0 = time.perf_counter()
   chosen = set(e.id for e in _subset(splits["test"], config.eval.num_examples))
-  picked = [(e, r) for e, r in zip(splits["test"], rows["test"]) if e.id in chosen]
-  test, test_rows = [e for e, _ in picked], [r for _, r in picked]
-  records = _records(config, task, model, params, tokenizer, test, test_rows, mesh)
+  test = [e for e in splits["test"] if e.id in chosen]
+  records = _records(loaded, params, test, config.eval.batch_size)
   with open(os.path.join(workdir, "test_predictions.jsonl"), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
@@ -133,14 +98,14 @@ def run(config, workdir: str, *, task, model, params, tokenizer, splits, rows, m
       raise ValueError(f"config.eval.evaluators: unknown {name!r}; expected some of "
                        f"{sorted(EVALUATORS)}")
     sections[f"model: {name}"] = _evaluate(name, records, config.eval)
-  if task_kind(config) == "classify":
+  if loaded.kind == "classify":
     train = [{"text": e.text, "label": int(e.target)} for e in splits["train"]]
     sections["baseline: tf-idf + logistic regression"] = tfidf_baseline.run(
         train, [{"text": r["text"], "label": r["label"]} for r in records])
-  if task_kind(config) == "summarize" and "rouge" in config.eval.evaluators:
+  if loaded.kind == "summarize" and "rouge" in config.eval.evaluators:
     for base_name, base_records in rouge.lead_baselines(records).items():
       sections[f"baseline: {base_name}: rouge"] = _evaluate("rouge", base_records, config.eval)
-  if task_kind(config) == "summarize" and config.eval.rubric_examples > 0:
+  if loaded.kind == "summarize" and config.eval.rubric_examples > 0:
     from eval import rubric
     sheet = rubric.export(records, os.path.join(workdir, "rubric_sheet.csv"),
                           config.eval.rubric_examples, config.seed)
@@ -155,3 +120,42 @@ def run(config, workdir: str, *, task, model, params, tokenizer, splits, rows, m
                              notes=[f"{k}: {v}" for k, v in facts.items()])
   logging.info("test evaluation (%d examples) written to %s", len(records), path)
   return sections
+
+
+class FinetuneEvaluation:
+  """What a fine-tuning (or task-distillation) run adds to the loop: the evaluators at every
+  validation, the best-validation state kept in <workdir>/best/, and the final test evaluation
+  of that state, all predicting through the inference API."""
+
+  def __init__(self, config, workdir: str, parts: build.Parts, inputs):
+    self.config, self.workdir, self.parts, self.splits = config, workdir, parts, inputs.splits
+    self.loaded = loading.LoadedModel(config, build.task_kind(config), parts.model, None,
+                                      inputs.tokenizer, 0, mesh=parts.mesh)
+    self.best_checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"),
+                                                         every=1, keep=1)
+    latest = self.best_checkpointer.latest_step()
+    self.best = (None if latest is None else
+                 self.best_checkpointer.restore_meta(latest).get("best"))
+
+  def hooks(self, process_count: int) -> dict:
+    if process_count > 1:   # the evaluators predict on whole splits from one process
+      return {}
+    return validation_hooks(self.config, self.loaded, self.splits, self.parts.eval_params)
+
+  def final(self, result: dict, writer, facts: dict) -> dict:
+    """The test evaluation of the best validation state (else the last one) -> report.md."""
+    params = result["state"].params
+    if result["best"]:
+      restored, _ = self.best_checkpointer.restore(result["best"]["step"],
+                                                   self.parts.abstract_target())
+      params = restored.params
+      logging.info("test evaluation with the best validation state (step %d)",
+                   result["best"]["step"])
+    return run(self.config, self.workdir, loaded=self.loaded,
+               params=self.parts.eval_params(params), splits=self.splits, writer=writer,
+               step=result["step"], facts={**facts, "best validation": result["best"],
+                                           "train examples": len(self.splits["train"])})
+
+  def close(self):
+    self.best_checkpointer.close()
+

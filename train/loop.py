@@ -171,8 +171,10 @@ def run(p: LoopParts) -> dict:
       stop_early = True
 
   try:
-    if step == 0 and p.make_eval_iter:
-      last_eval = run_eval(0)      # the untrained baseline every later evaluation compares to
+    if (step == 0 or step >= num_steps) and p.make_eval_iter:
+      # Step 0: the untrained baseline every later evaluation compares to; a finished run
+      # started again: its final validation once more.
+      last_eval = run_eval(step)
     while step < num_steps:
       batch = to_global(next(p.train_iter), batch_sharding)
       state, dev_metrics = train_step(state, batch)

@@ -59,8 +59,7 @@ def main(argv):
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)   # one progress log per job, not one per host
-  from train import config_check
-  config_check.validate(config, jax.device_count(), jax.process_count())
+  # Both paths resolve the config first (train/build.py: finish, validate, freeze).
   if _AOT_ONLY.value:
     from train import aot
     aot.report(config)

@@ -7,7 +7,8 @@ micro-batches and devices.
 """
 from train.tasks import classify, distill, pretrain, summarize
 
-# "distill" is built by train/run.py (it needs the teacher); the others take (model, config).
+# "distill" is built by train/build.py around the student's task; the others take
+# (model, z_loss=...).
 TASKS = {"pretrain": pretrain.PretrainTask, "classify": classify.ClassifyTask,
          "summarize": summarize.SummarizeTask, "distill": distill.DistillTask}
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 
 class Task:
 
-  def __init__(self, model, config):
+  def __init__(self, model, *, z_loss: float = 0.0):
     self.model = model
-    self.config = config
+    self.z_loss = z_loss      # weight of log(Z)^2 in LM losses (config.optim.z_loss)
 
   def inputs(self, batch) -> tuple:
     """(tokens, keyword arguments of the model call) for `batch`."""

@@ -48,13 +48,13 @@ def _relation(hidden, valid):
 class DistillTask(Task):
   """`base`: the student's own task (classify, summarize or pretrain) on the student model."""
 
-  def __init__(self, model, config, base_task_cls, teacher_cfg: ModelConfig):
-    super().__init__(StudentTeacher(model.cfg, teacher_cfg), config)
-    self.student = model
+  def __init__(self, base: Task, teacher_cfg: ModelConfig, distill_cfg):
+    super().__init__(StudentTeacher(base.model.cfg, teacher_cfg))
+    self.student = base.model
     self.teacher = Transformer(teacher_cfg)
-    self.base = base_task_cls(model, config)
-    self.dummy_batch = base_task_cls.dummy_batch
-    d = config.distill
+    self.base = base
+    self.dummy_batch = base.dummy_batch
+    d = distill_cfg
     self.alpha, self.temperature, self.hidden_weight = d.alpha, d.temperature, d.hidden_weight
 
   def loss(self, params, batch, rng, train: bool):

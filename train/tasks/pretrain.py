@@ -52,4 +52,4 @@ class PretrainTask(Task):
 
   def score(self, logits, batch, train: bool):
     targets, weights = lm_targets(batch["tokens"], batch.get("segment_ids"))
-    return cross_entropy(logits, targets, weights, self.config.optim.z_loss if train else 0.0)
+    return cross_entropy(logits, targets, weights, self.z_loss if train else 0.0)

@@ -34,4 +34,4 @@ class SummarizeTask(Task):
 
   def score(self, logits, batch, train: bool):
     targets, weights = summary_targets(batch["tokens"], batch["mask"], batch["prefix_len"])
-    return cross_entropy(logits, targets, weights, self.config.optim.z_loss if train else 0.0)
+    return cross_entropy(logits, targets, weights, self.z_loss if train else 0.0)

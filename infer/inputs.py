@@ -1,0 +1,66 @@
+"""What the inference entry points share about their input: one error type for bad input,
+JSON parsing that says what is wrong, the model flags, and the one-line error wrapper."""
+import json
+import sys
+
+from absl import flags
+
+from infer import loading
+from model.errors import DataError
+
+
+class InputError(ValueError):
+  """Bad command-line or request input; the message names the flag, file or file:line."""
+
+
+def json_type(value) -> str:
+  """How JSON names the type of a parsed value, for error messages."""
+  names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+           int: "a number", float: "a number", type(None): "null"}
+  return names[type(value)]
+
+
+def json_object(text: str) -> dict:
+  """The JSON object `text` holds; InputError says what is wrong otherwise."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+    raise InputError(f"malformed JSON ({e.msg} at {where})") from None
+  except RecursionError:
+    raise InputError("malformed JSON (nested too deeply)") from None
+  if not isinstance(value, dict):
+    raise InputError(f"expected a JSON object, got {json_type(value)}")
+  return value
+
+
+def load_predictor(workdir: str, max_new: int | None):
+  """(LoadedModel, max_new) for --workdir / --max_new: a run that predicts (a classifier or a
+  summarizer, float or quantized), with a summary length that fits it."""
+  loaded = loading.LoadedModel.from_workdir(workdir)
+  if loaded.kind not in ("classify", "summarize"):
+    raise InputError(f"--workdir={workdir} holds a {loaded.kind!r} run; inference needs a "
+                     "fine-tuned classifier or summarizer")
+  try:
+    return loaded, loaded.check_max_new(max_new)
+  except ValueError as e:
+    raise InputError(f"--{e}") from None
+
+
+def define_model_flags():
+  """--workdir and --max_new, shared by batch inference and the server."""
+  flags.DEFINE_string("workdir", None, "A run's directory: a training run (its best state if "
+                      "kept) or a quantized copy from infer.quantize.", required=True)
+  flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
+                       "eval.decode_len).", lower_bound=1)
+
+
+def friendly_errors(main):
+  """Wraps an absl main: user errors end in one `error: ...` line and exit code 2."""
+  def wrapped(argv):
+    try:
+      main(argv)
+    except (InputError, loading.LoadError, DataError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped

@@ -1,0 +1,185 @@
+"""The one factory: a finished config -> model, task, optimizer, mesh, sharded abstract state and
+the compiled train step. Training, the ahead-of-time check, the step-time benchmark and the tests
+all build through `build`, so they run the same program.
+
+Before building, `resolve` finishes the config, validates it and freezes it, in that order:
+  finish    adopt what other runs decide: a pre-trained run's architecture and vocabulary
+            (`train.init_from`), a teacher's vocabulary and architecture (`distill.teacher`,
+            recorded as `distill.teacher_model`), and `train.num_epochs` -> `train.num_steps`
+            from the number of training examples;
+  validate  train/config_check.py, on the finished values;
+  freeze    a FrozenConfigDict: what was validated is what runs (and what is saved).
+"""
+import dataclasses
+
+import jax
+import ml_collections
+from absl import logging
+
+from infer import loading
+from model import sharding as sharding_lib
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import config_check, optim, tasks
+from train import state as state_lib
+from train import step as step_lib
+from train.config_check import ConfigError
+from train.data import examples as examples_lib
+
+# What a fine-tuning run takes from its init_from run (besides data.vocab_size).
+ARCHITECTURE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                     "mlp_activation", "positions", "rope_theta", "max_len", "tie_embeddings")
+
+
+task_kind = loading.task_kind   # pretrain | classify | summarize: what the trained model does
+
+
+def is_finetuning(config) -> bool:
+  return task_kind(config) in ("classify", "summarize")
+
+
+@dataclasses.dataclass
+class Sources:
+  """The other runs and data a resolved config was finished from."""
+  pretrained: loading.Run | None = None   # train.init_from
+  teacher: loading.Run | None = None      # distill.teacher
+  splits: dict | None = None              # fine-tuning examples {split: [Example]}
+
+
+def _open(path: str, key: str, prefer_best: bool = False) -> loading.Run:
+  try:
+    run = loading.open_run(path, prefer_best=prefer_best, what=f"config.{key}")
+  except loading.LoadError as e:
+    raise ConfigError(str(e)) from None
+  if run.quantization != "none":
+    raise ConfigError(f"config.{key}={path} is a quantized ({run.quantization}) run; train "
+                      "from the float run it was made from")
+  logging.info("config.%s: %s step %d (%.2fM params)", key, run.workdir, run.step,
+               run.meta.get("params", 0) / 1e6)
+  return run
+
+
+def _adopt(config, key: str, value, changed: list):
+  section, name = key.split(".")
+  if config[section][name] != value:
+    changed.append(f"{key}: {config[section][name]} -> {value}")
+    config[section][name] = value
+
+
+def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
+  """A finished copy of `config` (see the module docstring) and what it was finished from."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  sources, changed = Sources(), []
+  if config.task == "distill":
+    if not config.distill.teacher:
+      raise ConfigError("config.task='distill' needs config.distill.teacher (a run's workdir)")
+    sources.teacher = _open(config.distill.teacher, "distill.teacher", prefer_best=True)
+    teacher_config = sources.teacher.meta["config"]
+    _adopt(config, "data.vocab_size", teacher_config["data"]["vocab_size"], changed)
+    config.distill.teacher_model = ml_collections.ConfigDict(teacher_config["model"])
+  if is_finetuning(config) and config.train.init_from:
+    sources.pretrained = _open(config.train.init_from, "train.init_from")
+    source = sources.pretrained.meta["config"]
+    for key in ARCHITECTURE_KEYS:
+      _adopt(config, f"model.{key}", source["model"][key], changed)
+    _adopt(config, "data.vocab_size", source["data"]["vocab_size"], changed)
+  if changed:
+    logging.info("taken from the runs this one starts from: %s", ", ".join(changed))
+  if is_finetuning(config):
+    sources.splits = examples_lib.load_splits(config.data, task_kind(config),
+                                              config.model.num_classes)
+    if config.train.num_epochs > 0:
+      epoch = -(-len(sources.splits["train"]) // config.data.batch_size)
+      config.train.num_steps = max(1, round(config.train.num_epochs * epoch))
+      config.train.eval_every = epoch
+      logging.info("%g epochs of %d steps: num_steps=%d, validation every epoch",
+                   config.train.num_epochs, epoch, config.train.num_steps)
+  return config, sources
+
+
+def resolve(config, num_devices: int | None = None, process_count: int | None = None):
+  """(frozen finished config, Sources): finish, then validate, then freeze."""
+  config, sources = finish(config)
+  config_check.validate(config, num_devices or jax.device_count(),
+                        process_count or jax.process_count())
+  return ml_collections.FrozenConfigDict(config), sources
+
+
+def make_task(config, model):
+  """The task for `config` on `model`; distillation wraps the student's own task around the
+  teacher recorded in distill.teacher_model. Tasks get the sub-configs they use."""
+  task_cls = tasks.get_task(task_kind(config))
+  base = task_cls(model, z_loss=config.optim.z_loss)
+  if config.task != "distill":
+    return base
+  from train.tasks import distill
+  if not config.distill.get("teacher_model"):
+    raise ConfigError("config.distill.teacher_model is unset: resolve the config (it is read "
+                      "from the run config.distill.teacher names)")
+  teacher_cfg = ModelConfig.from_config(config.distill.teacher_model, config.data.vocab_size)
+  return distill.DistillTask(base, teacher_cfg, config.distill)
+
+
+@dataclasses.dataclass
+class Parts:
+  """What `build` returns: everything a train step needs, nothing allocated yet."""
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  model: Transformer                 # the trained model (the student when distilling)
+  task: object
+  tx: object
+  schedule: object
+  mesh: jax.sharding.Mesh
+  abstract: state_lib.TrainState     # unboxed ShapeDtypeStructs
+  shardings: state_lib.TrainState    # NamedShardings of the same tree
+
+  @property
+  def distilling(self) -> bool:
+    return self.config.task == "distill"
+
+  @property
+  def eval_task(self):
+    """The task evaluated and served: the student's own when distilling."""
+    return self.task.base if self.distilling else self.task
+
+  def eval_params(self, params):
+    """The evaluated model's parameters in the train state's."""
+    return params["student"] if self.distilling else params
+
+  def dummy_batch(self, batch_size: int | None = None, seq_len: int | None = None) -> dict:
+    return self.task.dummy_batch(batch_size or self.config.data.batch_size,
+                                 seq_len or self.config.data.seq_len)
+
+  def abstract_target(self):
+    """ShapeDtypeStructs with shardings: what a checkpoint restores into."""
+    return state_lib.abstract_with_shardings(self.abstract, self.shardings)
+
+  def init_state(self, seed: int | None = None):
+    """A fresh state, created directly into its shardings."""
+    state, _, _ = state_lib.create_state(self.task.model, self.tx, self.dummy_batch(1),
+                                         self.mesh, self.config.seed if seed is None else seed)
+    return state
+
+  def compile_train_step(self, batch: dict | None = None):
+    """The sharded, donating train step, compiled for `batch`'s shapes (default: the config's
+    batch_size x seq_len)."""
+    return step_lib.compile_train_step(
+        self.task, self.tx, self.schedule, self.config.optim.grad_accum_steps, self.mesh,
+        self.abstract, self.shardings, batch or self.dummy_batch(),
+        skip_nonfinite=self.config.train.nonfinite == "skip")
+
+  def param_count(self) -> int:
+    return state_lib.param_count(self.eval_params(self.abstract.params))
+
+
+def build(config, mesh: jax.sharding.Mesh | None = None) -> Parts:
+  """Model -> task -> optimizer -> mesh -> abstract sharded state for a resolved config."""
+  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  model = Transformer(model_cfg)
+  task = make_task(config, model)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps,
+                                     frozen=("teacher",) if config.task == "distill" else ())
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  abstract, shardings = state_lib.state_shardings(task.model, tx, task.dummy_batch(
+      1, config.data.seq_len), mesh)
+  return Parts(config, model_cfg, model, task, tx, schedule, mesh, abstract, shardings)
