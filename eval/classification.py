@@ -8,9 +8,9 @@ and the per-class table expose a model that ignores a minority class, the confus
 says which classes it confuses, and ECE / NLL say whether its probabilities can be trusted
 (a fine-tuned transformer is often accurate but over-confident).
 
-Definitions:
+Definitions (the first three computed by sklearn.metrics):
 - per class c: precision = TP / predicted c, recall = TP / true c, F1 their harmonic mean; 0
-  where the denominator is 0 (as sklearn's zero_division=0).
+  where the denominator is 0 (zero_division=0).
 - macro_f1: mean F1 over the classes that occur as a label or a prediction (sklearn's default
   label set), so a class absent from both does not count as a zero.
 - confusion_matrix[i][j]: examples of true class i predicted as j.
@@ -65,30 +65,31 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
 
 
 def evaluate(records: list[dict], cfg) -> dict:
+  # Imported here, as in the other evaluators: importing this module (the training run's final
+  # evaluation does) stays cheap.
+  from sklearn import metrics
   labels, probs = _arrays(records)
   num_classes = probs.shape[1]
+  classes = np.arange(num_classes)
   predicted = probs.argmax(1)
   correct = (predicted == labels).astype(np.float64)
 
   out = {"count": len(records), "num_classes": num_classes}
+  # accuracy_score(labels, predicted) is this mean; add_mean also needs the per-example values
+  # for its bootstrap CI.
   common.add_mean(out, "accuracy", correct, cfg)
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(confusion, (labels, predicted), 1)
-  tp = np.diag(confusion).astype(np.float64)
-  support, predicted_count = confusion.sum(1), confusion.sum(0)
-  precision = np.divide(tp, predicted_count, out=np.zeros_like(tp), where=predicted_count > 0)
-  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-  denom = precision + recall
-  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-  present = (support > 0) | (predicted_count > 0)
-  out["macro_f1"] = float(f1[present].mean())
+  precision, recall, f1, support = metrics.precision_recall_fscore_support(
+      labels, predicted, labels=classes, zero_division=0)
+  out["macro_f1"] = float(metrics.f1_score(labels, predicted, average="macro", zero_division=0))
   out["ece"] = expected_calibration_error(probs.max(1), correct)
+  # Not sklearn's log_loss: it clips at float64 eps (not 1e-12) and warns on float32 softmax
+  # outputs whose sums are off by 1e-7, which the check in _arrays accepts.
   p_true = probs[np.arange(len(labels)), labels]
   out["nll"] = float(-np.log(np.maximum(p_true, 1e-12)).mean())
   out["per_class"] = [
       {"class": c, "precision": float(precision[c]), "recall": float(recall[c]),
        "f1": float(f1[c]), "support": int(support[c])} for c in range(num_classes)]
-  out["confusion_matrix"] = confusion.tolist()
+  out["confusion_matrix"] = metrics.confusion_matrix(labels, predicted, labels=classes).tolist()
   return out
 
 

@@ -1,5 +1,8 @@
 """Orbax checkpoints: train state, per-process data-iterator state and run metadata.
 
+The data-iterator state is saved by grain's own Orbax handler (grain.checkpoint: one JSON file
+per process, each reading its own shard), so the iterator is a grain DatasetIterator.
+
 One CheckpointManager under <workdir>/checkpoints. Saves are asynchronous (the step loop goes on
 while arrays are written) and atomic (Orbax writes to a temporary directory and renames it), so a
 run killed mid-save still restores the previous step. Restoring takes target shardings, so a
@@ -14,11 +17,8 @@ never deleted) when the run saves that step again. A checkpoint written for a di
 
 This module imports nothing above model/: eval/ and infer/ use it to restore.
 """
-import dataclasses
-import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 
@@ -71,48 +72,15 @@ def _unreadable_because(error: Exception) -> str:
   return f"unreadable: {type(error).__name__}: {first_line[:200]}"
 
 
-def _iterator_path(directory):
-  return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
 def _iterator_file(directory):
-  """This process's saved iterator state; FileNotFoundError if the process count changed."""
-  path = _iterator_path(directory)
+  """This process's saved iterator state, named as grain.checkpoint.CheckpointHandler names it;
+  FileNotFoundError if the process count changed (grain's own error does not say why)."""
+  path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   if not path.exists():
     raise FileNotFoundError(
         f"{path} is missing: the checkpoint was written by a different number of processes "
         f"({jax.process_count()} now); the data position cannot be resumed exactly")
   return path
-
-
-class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves each process's input-iterator state (any object with JSON get_state/set_state).
-
-  Every process writes its own file, because each reads a different shard of the data.
-  """
-
-  def save(self, directory, args):
-    _iterator_path(directory).write_text(json.dumps(args.iterator.get_state()))
-
-  def restore(self, directory, args):
-    args.iterator.set_state(json.loads(_iterator_file(directory).read_text()))
-    return args.iterator
-
-  def metadata(self, directory):
-    del directory
-    return None
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
-@dataclasses.dataclass
-class DataIteratorSave(ocp.args.CheckpointArgs):
-  iterator: Any
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class DataIteratorRestore(ocp.args.CheckpointArgs):
-  iterator: Any
 
 
 class Checkpointer:
@@ -178,7 +146,7 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
             "integrity": ocp.args.JsonSave({"checksums": state_checksums(state)})}
     if data_iter is not None:
-      args["data"] = DataIteratorSave(data_iter)
+      args["data"] = grain_checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
@@ -233,7 +201,7 @@ class Checkpointer:
     recorded at save (older checkpoints without checksums are only read)."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-      args["data"] = DataIteratorRestore(data_iter)
+      args["data"] = grain_checkpoint.CheckpointRestore(data_iter)
     recorded = (self._step_dir(step) / "integrity").exists()
     if recorded:
       args["integrity"] = ocp.args.JsonRestore()

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -70,11 +71,16 @@ def _assert_bit_identical(restored, host):
     np.testing.assert_array_equal(g, w, err_msg=name)
 
 
-class FakeIterator:
-  """A data iterator with JSON get_state/set_state, like the grain pipeline's."""
+class FakeIterator(grain.DatasetIterator):
+  """A grain DatasetIterator with JSON get_state/set_state, like the pipeline's LMIterator."""
 
   def __init__(self, seed=0):
+    super().__init__()
     self.position, self.seed, self.epoch = 0, seed, 0
+    self.prefetching = False
+
+  def start_prefetch(self):
+    self.prefetching = True
 
   def __next__(self):
     self.position += 1
@@ -212,6 +218,7 @@ def test_data_iterator_state_round_trips(tmp_path):
   finally:
     ckpt.close()
   assert fresh.get_state() == saved_state
+  assert fresh.prefetching   # grain's handler starts reading ahead once the state is set
   assert [next(fresh) for _ in range(3)] == expected_next
   _assert_bit_identical(restored, host)
   assert meta == META

@@ -7,6 +7,7 @@ import pickle
 import random
 import shutil
 
+from grain import checkpoint as grain_checkpoint
 import numpy as np
 import pytest
 
@@ -188,15 +189,18 @@ def test_process_shards_are_disjoint_and_cover(prepared):
   assert seen[0] | seen[1] == {tuple(d) for d in all_docs}
 
 
-def _assert_resumes(cfg, tok, dataset, skip):
+def _assert_resumes(cfg, tok, dataset, skip, directory):
+  # Through grain's Orbax handler, as model/checkpoint.py saves and restores it.
+  handler = grain_checkpoint.CheckpointHandler()
   it = pipeline.make_lm_iterator(cfg, tok, "train", seed=3, dataset=dataset)
   for _ in range(skip):
     next(it)
-  state = json.loads(json.dumps(it.get_state()))
+  directory.mkdir()
+  handler.save(directory, args=grain_checkpoint.CheckpointSave(it))
   expected = [next(it) for _ in range(5)]
   it.close()
   resumed = pipeline.make_lm_iterator(cfg, tok, "train", seed=3, dataset=dataset)
-  resumed.set_state(state)
+  handler.restore(directory, args=grain_checkpoint.CheckpointRestore(resumed))
   for want in expected:
     got = next(resumed)
     for key in want:
@@ -204,19 +208,20 @@ def _assert_resumes(cfg, tok, dataset, skip):
   resumed.close()
 
 
-def test_state_restore_is_exact(prepared):
+def test_state_restore_is_exact(prepared, tmp_path):
   cfg, tok, dataset = prepared
   for skip in (0, 7, 45):  # 45 batches cross an epoch boundary of this corpus
-    _assert_resumes(cfg, tok, dataset, skip)
+    _assert_resumes(cfg, tok, dataset, skip, tmp_path / str(skip))
   it = pipeline.make_lm_iterator(cfg, tok, "train", seed=3, dataset=dataset)
   other = pipeline.make_lm_iterator(cfg, tok, "train", seed=4, dataset=dataset)
   with pytest.raises(DataError, match="different pipeline"):
     other.set_state(it.get_state())
 
 
-def test_state_restore_with_worker_processes(prepared):
+def test_state_restore_with_worker_processes(prepared, tmp_path):
   cfg, tok, dataset = prepared
-  _assert_resumes(_config(cfg.data_dir, *cfg.extra_dirs, num_workers=2), tok, dataset, 9)
+  _assert_resumes(_config(cfg.data_dir, *cfg.extra_dirs, num_workers=2), tok, dataset, 9,
+                  tmp_path / "9")
 
 
 def test_licensedcode_corpus_strips_front_matter(tmp_path):

@@ -4,7 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
+from absl import app
+from absl import flags as absl_flags
 import chex
 import flax.linen as nn
 import jax
@@ -127,41 +130,55 @@ def test_restores_checkpoint_params_and_measures_them(params, tmp_path):
     latency.restore_params(str(tmp_path / "nowhere"), model, jax.devices()[0])
 
 
-def test_overrides_target_presets_and_keep_the_preset_size():
-  spec = os.path.join(_ROOT, "configs/legal_pretrain.py") + ":base"
-  label, config, items, preset_params = latency.prepare(
-      spec, ["data.seq_len=64", "base:model.num_layers=2", "tiny:model.d_model=8",
-             "legal_pretrain:base:model.mlp_dim=256", "other.py:base:model.dtype=float32"])
-  assert label == "legal_pretrain:base"
-  assert items == ["data.seq_len=64", "base:model.num_layers=2",
-                   "legal_pretrain:base:model.mlp_dim=256"]
-  assert (config.data.seq_len, config.model.num_layers, config.model.mlp_dim,
-          config.model.d_model, config.model.dtype) == (64, 2, 256, 2048, "bfloat16")
-  assert preset_params > 1.5e9   # the 24-layer preset, counted abstractly
-  tiny = os.path.join(_ROOT, "configs/legal_pretrain.py") + ":tiny"
-  with pytest.raises(TypeError):
-    latency.prepare(tiny, ["model.num_layers=two"])
-  with pytest.raises(KeyError):
-    latency.prepare(tiny, ["model.num_layer=2"])
+def _models_from(*args):
+  """latency.configs_from_flags on args, parsed by the CLI's own flags (a private FlagValues;
+  config_flags reads the --config.KEY overrides from sys.argv)."""
+  argv = ["bench.latency", *args]
+  flag_values = absl_flags.FlagValues()
+  latency._define_flags(flag_values)
+  with mock.patch.object(sys, "argv", argv):
+    flag_values(argv)
+  return latency.configs_from_flags(flag_values)
+
+
+def test_config_flag_overrides_apply_to_every_config_and_keep_the_preset_size():
+  base, tiny = (os.path.join(_ROOT, "configs/legal_pretrain.py") + p for p in (":base", ":tiny"))
+  first, second = _models_from(f"--config={base}", f"--compare={tiny}",
+                               "--config.data.seq_len=64", "--config.model.num_layers=2",
+                               "--config.model.dtype=float32")
+  assert (first["spec"], second["spec"]) == (base, tiny)
+  assert (first["label"], second["label"]) == ("legal_pretrain:base", "legal_pretrain:tiny")
+  for m in (first, second):
+    assert m["overrides"] == ["data.seq_len=64", "model.num_layers=2", "model.dtype=float32"]
+    assert (m["config"].data.seq_len, m["config"].model.num_layers,
+            m["config"].model.dtype) == (64, 2, "float32")
+  assert first["config"].model.d_model == 2048 and second["config"].model.d_model < 2048
+  assert first["preset_params"] > 1.5e9   # the 24-layer preset, counted abstractly
+  assert second["preset_params"] < 1e7
+  with pytest.raises(absl_flags.IllegalFlagValueError):   # config_flags checks the type
+    _models_from(f"--config={tiny}", "--config.model.num_layers=two")
+  with pytest.raises(AttributeError, match="Did you mean \"num_layers\""):   # and the key
+    _models_from(f"--config={tiny}", "--config.model.num_layer=2")
+  with pytest.raises(app.UsageError, match="nowhere.py"):
+    _models_from(f"--config={tiny}", "--compare=configs/nowhere.py:tiny")
 
 
 def test_cli_compares_two_configs_and_writes_json(tmp_path):
   out = tmp_path / "latency.json"
   stdout = _run_module(
-      "bench.latency", "--compare=configs/bench_step.py:tiny,configs/legal_pretrain.py:tiny",
-      "--seq_len=16", "--batch_sizes=2", "--iters=3", "--warmup=1",
-      "--override=model.num_layers=1", "--override=legal_pretrain:tiny:model.d_model=64",
-      "--task=classify", f"--out={out}")
+      "bench.latency", "--config=configs/bench_step.py:tiny",
+      "--compare=configs/legal_pretrain.py:tiny", "--config.data.seq_len=16",
+      "--batch_sizes=2", "--iters=3", "--warmup=1", "--config.model.num_layers=1",
+      "--config.model.d_model=64", "--task=classify", f"--out={out}")
   reports = json.loads(out.read_text())
   assert [r["label"] for r in reports] == ["bench_step:tiny", "legal_pretrain:tiny"]
-  assert reports[0]["overrides"] == ["data.seq_len=16", "model.num_layers=1"]
-  assert reports[1]["overrides"] == ["data.seq_len=16", "model.num_layers=1",
-                                     "legal_pretrain:tiny:model.d_model=64"]
+  for r in reports:
+    assert r["overrides"] == ["data.seq_len=16", "model.num_layers=1", "model.d_model=64"]
   assert [r["model"]["d_model"] for r in reports] == [64, 64]
   for r in reports:   # the table keeps the preset's own size next to what was measured
     assert r["model"]["num_layers"] == 1 and r["preset_params"] > r["size"]["params"]
   for r in reports:
-    assert r["task"] == "classify" and list(r["results"]) == ["2"]
+    assert r["task"] == "classify" and r["seq_len"] == 16 and list(r["results"]) == ["2"]
     # classify returns the pooled [B, d_model] float32 states, not logits
     assert r["results"]["2"]["xla_bytes"]["output"] == 4 * 2 * r["model"]["d_model"]
   assert "legal_pretrain:tiny" in stdout and "p99 ms" in stdout

@@ -13,7 +13,6 @@ restart at 0 for every segment, and 0 in `segment_ids` marks padding. Only the e
 non-repeating split leaves padding: the last row is zero-padded and the last batch is filled
 with all-padding rows, so every batch has the same shape.
 """
-from collections.abc import Iterator
 import dataclasses
 import functools
 import os
@@ -78,14 +77,17 @@ def _stack_and_pad(rows, batch_size: int):
           for key in rows[0]}
 
 
-class LMIterator(Iterator):
+class LMIterator(grain.DatasetIterator):
   """Yields {'tokens', 'segment_ids', 'positions'}: int32 [batch_size // process_count, seq_len].
 
-  `get_state()` returns a JSON-serializable dict; `set_state()` on an iterator made with the
-  same arguments resumes with bit-identical batches.
+  A grain DatasetIterator on top of the pipeline's, so grain's Orbax handler
+  (grain.checkpoint.CheckpointHandler) saves it as JSON. `get_state()` returns a
+  JSON-serializable dict; `set_state()` on an iterator made with the same arguments resumes with
+  bit-identical batches, and refuses (DataError) a state saved by a different pipeline.
   """
 
   def __init__(self, dataset: grain.IterDataset, identity: dict):
+    super().__init__()
     self._iterator = iter(dataset)
     self._identity = identity
     # Close and drop the grain iterator (its threads / worker processes) when this object
@@ -96,8 +98,13 @@ class LMIterator(Iterator):
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._iterator)
 
+  def start_prefetch(self) -> None:
+    """Starts reading ahead (grain's handler calls it after restoring); idempotent."""
+    self._iterator.start_prefetch()
+
   def close(self) -> None:
     self._finalizer()
+    super().close()
 
   def get_state(self) -> dict:
     return {"format": STATE_FORMAT, "pipeline": self._identity,
