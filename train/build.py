@@ -137,11 +137,6 @@ class Parts:
   def distilling(self) -> bool:
     return self.config.task == "distill"
 
-  @property
-  def eval_task(self):
-    """The task evaluated and served: the student's own when distilling."""
-    return self.task.base if self.distilling else self.task
-
   def eval_params(self, params):
     """The evaluated model's parameters in the train state's."""
     return params["student"] if self.distilling else params
