@@ -4,7 +4,8 @@
   python -m train.main --config=configs/legal_pretrain.py --workdir=gs://bucket/lm   # pod size
 
 Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, the default `base`
-(a ~1.7B-parameter run meant for a TPU/GPU pod), and `imdb_lm` (2.1M parameters on legal text
+(a ~1.7B-parameter run meant for a TPU/GPU pod), `llama3_8b` (Llama-3-8B's shape, for the TPU
+ahead-of-time table: --aot_only --aot_topology=v5p-128), and `imdb_lm` (2.1M parameters on legal text
 plus IMDB train reviews: the starting point of the fine-tuning results in the README). Any key can be overridden on the command line,
 e.g. `--config.optim.lr=1e-3 --config.model.attention.kind=full`.
 """
@@ -80,4 +81,36 @@ def _imdb_lm(config):
                       checkpoint_every=100)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "imdb_lm": _imdb_lm}
+def _llama3_8b(config):
+  # Llama-3-8B's shape (~8.0B params): 32 layers, d_model 4096, 32 heads / 8 kv heads (GQA) of
+  # 128, SwiGLU 14336, vocab 128256, untied, rope theta 500k; seq 4096 x batch 256 = 1M tokens
+  # per step, bf16 compute, fsdp over every device. The README's TPU table compiles it for
+  # v5p-128 / v5e-256 (--aot_topology) with remat none / dots / full and fsdp vs fsdp x tensor.
+  _base(config)
+  config.data.vocab_size = 128_256
+  config.data.seq_len = 4096
+  config.data.batch_size = 256
+  config.model.update(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                      mlp_dim=14_336, mlp_activation="swiglu", rope_theta=500_000.0,
+                      tie_embeddings=False, dtype="bfloat16", remat="full")
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "imdb_lm": _imdb_lm,
+           "llama3_8b": _llama3_8b}
+
+
+def _mixture(config):
+  # Pre-training from a weighted mixture (data.mixture; train/data/mixture.py), weights = token
+  # shares: the licensedcode legal corpus, CUAD contracts, IN-Abs *train* judgments (never its
+  # test documents) and IMDB's unlabelled reviews. The tiny model and schedule; each source
+  # capped at data.max_docs documents.
+  from configs.finetune_common import data_path
+  _tiny(config)
+  config.data.mixture = (
+      "legal=licensedcode:0.4",
+      "cuad=" + data_path("legal_pretrain_corpus/cuad_contracts.jsonl.gz") + ":0.2",
+      "in_abs=" + data_path("legal_summ_in_abs/in_abs_train.jsonl.gz") + ":0.2",
+      "imdb_unsup=" + data_path("sentiment_imdb/unsup.jsonl.gz") + ":0.2")
+
+
+PRESETS["mixture"] = _mixture

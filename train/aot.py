@@ -1,33 +1,131 @@
 """Ahead-of-time check for big configs: build, shard and compile the train step, no data.
 
 Reports parameter count, per-device memory of the compiled step and model FLOPs, so a pod-sized
-config can be checked on a laptop (8 fake CPU devices) before it is launched.
+config can be checked on a laptop before it is launched: on 8 fake CPU devices (XLA:CPU's
+memory numbers say little about an accelerator), or, with `topology="v5p-128"` (train.main's
+--aot_topology), for a real TPU slice by the real TPU compiler (libtpu) on a host without a TPU:
+per-chip HBM against the chip's capacity, a fits / does-not-fit line, the compiler's FLOPs and
+bytes per step, and the collectives in the compiled program (train/topologies.py).
 """
+import pickle
+import time
+
 import jax
 
+from model import sharding as sharding_lib
 from train import build
 from train import metrics as metrics_lib
+from train import topologies
+
+_MEMORY_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                "generated_code_size_in_bytes", "alias_size_in_bytes")
 
 
-def report(config) -> dict:
-  """Resolves `config` like a run does, builds it and compiles its train step."""
-  config, _ = build.resolve(config)
-  parts = build.build(config)
+def memory(compiled) -> dict:
+  """Per-device bytes of a compiled step; total = arguments + outputs - aliased (donated) +
+  temporaries + generated code."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  out = {k: int(getattr(mem, k, 0) or 0) for k in _MEMORY_KEYS}
+  out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                        - out["alias_size_in_bytes"] + out["temp_size_in_bytes"]
+                        + out["generated_code_size_in_bytes"])
+  return out
+
+
+def cost(compiled) -> dict:
+  """The compiler's FLOPs and bytes accessed per step, per device (empty where it has none)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {k: float(analysis[key]) for k, key in (("compiler_flops", "flops"),
+                                                  ("compiler_bytes_accessed", "bytes accessed"))
+          if key in analysis}
+
+
+def save(compiled, path: str) -> str:
+  """Writes the compiled step: HLO text for *.hlo / *.txt, else the serialized executable
+  (jax.experimental.serialize_executable, pickled), falling back to HLO text."""
+  if not path.endswith((".hlo", ".txt")):
+    try:
+      from jax.experimental import serialize_executable
+      blob = serialize_executable.serialize(compiled)
+      with open(path, "wb") as f:
+        pickle.dump(blob, f)
+      return "serialized executable"
+    except Exception:  # pylint: disable=broad-except
+      pass
+  with open(path, "w") as f:
+    f.write(compiled.as_text())
+  return "HLO text"
+
+
+def report(config, topology: str | None = None, save_path: str | None = None) -> dict:
+  """Resolves `config` like a run does, builds it and compiles its train step, for this host's
+  devices or for the TPU slice `topology` names (v5p-128, v5e-256, v6e-256, v4-8, v5e:16x16)."""
+  tpu_slice, capacity, peak = None, None, None
+  if topology:
+    tpu_slice = topologies.parse(topology)
+    topologies.quiet_libtpu_env(tpu_slice)
+    devices = topologies.devices(tpu_slice)
+    capacity = topologies.hbm_per_device(tpu_slice, len(devices))
+    peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
+    hosts = len({d.process_index for d in devices})
+    config, _ = build.resolve(config, num_devices=len(devices), process_count=hosts)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+  else:
+    config, _ = build.resolve(config)
+    mesh = None
+    devices = jax.devices()
+  t0 = time.perf_counter()
+  parts = build.build(config, mesh)
   compiled = parts.compile_train_step()
+  compile_s = time.perf_counter() - t0
   model_cfg, mesh = parts.model_cfg, parts.mesh
   n_params = parts.param_count()
-  mem = compiled.memory_analysis()
-  per_device = {}
-  if mem is not None:
-    per_device = {k: getattr(mem, k) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                               "temp_size_in_bytes")}
+  mem = memory(compiled)
   tokens = config.data.batch_size * config.data.seq_len
   flops = metrics_lib.train_flops_per_token(model_cfg, config.data.seq_len) * tokens
-  out = {"params": n_params, "mesh": dict(mesh.shape), "devices": jax.device_count(),
-         "model_flops_per_step": flops, **per_device}
-  print(f"AOT compile OK: {n_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
-        f"({jax.device_count()} {jax.devices()[0].platform} devices)")
-  for k, v in per_device.items():
-    print(f"  per-device {k}: {v / 2**30:.2f} GiB")
-  print(f"  model FLOPs per step: {flops:.3e} ({tokens} tokens)")
+  kind = devices[0].device_kind if tpu_slice else devices[0].platform
+  out = {"params": n_params, "mesh": dict(mesh.shape), "devices": len(devices),
+         "device_kind": kind, "model_flops_per_step": flops, "tokens_per_step": tokens,
+         "compile_s": compile_s, "remat": config.model.remat, **mem, **cost(compiled)}
+  where = f"{len(devices)} {kind} devices"
+  if tpu_slice:
+    where += f", {tpu_slice.name} = {tpu_slice.topology}, {tpu_slice.num_chips} chips"
+  print(f"AOT compile OK in {compile_s:.0f} s: {n_params / 1e6:.1f}M params on mesh "
+        f"{dict(mesh.shape)} ({where}), remat={config.model.remat}, "
+        f"batch {config.data.batch_size} x seq {config.data.seq_len}")
+  for k in _MEMORY_KEYS[:4]:
+    if k in mem:
+      print(f"  per-device {k}: {mem[k] / 2**30:.2f} GiB")
+  if mem:
+    print(f"  per-device total (arguments + outputs - donated aliases + temporaries + code): "
+          f"{mem['total_bytes'] / 2**30:.2f} GiB")
+  print(f"  model FLOPs per step: {flops:.3e} ({tokens} tokens; "
+        f"{flops / len(devices):.3e} per device)")
+  if "compiler_flops" in out:
+    print(f"  compiler cost analysis per device: {out['compiler_flops']:.3e} FLOPs, "
+          f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed")
+  if tpu_slice:
+    out["collectives"] = topologies.count_collectives(compiled.as_text())
+    out["hbm_per_device_bytes"] = capacity
+    out["fits"] = bool(mem) and mem["total_bytes"] <= capacity
+    ideal_s = flops / len(devices) / peak
+    out["ideal_step_s"] = ideal_s
+    print("  collectives in the compiled step (static count): " +
+          ", ".join(f"{k} {v}" for k, v in out["collectives"].items()))
+    print(f"  at 100% MFU ({peak / 1e12:.0f} TFLOP/s bf16 per device) a step takes "
+          f"{1e3 * ideal_s:.3g} ms")
+    if mem:
+      print(f"  {topologies.fit_line(mem['total_bytes'], capacity)} "
+            f"({tpu_slice.chip.generation}, {capacity / 2**30:.0f} GiB HBM per device)")
+  if save_path:
+    what = save(compiled, save_path)
+    print(f"  saved the compiled step ({what}) to {save_path}")
   return out

@@ -26,6 +26,14 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "(auto-detected cluster); off: single process.")
 _AOT_ONLY = flags.DEFINE_bool("aot_only", False,
                               "Compile the sharded train step and report memory; no data, no run.")
+_AOT_TOPOLOGY = flags.DEFINE_string(
+    "aot_topology", None, "With --aot_only: compile for this TPU slice with the TPU compiler "
+    "(libtpu, pip install -r requirements-tpu.txt) instead of this host's devices, e.g. "
+    "v5p-128, v5e-256, v6e-256, v4-8 or v5e:16x16; prints per-chip HBM against capacity "
+    "(fits / does not fit), FLOPs, bytes and collectives per step (train/topologies.py).")
+_AOT_SAVE = flags.DEFINE_string(
+    "aot_save", None, "With --aot_only: write the compiled train step here (a serialized "
+    "executable; HLO text when the path ends in .hlo or .txt).")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print every config key: the value this run would use, its preset "
     "default, and * where a --config.KEY flag set it; then exit without training.")
@@ -54,6 +62,11 @@ def main(argv):
     cli.print_config()
     return
   log_setup.quiet_libraries()
+  if _AOT_TOPOLOGY.value:
+    if not _AOT_ONLY.value:
+      raise app.UsageError("--aot_topology compiles for a TPU slice: add --aot_only")
+    from train import topologies   # before jax loads libtpu: quiet its host probing
+    topologies.quiet_libtpu_env(topologies.parse(_AOT_TOPOLOGY.value))
   init_distributed(_DISTRIBUTED.value)
 
   import jax
@@ -62,7 +75,7 @@ def main(argv):
   # Both paths resolve the config first (train/build.py: finish, validate, freeze).
   if _AOT_ONLY.value:
     from train import aot
-    aot.report(config)
+    aot.report(config, topology=_AOT_TOPOLOGY.value, save_path=_AOT_SAVE.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (where checkpoints and metrics go)")
@@ -76,9 +89,10 @@ def _friendly_errors(argv):
   from train.config_check import ConfigError
   from model.errors import DataError
   from train.loop import NonFiniteLossError
+  from train.topologies import TopologyError
   try:
     main(argv)
-  except (CheckpointError, ConfigError, DataError, NonFiniteLossError) as e:
+  except (CheckpointError, ConfigError, DataError, NonFiniteLossError, TopologyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3 if isinstance(e, NonFiniteLossError) else 2)
 

@@ -1,0 +1,138 @@
+"""TPU slices by name, the fits / does-not-fit arithmetic, collective counting, the one-line
+error without libtpu, and (where libtpu is installed) a real compile for the smallest slice."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from train import topologies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+
+
+@pytest.mark.parametrize("name,topology,chips,accel", [
+    ("v5p-128", "v5p:4x4x4", 64, "v5p-128"),
+    ("v5e-256", "v5e:16x16", 256, "v5litepod-256"),
+    ("v6e-256", "v6e:16x16", 256, "v6e-256"),
+    ("v4-8", "v4:2x2x1", 4, "v4-8"),
+    ("v5e-8", "v5e:2x4", 8, "v5litepod-8"),
+    ("v5litepod-16", "v5e:4x4", 16, "v5litepod-16"),
+    ("V5P-8", "v5p:2x2x1", 4, "v5p-8"),
+    ("v5e:16x16", "v5e:16x16", 256, "v5litepod-256"),
+    ("v5p:2x2x2", "v5p:2x2x2", 8, "v5p-16"),
+])
+def test_parse(name, topology, chips, accel):
+  s = topologies.parse(name)
+  assert (s.topology, s.num_chips, s.accelerator_type) == (topology, chips, accel)
+
+
+@pytest.mark.parametrize("name,words", [
+    ("v5p-7", "even"), ("v5e-3", "known sizes"), ("v9-8", "unknown TPU generation"),
+    ("tpu", "expected"), ("v5e:2x2x2", "2 dimensions")])
+def test_parse_errors_are_one_line(name, words):
+  with pytest.raises(topologies.TopologyError) as e:
+    topologies.parse(name)
+  assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_chip_table_and_capacity():
+  assert topologies.CHIPS["v5p"].hbm_bytes == 95 * GiB
+  assert topologies.CHIPS["v5e"].hbm_bytes == 16 * GiB
+  assert topologies.CHIPS["v6e"].peak_bf16_flops == 918e12
+  v4 = topologies.parse("v4-8")
+  assert topologies.hbm_per_device(v4, 4) == 32 * GiB
+  assert topologies.hbm_per_device(v4, 8) == 16 * GiB   # both cores listed: half a chip each
+
+
+def test_fit_line():
+  assert topologies.fit_line(12 * GiB, 16 * GiB).startswith("fits: 12.00 of 16.00 GiB")
+  assert "4.00 GiB free" in topologies.fit_line(12 * GiB, 16 * GiB)
+  line = topologies.fit_line(int(20.5 * GiB), 16 * GiB)
+  assert line.startswith("does not fit by 4.50 GiB") and "20.50 GiB needed" in line
+  assert topologies.fit_line(16 * GiB, 16 * GiB).startswith("fits")
+
+
+def test_count_collectives_text():
+  hlo = """
+  %all-gather-start.1 = (f32[4], f32[32]) all-gather-start(f32[4] %p), dimensions={0}
+  %all-gather-done.1 = f32[32] all-gather-done(%all-gather-start.1)
+  %ar = f32[8] all-reduce(f32[8] %x), to_apply=%add
+  %rs.2 = f32[1] reduce-scatter(f32[8] %y), dimensions={0}
+  %cp = f32[8] collective-permute-start(f32[8] %z), source_target_pairs={{0,1}}
+  %fusion = f32[8] fusion(%all-reduce.3), calls=%fused_all-reduce
+  """
+  assert topologies.count_collectives(hlo) == {
+      "all-gather": 1, "reduce-scatter": 1, "all-reduce": 1, "all-to-all": 0,
+      "collective-permute": 1}
+
+
+def test_count_collectives_of_a_compiled_8_device_program():
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("x",))
+  f = jax.jit(lambda a, b: (a @ b).sum(0),
+              in_shardings=(NamedSharding(mesh, P("x")), NamedSharding(mesh, P(None, "x"))),
+              out_shardings=NamedSharding(mesh, P()))
+  compiled = f.lower(jax.ShapeDtypeStruct((64, 64), jnp.float32),
+                     jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
+  counts = topologies.count_collectives(compiled.as_text())
+  assert sum(counts.values()) >= 1
+  assert counts["all-reduce"] + counts["all-gather"] + counts["reduce-scatter"] >= 1
+
+
+def _train_main(*args, env_extra=None, timeout=600):
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_no_libtpu_is_one_clear_line(tmp_path):
+  # A libtpu module that fails to import stands in for "not installed", whatever is installed.
+  (tmp_path / "libtpu.py").write_text("raise ImportError('no libtpu here')\n")
+  res = _train_main("--config=configs/legal_pretrain.py:tiny", "--aot_only",
+                    "--aot_topology=v5e-8",
+                    env_extra={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=300)
+  assert res.returncode == 2, res.stderr[-2000:]
+  lines = [line for line in res.stderr.splitlines() if line.strip()]
+  assert lines[-1] == ("error: --aot_topology=v5e-8 needs the TPU compiler (libtpu), which is "
+                       "not installed: pip install -r requirements-tpu.txt"), res.stderr[-2000:]
+
+
+def test_bad_topology_name_is_one_clear_line():
+  res = _train_main("--config=configs/legal_pretrain.py:tiny", "--aot_only",
+                    "--aot_topology=v5p-7", timeout=300)
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines()[-1].startswith("error: --aot_topology='v5p-7'")
+
+
+def test_llama3_8b_preset_shape():
+  from configs import legal_pretrain
+  c = legal_pretrain.get_config("llama3_8b")
+  m = c.model
+  assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim) == \
+      (32, 4096, 32, 8, 128, 14336)
+  assert (c.data.vocab_size, m.tie_embeddings, m.mlp_activation) == (128256, False, "swiglu")
+  from model.config import ModelConfig
+  d, v, f, L = 4096, 128256, 14336, 32
+  attn = d * 128 * (32 + 8 + 8) + 32 * 128 * d
+  expected = 2 * v * d + L * (attn + 3 * d * f + 2 * d) + d
+  assert abs(expected - 8.03e9) / 8.03e9 < 0.01
+  assert ModelConfig.from_config(m, c.data.vocab_size).mlp_dim == 14336
+
+
+@pytest.mark.skipif(not topologies.have_libtpu(),
+                    reason="libtpu is not installed (pip install -r requirements-tpu.txt): the "
+                           "TPU compiler is optional, see requirements-tpu.txt")
+def test_compile_tiny_for_v5e_8(tmp_path):
+  out = tmp_path / "step.hlo"
+  res = _train_main("--config=configs/legal_pretrain.py:tiny", "--aot_only",
+                    "--aot_topology=v5e-8", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                    "--config.model.num_layers=1", f"--aot_save={out}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "8 TPU v5 lite devices" in res.stdout and "fits: " in res.stdout, res.stdout
+  assert "collectives in the compiled step" in res.stdout
+  assert "all-gather" in out.read_text()
