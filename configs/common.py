@@ -18,6 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = "~/.cache/legal_lm"   # TFDS builds and the tokenizer cache live here
   c.data.use_licensedcode = True          # the embedded corpus (PyPI licensedcode-data)
   c.data.extra_dirs = ()                  # folders of .txt / .jsonl / .jsonl.gz documents
+  # Pre-training from several sources by token share: ("name=source:weight", ...), source
+  # "licensedcode" or a folder / file as in extra_dirs; replaces the two keys above when set
+  # (train/data/mixture.py).
+  c.data.mixture = ()
   c.data.text_field = "text"              # field holding the document in .jsonl files
   c.data.max_docs = -1                    # cap on documents (after a seeded shuffle); -1 = all
   c.data.validation_fraction = 0.02       # documents held out, chosen by a hash of their id

@@ -101,6 +101,14 @@ def _check_finite(step: int, m: dict, skip: bool, consecutive: int) -> int:
       "config.optim.lr, enable clipping (config.optim.clip_norm) or check the data")
 
 
+def _source_metrics(tokens: dict) -> dict:
+  """tokens/<source> (this process's tokens from each mixture source so far) and
+  token_share/<source>; empty without a mixture."""
+  total = sum(tokens.values())
+  return {**{f"tokens/{name}": n for name, n in tokens.items()},
+          **{f"token_share/{name}": n / total for name, n in tokens.items() if total}}
+
+
 def run(p: LoopParts) -> dict:
   cfg = p.config
   num_steps = cfg.train.num_steps
@@ -136,12 +144,12 @@ def run(p: LoopParts) -> dict:
   def drain(pending):
     """Fetches the previous step's metrics (it has finished by now) and logs them."""
     nonlocal skips
-    done_step, dev_metrics = pending
+    done_step, dev_metrics, sources = pending
     m = jax.device_get(dev_metrics)
     skips = _check_finite(done_step, m, cfg.train.nonfinite == "skip", skips)
     if done_step % cfg.train.log_every == 0 or done_step == num_steps:
       prog = progress.update(done_step)
-      p.writer.write(done_step, "train", {**m, **prog})
+      p.writer.write(done_step, "train", {**m, **prog, **_source_metrics(sources)})
       metrics_lib.log_progress(done_step, num_steps, float(m["loss"]), prog)
 
   def run_eval(step):
@@ -177,11 +185,13 @@ def run(p: LoopParts) -> dict:
       last_eval = run_eval(step)
     while step < num_steps:
       batch = to_global(next(p.train_iter), batch_sharding)
+      # A mixture's tokens per source so far (this process's batches), logged with the step.
+      sources = dict(getattr(p.train_iter, "source_tokens", None) or {})
       state, dev_metrics = train_step(state, batch)
       step += 1
       if pending is not None:
         drain(pending)
-      pending = (step, dev_metrics)
+      pending = (step, dev_metrics, sources)
 
       is_last = step == num_steps
       if p.make_eval_iter and (step % cfg.train.eval_every == 0 or is_last):

@@ -59,15 +59,28 @@ def _sentences(source, limit: int) -> list[str]:
   return [piece for _, piece in keyed]
 
 
+def _weighted_sentences(sources, limit: int) -> list[str]:
+  """A mixture's sample: from each (source, weight) its share of `limit` (weights sum to 1),
+  at least one line each."""
+  out = []
+  for source, weight in sources:
+    out += _sentences(source, max(1, round(limit * weight)))
+  return out
+
+
 def train_tokenizer(data_config, train_source, fingerprint: str) -> Tokenizer:
-  """Trains on `train_source` unless the model for (vocab, sentences, dataset) is cached."""
+  """Trains on `train_source` unless the model for (vocab, sentences, dataset) is cached.
+  `train_source` may be a list of (source, weight): a mixture, sampled by weight."""
   if data_config.vocab_size < _MIN_VOCAB:
     raise DataError(f"data.vocab_size={data_config.vocab_size}: expected at least {_MIN_VOCAB} "
                     "(byte fallback alone takes 256 ids)")
   path = model_path(data_config, fingerprint)
   if path.exists():
     return Tokenizer(path)
-  sentences = _sentences(train_source, data_config.tokenizer_sentences)
+  if isinstance(train_source, list):
+    sentences = _weighted_sentences(train_source, data_config.tokenizer_sentences)
+  else:
+    sentences = _sentences(train_source, data_config.tokenizer_sentences)
   if not sentences:
     raise DataError(f"no text to train the tokenizer on in the train split of dataset "
                     f"{fingerprint}")
