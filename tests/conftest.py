@@ -1,4 +1,8 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and the repo on sys.path."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), the repo on sys.path, and the
+fixtures several test modules share (plain helpers: helpers.py).
+
+Data fixtures are module-scoped: every module that uses them gets its own folder.
+"""
 import os
 import sys
 
@@ -6,3 +10,38 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers import _review, write_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A folder of small deterministic pseudo-legal documents (.txt and .jsonl)."""
+  return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """An empty dataset cache folder (tokenizer, packed arrays) for runs on `corpus`."""
+  return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="module")
+def sentiment_files(tmp_path_factory):
+  """train.jsonl.gz (240) and test.jsonl (64) of generated reviews a tiny model separates."""
+  root = tmp_path_factory.mktemp("sentiment")
+  rng = np.random.default_rng(0)
+  for name, n in (("train.jsonl.gz", 240), ("test.jsonl", 64)):
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(root / name, "wt", encoding="utf-8") as f:
+      for i in range(n):
+        label = i % 2
+        f.write(json.dumps({"id": f"{name}:{i}", "text": _review(rng, label), "label": label,
+                            "source": "a" if i % 3 else "b"}) + "\n")
+  return root

@@ -1,17 +1,26 @@
-"""Shared builders for the model / sharding / checkpoint tests: tiny configs, meshes, batches.
+"""Shared plain helpers of the tests (the fixtures are in conftest.py).
+
+Model / sharding / checkpoint tests: tiny configs, meshes, batches. End-to-end tests: REPO, env,
+run_main, base_args (a tiny `python -m train.main` command line), losses / checkpoint_steps of a
+workdir, start_and_interrupt, write_corpus. Fine-tuning tests: _sentiment_config, _summary_file.
 
 Random initialisation through jax.random compiles slowly on small CPU machines, so tests that
 only need *some* parameter values fill the abstract (eval_shape'd) parameter tree with numpy
 draws instead; tests that need the real initialiser (sharding, checkpoints) use create_state.
 """
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from configs import common
+from configs import common, sentiment_finetune
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 
@@ -81,3 +90,136 @@ def lm_batch(batch: int, seq_len: int, vocab: int, seed: int = 0, packed: bool =
 
 def replace_cfg(cfg: ModelConfig, **changes) -> ModelConfig:
   return dataclasses.replace(cfg, **changes)
+
+
+# ---- End-to-end runs of `python -m train.main` in subprocesses, on a tiny generated corpus.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 60       # base_args' train.num_steps
+CKPT_EVERY = 10      # base_args' train.checkpoint_every
+
+_WORDS = ("agreement party licensor licensee shall hereby grant right license software term "
+          "termination notice written consent breach damages liability warranty indemnify "
+          "confidential information obligation payment fee royalty territory exclusive court "
+          "governing law arbitration dispute clause section amendment assignment successor "
+          "property intellectual patent copyright trademark use copy modify distribute "
+          "sublicense permission condition limitation without with under pursuant effective "
+          "date year month day provided however notwithstanding subject thereto herein").split()
+
+
+def write_corpus(root, bad_line=None):
+  """60 small deterministic pseudo-legal .txt documents and a 60-line more.jsonl; with
+  `bad_line`, that line (1-based) of more.jsonl is a record cut off mid-write."""
+  rng = np.random.default_rng(0)
+
+  def doc():
+    sentences = [" ".join(rng.choice(_WORDS, rng.integers(6, 16))).capitalize() + "."
+                 for _ in range(rng.integers(3, 12))]
+    return " ".join(sentences)
+  for i in range(60):
+    (root / f"doc_{i:03d}.txt").write_text(doc(), encoding="utf-8")
+  lines = [json.dumps({"text": doc()}) for _ in range(60)]
+  if bad_line:
+    lines[bad_line - 1] = '{"text": "a record cut off mid-write'
+  with open(root / "more.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(line + "\n" for line in lines)
+  return root
+
+
+def base_args(corpus, data_dir, workdir, **overrides):
+  """A tiny model (1 layer, 32-token rows) trained NUM_STEPS steps on `corpus`."""
+  flags = {
+      "data.use_licensedcode": False, "data.extra_dirs": f"('{corpus}',)",
+      "data.data_dir": str(data_dir), "data.vocab_size": 384, "data.seq_len": 32,
+      "data.batch_size": 8, "data.validation_fraction": 0.1, "data.prefetch": 2,
+      "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
+      "model.head_dim": 16, "model.mlp_dim": 64, "optim.warmup_steps": 5,
+      "train.num_steps": NUM_STEPS, "train.log_every": 1, "train.eval_every": 20,
+      "train.eval_batches": 2, "train.checkpoint_every": CKPT_EVERY,
+  }
+  flags.update(overrides)
+  return (["--config=configs/legal_pretrain.py:tiny", f"--workdir={workdir}"] +
+          [f"--config.{k}={v}" for k, v in flags.items()])
+
+
+def env(devices=1):
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  e.pop("JAX_COORDINATOR_ADDRESS", None)
+  return e
+
+
+def run_main(args, devices=1, timeout=600):
+  return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def losses(workdir, split="train"):
+  """{step: loss}; a resumed run re-logs steps after its checkpoint: the last entry wins."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if row["split"] == split:
+        out[row["step"]] = row["loss"]
+  return out
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def start_and_interrupt(args, workdir, sig, ready=None, poll=0.02):
+  """Starts a run, sends `sig` once `ready()` holds (default: the step-2 * CKPT_EVERY checkpoint
+  is complete); returns (exit code, stderr)."""
+  if ready is None:
+    ready = lambda: 2 * CKPT_EVERY in checkpoint_steps(workdir)  # noqa: E731
+  log = os.path.join(workdir, "interrupted.log")   # a file, not a pipe: a full pipe blocks
+  with open(log, "w") as err:
+    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 300
+    while not ready():
+      assert proc.poll() is None, f"run ended before it could be interrupted: {open(log).read()}"
+      assert time.time() < deadline, "timed out waiting for the run to be ready to interrupt"
+      time.sleep(poll)
+    proc.send_signal(sig)
+    proc.wait(timeout=300)
+  with open(log) as f:
+    return proc.returncode, f.read()
+
+
+# ---- Fine-tuning on tiny generated data (the sentiment_files fixture: conftest.py).
+
+POS = "great wonderful superb moving brilliant loved delightful".split()
+NEG = "awful boring dreadful terrible waste hated dull".split()
+FILLER = "the film story actor scene plot music camera ending director cast script".split()
+
+
+def _review(rng, label):
+  words = list(rng.choice(FILLER, rng.integers(8, 30))) + list(
+      rng.choice(POS if label else NEG, 3))
+  rng.shuffle(words)
+  return " ".join(words)
+
+
+def _sentiment_config(files, data_dir, **train):
+  config = sentiment_finetune.get_config("tiny")
+  config.data.train_file = str(files / "train.jsonl.gz")
+  config.data.test_file = str(files / "test.jsonl")
+  config.data.data_dir = str(data_dir)
+  config.train.update(**train)
+  return config
+
+
+def _summary_file(path, n=80, seed=0):
+  rng = np.random.default_rng(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(n):
+      first = " ".join(rng.choice(FILLER, 5))
+      rest = ". ".join(" ".join(rng.choice(FILLER + POS, 8)) for _ in range(rng.integers(2, 6)))
+      f.write(json.dumps({"id": f"d{i}", "text": f"{first}. {rest}.", "summary": first,
+                          "source": "x" if i % 2 else "y"}) + "\n")

@@ -4,7 +4,6 @@ Runs are in-process on tiny generated data (no shared datasets needed): a sentim
 2-layer model separates within 40 steps, and a summarization task whose pipeline (prefix-LM
 loss, greedy decoding, ROUGE with CIs, lead baselines, rubric sheet) is checked end to end.
 """
-import gzip
 import json
 import os
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import legal_pretrain, legal_summ_finetune, sentiment_finetune
+from helpers import _sentiment_config, _summary_file
 from infer import loading
 from train import build, finetune, optim
 from train import run as run_lib
@@ -24,41 +24,6 @@ from train.data import examples as examples_lib
 from model import tokenizer as tokenizer_lib
 from model.errors import DataError
 from train.tasks import summarize
-
-POS = "great wonderful superb moving brilliant loved delightful".split()
-NEG = "awful boring dreadful terrible waste hated dull".split()
-FILLER = "the film story actor scene plot music camera ending director cast script".split()
-
-
-def _review(rng, label):
-  words = list(rng.choice(FILLER, rng.integers(8, 30))) + list(
-      rng.choice(POS if label else NEG, 3))
-  rng.shuffle(words)
-  return " ".join(words)
-
-
-@pytest.fixture(scope="module")
-def sentiment_files(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sentiment")
-  rng = np.random.default_rng(0)
-  for name, n in (("train.jsonl.gz", 240), ("test.jsonl", 64)):
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(root / name, "wt", encoding="utf-8") as f:
-      for i in range(n):
-        label = i % 2
-        f.write(json.dumps({"id": f"{name}:{i}", "text": _review(rng, label), "label": label,
-                            "source": "a" if i % 3 else "b"}) + "\n")
-  return root
-
-
-def _sentiment_config(files, data_dir, **train):
-  config = sentiment_finetune.get_config("tiny")
-  config.data.train_file = str(files / "train.jsonl.gz")
-  config.data.test_file = str(files / "test.jsonl")
-  config.data.data_dir = str(data_dir)
-  config.train.update(**train)
-  return config
-
 
 @pytest.fixture(scope="module")
 def classifier_run(sentiment_files, tmp_path_factory):
@@ -181,16 +146,6 @@ def _lm_params(lm_config, workdir):
   state, _ = ckpt.restore(ckpt.latest_step(),
                           state_lib.abstract_with_shardings(abstract, shardings))
   return state.params
-
-
-def _summary_file(path, n=80, seed=0):
-  rng = np.random.default_rng(seed)
-  with open(path, "w", encoding="utf-8") as f:
-    for i in range(n):
-      first = " ".join(rng.choice(FILLER, 5))
-      rest = ". ".join(" ".join(rng.choice(FILLER + POS, 8)) for _ in range(rng.integers(2, 6)))
-      f.write(json.dumps({"id": f"d{i}", "text": f"{first}. {rest}.", "summary": first,
-                          "source": "x" if i % 2 else "y"}) + "\n")
 
 
 def test_summarizer_pipeline_reports_rouge_with_baselines(tmp_path):

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from configs import legal_pretrain
+from helpers import REPO, base_args, env
 from launch import cluster
 from train.config_check import ConfigError
-from test_train_e2e import REPO, base_args, corpus, data_dir, env  # noqa: F401 (fixtures)
 
 OVERRIDES = ("--config.data.extra_dirs=('/data/legal corpus',)", "--config.train.num_steps=50")
 RECORD = """#!/bin/bash
@@ -202,7 +202,7 @@ def _metrics(workdir):
 
 
 def test_local_launch_trains_two_processes_and_resumes_exactly(
-    corpus, data_dir, tmp_path):  # noqa: F811 (pytest fixtures imported above)
+    corpus, data_dir, tmp_path):
   workdir = tmp_path / "run"
   args = base_args(corpus, data_dir, workdir, **{"train.num_steps": 6,
                                                  "train.checkpoint_every": 3})

@@ -26,13 +26,11 @@ import portpicker
 import pytest
 
 from configs import legal_summ_finetune
-from helpers import numpy_params
+from helpers import REPO, _sentiment_config, _summary_file, numpy_params
 from infer import decode, inputs, loading, serve
 from infer import main as batch_lib
-from test_finetune import _sentiment_config, _summary_file, sentiment_files  # noqa: F401
 from train import run as run_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["great wonderful film", "awful boring script", "the plot was dull", "superb cast",
          "hated the ending", "a moving story", "music and camera", "terrible waste"]
 MAX_BATCH, MAX_CHARS = 4, 200
@@ -47,7 +45,7 @@ def _train_fast(config, workdir: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(sentiment_files, tmp_path_factory):  # noqa: F811 (the imported fixture)
+def classifier_dir(sentiment_files, tmp_path_factory):
   root = tmp_path_factory.mktemp("classifier")
   config = _sentiment_config(sentiment_files, root / "cache")
   config.data.test_file = ""      # no final test evaluation

@@ -1,7 +1,8 @@
 """launch/sweep.py (grid expansion, job commands, a real 2-point sweep) and bench/long_context.py.
 
-The end-to-end tests run the programs in subprocesses on the tiny generated corpus of
-test_train_e2e.py, with `full` attention only, so they pass whichever kernels are registered.
+The end-to-end tests run the programs in subprocesses on the tiny generated corpus (the `corpus`
+fixture of tests/conftest.py), with `full` attention only, so they pass whichever kernels are
+registered.
 """
 import csv
 import json
@@ -15,8 +16,8 @@ import ml_collections
 import pytest
 
 from configs import common
+from helpers import REPO, env
 from launch import sweep as sweep_lib
-from test_train_e2e import REPO, corpus, data_dir, env   # pylint: disable=unused-import
 
 # A sweep config file as a user would write one: it is also the train.main config of its points.
 MINI_SWEEP = '''

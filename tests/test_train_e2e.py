@@ -2,7 +2,8 @@
 
 Covers what only a real process can show: kill -9 and SIGTERM mid-run followed by a rerun give
 bit-identical per-step losses to an uninterrupted run; clear one-line errors for bad configs
-and data. (The 2-process jax.distributed run and its resume: tests/test_launch.py.)
+and data. (The 2-process jax.distributed run and its resume: tests/test_launch.py.) The corpus
+and data_dir fixtures are in conftest.py, the run helpers in helpers.py.
 """
 import json
 import os
@@ -11,107 +12,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 60
-CKPT_EVERY = 10
+from helpers import (NUM_STEPS, REPO, base_args, checkpoint_steps, env, losses, run_main,
+                     start_and_interrupt)
 
-_WORDS = ("agreement party licensor licensee shall hereby grant right license software term "
-          "termination notice written consent breach damages liability warranty indemnify "
-          "confidential information obligation payment fee royalty territory exclusive court "
-          "governing law arbitration dispute clause section amendment assignment successor "
-          "property intellectual patent copyright trademark use copy modify distribute "
-          "sublicense permission condition limitation without with under pursuant effective "
-          "date year month day provided however notwithstanding subject thereto herein").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A folder of small deterministic pseudo-legal documents (.txt and .jsonl)."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-
-  def doc():
-    sentences = [" ".join(rng.choice(_WORDS, rng.integers(6, 16))).capitalize() + "."
-                 for _ in range(rng.integers(3, 12))]
-    return " ".join(sentences)
-  for i in range(60):
-    (root / f"doc_{i:03d}.txt").write_text(doc(), encoding="utf-8")
-  with open(root / "more.jsonl", "w", encoding="utf-8") as f:
-    for _ in range(60):
-      f.write(json.dumps({"text": doc()}) + "\n")
-  return root
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("data_cache")
-
-
-def base_args(corpus, data_dir, workdir, **overrides):
-  flags = {
-      "data.use_licensedcode": False, "data.extra_dirs": f"('{corpus}',)",
-      "data.data_dir": str(data_dir), "data.vocab_size": 384, "data.seq_len": 32,
-      "data.batch_size": 8, "data.validation_fraction": 0.1, "data.prefetch": 2,
-      "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
-      "model.head_dim": 16, "model.mlp_dim": 64, "optim.warmup_steps": 5,
-      "train.num_steps": NUM_STEPS, "train.log_every": 1, "train.eval_every": 20,
-      "train.eval_batches": 2, "train.checkpoint_every": CKPT_EVERY,
-  }
-  flags.update(overrides)
-  return (["--config=configs/legal_pretrain.py:tiny", f"--workdir={workdir}"] +
-          [f"--config.{k}={v}" for k, v in flags.items()])
-
-
-def env(devices=1):
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  e.pop("JAX_COORDINATOR_ADDRESS", None)
-  return e
-
-
-def run_main(args, devices=1, timeout=600):
-  return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(devices),
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def losses(workdir, split="train"):
-  """{step: loss}; a resumed run re-logs steps after its checkpoint: the last entry wins."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if row["split"] == split:
-        out[row["step"]] = row["loss"]
-  return out
-
-
-def checkpoint_steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(d):
-    return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
-
-
-def start_and_interrupt(args, workdir, sig):
-  """Starts a run, sends `sig` once the step-20 checkpoint is complete; returns the exit code."""
-  log = os.path.join(workdir, "interrupted.log")   # a file, not a pipe: a full pipe blocks
-  with open(log, "w") as err:
-    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.time() + 300
-    while 2 * CKPT_EVERY not in checkpoint_steps(workdir):
-      assert proc.poll() is None, f"run ended before it could be interrupted: {open(log).read()}"
-      assert time.time() < deadline, "timed out waiting for the first checkpoints"
-      time.sleep(0.02)
-    proc.send_signal(sig)
-    proc.wait(timeout=300)
-  with open(log) as f:
-    return proc.returncode, f.read()
+# Tests marked `drill` are also reliability drills (`python -m launch.drill`, docs/launch.md);
+# tests/test_drills.py holds the drills no test here covers.
+drill = pytest.mark.drill
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +43,12 @@ def test_uninterrupted_run_learns(reference_run):
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(reference_run / "tb"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+@pytest.mark.parametrize("sig", [
+    pytest.param(signal.SIGKILL, id="kill9"),
+    pytest.param(signal.SIGTERM, id="sigterm", marks=drill(
+        "sigterm_preemption", "SIGTERM after the step-20 checkpoint: checkpoint, exit 0; the rerun "
+        "resumes with identical losses")),
+])
 def test_interrupted_run_resumes_bit_identical(corpus, data_dir, tmp_path, reference_run, sig):
   args = base_args(corpus, data_dir, tmp_path)
   code, stderr = start_and_interrupt(args, tmp_path, sig)
@@ -155,15 +70,23 @@ def test_interrupted_run_resumes_bit_identical(corpus, data_dir, tmp_path, refer
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("--config.model.no_such_key=1", "no_such_key"),
-    ("--config.data.extra_dirs=('/no/such/folder',)", "/no/such/folder"),
-    ("--config.mesh.data=3", "config.mesh"),
+    pytest.param("--config.model.no_such_key=1", "no_such_key",
+                 marks=drill("unknown_key", "exit 2 naming the key")),
+    pytest.param("--config.data.extra_dirs=('/no/such/folder',)", "/no/such/folder",
+                 marks=drill("missing_data_folder", "exit 2 naming the folder")),
+    pytest.param("--config.mesh.data=3", "config.mesh",
+                 marks=drill("mesh_mismatch", "exit 2: the mesh does not multiply to the device "
+                             "count")),
     ("--config.model.num_kv_heads=3", "num_kv_heads"),
-    ("--config.train.num_steps=abc", "num_steps"),
+    pytest.param("--config.train.num_steps=abc", "num_steps",
+                 marks=drill("wrong_type", "exit 2 naming the key")),
 ])
-def test_bad_config_gives_one_clear_error(corpus, data_dir, tmp_path, override, expected):
+def test_bad_config_gives_one_clear_error(corpus, data_dir, tmp_path, override, expected,
+                                          record_property):
   result = run_main(base_args(corpus, data_dir, tmp_path) + [override], timeout=300)
-  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  record_property("observed", f"exit {result.returncode}: {(errors or ['(no error line)'])[-1]}")
+  assert result.returncode == 2, result.stderr[-3000:]
   assert expected in result.stderr
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
@@ -183,6 +106,8 @@ def test_pod_sized_config_compiles_ahead_of_time():
   assert f"{params / 1e6:.1f}M params" in result.stdout
 
 
+@drill("nonfinite_loss", "exit 3 at step 2; only the finite step-1 checkpoint exists, and its "
+       "arrays are finite")
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, tmp_path):
   # An absurd learning rate: step 1 is finite, its update makes step 2's loss non-finite.
   args = base_args(corpus, data_dir, tmp_path, **{
@@ -205,6 +130,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, 
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
+@drill("nonfinite_skip", "config.train.nonfinite=skip: each skipped step is logged; N in a row "
+       "still stop the run (exit 3)")
 def test_nonfinite_skip_drops_updates_then_stops_after_a_run_of_them(corpus, data_dir, tmp_path):
   """config.train.nonfinite=skip, through the real loop: every non-finite step is logged and
   skipped; MAX_CONSECUTIVE_SKIPS in a row still stop the run (exit 3)."""
