@@ -25,14 +25,9 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class LoopParts:
-  """What a task hands the loop (built in train/main.py)."""
-  config: Any
-  mesh: Any
-  task: Any
-  tx: Any
-  schedule: Callable
+  """What a run hands the loop (train/run.py)."""
+  parts: Any                      # train/build.py Parts: config, task, optimizer, mesh, shardings
   state: Any                      # restored or freshly initialised, already sharded
-  state_shardings: Any
   train_iter: Iterator            # yields process-local numpy batches; has get_state/set_state
   make_eval_iter: Optional[Callable[[], Iterator]]
   checkpointer: Any
@@ -110,21 +105,18 @@ def _source_metrics(tokens: dict) -> dict:
 
 
 def run(p: LoopParts) -> dict:
-  cfg = p.config
+  cfg, parts = p.parts.config, p.parts
   num_steps = cfg.train.num_steps
-  batch_sharding = sharding_lib.batch_sharding(p.mesh)
-  metric_sharding = sharding_lib.replicated(p.mesh)
+  batch_sharding = sharding_lib.batch_sharding(parts.mesh)
+  metric_sharding = sharding_lib.replicated(parts.mesh)
 
   # --- compile (ahead of time, with the real shardings) ------------------------------------
-  example = p.task.dummy_batch(cfg.data.batch_size, cfg.data.seq_len)
   t0 = time.perf_counter()
-  train_step = step_lib.compile_train_step(
-      p.task, p.tx, p.schedule, cfg.optim.grad_accum_steps, p.mesh, p.state, p.state_shardings,
-      example, skip_nonfinite=cfg.train.nonfinite == "skip")
+  train_step = parts.compile_train_step()
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in example.items()}
+             for k, v in parts.dummy_batch().items()}
   eval_step = step_lib.compile_step(
-      step_lib.make_eval_step(p.task), p.mesh, (p.state_shardings.params, batch_sharding),
+      step_lib.make_eval_step(parts.task), parts.mesh, (parts.shardings.params, batch_sharding),
       metric_sharding, (p.state.params, example))
   logging.info("compiled train and eval steps in %.1fs", time.perf_counter() - t0)
 

@@ -124,8 +124,7 @@ def train(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   try:
     result = loop_lib.run(loop_lib.LoopParts(
-        config=config, mesh=parts.mesh, task=parts.task, tx=parts.tx, schedule=parts.schedule,
-        state=state, state_shardings=parts.shardings, train_iter=inputs.train_iter,
+        parts=parts, state=state, train_iter=inputs.train_iter,
         make_eval_iter=inputs.make_eval_iter, checkpointer=checkpointer, writer=writer,
         meta=meta, flops_per_token=metrics_lib.train_flops_per_token(
             parts.model_cfg, config.data.seq_len),
