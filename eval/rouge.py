@@ -63,12 +63,16 @@ def _first_words(text: str, n: int) -> str:
 
 
 def lead_baselines(records: list[dict]) -> dict[str, list[dict]]:
-  """{"lead-3": records, "lead-N": records}: copies with "prediction" taken from the source."""
+  """Copies of `records` with "prediction" taken from the source: "lead-3" (sentences),
+  "lead-N" (N = the reference's length in words, an oracle length) and "lead-K" (K = the
+  model's own prediction length in words: extraction at equal length, the fair comparison)."""
   common.check_fields(records, _FIELDS, NAME)
   return {
       "lead-3": [dict(r, prediction="\n".join(common.split_sentences(r["source"])[:3]))
                  for r in records],
       "lead-N": [dict(r, prediction=_first_words(r["source"], len(r["reference"].split())))
+                 for r in records],
+      "lead-K": [dict(r, prediction=_first_words(r["source"], len(r["prediction"].split())))
                  for r in records],
   }
 

@@ -140,6 +140,7 @@ def test_lead_baselines():
   assert base["lead-3"] == [dict(records[0], prediction="First one here.\nSecond one is here!\n"
                                                          "Third?")]
   assert base["lead-N"][0]["prediction"] == "First one here. Second one"
+  assert base["lead-K"][0]["prediction"] == "First one"   # as long as the model's 2 words
   assert records[0]["prediction"] == "model output"   # the input records are not changed
   assert rouge.evaluate(base["lead-N"], _cfg())["count"] == 1
 
