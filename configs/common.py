@@ -123,4 +123,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.length_buckets = (256, 1024, 4096)   # slice edges in words of the input text
   c.eval.slice_fields = ()            # record fields to slice by as well (e.g. "source")
   c.eval.rubric_examples = 0          # > 0: export a human-evaluation sheet of that many examples
+  # lm-evaluation-harness tasks scored after the test evaluation (infer/harness.py; needs
+  # requirements-harness.txt), e.g. ("hellaswag",) or local tasks from eval.harness_include_path.
+  c.eval.harness_tasks = ()
+  c.eval.harness_include_path = ""    # folder of extra task YAMLs ("" = the harness's own)
+  c.eval.harness_limit = -1           # examples per harness task; -1 = all
+
+  # --- optional experiment trackers beside TensorBoard + metrics.jsonl (train/tracking.py;
+  # requirements-tracking.txt). Off unless a store / project is set. ---------------------------
+  c.tracking = ml_collections.ConfigDict()
+  c.tracking.mlflow_uri = ""          # e.g. sqlite:///runs/mlflow.db (or an http:// server)
+  c.tracking.wandb_project = ""       # W&B project; offline (<workdir>/wandb) unless WANDB_MODE
+  c.tracking.experiment = ""          # MLflow experiment / W&B group ("" = legal_lm); sweeps set it
+  c.tracking.run_name = ""            # "" = the workdir's folder name; sweeps: the point's name
   return c

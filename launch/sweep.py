@@ -129,6 +129,22 @@ def command(spec: str, workdir: str, forwarded: dict, overrides) -> list:
           *(f"--config.{k}={flag_value(v)}" for k, v in [*forwarded.items(), *overrides])]
 
 
+def tracking_overrides(base, forwarded: dict, sweep_dir: str, point: Point) -> tuple:
+  """With an experiment tracker configured (tracking.mlflow_uri / wandb_project, in the base
+  config or forwarded), every point is one tracker run named after the point, all under one
+  experiment: the sweep folder's name unless tracking.experiment is set. Nothing otherwise."""
+  def value(key):
+    return forwarded.get(f"tracking.{key}", base.tracking[key]) if "tracking" in base else ""
+  if not (value("mlflow_uri") or value("wandb_project")):
+    return ()
+  out = []
+  if not value("experiment"):
+    out.append(("tracking.experiment", os.path.basename(sweep_dir.rstrip("/"))))
+  if not value("run_name"):
+    out.append(("tracking.run_name", point.name))
+  return tuple(out)
+
+
 def final_checkpoint_step(workdir: str):
   d = os.path.join(workdir, "checkpoints")
   steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
@@ -289,7 +305,8 @@ def main(argv):
   if fl.print_jobs or fl.dry_run:
     for p, workdir in jobs:
       done = is_done(workdir, num_steps)
-      cmd = shlex.join(command(spec, workdir, forwarded, p.overrides))
+      cmd = shlex.join(command(spec, workdir, forwarded, p.overrides + tracking_overrides(
+          sweep.base, forwarded, sweep_dir, p)))
       if fl.dry_run:
         print(f"{'done' if done else 'todo'}  {p.name}\n  {cmd}")
       elif not done:
@@ -302,7 +319,8 @@ def main(argv):
     if is_done(workdir, num_steps):
       print(f"[{i + 1}/{len(jobs)}] {p.name}: done, skipped", flush=True)
       continue
-    cmd = command(spec, workdir, forwarded, p.overrides)
+    cmd = command(spec, workdir, forwarded, p.overrides + tracking_overrides(
+        sweep.base, forwarded, sweep_dir, p))
     print(f"[{i + 1}/{len(jobs)}] {p.name}: {shlex.join(cmd)}", flush=True)
     res = run_point(cmd, workdir, num_steps)
     print(f"  exit {res['returncode']} in {res['wall_s']:.0f}s, peak RSS "

@@ -111,6 +111,9 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
                           config.eval.rubric_examples, config.seed)
     facts["human-evaluation sheet"] = sheet
 
+  if config.eval.harness_tasks and loaded.kind != "classify":
+    sections.update(harness_sections(config, loaded, params))
+
   for section, metrics in sections.items():
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     writer.write(step, "test/" + section.replace(": ", "/").replace(" ", "_"), scalars)
@@ -119,6 +122,39 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
                              f"{config.task} run: {os.path.basename(workdir)}", sections,
                              notes=[f"{k}: {v}" for k, v in facts.items()])
   logging.info("test evaluation (%d examples) written to %s", len(records), path)
+  return sections
+
+
+def harness_sections(config, loaded: loading.LoadedModel, params) -> dict:
+  """{"harness: <task>": {metric: value}} of lm-evaluation-harness on `params`
+  (config.eval.harness_tasks; infer/harness.py, the optional lm-eval package)."""
+  try:
+    from infer import harness
+  except ImportError as e:
+    raise ValueError(f"config.eval.harness_tasks={tuple(config.eval.harness_tasks)} needs "
+                     f"lm-eval ({e}): pip install -r requirements-harness.txt") from None
+  t0 = time.perf_counter()
+  scores = harness.run_on_params(
+      config, loaded, params, list(config.eval.harness_tasks),
+      include_path=config.eval.harness_include_path,
+      limit=config.eval.harness_limit if config.eval.harness_limit > 0 else None,
+      batch_size=config.eval.batch_size)
+  logging.info("lm-evaluation-harness (%s) in %.1fs: %s", ",".join(config.eval.harness_tasks),
+               time.perf_counter() - t0, scores)
+  return {f"harness: {task}": metrics for task, metrics in scores.items()}
+
+
+def pretrain_report(config, workdir: str, *, loaded: loading.LoadedModel, params, writer,
+                    step: int, facts: dict) -> dict:
+  """A pre-training run with config.eval.harness_tasks: the harness scores of its final state
+  in metrics.jsonl (test/harness/<task>) and report.md."""
+  sections = harness_sections(config, loaded, params)
+  for section, metrics in sections.items():
+    writer.write(step, "test/" + section.replace(": ", "/").replace(" ", "_"), metrics)
+  path = report.write_report(os.path.join(workdir, "report.md"),
+                             f"{config.task} run: {os.path.basename(workdir)}", sections,
+                             notes=[f"{k}: {v}" for k, v in facts.items()])
+  logging.info("harness scores written to %s", path)
   return sections
 
 

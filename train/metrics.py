@@ -37,8 +37,11 @@ def train_flops_per_token(model_cfg, seq_len: int) -> float:
 class MetricWriter:
   """Writes scalars to TensorBoard and one JSON object per (step, prefix) to metrics.jsonl."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, trackers=()):
+    """`trackers`: optional MLflow / W&B trackers (train/tracking.py) that get every scalar
+    too, and the run's artefacts at `finish`."""
     self.enabled = enabled
+    self.trackers = list(trackers) if enabled else []
     if not enabled:
       return
     from tensorboardX import SummaryWriter
@@ -53,6 +56,25 @@ class MetricWriter:
       self.tb.add_scalar(f"{prefix}/{k}", v, step)
     self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
     self.jsonl.flush()
+    self._each_tracker("log", step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+
+  def _each_tracker(self, method: str, *args):
+    """A tracker that fails (a store gone away) is dropped with a warning; training goes on."""
+    for tracker in list(self.trackers):
+      try:
+        getattr(tracker, method)(*args)
+      except Exception as e:  # noqa: BLE001 - any tracker error
+        logging.warning("%s failed (%s: %s); it is dropped for the rest of the run",
+                        type(tracker).__name__, type(e).__name__, e)
+        self.trackers.remove(tracker)
+
+  def finish(self, status: str = "FINISHED", artifacts=()):
+    """Ends the trackers' runs (after close: the report and plots exist by then), uploading
+    `artifacts` (paths) first."""
+    if artifacts:
+      self._each_tracker("artifacts", list(artifacts))
+    self._each_tracker("end", status)
+    self.trackers = []
 
   def close(self):
     if self.enabled:

@@ -70,9 +70,26 @@ def _start_state(parts: build.Parts, sources: build.Sources, checkpointer, lates
   return state
 
 
+def check_optional_packages(config):
+  """The optional packages a config asks for are installed: a one-line error now, not after
+  training (lm-eval for eval.harness_tasks, mlflow / wandb for tracking.*)."""
+  import importlib.util
+  wanted = [("eval.harness_tasks", "lm_eval", "requirements-harness.txt",
+             config.eval.harness_tasks),
+            ("tracking.mlflow_uri", "mlflow", "requirements-tracking.txt",
+             config.tracking.mlflow_uri),
+            ("tracking.wandb_project", "wandb", "requirements-tracking.txt",
+             config.tracking.wandb_project)]
+  for key, module, requirements, value in wanted:
+    if value and importlib.util.find_spec(module) is None:
+      raise ConfigError(f"config.{key}={value!r} needs the {module} package: "
+                        f"pip install -r {requirements}")
+
+
 def train(config, workdir: str) -> dict:
   # --- config: finished, validated, frozen ----------------------------------------------------
   config, sources = build.resolve(config)
+  check_optional_packages(config)
   workdir = loading.resolve_path(workdir)
   pi, pc = jax.process_index(), jax.process_count()
 
@@ -120,8 +137,13 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   # --- the loop ----------------------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir, enabled=pi == 0)
+  trackers = []
+  if pi == 0 and (config.tracking.mlflow_uri or config.tracking.wandb_project):
+    from train import tracking   # optional packages: imported only when configured
+    trackers = tracking.make_trackers(config, workdir, {"params": n_params})
+  writer = metrics_lib.MetricWriter(workdir, enabled=pi == 0, trackers=trackers)
   t0 = time.perf_counter()
+  status = "FAILED"
   try:
     result = loop_lib.run(loop_lib.LoopParts(
         parts=parts, state=state, train_iter=inputs.train_iter,
@@ -145,12 +167,26 @@ def train(config, workdir: str) -> dict:
             "parameters": n_params, "init_from": config.train.init_from or "scratch",
             "final step": result["step"],
             "session seconds (train + eval)": round(time.perf_counter() - t0, 1)})
+    if (evaluation is None and finished and config.eval.harness_tasks and pc == 1
+        and not result["preempted"]):
+      result["test"] = final_eval.pretrain_report(
+          config, workdir, loaded=loading.LoadedModel(
+              config, build.task_kind(config), parts.model, None, inputs.tokenizer,
+              result["step"], mesh=parts.mesh),
+          params=parts.eval_params(result["state"].params), writer=writer,
+          step=result["step"], facts={"parameters": n_params, "final step": result["step"]})
+    status = "KILLED" if result["preempted"] else "FINISHED"
   finally:
     writer.close()
     checkpointer.close()
     if evaluation is not None:
       evaluation.close()
+    if status == "FAILED":
+      writer.finish(status)
   if pi == 0:
     from eval import plot_run
     logging.info("loss curve: %s", plot_run.plot(workdir))
+  if writer.trackers:
+    from train import tracking
+    writer.finish(status, tracking.artifact_paths(workdir))
   return result
