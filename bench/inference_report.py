@@ -1,14 +1,18 @@
-r"""The production-inference report: teacher vs distilled student vs quantized student.
+r"""The production-inference report: teacher vs distilled student vs quantized student vs
+pruned runs.
 
   python -m bench.inference_report --config=configs/inference_report.py:imdb \
-      --config.teacher=runs/imdb_ft --config.student=runs/imdb_student
+      --config.teacher=runs/imdb_ft --config.student=runs/imdb_student \
+      --config.pruned="('runs/imdb_ft_p50','runs/imdb_ft_p50_ft')"
 
 For each variant (teacher f32; student f32, bf16, int8 weight-only, w8a8 — quantized by
 infer/quantize.py from the student's checkpoint) one row: parameters, bytes in memory and on
 disk, accuracy and macro F1 on the test file (eval/classification.py), latency p50/p99 at
 batch 1 and throughput at batch 32 (bench/latency.py, all variants timed in this one run on this
-machine), and XLA's peak memory. With `summarizer` set, a second table: greedy decoding tokens/s
-with the KV cache against full recomputation (infer/decode.py) in f32 and bf16 compute, and how
+machine), and XLA's peak memory. Each run in `pruned` (written by infer/prune.py, or fine-tuned
+from one) adds a row per `pruned_modes` entry (f32 and w8a8 by default: pruned + int8); the
+student is optional when pruned runs are given. With `summarizer` set, a second table: greedy
+decoding tokens/s with the KV cache against full recomputation (infer/decode.py) in f32 and bf16 compute, and how
 many outputs agree. Either table may be left out (leave teacher/student or summarizer unset).
 Writes `<out_dir>/inference_report.md`, `.json` and `latency_vs_accuracy.png`.
 """
@@ -47,22 +51,47 @@ def _test_records(cfg):
   return records
 
 
+def _in_mode(name, loaded, mode, sample):
+  """(name, loaded, model, params, disk bytes) of `loaded` quantized (or cast) to `mode`."""
+  model, params = quantize.quantize(loaded.model, loaded.params, mode, sample)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "q")
+    quantize.save(path, params, {"mode": mode,
+                                 "model_config": dataclasses.asdict(loaded.model.cfg)})
+    disk = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
+  return name, loaded, model, params, disk
+
+
+def _pruned_name(workdir: str) -> str:
+  """'pruned 50% magnitude (+ft)': from the run's record (a fine-tuned pruned run records the
+  pruned run it started from)."""
+  from infer import loading
+  run = loading.open_run(workdir, prefer_best=True)
+  info, tuned = run.meta.get("pruned"), False
+  if info is None and run.meta["config"]["train"].get("init_from"):
+    origin = loading.open_run(run.meta["config"]["train"]["init_from"])
+    info, tuned = origin.meta.get("pruned"), True
+  if info is None:
+    return f"pruned? {os.path.basename(workdir.rstrip('/'))}"
+  return (f"pruned {100 * info['sparsity']:.0f}% {info['criterion']}"
+          + (" + fine-tune" if tuned else ""))
+
+
 def _variants(cfg):
-  """[(name, model, params, disk bytes)] for the teacher and each student mode."""
+  """[(name, loaded, model, params, disk bytes)] for the teacher, each student mode and each
+  pruned run's modes."""
   teacher = LoadedModel.from_workdir(cfg.teacher)
-  student = LoadedModel.from_workdir(cfg.student)
-  sample = student.encode_for_classify(["a"])["tokens"]
+  sample = teacher.encode_for_classify(["a"])["tokens"]
   # The teacher as trained may compute in bf16; the reference row is its f32 forward.
   out = [("teacher f32", teacher, *quantize.quantize(teacher.model, teacher.params, "f32",
                                                      sample), None)]
-  for mode in cfg.student_modes:
-    model, params = quantize.quantize(student.model, student.params, mode, sample)
-    with tempfile.TemporaryDirectory() as tmp:
-      path = os.path.join(tmp, "q")
-      quantize.save(path, params, {"mode": mode,
-                                   "model_config": dataclasses.asdict(student.model.cfg)})
-      disk = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
-    out.append((f"student {mode}", student, model, params, disk))
+  if cfg.student:
+    student = LoadedModel.from_workdir(cfg.student)
+    out += [_in_mode(f"student {mode}", student, mode, sample) for mode in cfg.student_modes]
+  for workdir in cfg.pruned:
+    pruned = LoadedModel.from_workdir(workdir)
+    out += [_in_mode(f"{_pruned_name(workdir)} {mode}", pruned, mode, sample)
+            for mode in cfg.pruned_modes]
   return out
 
 
@@ -151,13 +180,13 @@ def _plot(rows, path):
 def run(cfg) -> dict:
   """The classification table (teacher and student set) and the decoding table (summarizer
   set); at least one of them."""
-  if not (cfg.teacher and cfg.student) and not cfg.summarizer:
-    raise ValueError("set config.teacher and config.student (classification table) and/or "
-                     "config.summarizer (decoding table)")
+  if not (cfg.teacher and (cfg.student or cfg.pruned)) and not cfg.summarizer:
+    raise ValueError("set config.teacher and config.student and/or config.pruned "
+                     "(classification table) and/or config.summarizer (decoding table)")
   os.makedirs(cfg.out_dir, exist_ok=True)
   text = [f"# Inference report ({jax.devices()[0].device_kind})", ""]
   result = {}
-  if cfg.teacher and cfg.student:
+  if cfg.teacher and (cfg.student or cfg.pruned):
     records = _test_records(cfg)
     rows, cache = [], {}
     for variant in _variants(cfg):
