@@ -1,0 +1,455 @@
+r"""One command for the first GPU this project meets: `python -m bench.gpu_suite [--out=FILE]`.
+
+Writes one Markdown table (stdout, and --out) with four sections, each reusing what the project
+already measures with (nothing here has its own model or step):
+  train      the train step at configs/bench_step.py:gpu (1.4B-class, seq 2048, batch 8, bf16)
+             against the in-run plain-JAX reference step (bench/step_time.run_benchmark):
+             ms/step, tokens/s, MFU, and the ratio;
+  attention  the kernels the model dispatches to (model/attention `full` and `local`, packed and
+             unpacked; on GPU `auto` is cuDNN for plain bf16 rows, and `cudnn` is also forced)
+             against the float32 reference kernel (model/attention/reference.py): forward output
+             and the gradients of q, k, v, max |error| / max |reference| within bf16 tolerances;
+  blocked    attention alone, forward + backward, at 8k / 16k / 32k tokens per sequence: time
+             and compiled memory of `blocked` next to `full` (cuDNN) and `full` with XLA's dense
+             kernel; then the longest sequence (8k, 16k, 32k, 64k) whose real train step compiles
+             within the device's memory and runs at the 1.4B shape with `blocked` attention;
+  inference  a model served through infer/loading.py (--student=WORKDIR: any run, e.g. the
+             distilled student; without it a randomly initialised model of configs/
+             bench_step.py:cpu's shape) as f32 / bf16 / int8 (infer/quantize.py) at batch 1 and
+             32 (bench/latency.measure), on the GPU and the CPU, and KV-cache decode tokens/s.
+
+Where no GPU exists it prints one line and exits 0. `--platform=cpu --tiny` runs every section
+on tiny shapes on the CPU: the tests do, so everything except the device itself is tested. A
+time budget (--budget_s, default 420 s) skips what would not finish in time, with a row saying so.
+"""
+import dataclasses
+import functools
+import math
+import sys
+import time
+import traceback
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MiB = 2.0 ** 20
+FWD_TOL, GRAD_TOL = 2e-2, 4e-2   # bf16 inputs: max |err| / max |reference|
+
+_FLAGS = {}
+
+
+def _define_flags():
+  _FLAGS.update(
+      platform=flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"], "Device to measure on."),
+      tiny=flags.DEFINE_bool("tiny", False, "Tiny shapes (seconds on a CPU; for tests)."),
+      out=flags.DEFINE_string("out", None, "Also write the Markdown table here."),
+      student=flags.DEFINE_string("student", None, "A run's workdir to serve (infer/loading.py); "
+                                  "default: a random-init model of bench_step.py:cpu's shape."),
+      sections=flags.DEFINE_list("sections", ["train", "attention", "blocked", "inference"],
+                                 "Sections to run, in order."),
+      budget_s=flags.DEFINE_float("budget_s", 420.0, "Skip what starts after this many seconds."),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  bench_preset: str          # configs/bench_step.py preset of the train section
+  steps: int
+  rounds: int
+  attn: tuple                # batch, length, heads, kv heads, head dim
+  window: int
+  block: int
+  long_lengths: tuple        # blocked section: attention-only lengths
+  long_heads: tuple          # heads, head dim
+  train_lengths: tuple       # longest trainable sequence at the bench preset's shape
+  serve_preset: str          # configs/bench_step.py preset served without --student
+  serve_seq: int
+  decode_prompt: int
+  decode_new: int
+
+
+GPU = Shapes("gpu", 5, 3, (2, 2048, 16, 8, 128), 512, 128, (8192, 16384, 32768), (16, 128),
+             (8192, 16384, 32768, 65536), "cpu", 512, 128, 128)
+TINY = Shapes("tiny", 1, 1, (1, 32, 2, 1, 8), 8, 8, (32,), (2, 8), (32, 64), "tiny", 16, 4, 4)
+
+
+class Table:
+  """The suite's one Markdown table: section | case | ms | throughput | memory | result."""
+  HEADER = ("section", "case", "ms", "throughput", "memory MiB", "result")
+
+  def __init__(self):
+    self.rows = []
+
+  def add(self, section, case, ms=None, throughput="", memory=None, result=""):
+    self.rows.append((section, case, "" if ms is None else f"{ms:.2f}", throughput,
+                      "" if memory is None else f"{memory / MiB:.0f}", result))
+
+  def markdown(self) -> str:
+    lines = ["| " + " | ".join(self.HEADER) + " |", "|" + " --- |" * len(self.HEADER)]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in self.rows]
+    return "\n".join(lines)
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:160]}"
+
+
+def _is_oom(e: BaseException) -> bool:
+  return any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
+
+
+def _compiled_bytes(compiled) -> float | None:
+  from bench import latency
+  mem = latency.xla_memory(compiled)
+  return None if mem is None else float(mem["total"])
+
+
+def _device_limit(device) -> float | None:
+  stats = device.memory_stats() if device.platform == "gpu" else None
+  return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+# --- train ----------------------------------------------------------------------------------
+def train_section(table, shapes, device):
+  from bench import step_time
+  from configs import bench_step
+  config = bench_step.get_config(shapes.bench_preset)
+  res = step_time.run_benchmark(config, steps=shapes.steps, rounds=shapes.rounds, warmup=1,
+                                devices=[device])
+  for name in ("project", "reference"):
+    r = res[name]
+    table.add("train", f"{name} step, bench_step:{shapes.bench_preset} "
+              f"({r['params'] / 1e6:.0f}M params, batch {res['batch_size']} x "
+              f"{res['seq_len']})", r["median_ms"], f"{r['tokens_per_s']:,.0f} tokens/s",
+              r["xla_bytes"], f"MFU {100 * r['mfu']:.1f}%")
+  verdict = "ok" if res["ratio"] >= 1.0 else "SLOWER than the reference"
+  table.add("train", "reference / project step time", result=f"{res['ratio']:.3f} ({verdict})")
+  return res
+
+
+# --- attention equality ---------------------------------------------------------------------
+def _packed_inputs(batch, length, rng):
+  """Segment ids and restarting positions: 1-4 documents per row."""
+  seg = np.zeros((batch, length), np.int32)
+  pos = np.zeros((batch, length), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, length), rng.integers(1, 4), replace=False))
+    for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, length])):
+      seg[row, lo:hi], pos[row, lo:hi] = doc + 1, np.arange(hi - lo)
+  return seg, pos
+
+
+def attention_check(kernel, kind, packed, implementation, shapes, device, seed=0):
+  """(forward error, gradient error) of `kernel` against the reference, both relative to the
+  reference's largest magnitude; bf16 inputs, the reference in float32."""
+  from model.attention import masks, reference
+  b, t, h, kv, d = shapes.attn
+  rng = np.random.default_rng(seed)
+  q, k, v, g = (jnp.asarray(rng.standard_normal(s, np.float32), jnp.bfloat16)
+                for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)))
+  spec = masks.MaskSpec(causal=True, window=shapes.window if kind == "local" else None)
+  if packed:
+    seg, pos = (jnp.asarray(x) for x in _packed_inputs(b, t, rng))
+    mi = masks.MaskInputs(q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg)
+  else:
+    mi = masks.MaskInputs()
+  fn = functools.partial(kernel, spec=spec, mask_inputs=mi, implementation=implementation,
+                         block_size=shapes.block)
+  ref = functools.partial(reference.attend, spec=spec, mask_inputs=mi)
+
+  def fwd_bwd(f):
+    def loss(q, k, v):
+      out = f(q, k, v)
+      return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+  with jax.default_device(device):
+    out, grads = jax.jit(lambda: fwd_bwd(fn))()
+    r_out, r_grads = jax.jit(lambda: fwd_bwd(ref))()
+
+  def rel(a, r):
+    a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+    return float(np.max(np.abs(a - r)) / max(float(np.max(np.abs(r))), 1e-6))
+  return rel(out, r_out), max(rel(a, r) for a, r in zip(grads, r_grads))
+
+
+def _attention_path(kind, packed, implementation, device) -> str:
+  """Which kernel the dispatch picks (on this device, for bf16)."""
+  if kind == "blocked":
+    return "online softmax over key blocks"
+  if implementation == "xla":
+    return "XLA"
+  on_gpu = device.platform == "gpu"
+  if implementation == "cudnn" or (on_gpu and not packed):
+    return "cuDNN"
+  if kind == "full":
+    return "XLA dense + mask" if packed else "causal_blocks"
+  return "windowed blocks"
+
+
+def attention_section(table, shapes, device, kernels=None):
+  """Rows per kind x packed x implementation; returns False where any check failed."""
+  from model import attention
+  kernels = kernels or {kind: attention.get_kernel(kind) for kind in ("full", "local")}
+  impls = ("auto", "cudnn") if device.platform == "gpu" else ("auto",)
+  all_ok = True
+  for kind, kernel in kernels.items():
+    for packed in (False, True):
+      for impl in impls:
+        case = (f"{kind}, {'packed' if packed else 'unpacked'}, implementation={impl} "
+                f"({_attention_path(kind, packed, impl, device)}), "
+                f"{'x'.join(map(str, shapes.attn))} bf16")
+        try:
+          fwd, grad = attention_check(kernel, kind, packed, impl, shapes, device)
+        except Exception as e:  # pylint: disable=broad-except
+          table.add("attention", case, result=f"not supported: {_one_line(e)}")
+          continue
+        ok = fwd <= FWD_TOL and grad <= GRAD_TOL
+        all_ok &= ok
+        table.add("attention", case, result=f"{'equal' if ok else 'FAIL'}: fwd err {fwd:.2e}, "
+                  f"grad err {grad:.2e} (tol {FWD_TOL:g} / {GRAD_TOL:g})")
+  return all_ok
+
+
+# --- blocked vs full, long sequences --------------------------------------------------------
+def _time(fn, args, iters=3):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def attention_long(kind, implementation, length, shapes, device):
+  """(ms, compiled bytes) of attention fwd + bwd at `length`, batch 1; ms None if it would not
+  fit the device."""
+  from model import attention
+  from model.attention import masks
+  heads, dim = shapes.long_heads
+  kernel = functools.partial(attention.get_kernel(kind), spec=masks.MaskSpec(causal=True),
+                             mask_inputs=masks.MaskInputs(), implementation=implementation,
+                             block_size=shapes.block)
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v).astype(jnp.float32)),
+                          argnums=(0, 1, 2)))
+  x = jax.device_put(jnp.ones((1, length, heads, dim), jnp.bfloat16) * 0.01, device)
+  compiled = grad.lower(x, x, x).compile()
+  nbytes = _compiled_bytes(compiled)
+  limit = _device_limit(device)
+  if limit is not None and nbytes is not None and nbytes > limit:
+    return None, nbytes
+  return _time(compiled, (x, x, x)), nbytes
+
+
+def blocked_section(table, shapes, device, deadline):
+  variants = (("blocked", "auto"), ("full", "auto"), ("full", "xla"))
+  for length in shapes.long_lengths:
+    for kind, impl in variants:
+      case = f"{kind} ({_attention_path(kind, False, impl, device)}) fwd+bwd, seq {length}, " \
+             f"{shapes.long_heads[0]} heads x {shapes.long_heads[1]}"
+      if time.monotonic() > deadline:
+        table.add("blocked", case, result="skipped: time budget")
+        continue
+      try:
+        ms, nbytes = attention_long(kind, impl, length, shapes, device)
+        result = "ok" if ms is not None else "does not fit the device (compiled size)"
+        table.add("blocked", case, ms, f"{length / ms * 1e3:,.0f} tokens/s" if ms else "",
+                  nbytes, result)
+      except Exception as e:  # pylint: disable=broad-except
+        table.add("blocked", case, result="OOM" if _is_oom(e) else _one_line(e))
+  longest_trainable(table, shapes, device, deadline)
+
+
+def longest_trainable(table, shapes, device, deadline):
+  """The longest sequence (batch 1) whose real train step runs at the bench preset's shape
+  with blocked attention and full remat; stops at the first that does not."""
+  from bench import step_time
+  from configs import bench_step
+  best = None
+  for length in shapes.train_lengths:
+    config = bench_step.get_config(shapes.bench_preset)
+    config.data.update(seq_len=length, batch_size=1)
+    config.model.update(remat="full", max_len=max(config.model.max_len, length))
+    config.model.attention.kind = "blocked"
+    case = f"train step, bench_step:{shapes.bench_preset} shape, blocked, remat full, 1 x {length}"
+    if time.monotonic() > deadline:
+      table.add("blocked", case, result="skipped: time budget")
+      break
+    try:
+      runner = step_time.build_project(config, step_time.make_batch(config, False),
+                                       _one_device_mesh(config, device))
+      runner.run(1, timed=False)
+      runner.run(2)
+      ms = 1e3 * float(np.median(runner.times))
+      table.add("blocked", case, ms, f"{length / ms * 1e3:,.0f} tokens/s",
+                _compiled_bytes(runner.compiled), f"trains (loss {runner.losses[-1]:.3f})")
+      best = length
+      del runner
+    except Exception as e:  # pylint: disable=broad-except
+      table.add("blocked", case, result="OOM" if _is_oom(e) else _one_line(e))
+      break
+  table.add("blocked", f"longest sequence that trains at bench_step:{shapes.bench_preset}'s "
+            "shape (blocked)", result=str(best) if best else "none of those tried")
+
+
+def _one_device_mesh(config, device):
+  from model import sharding as sharding_lib
+  return sharding_lib.make_mesh(config.mesh, [device])
+
+
+# --- inference ------------------------------------------------------------------------------
+def _serving_model(student, shapes):
+  """(label, float model, float32 params, task, seq_len) of --student or a random-init model."""
+  from bench import latency
+  from model.config import ModelConfig
+  from model.transformer import Transformer
+  if student:
+    from infer import loading
+    loaded = loading.LoadedModel.from_workdir(student, what="--student")
+    if loaded.quantization != "none":
+      raise ValueError(f"--student={student} is a quantized run; give the float run it was "
+                       "made from (the suite quantizes it itself)")
+    task = "classify" if loaded.kind == "classify" else "lm"
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params)
+    return (f"{student} (step {loaded.step})", loaded.model, params, task,
+            min(loaded.config.data.seq_len, shapes.serve_seq))
+  from configs import bench_step
+  config = bench_step.get_config(shapes.serve_preset)
+  model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
+  params = jax.tree.map(np.asarray, latency._init_params(model, 0))  # pylint: disable=protected-access
+  return (f"random init, bench_step:{shapes.serve_preset} shape", model, params, "lm",
+          min(config.data.seq_len, shapes.serve_seq))
+
+
+def inference_section(table, shapes, devices, student, deadline):
+  from bench import latency
+  from infer import decode, quantize
+  label, model, params, task, seq_len = _serving_model(student, shapes)
+  vocab = model.cfg.vocab_size
+  rng = np.random.default_rng(0)
+  sample = np.ones((1, 8), np.int32)
+  table.add("inference", f"model: {label}, {latency.model_size(params)['params'] / 1e6:.1f}M "
+            f"params, {task}, seq {seq_len}")
+  for mode in ("f32", "bf16", "int8_weight_only"):
+    qmodel, qparams = quantize.quantize(model, params, mode, sample)
+    fn = latency.forward_fn(qmodel, task)
+    for device in devices:
+      if time.monotonic() > deadline:
+        table.add("inference", f"{mode} on {device.platform}", result="skipped: time budget")
+        continue
+      try:
+        res = latency.measure(fn, lambda b: (qparams, rng.integers(0, vocab, (b, seq_len),
+                                                                  np.int32)),
+                              batch_sizes=(1, 32), warmup=2, iters=10, seq_len=seq_len,
+                              device=device)
+      except Exception as e:  # pylint: disable=broad-except
+        table.add("inference", f"{mode} on {device.platform}", result=_one_line(e))
+        continue
+      for batch, r in res.items():
+        x = r["xla_bytes"]
+        table.add("inference", f"{mode} forward, batch {batch}, {device.platform}", r["p50_ms"],
+                  f"{r['examples_per_s']:,.1f} examples/s", None if x is None else x["total"],
+                  f"p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+    if mode == "int8_weight_only":
+      continue
+    for batch in (1, 32):
+      case = (f"{mode} KV-cache greedy decode, batch {batch}, prompt {shapes.decode_prompt} + "
+              f"{shapes.decode_new} new, {devices[0].platform}")
+      if time.monotonic() > deadline:
+        table.add("inference", case, result="skipped: time budget")
+        continue
+      try:
+        total = shapes.decode_prompt + shapes.decode_new
+        tokens = jax.device_put(rng.integers(1, vocab, (batch, total), np.int32), devices[0])
+        prompt_len = jax.device_put(np.full((batch,), shapes.decode_prompt, np.int32),
+                                    devices[0])
+        step = jax.jit(functools.partial(decode.greedy, qmodel, max_new=shapes.decode_new,
+                                         eos_id=-1, prefix_lm=False))
+        args = (jax.device_put(qparams, devices[0]), tokens, prompt_len)
+        ms = _time(step, args)
+        table.add("inference", case, ms,
+                  f"{batch * shapes.decode_new / ms * 1e3:,.0f} new tokens/s")
+      except Exception as e:  # pylint: disable=broad-except
+        table.add("inference", case, result=_one_line(e))
+
+
+# --- the suite ------------------------------------------------------------------------------
+def find_device(platform: str):
+  """The first device of `platform`, or None where there is none."""
+  try:
+    devices = jax.devices(platform)
+  except RuntimeError:
+    return None
+  return devices[0] if devices else None
+
+
+def run_suite(platform="gpu", tiny=False, sections=("train", "attention", "blocked", "inference"),
+              student=None, budget_s=420.0) -> tuple[Table, dict]:
+  shapes = TINY if tiny else GPU
+  device = find_device(platform)
+  if device is None:
+    raise RuntimeError(f"no {platform} device")
+  start = time.monotonic()
+  deadline = start + budget_s
+  table, info = Table(), {"device": f"{device.platform} {device.device_kind}",
+                          "shapes": "tiny" if tiny else "gpu", "jax": jax.__version__}
+  serve_devices = [device] + ([d for d in [find_device("cpu")] if d] if platform != "cpu" else [])
+  for section in sections:
+    t0 = time.monotonic()
+    if t0 > deadline:
+      table.add(section, "(whole section)", result="skipped: time budget")
+      continue
+    try:
+      if section == "train":
+        info["train"] = train_section(table, shapes, device)
+      elif section == "attention":
+        info["attention_ok"] = attention_section(table, shapes, device)
+      elif section == "blocked":
+        blocked_section(table, shapes, device, deadline)
+      elif section == "inference":
+        inference_section(table, shapes, serve_devices, student, deadline)
+      else:
+        raise ValueError(f"unknown section {section!r}")
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc(file=sys.stderr)
+      table.add(section, "(section failed)", result=_one_line(e))
+    info[f"{section}_s"] = time.monotonic() - t0
+  info["total_s"] = time.monotonic() - start
+  return table, info
+
+
+def report(table: Table, info: dict) -> str:
+  head = (f"GPU suite on {info['device']} ({info['shapes']} shapes, jax {info['jax']}), "
+          f"{info['total_s']:.0f} s; " +
+          ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in info.items()
+                    if k.endswith("_s") and k != "total_s"))
+  return head + "\n\n" + table.markdown() + "\n"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  platform = _FLAGS["platform"].value
+  if find_device(platform) is None:
+    print(f"gpu_suite: no {platform.upper()} device here (JAX sees: "
+          f"{', '.join(sorted({d.platform for d in jax.devices()}))}); nothing measured. "
+          "Run it on a GPU host, or --platform=cpu --tiny to try the suite.")
+    return 0
+  table, info = run_suite(platform, _FLAGS["tiny"].value, _FLAGS["sections"].value,
+                          _FLAGS["student"].value, _FLAGS["budget_s"].value)
+  text = report(table, info)
+  print(text)
+  if _FLAGS["out"].value:
+    with open(_FLAGS["out"].value, "w") as f:
+      f.write(text)
+  return 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
