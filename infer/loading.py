@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import decode, quantize
+from infer import decode, lora, quantize
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
@@ -61,6 +61,11 @@ class Run:
   @property
   def kind(self) -> str:
     return task_kind(self.meta["config"])
+
+  @property
+  def lora(self) -> "lora.LoraSpec | None":
+    """The adapters a LoRA run trained (its checkpoint holds base + adapters), else None."""
+    return lora.spec_of_run_config(self.meta["config"])
 
   def model_config(self, **changes) -> ModelConfig:
     source = self.config
@@ -105,15 +110,22 @@ def abstract_params(model, mesh=None):
 
 def restore_params(run: Run, model, mesh=None):
   """The parameters `model` has from `run`'s checkpoint (a distilled run's student half), in
-  their shardings over `mesh` (None: the default device); the optimizer state is not read."""
+  their shardings over `mesh` (None: the default device); the optimizer state is not read.
+  A LoRA run's base and adapters are restored and merged (infer/lora.py): plain Transformer
+  parameters, so every reader takes a LoRA run like any other."""
   if run.checkpointer is None:
     raise LoadError(f"{run.workdir} is a quantized ({run.quantization}) run: its int8 "
                     "parameters load with LoadedModel, not as float parameters to train from")
-  abstract = abstract_params(model, mesh)
+  spec = run.lora
+  abstract = abstract_params(model if spec is None else lora.lora_model(model.cfg, spec), mesh)
   distilled = run.meta["config"]["task"] == "distill"
   params = run.checkpointer.restore_params(run.step, {"student": abstract} if distilled
                                            else abstract)
-  return params["student"] if distilled else params
+  params = params["student"] if distilled else params
+  if spec is not None:   # merged where the plain model's parameters live
+    plain = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
+    params = jax.jit(lora.merge, static_argnums=1, out_shardings=plain)(params, spec)
+  return params
 
 
 @dataclasses.dataclass
@@ -123,7 +135,7 @@ class LoadedModel:
   kind: str                             # classify | summarize | pretrain
   model: nn.Module                      # a Transformer, or qwix's wrapper of one
   params: dict
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.TokenizerBase
   step: int
   quantization: str = "none"
   mesh: jax.sharding.Mesh | None = None   # where params live; batches are split over it
@@ -138,8 +150,9 @@ class LoadedModel:
     else:
       model = Transformer(run.model_config())
       params = restore_params(run, model, mesh)
-    return cls(run.config, run.kind, model, params, tokenizer_lib.Tokenizer(tokenizer_path),
-               run.step, run.quantization, None if run.quantization != "none" else mesh)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+    return cls(run.config, run.kind, model, params, tokenizer, run.step, run.quantization,
+               None if run.quantization != "none" else mesh)
 
   @classmethod
   def from_workdir(cls, workdir: str, prefer_best: bool = True, mesh=None,

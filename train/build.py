@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 
 from infer import loading
+from infer import lora as lora_lib
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -125,13 +126,15 @@ class Parts:
   """What `build` returns: everything a train step needs, nothing allocated yet."""
   config: ml_collections.ConfigDict
   model_cfg: ModelConfig
-  model: Transformer                 # the trained model (the student when distilling)
+  model: Transformer                 # the trained model (the student when distilling; with
+                                     # train.lora, the Transformer wrapped with adapters)
   task: object
   tx: object
   schedule: object
   mesh: jax.sharding.Mesh
   abstract: state_lib.TrainState     # unboxed ShapeDtypeStructs
   shardings: state_lib.TrainState    # NamedShardings of the same tree
+  trainable: object = None           # None (all) or a predicate on flat param paths (LoRA)
 
   @property
   def distilling(self) -> bool:
@@ -161,7 +164,7 @@ class Parts:
     return step_lib.compile_train_step(
         self.task, self.tx, self.schedule, self.config.optim.grad_accum_steps, self.mesh,
         self.abstract, self.shardings, batch or self.dummy_batch(),
-        skip_nonfinite=self.config.train.nonfinite == "skip")
+        skip_nonfinite=self.config.train.nonfinite == "skip", trainable=self.trainable)
 
   def param_count(self) -> int:
     return state_lib.param_count(self.eval_params(self.abstract.params))
@@ -170,11 +173,17 @@ class Parts:
 def build(config, mesh: jax.sharding.Mesh | None = None) -> Parts:
   """Model -> task -> optimizer -> mesh -> abstract sharded state for a resolved config."""
   model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
-  model = Transformer(model_cfg)
+  lora = lora_lib.LoraSpec.from_config(config.train.get("lora"))
+  # LoRA: the model trained (and evaluated during the run) is the adapter-wrapped Transformer;
+  # only the adapters and the task head are differentiated and carry optimizer state.
+  model = Transformer(model_cfg) if lora is None else lora_lib.lora_model(model_cfg, lora)
+  trainable = None if lora is None else lora_lib.is_trained
   task = make_task(config, model)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps,
-                                     frozen=("teacher",) if config.task == "distill" else ())
+                                     frozen=("teacher",) if config.task == "distill" else (),
+                                     trainable=trainable)
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
   abstract, shardings = state_lib.state_shardings(task.model, tx, task.dummy_batch(
       1, config.data.seq_len), mesh)
-  return Parts(config, model_cfg, model, task, tx, schedule, mesh, abstract, shardings)
+  return Parts(config, model_cfg, model, task, tx, schedule, mesh, abstract, shardings,
+               trainable)

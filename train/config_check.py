@@ -64,3 +64,23 @@ def validate(config, num_devices: int, process_count: int):
       raise ConfigError(message)
   if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
     raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")
+  _check_lora(config)
+
+
+def _check_lora(config):
+  """train.lora: adapters on a pre-trained model being fine-tuned, on projections it has."""
+  from infer import lora   # the LoRA model lives beside quantization, below train/
+  lora_cfg = config.train.get("lora")
+  if lora_cfg is None or lora_cfg.rank == 0:
+    return
+  if config.task not in ("classify", "summarize"):
+    raise ConfigError(f"config.train.lora.rank={lora_cfg.rank}: LoRA fine-tunes a classifier or "
+                      f"summarizer from a pre-trained run, not a {config.task!r} run")
+  if not config.train.init_from:
+    raise ConfigError(f"config.train.lora.rank={lora_cfg.rank} needs config.train.init_from (the "
+                      "pre-trained run whose weights LoRA freezes)")
+  try:
+    lora.check(lora.LoraSpec(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.targets),
+               ModelConfig.from_config(config.model, config.data.vocab_size))
+  except lora.LoraConfigError as e:
+    raise ConfigError(str(e)) from None

@@ -7,6 +7,7 @@ initialisation. Distillation restores the frozen teacher into the state's "teach
 start the student from the teacher's blocks (`distill.init_student=teacher_layers`).
 Runs are found and restored through infer/loading.py, like every other reader of a run.
 """
+import flax
 import jax
 from absl import logging
 
@@ -16,17 +17,19 @@ from train.config_check import ConfigError
 
 
 def load_backbone(pretrained: loading.Run, state, mesh):
-  """`state` with every parameter the pre-trained model also has replaced by its value."""
+  """`state` with every parameter the pre-trained model also has replaced by its value (by
+  path, so a LoRA state keeps its fresh adapters beside the restored kernels)."""
   restored = loading.restore_params(pretrained, Transformer(pretrained.model_config()), mesh)
-  params = dict(state.params)
-  new = sorted(set(params) - set(restored))
-  unused = sorted(set(restored) - set(params))
-  for key in set(params) & set(restored):
-    params[key] = jax.tree.map(lambda r, s: jax.device_put(r, s.sharding), restored[key],
-                               params[key])
-  logging.info("restored %d pre-trained parameter groups; newly initialised: %s; unused: %s",
-               len(set(params) & set(restored)), new or "none", unused or "none")
-  return state.replace(params=params)
+  params = flax.traverse_util.flatten_dict(state.params)
+  source = flax.traverse_util.flatten_dict(restored)
+  new = sorted({"/".join(k) for k in set(params) - set(source)})
+  unused = sorted({"/".join(k) for k in set(source) - set(params)})
+  shared = set(params) & set(source)
+  for key in shared:
+    params[key] = jax.device_put(source[key], params[key].sharding)
+  logging.info("restored %d pre-trained parameters; newly initialised: %s; unused: %s",
+               len(shared), new or "none", unused or "none")
+  return state.replace(params=flax.traverse_util.unflatten_dict(params))
 
 
 def add_teacher(state, teacher: loading.Run, task, mesh):

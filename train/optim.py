@@ -1,4 +1,5 @@
 """AdamW with linear warmup then cosine / linear decay (or a constant rate), and clipping."""
+import flax
 import jax
 import optax
 
@@ -32,11 +33,15 @@ def _decay_mask(frozen: tuple):
   return mask
 
 
-def make_optimizer(optim_cfg, num_steps: int, frozen: tuple = ()):
+def make_optimizer(optim_cfg, num_steps: int, frozen: tuple = (), trainable=None):
   """Returns (optax transform, lr schedule).
 
   `frozen`: top-level parameter groups (e.g. a distillation teacher) that get no weight decay;
   their gradients are zero (stop_gradient), so Adam leaves them bit-identical.
+  `trainable`: None (every parameter trains) or a predicate on a parameter's flattened path
+  (LoRA: the adapters and the task head). The rest get `set_to_zero` through
+  `optax.multi_transform`, so no Adam moments are allocated for them (their opt-state nodes are
+  empty MaskedNodes) and clipping sees only the trained gradients.
   """
   schedule = make_schedule(optim_cfg, num_steps)
   parts = []
@@ -44,4 +49,12 @@ def make_optimizer(optim_cfg, num_steps: int, frozen: tuple = ()):
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                            weight_decay=optim_cfg.weight_decay, mask=_decay_mask(frozen)))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if trainable is not None:
+    def labels(params):
+      if not isinstance(params, (dict, flax.core.FrozenDict)):
+        return "trained"    # optax.tree_map_params' stand-in for the whole tree
+      return flax.traverse_util.path_aware_map(
+          lambda path, _: "trained" if trainable(path) else "frozen", params)
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule

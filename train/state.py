@@ -38,10 +38,13 @@ def state_shardings(model, tx, dummy_batch, mesh):
   """(abstract unboxed TrainState, matching NamedShardings) without allocating anything."""
   boxed = jax.eval_shape(_init_fn(model, tx, dummy_batch), jax.random.PRNGKey(0))
   param_specs = nn.get_partition_spec(boxed.params)
+  # A parameter an optimizer does not track (optax.masked / multi_transform: LoRA's frozen
+  # base) has an empty MaskedNode in its state: kept as it is.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_specs = optax.tree_map_params(
-      tx, lambda _, spec: spec, boxed.opt_state, param_specs,
+      tx, lambda value, spec: value if masked(value) else spec, boxed.opt_state, param_specs,
       transform_non_params=lambda _: PartitionSpec(),
-      is_leaf=lambda x: isinstance(x, PartitionSpec))
+      is_leaf=lambda x: isinstance(x, PartitionSpec) or masked(x))
   logical = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
                        rng=PartitionSpec())
   shardings = sharding_lib.logical_sharding(logical, mesh)

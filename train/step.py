@@ -5,6 +5,7 @@ by the total weight once (so accumulation is exact, not a mean of means), applie
 and returns scalar metrics. Compiled ahead of time with explicit in/out shardings; the state's
 buffers are donated so params and optimizer state are updated in place.
 """
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,14 +34,37 @@ def _split_micro(batch, accum: int, mesh):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh, skip_nonfinite=False):
+def _partition(params, trainable):
+  """(trained, frozen): flat {path: leaf} dicts of `params` split by `trainable(path)`."""
+  flat = flax.traverse_util.flatten_dict(params)
+  trained = {k: v for k, v in flat.items() if trainable(k)}
+  return trained, {k: v for k, v in flat.items() if k not in trained}
+
+
+def _combine(trained: dict, frozen: dict):
+  return flax.traverse_util.unflatten_dict({**frozen, **trained})
+
+
+def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh, skip_nonfinite=False,
+                    trainable=None):
   """skip_nonfinite: a step whose loss or gradient is not finite leaves params and optimizer
   state unchanged (metric `skipped` = 1) instead of poisoning them; the loop decides whether
-  that is an error (config.train.nonfinite)."""
+  that is an error (config.train.nonfinite).
+
+  trainable: None, or a predicate on flattened parameter paths (LoRA): only those parameters
+  are differentiated (the rest enter the loss as constants: no backward pass through their
+  weights, no gradient buffers, nothing accumulated), `tx` sees zeros for the rest (its
+  set_to_zero branch ignores them) and they leave the step exactly as they came in."""
   grad_fn = jax.value_and_grad(lambda p, b, r: task.loss(p, b, r, True), has_aux=True)
+  split_grad_fn = jax.value_and_grad(
+      lambda t, f, b, r: task.loss(_combine(t, f), b, r, True), has_aux=True)
 
   def loss_and_grad(params, batch, rng):
-    (_, sums), grads = grad_fn(params, batch, rng)
+    if trainable is None:
+      (_, sums), grads = grad_fn(params, batch, rng)
+    else:
+      trained, frozen = _partition(params, trainable)
+      (_, sums), grads = split_grad_fn(trained, frozen, batch, rng)
     return grads, sums
 
   def train_step(state, batch):
@@ -59,9 +83,16 @@ def make_train_step(task, tx, schedule, grad_accum_steps: int, mesh, skip_nonfin
       (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
+    if trainable is None:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    else:
+      _, frozen = _partition(state.params, trainable)
+      full = _combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+      updates, opt_state = tx.update(full, state.opt_state, state.params)
+      trained, _ = _partition(optax.apply_updates(state.params, updates), trainable)
+      params = _combine(trained, frozen)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -91,14 +122,15 @@ def compile_step(fn, mesh, in_shardings, out_shardings, example_args, donate_arg
 
 
 def compile_train_step(task, tx, schedule, grad_accum_steps: int, mesh, abstract_state,
-                       state_shardings, batch, skip_nonfinite: bool = False):
+                       state_shardings, batch, skip_nonfinite: bool = False, trainable=None):
   """The sharded, donating train step compiled for `batch`'s keys and shapes (arrays or
   ShapeDtypeStructs; without segment_ids/positions the model takes its plain-causal path)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in batch.items()}
   return compile_step(
-      make_train_step(task, tx, schedule, grad_accum_steps, mesh, skip_nonfinite), mesh,
+      make_train_step(task, tx, schedule, grad_accum_steps, mesh, skip_nonfinite, trainable),
+      mesh,
       (state_shardings, batch_sharding), (state_shardings, sharding_lib.replicated(mesh)),
       (state_lib.abstract_with_shardings(abstract_state, state_shardings), example),
       donate_argnums=(0,))
