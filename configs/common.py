@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 8        # < num_heads: GQA; 1: MQA
   c.model.head_dim = 64
   c.model.mlp_dim = 2048
-  c.model.mlp_activation = "swiglu"   # swiglu | gelu
+  c.model.mlp_activation = "swiglu"   # swiglu | gelu (tanh approx.) | gelu_exact | geglu | relu
   c.model.positions = "rope"          # rope | learned
   c.model.rope_theta = 10_000.0
   c.model.max_len = 8192              # table size for learned positions
@@ -60,6 +60,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.num_classes = 0             # > 0 adds a classifier head on the pooled final state
   c.model.pooling = "mean"            # classifier pooling: mean (over tokens) | last (token)
+  # Switches for the families train/convert.py imports (Llama, Mistral, Qwen2, GPT-2, Gemma);
+  # the defaults are this codebase's own decoder.
+  c.model.norm = "rmsnorm"            # rmsnorm | layernorm
+  c.model.norm_eps = 1e-6
+  c.model.norm_bias = False           # layernorm with a bias (GPT-2)
+  c.model.norm_plus_one = False       # RMSNorm scales by (1 + w) (Gemma)
+  c.model.norm_placement = "pre"      # pre | post (norm after the residual add)
+  c.model.qkv_bias = False            # biases on the query/key/value projections (Qwen2, GPT-2)
+  c.model.out_bias = False            # bias on the attention output projection (GPT-2)
+  c.model.mlp_bias = False            # biases on the MLP projections (GPT-2)
+  c.model.rope_scaling = "none"       # none | linear | llama3 (Llama 3.1 frequency bands)
+  c.model.rope_scaling_factor = 1.0
+  c.model.rope_low_freq_factor = 1.0
+  c.model.rope_high_freq_factor = 4.0
+  c.model.rope_original_max_len = 8192
+  c.model.embed_scale = False         # embeddings * sqrt(d_model) (Gemma)
+  c.model.tied_head_rescale = True    # tied head scales states by d_model^-1/2 (ours; HF: False)
+  c.model.logit_softcap = 0.0         # > 0: logits = cap * tanh(logits / cap)
+  c.model.causal = True               # False: bidirectional attention (encoders)
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
   c.model.attention.implementation = "auto"   # auto (per backend) | xla | cudnn; see full.py

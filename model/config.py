@@ -5,12 +5,24 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _CHOICES = {
-    "mlp_activation": ("swiglu", "gelu"),
+    # gelu = tanh-approximate GELU (GPT-2's gelu_new); gelu_exact = erf GELU (BERT);
+    # geglu = gated tanh-GELU (Gemma); swiglu = gated SiLU (Llama).
+    "mlp_activation": ("swiglu", "gelu", "gelu_exact", "geglu", "relu"),
+    "norm": ("rmsnorm", "layernorm"),
+    "norm_placement": ("pre", "post"),
+    "rope_scaling": ("none", "linear", "llama3"),
     "positions": ("rope", "learned"),
     "remat": ("none", "full", "dots"),
     "dtype": tuple(_DTYPES),
     "pooling": ("mean", "last"),
 }
+
+
+# Keys a config may lack (runs written before they existed): their defaults apply.
+_OPTIONAL = ("norm", "norm_eps", "norm_bias", "norm_plus_one", "norm_placement", "qkv_bias",
+             "out_bias", "mlp_bias", "rope_scaling", "rope_scaling_factor",
+             "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
+             "embed_scale", "tied_head_rescale", "logit_softcap", "causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +49,25 @@ class ModelConfig:
   attention_num_global: int = 0
   num_classes: int = 0             # > 0: the model is a classifier (pooled state -> classes)
   pooling: str = "mean"
+  # Switches for imported families (train/convert.py); the defaults are this codebase's own
+  # decoder, so existing configs build the same parameter tree and the same numbers.
+  norm: str = "rmsnorm"            # rmsnorm | layernorm
+  norm_eps: float = 1e-6
+  norm_bias: bool = False          # layernorm with a bias (GPT-2, BERT)
+  norm_plus_one: bool = False      # RMSNorm scales by (1 + w), w initialised at 0 (Gemma)
+  norm_placement: str = "pre"      # pre (x + f(norm(x))) | post (norm(x + f(x)), BERT)
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  rope_scaling: str = "none"       # none | linear | llama3
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  embed_scale: bool = False        # multiply embeddings by sqrt(d_model) (Gemma)
+  tied_head_rescale: bool = True   # tied head scales states by d_model^-1/2 (ours; HF: False)
+  logit_softcap: float = 0.0       # > 0: logits = cap * tanh(logits / cap)
+  causal: bool = True              # False: bidirectional (encoders)
 
   @property
   def compute_dtype(self):
@@ -54,7 +85,9 @@ class ModelConfig:
               attention_kind=attn.kind, attention_implementation=attn.implementation,
               attention_block_size=attn.block_size, attention_window=attn.window,
               attention_num_global=attn.num_global, num_classes=m.num_classes,
-              pooling=m.pooling)
+              pooling=m.pooling,
+              **{f.name: m.get(f.name, f.default) for f in dataclasses.fields(cls)
+                 if f.name in _OPTIONAL})
     out.validate()
     return out
 
@@ -62,6 +95,10 @@ class ModelConfig:
     for key, choices in _CHOICES.items():
       if getattr(self, key) not in choices:
         raise ValueError(f"config.model.{key}={getattr(self, key)!r}; expected one of {choices}")
+    if self.norm_plus_one and self.norm != "rmsnorm":
+      raise ValueError("config.model.norm_plus_one needs config.model.norm='rmsnorm'")
+    if self.norm_bias and self.norm != "layernorm":
+      raise ValueError("config.model.norm_bias needs config.model.norm='layernorm'")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"config.model.num_heads={self.num_heads} must be a multiple of "
                        f"config.model.num_kv_heads={self.num_kv_heads}")

@@ -1,4 +1,4 @@
-"""Basic layers: token embedding, RMSNorm and the feed-forward block.
+"""Basic layers: token embedding, RMSNorm / LayerNorm and the feed-forward block.
 
 Every parameter carries logical axis names (see model/sharding.py for how they map onto the
 device mesh). Parameters are stored in float32; `dtype` is the compute dtype they are cast to.
@@ -35,17 +35,47 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm, computed in float32 whatever the compute dtype."""
+  """Root-mean-square norm, computed in float32 whatever the compute dtype; with plus_one the
+  scale is (1 + w), w starting at 0 (Gemma's parametrisation)."""
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(_init.ones, ("norm",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", nn.with_logical_partitioning(
+        _init.zeros if self.plus_one else _init.ones, ("norm",)), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """Mean-and-variance norm with a scale and (optionally) a bias, computed in float32."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(_init.ones, ("norm",)), (d,),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
+    if self.use_bias:
+      y = y + self.param("bias", nn.with_logical_partitioning(_init.zeros, ("norm",)), (d,),
+                         jnp.float32)
+    return y.astype(self.dtype)
+
+
+def norm(cfg, name: str):
+  """The norm layer `cfg` (a ModelConfig) asks for."""
+  if cfg.norm == "layernorm":
+    return LayerNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_bias, name=name)
+  return RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_plus_one, name=name)
 
 
 class Projection(nn.Module):
@@ -59,6 +89,7 @@ class Projection(nn.Module):
   stddev: float
   dtype: Dtype = jnp.float32
   output_f32: bool = False   # keep the float32 accumulator (e.g. for logits)
+  use_bias: bool = False     # a bias over the feature dims (imported families)
 
   @nn.compact
   def __call__(self, x):
@@ -70,13 +101,17 @@ class Projection(nn.Module):
         x.astype(self.dtype), kernel.astype(self.dtype),
         ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
         preferred_element_type=jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          _init.zeros, self.axes[n_in:]), tuple(self.features), jnp.float32)
+      out = out + bias.astype(self.dtype)
     return out if self.output_f32 else out.astype(self.dtype)
 
 
-def dense(features, axes, name, dtype, stddev):
+def dense(features, axes, name, dtype, stddev, use_bias: bool = False):
   """A projection to `features` (int or tuple) whose kernel is named by `axes`."""
   features = (features,) if isinstance(features, int) else tuple(features)
-  return Projection(features, tuple(axes), stddev, dtype, name=name)
+  return Projection(features, tuple(axes), stddev, dtype, use_bias=use_bias, name=name)
 
 
 class Mlp(nn.Module):
@@ -86,18 +121,25 @@ class Mlp(nn.Module):
   activation: str = "swiglu"
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     std_in, std_out = self.d_model ** -0.5, self.mlp_dim ** -0.5
-    up = dense(self.mlp_dim, ("embed", "mlp"), "wi", self.dtype, std_in)(x)
-    if self.activation == "swiglu":
-      gate = dense(self.mlp_dim, ("embed", "mlp"), "wg", self.dtype, std_in)(x)
-      h = nn.silu(gate) * up
+    b = self.use_bias
+    up = dense(self.mlp_dim, ("embed", "mlp"), "wi", self.dtype, std_in, b)(x)
+    if self.activation in ("swiglu", "geglu"):
+      gate = dense(self.mlp_dim, ("embed", "mlp"), "wg", self.dtype, std_in, b)(x)
+      h = (nn.silu(gate) if self.activation == "swiglu" else nn.gelu(gate)) * up
     elif self.activation == "gelu":
-      h = nn.gelu(up)
+      h = nn.gelu(up)                       # tanh approximation (GPT-2's gelu_new)
+    elif self.activation == "gelu_exact":
+      h = nn.gelu(up, approximate=False)
+    elif self.activation == "relu":
+      h = nn.relu(up)
     else:
-      raise ValueError(f"model.mlp_activation={self.activation!r}; expected 'swiglu' or 'gelu'")
+      raise ValueError(f"model.mlp_activation={self.activation!r}; expected swiglu, geglu, "
+                       "gelu, gelu_exact or relu")
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return dense(self.d_model, ("mlp", "embed"), "wo", self.dtype, std_out)(h)
+    return dense(self.d_model, ("mlp", "embed"), "wo", self.dtype, std_out, b)(h)

@@ -1,4 +1,8 @@
-"""Decoder-only transformer: attention + MLP blocks, pre-norm, tied or separate LM head."""
+"""Decoder-only transformer: attention + MLP blocks, pre-norm, tied or separate LM head.
+
+Config switches (model/config.py) cover the imported families (train/convert.py): RMSNorm or
+LayerNorm, pre- or post-norm, projection biases, scaled RoPE or learned positions, embedding
+scale, logit soft-cap, causal or bidirectional; the defaults are the original decoder."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,18 +29,22 @@ class MultiHeadAttention(nn.Module):
     c = self.cfg
     dt = c.compute_dtype
     std = c.d_model ** -0.5
-    q = layers.dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "query", dt, std)(x)
+    qb = c.qkv_bias
+    q = layers.dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "query", dt, std,
+                     qb)(x)
     k = layers.dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "key", dt,
-                     std)(x)
+                     std, qb)(x)
     v = layers.dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "value", dt,
-                     std)(x)
+                     std, qb)(x)
     if c.positions == "rope":
-      q = positions_lib.rope(q, rope_positions, c.rope_theta)
-      k = positions_lib.rope(k, rope_positions, c.rope_theta)
+      scaling = (c.rope_scaling, c.rope_scaling_factor, c.rope_low_freq_factor,
+                 c.rope_high_freq_factor, c.rope_original_max_len)
+      q = positions_lib.rope(q, rope_positions, c.rope_theta, scaling)
+      k = positions_lib.rope(k, rope_positions, c.rope_theta, scaling)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
                                        None))
     window = c.attention_window if c.attention_kind == "local" else None
-    spec = masks.MaskSpec(causal=True, window=window, num_global=c.attention_num_global)
+    spec = masks.MaskSpec(causal=c.causal, window=window, num_global=c.attention_num_global)
     if cache_mode == "step":
       out = self._decode_step(q, k, v, rope_positions, spec)
     else:
@@ -47,7 +55,7 @@ class MultiHeadAttention(nn.Module):
                    implementation=c.attention_implementation, block_size=c.attention_block_size)
     out_std = (c.num_heads * c.head_dim) ** -0.5 / c.num_layers ** 0.5   # scaled residual init
     return layers.Projection((c.d_model,), ("heads", "head_dim", "embed"), out_std, dt,
-                             name="out")(out)
+                             use_bias=c.out_bias, name="out")(out)
 
   def _fill_cache(self, k, v, mask_inputs, window):
     """Stores keys/values for decoding. Slot p % size holds position p, with size = the
@@ -99,13 +107,19 @@ class DecoderBlock(nn.Module):
                cache_mode=None):
     c = self.cfg
     dt = c.compute_dtype
-    h = layers.RMSNorm(dtype=dt, name="attn_norm")(x)
+    pre = c.norm_placement == "pre"
+    attn_norm, mlp_norm = layers.norm(c, "attn_norm"), layers.norm(c, "mlp_norm")
+    h = attn_norm(x) if pre else x
     h = MultiHeadAttention(c, name="attn")(h, mask_inputs, rope_positions, cache_mode)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
-    h = layers.RMSNorm(dtype=dt, name="mlp_norm")(x)
-    h = layers.Mlp(c.d_model, c.mlp_dim, c.mlp_activation, c.dropout_rate, dt, name="mlp")(
-        h, deterministic=deterministic)
+    if not pre:
+      x = attn_norm(x)
+    h = mlp_norm(x) if pre else x
+    h = layers.Mlp(c.d_model, c.mlp_dim, c.mlp_activation, c.dropout_rate, dt,
+                   use_bias=c.mlp_bias, name="mlp")(h, deterministic=deterministic)
     x = x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    if not pre:
+      x = mlp_norm(x)
     return nn.with_logical_constraint(x, _ACT)
 
 
@@ -140,7 +154,8 @@ class Transformer(nn.Module):
     if c.remat != "none":
       block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[c.remat], static_argnums=(4, 5))
     self.blocks = [block(c, name=f"block_{i}") for i in range(c.num_layers)]
-    self.final_norm = layers.RMSNorm(dtype=c.compute_dtype, name="final_norm")
+    if c.norm_placement == "pre":
+      self.final_norm = layers.norm(c, "final_norm")
     if not c.tie_embeddings:
       self.lm_head = layers.Projection((c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5,
                                        c.compute_dtype, output_f32=True, name="lm_head")
@@ -161,6 +176,8 @@ class Transformer(nn.Module):
     c = self.cfg
     b, t = tokens.shape
     x = self.embed(tokens)   # N(0, 1) rows: unit-scale inputs for the pre-norm blocks
+    if c.embed_scale:
+      x = x * jnp.asarray(c.d_model ** 0.5, x.dtype)
     pos = masks.default_positions(b, t) if positions is None else positions
     if c.positions == "learned":
       x = x + self.pos_embed(pos)
@@ -171,7 +188,8 @@ class Transformer(nn.Module):
       mask_inputs = None
     for block in self.blocks:
       x = block(x, mask_inputs, pos, deterministic, cache_mode)
-    x = self.final_norm(x)
+    if c.norm_placement == "pre":
+      x = self.final_norm(x)
     if return_hidden:
       return x
     if c.num_classes:
@@ -189,8 +207,11 @@ class Transformer(nn.Module):
     c = self.cfg
     if c.tie_embeddings:
       # Unit-rms states against N(0, 1) rows: scale by d^-1/2 so initial logits are ~N(0, 1).
-      logits = self.embed.attend(x * jnp.asarray(c.d_model ** -0.5, x.dtype))
+      logits = self.embed.attend(x * jnp.asarray(c.d_model ** -0.5, x.dtype)
+                                 if c.tied_head_rescale else x)
     else:
       logits = self.lm_head(x)
+    if c.logit_softcap > 0:
+      logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
                                                "activation_vocab"))

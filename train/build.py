@@ -29,7 +29,13 @@ from train.data import examples as examples_lib
 
 # What a fine-tuning run takes from its init_from run (besides data.vocab_size).
 ARCHITECTURE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                     "mlp_activation", "positions", "rope_theta", "max_len", "tie_embeddings")
+                     "mlp_activation", "positions", "rope_theta", "max_len", "tie_embeddings",
+                     # the switches of imported families (runs older than them lack the keys
+                     # and keep the defaults)
+                     "norm", "norm_eps", "norm_bias", "norm_plus_one", "norm_placement",
+                     "qkv_bias", "out_bias", "mlp_bias", "rope_scaling", "rope_scaling_factor",
+                     "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
+                     "embed_scale", "tied_head_rescale", "logit_softcap", "causal")
 
 
 task_kind = loading.task_kind   # pretrain | classify | summarize: what the trained model does
@@ -82,7 +88,8 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
     sources.pretrained = _open(config.train.init_from, "train.init_from")
     source = sources.pretrained.meta["config"]
     for key in ARCHITECTURE_KEYS:
-      _adopt(config, f"model.{key}", source["model"][key], changed)
+      if key in source["model"]:
+        _adopt(config, f"model.{key}", source["model"][key], changed)
     _adopt(config, "data.vocab_size", source["data"]["vocab_size"], changed)
   if changed:
     logging.info("taken from the runs this one starts from: %s", ", ".join(changed))

@@ -1,0 +1,322 @@
+"""Hugging Face import/export (train/convert.py) and tokenizers (model/tokenizer.HFTokenizer)
+against transformers itself, on small random models built from configs (nothing downloaded).
+
+Per family (f32): logits equal transformers' (max abs diff <= 1e-4, KL <= 1e-6) on unpacked and
+packed rows; 32 greedy tokens identical (infer/decode.py vs generate(do_sample=False)); the
+export loads in transformers with identical logits; import -> export -> import is bit-identical.
+Needs requirements-hf.txt (transformers, torch); skipped without it.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is a test-only requirement: pip install -r "
+    "requirements-hf.txt")
+torch = pytest.importorskip("torch", reason="torch: pip install -r requirements-hf.txt")
+tokenizers = pytest.importorskip("tokenizers")
+
+from infer import decode, loading  # noqa: E402
+from model import tokenizer as tokenizer_lib  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+from train import convert  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 512
+SEQ = 48
+
+_TEXT = ("The licensee shall indemnify the licensor against all claims, damages and costs. "
+         "Ünïcödé façade — naïve café, 東京 とうきょう, Привет мир, emoji 🙂🚀, tabs\tand\n\nnew "
+         "lines,   runs   of    spaces, numbers 12345 67.89, URLs https://example.com/a?b=c. ")
+
+
+def _train_tokenizer(out: str, style: str):
+  """A small BPE trained here, saved as transformers saves a fast tokenizer."""
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+  if style == "bytelevel":   # GPT-2 / Llama 3 / Qwen2 style
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+  else:                      # sentencepiece-like (Llama 2 / Mistral / Gemma): metaspace + bytes
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    alphabet = [f"<0x{i:02X}>" for i in range(256)]
+  special = ["<pad>", "<unk>", "<s>", "</s>"]
+  bytelevel = style == "bytelevel"
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB - 8 if bytelevel else 200,
+                                           special_tokens=special,
+                                           initial_alphabet=alphabet if bytelevel else [])
+  tok.train_from_iterator([_TEXT * 3, _TEXT.lower(), _TEXT.upper()] * 20, trainer)
+  if not bytelevel:   # byte-fallback pieces, as in a converted sentencepiece model
+    tok.add_tokens(alphabet)
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+      unk_token="<unk>")
+  fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+  fast.save_pretrained(out)
+
+
+def _hf_config(family: str):
+  common = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+  if family == "llama":   # GQA, untied head, Llama 3.1 rope scaling
+    return transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32}, **common)
+  if family == "mistral":   # sliding window shorter than the sequence
+    return transformers.MistralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256, sliding_window=16,
+        tie_word_embeddings=False, **common)
+  if family == "qwen2":     # q/k/v biases, tied head
+    return transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
+  if family == "gemma":     # head_dim != d_model / heads, (1 + w) norms, geglu, embed scale
+    return transformers.GemmaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, **common)
+  if family == "gpt2":
+    return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                   vocab_size=VOCAB, bos_token_id=2, eos_token_id=3)
+  raise ValueError(family)
+
+
+def _make_hf(family: str, out: str):
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(_hf_config(family),
+                                                        attn_implementation="eager")
+  with torch.no_grad():   # random norms and biases, so every parameter matters
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "weight" in name and family != "gemma"
+                                             else 0.0))
+  model.eval()
+  model.save_pretrained(out, safe_serialization=True)
+  _train_tokenizer(out, "bytelevel" if family in ("gpt2", "qwen2") else "metaspace")
+  return model
+
+
+def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def _compare(ours, theirs):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  diff = float(np.max(np.abs(ours - theirs)))
+  lp = lambda x: x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1,
+                                   keepdims=True)) - x.max(-1, keepdims=True)
+  p_log, q_log = lp(theirs), lp(ours)
+  kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
+  return diff, kl
+
+
+def _params(workdir):
+  run = loading.open_run(workdir)
+  model = Transformer(run.model_config())
+  return run, model, loading.restore_params(run, model)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gemma")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_transformers(family, tmp_path):
+  hf_dir = str(tmp_path / "hf")
+  hf_model = _make_hf(family, hf_dir)
+  summary = convert.import_hf(hf_dir, str(tmp_path / "run"), seq_len=64)
+  assert summary["family"] == family
+  run, model, params = _params(str(tmp_path / "run"))
+  rng = np.random.default_rng(1)
+
+  # Unpacked: two full rows.
+  ids = rng.integers(4, VOCAB, size=(2, SEQ))
+  ours = model.apply({"params": params}, jnp.asarray(ids, jnp.int32))
+  diff, kl = _compare(ours, _hf_logits(hf_model, ids))
+  print(f"{family} unpacked: max|diff| {diff:.2e}, KL {kl:.2e}")
+  assert diff <= 1e-4 and kl <= 1e-6, (diff, kl)
+
+  # Packed: two documents in one row (positions restart, segments keep them apart).
+  a, b = ids[0, :20], ids[1, :28]
+  packed = np.concatenate([a, b])[None]
+  seg = np.array([[1] * 20 + [2] * 28])
+  pos = np.array([list(range(20)) + list(range(28))])
+  ours = model.apply({"params": params}, jnp.asarray(packed, jnp.int32),
+                     positions=jnp.asarray(pos, jnp.int32), segment_ids=jnp.asarray(seg, jnp.int32))
+  theirs = np.concatenate([_hf_logits(hf_model, a[None]), _hf_logits(hf_model, b[None])], 1)
+  diff, kl = _compare(ours, theirs)
+  print(f"{family} packed: max|diff| {diff:.2e}, KL {kl:.2e}")
+  assert diff <= 1e-4 and kl <= 1e-6, (diff, kl)
+
+  # 32 greedy tokens: the KV-cache decoder vs transformers' generate.
+  prompt = [int(x) for x in rng.integers(4, VOCAB, size=8)]
+  tokens, prompt_len = decode.pack_prompts([prompt], 32)
+  mine = np.asarray(decode.greedy(model, params, tokens, prompt_len, max_new=32, eos_id=3,
+                                  prefix_lm=False))[0].tolist()
+  with torch.no_grad():
+    theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                               eos_token_id=3, pad_token_id=0)[0, 8:].tolist()
+  n = len(decode.strip(mine, 3)) + (1 if 3 in mine else 0)
+  assert mine[:n] == theirs[:n] and n == min(len(theirs), 32), (mine, theirs)
+
+  # Export -> transformers loads it, identical logits.
+  out = str(tmp_path / "export")
+  convert.export_hf(str(tmp_path / "run"), out)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+  np.testing.assert_array_equal(_hf_logits(reloaded, ids), _hf_logits(hf_model, ids))
+  auto_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert auto_tok(_TEXT)["input_ids"] == transformers.AutoTokenizer.from_pretrained(hf_dir)(
+      _TEXT)["input_ids"]
+
+  # Import the export: bit-identical parameters.
+  convert.import_hf(out, str(tmp_path / "run2"), seq_len=64)
+  _, _, params2 = _params(str(tmp_path / "run2"))
+  jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_imported_run_loads_everywhere(tmp_path):
+  """The imported run is a run: LoadedModel (its HF tokenizer), generate, and the metadata."""
+  hf_dir = str(tmp_path / "hf")
+  _make_hf("llama", hf_dir)
+  convert.import_hf(hf_dir, str(tmp_path / "run"), seq_len=64)
+  loaded = loading.LoadedModel.from_workdir(str(tmp_path / "run"))
+  assert isinstance(loaded.tokenizer, tokenizer_lib.HFTokenizer)
+  assert loaded.kind == "pretrain"
+  (text,) = loaded.generate(["The licensee"], max_new=8)
+  assert isinstance(text, str)
+  meta = loading.open_run(str(tmp_path / "run")).meta
+  assert meta["tokenizer"]["kind"] == "hf" and meta["tokenizer"]["chat_template"]
+  assert meta["tokenizer"]["special_tokens"]["eos_token"] == "</s>"
+  assert meta["imported_from"]["family"] == "llama"
+
+
+def test_native_run_exports_as_llama(tmp_path):
+  """A model trained here (tied head with its d^-1/2 scale) exports as Llama-style with the
+  same logits in transformers."""
+  from configs import common
+  import ml_collections
+  from model import checkpoint as checkpoint_lib
+  from model.config import ModelConfig
+  config = common.base_config()
+  config.data.vocab_size = VOCAB
+  config.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64)
+  cfg = ModelConfig.from_config(config.model, VOCAB)
+  model = Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  workdir = str(tmp_path / "native")
+  tok_dir = str(tmp_path / "tok")
+  _train_tokenizer(tok_dir, "metaspace")
+  meta = {"config": json.loads(ml_collections.ConfigDict(config).to_json_best_effort()),
+          "tokenizer_path": os.path.join(tok_dir, "tokenizer.json"), "vocab_size": VOCAB}
+  ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
+  ckpt.save(5, {"params": params}, None, meta, force=True)
+  ckpt.close()
+  out = str(tmp_path / "export")
+  assert convert.export_hf(workdir, out)["family"] == "llama"
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+  ids = np.random.default_rng(0).integers(4, VOCAB, size=(2, 24))
+  diff, kl = _compare(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)),
+                      _hf_logits(hf, ids))
+  assert diff <= 1e-4 and kl <= 1e-6, (diff, kl)
+
+
+def _strings(n: int) -> list[str]:
+  rng = np.random.default_rng(0)
+  pieces = _TEXT.split(" ") + ["\u00a0", "\u200b", "\t\t", "\n", "   ", "", "ß", "İ", "ﬁ",
+                               "𝔘𝔫𝔦", "한국어", "عربى", "<s>", "</s>", "<pad>"]
+  out = []
+  for i in range(n):
+    k = int(rng.integers(1, 40))
+    seps = rng.choice([" ", "  ", "\n", "\t", "", " \n "], size=k)
+    out.append("".join(str(p) + str(s) for p, s in zip(rng.choice(pieces, size=k), seps)))
+  out += [_TEXT * 50, " " * 300, "\n" * 20 + "x", ""]   # long documents, whitespace runs
+  return out
+
+
+@pytest.mark.parametrize("style", ["bytelevel", "metaspace"])
+def test_tokenizer_ids_match_autotokenizer(style, tmp_path):
+  _train_tokenizer(str(tmp_path), style)
+  ours = tokenizer_lib.load_tokenizer(str(tmp_path))
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  strings = _strings(3000)
+  for text in strings:
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), repr(text)
+    assert ours.encode_with_specials(text) == theirs(text)["input_ids"], repr(text)
+  sample = strings[:200]
+  assert [ours.decode(ours.encode(t)) for t in sample] == [
+      theirs.decode(theirs.encode(t, add_special_tokens=False), skip_special_tokens=True)
+      for t in sample]
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id,
+                                                     theirs.pad_token_id)
+  assert ours.chat_template == theirs.chat_template
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "train.convert", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_import_errors_are_one_line_and_leave_nothing(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  hf_dir = str(tmp_path / "hf")
+  _make_hf("qwen2", hf_dir)
+  work = tmp_path / "runs"
+  work.mkdir()
+
+  def check(expect: str):
+    result = _cli("import", f"--hf_dir={hf_dir}", f"--workdir={work / 'x'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()
+    assert len(last) == 1 and expect in last[0], result.stderr[-2000:]
+    assert os.listdir(work) == []
+
+  tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+  missing = dict(tensors)
+  del missing["model.layers.1.self_attn.k_proj.bias"]
+  save_file(missing, os.path.join(hf_dir, "model.safetensors"))
+  check("model.layers.1.self_attn.k_proj.bias is missing")
+  wrong = dict(tensors)
+  wrong["model.layers.0.mlp.up_proj.weight"] = np.zeros((95, 64), np.float32)
+  save_file(wrong, os.path.join(hf_dir, "model.safetensors"))
+  check("model.layers.0.mlp.up_proj.weight has shape [95, 64]")
+  cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+  json.dump(dict(cfg, model_type="falcon"), open(os.path.join(hf_dir, "config.json"), "w"))
+  check("supported families: llama, mistral, qwen2, gemma, gpt2")
+
+
+def test_sharded_checkpoint_and_bf16(tmp_path):
+  """Sharded safetensors with an index, stored in bfloat16, import like one f32 file."""
+  hf_dir = str(tmp_path / "hf")
+  model = _make_hf("llama", hf_dir)
+  sharded = str(tmp_path / "sharded")
+  model.to(torch.bfloat16).save_pretrained(sharded, safe_serialization=True,
+                                           max_shard_size="100KB")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    os.link(os.path.join(hf_dir, name), os.path.join(sharded, name))
+  assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+  convert.import_hf(sharded, str(tmp_path / "run"), seq_len=64)
+  _, _, params = _params(str(tmp_path / "run"))
+  want = model.state_dict()["model.layers.1.self_attn.q_proj.weight"].float().numpy()
+  got = np.asarray(params["block_1"]["attn"]["query"]["kernel"]).reshape(64, -1).T
+  np.testing.assert_array_equal(got, want)
+  # ... and export shards above the size asked for.
+  out = str(tmp_path / "export")
+  assert convert.export_hf(str(tmp_path / "run"), out, shard_size_mb=0)["shards"] > 1
+  transformers.AutoModelForCausalLM.from_pretrained(out)

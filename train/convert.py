@@ -1,0 +1,377 @@
+"""Hugging Face checkpoints in and out of this codebase's runs.
+
+  python -m train.convert import --hf_dir=DIR --workdir=runs/NAME [--seq_len=1024]
+  python -m train.convert export --workdir=runs/NAME --hf_dir=OUT [--shard_size_mb=4096]
+
+import reads DIR/config.json and DIR/*.safetensors (one file, or shards listed by
+model.safetensors.index.json) tensor by tensor, maps each onto this codebase's parameter tree
+(train/hf_families.py), puts it straight into its sharding over the mesh, and writes a finished
+run: an Orbax checkpoint (state = {"params": ...}: no optimizer state, which every reader of a
+finished run skips), its metadata (config, tokenizer, the source) and config.json, with the
+tokenizer files copied to <workdir>/tokenizer/. train.init_from, distill.teacher, infer.*,
+infer.quantize and the evaluators take it like any other run. The run is written in a temporary
+folder beside the workdir and renamed at the end, so a failure leaves nothing behind.
+
+export writes config.json, generation_config.json, model.safetensors (or shards and an index
+above --shard_size_mb) and the tokenizer files, loadable by transformers' AutoModelForCausalLM /
+AutoTokenizer. Imported runs export as their family; runs trained here export as Llama-style
+(swiglu + RoPE; a sliding window as Mistral) or GPT-2-style (learned positions), with the
+tied-head scale d_model^-1/2 folded into the final norm.
+
+Failures (an unknown family, a missing or mis-shaped tensor, an unsupported dtype) are one line
+on stderr and exit code 2. transformers and torch are never needed: only safetensors and
+tokenizers.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+
+from configs import common
+from infer import loading
+from model import checkpoint as checkpoint_lib
+from model import sharding as sharding_lib
+from model import tokenizer as tokenizer_lib
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import hf_families as families
+from train.hf_families import ConvertError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+# --- reading safetensors ---------------------------------------------------------------------
+class SafetensorsReader:
+  """Tensors by name from one model.safetensors or the shards its index lists; each read opens
+  its file lazily (safe_open memory-maps it), so only the tensors asked for are in memory."""
+
+  def __init__(self, hf_dir: str):
+    from safetensors import safe_open
+    self._open = safe_open
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self.files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+    else:
+      paths = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+      if not paths:
+        raise ConvertError(f"--hf_dir={hf_dir}: no *.safetensors files (convert .bin weights "
+                           "with transformers' save_pretrained(safe_serialization=True))")
+      self.files = {}
+      for path in paths:
+        with safe_open(path, "np") as f:
+          self.files.update({name: path for name in f.keys()})
+    self._handles = {}
+    self.bytes = sum(os.path.getsize(p) for p in set(self.files.values()))
+
+  def _handle(self, path):
+    if path not in self._handles:
+      self._handles[path] = self._open(path, "np")
+    return self._handles[path]
+
+  def resolve(self, name: str):
+    """The stored name for `name` (checkpoints saved from the base model lack the prefix)."""
+    if name in self.files:
+      return name
+    for prefix in ("transformer.", "model."):
+      if name.startswith(prefix) and name[len(prefix):] in self.files:
+        return name[len(prefix):]
+    return None
+
+  def read(self, name: str) -> np.ndarray:
+    """The tensor as float32 (bf16/f16 upcast exactly)."""
+    path = self.files[name]
+    dtype = _stored_dtype(path, name)
+    if dtype not in _DTYPES:
+      raise ConvertError(f"tensor {name} in {os.path.basename(path)} has dtype {dtype}; "
+                         f"expected one of {', '.join(_DTYPES)}")
+    if dtype == "BF16":   # numpy has no bfloat16: read the raw bits
+      return _read_raw(path, name).astype(np.float32)
+    return np.asarray(self._handle(path).get_tensor(name), dtype=np.float32)
+
+
+_HEADERS = {}
+
+
+def _header(path: str) -> tuple[dict, int]:
+  if path not in _HEADERS:
+    with open(path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      _HEADERS[path] = (json.loads(f.read(n)), 8 + n)
+  return _HEADERS[path]
+
+
+def _stored_dtype(path: str, name: str) -> str:
+  return _header(path)[0][name]["dtype"]
+
+
+def _read_raw(path: str, name: str) -> np.ndarray:
+  import ml_dtypes
+  header, start = _header(path)
+  info = header[name]
+  begin, end = info["data_offsets"]
+  raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+  return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
+
+
+# --- import ----------------------------------------------------------------------------------
+def run_config(hf_cfg: dict, seq_len: int) -> ml_collections.ConfigDict:
+  """A full run config (the locked schema) for an HF model: its architecture, a pretrain task."""
+  keys = families.model_keys(hf_cfg)
+  config = common.base_config()
+  config.data.vocab_size = keys.pop("vocab_size")
+  config.data.seq_len = min(seq_len, keys["max_len"]) if keys["positions"] == "learned" else seq_len
+  attention = keys.pop("attention", {})
+  for key, value in keys.items():
+    config.model[key] = value
+  for key, value in attention.items():
+    config.model.attention[key] = value
+  config.preset = f"hf:{hf_cfg['model_type']}"
+  config.optim.z_loss = 0.0
+  return config
+
+
+def _place(reader, family, config, mesh):
+  """{path: array} of every parameter, each put into its sharding as soon as it is read."""
+  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  model = Transformer(model_cfg)
+  abstract = flax.traverse_util.flatten_dict(loading.abstract_params(model, mesh), sep="/")
+  m = config.model.to_dict()
+  m["vocab_size"] = config.data.vocab_size
+  placed = {}
+  for entry in families.entries(family, m):
+    names = []
+    for name in entry.hf:
+      stored = reader.resolve(name)
+      if stored is None:
+        raise ConvertError(f"tensor {name} is missing from the checkpoint ({family}: expected "
+                           f"for {', '.join(entry.ours)})")
+      names.append(stored)
+    hf_arrays = [reader.read(n) for n in names]
+    wants = [abstract.get(path) for path in entry.ours]
+    if None in wants:
+      raise ConvertError(f"{family}: tensor {names[0]} maps to "
+                         f"{entry.ours[wants.index(None)]}, which the model does not have")
+    try:
+      values = entry.to_ours(hf_arrays)
+    except ValueError:   # a reshape that cannot fit: the tensor's shape is wrong
+      values = [np.empty(0)] * len(entry.ours)
+    for path, value, want in zip(entry.ours, values, wants):
+      if tuple(value.shape) != tuple(want.shape):
+        raise ConvertError(
+            f"tensor {names[0]} has shape {list(hf_arrays[0].shape)}, which does not fit "
+            f"{path} {list(want.shape)} of the model config.json describes")
+      placed[path] = jax.device_put(np.ascontiguousarray(value, np.float32), want.sharding)
+    del hf_arrays
+  missing = sorted(set(abstract) - set(placed))
+  if missing:
+    raise ConvertError(f"{family}: no tensor for parameter {missing[0]}"
+                       + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+  return flax.traverse_util.unflatten_dict(placed, sep="/"), model_cfg
+
+
+def _unused(reader, family, m) -> list[str]:
+  used = {reader.resolve(n) for e in families.entries(family, m) for n in e.hf}
+  skip = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "lm_head.weight")
+  return sorted(n for n in reader.files if n not in used and not n.endswith(skip))
+
+
+def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict:
+  """Writes the run for the HF model in hf_dir; returns a summary (timings, sizes)."""
+  t0 = time.perf_counter()
+  hf_dir, workdir = loading.resolve_path(hf_dir), loading.resolve_path(workdir)
+  config_path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(config_path):
+    raise ConvertError(f"--hf_dir={hf_dir}: no config.json")
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise ConvertError(f"--workdir={workdir} exists and is not empty; choose a new one")
+  if not os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
+    raise ConvertError(f"--hf_dir={hf_dir}: no tokenizer.json (save the fast tokenizer with "
+                       "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+  with open(config_path) as f:
+    hf_cfg = json.load(f)
+  family = families.family_of(hf_cfg)
+  config = run_config(hf_cfg, seq_len)
+  reader = SafetensorsReader(hf_dir)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  params, model_cfg = _place(reader, family, config, mesh)
+  m = dict(config.model.to_dict(), vocab_size=config.data.vocab_size)
+  unused = _unused(reader, family, m)
+  if unused:
+    raise ConvertError(f"{family}: checkpoint tensor {unused[0]} is not used by the model"
+                       + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else "")
+                       + "; the config.json does not describe these weights")
+  t_read = time.perf_counter() - t0
+
+  tmp = f"{workdir}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    os.makedirs(os.path.join(tmp, "tokenizer"))
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+      if os.path.exists(os.path.join(hf_dir, name)):
+        shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, "tokenizer", name))
+    tokenizer = tokenizer_lib.HFTokenizer(os.path.join(tmp, "tokenizer", "tokenizer.json"))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    final_tokenizer = os.path.join(workdir, "tokenizer", "tokenizer.json")
+    meta = {"config": json.loads(config.to_json_best_effort()),
+            "tokenizer_path": final_tokenizer, "vocab_size": tokenizer.vocab_size,
+            "tokenizer": tokenizer.record(), "params": n_params,
+            "dataset": f"imported from {hf_dir}",
+            "imported_from": {"hf_dir": hf_dir, "family": family,
+                              "architectures": hf_cfg.get("architectures"),
+                              "checkpoint_bytes": reader.bytes}}
+    checkpointer = checkpoint_lib.Checkpointer(tmp, every=1, keep=1, async_save=False)
+    checkpointer.save(0, {"params": params}, None, meta, force=True)
+    checkpointer.close()
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if os.path.exists(workdir):
+      os.rmdir(workdir)
+    os.rename(tmp, workdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {"family": family, "params": n_params, "checkpoint_bytes": reader.bytes,
+          "read_and_place_s": round(t_read, 2), "total_s": round(time.perf_counter() - t0, 2),
+          "workdir": workdir}
+
+
+# --- export ----------------------------------------------------------------------------------
+def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
+  """Writes the run at workdir as a Hugging Face model folder; returns a summary."""
+  from safetensors.numpy import save_file
+  t0 = time.perf_counter()
+  run = loading.open_run(workdir, prefer_best=True)
+  if run.quantization != "none":
+    raise ConvertError(f"--workdir={workdir} is a quantized run; export the float run")
+  if loading.task_kind(run.meta["config"]) != "pretrain" or run.meta["config"]["task"] != "pretrain":
+    raise ConvertError(f"--workdir={workdir} is a {run.meta['config']['task']} run; only "
+                       "language models (task pretrain) export as *ForCausalLM")
+  hf_dir = loading.resolve_path(hf_dir)
+  if os.path.exists(hf_dir) and os.listdir(hf_dir):
+    raise ConvertError(f"--hf_dir={hf_dir} exists and is not empty; choose a new one")
+  m = dict(run.meta["config"]["model"])
+  defaults = ModelConfig.from_config(ml_collections.ConfigDict(m), run.meta["config"]["data"]
+                                     ["vocab_size"])
+  m = {**{k: getattr(defaults, k) for k in ("norm", "norm_eps", "norm_bias", "norm_plus_one",
+                                            "qkv_bias", "out_bias", "mlp_bias", "rope_scaling",
+                                            "embed_scale", "tied_head_rescale", "logit_softcap",
+                                            "causal", "norm_placement")}, **m}
+  imported = run.meta.get("imported_from", {}).get("family")
+  family = imported or families.export_family(m)
+  vocab = run.meta["config"]["data"]["vocab_size"]
+  m["vocab_size"] = vocab
+  model = Transformer(run.model_config())
+  params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
+  params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+  if m.get("tied_head_rescale", True) and m.get("tie_embeddings", True):
+    # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
+    params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)
+  tensors = {}
+  for entry in families.entries(family, m):
+    for name, value in zip(entry.hf, entry.to_hf([params[p] for p in entry.ours])):
+      tensors[name] = np.ascontiguousarray(value, np.float32)
+
+  tmp = f"{hf_dir}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    tok = tokenizer_lib.load_tokenizer(run.meta["tokenizer_path"])
+    extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id":
+             getattr(tok, "_id", lambda k: tok.pad_id)("pad_token")}
+    cfg = families.hf_config(family, m, vocab, extra)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump({k: v for k, v in extra.items() if v is not None}, f, indent=2)
+    _write_tokenizer(tok, run, tmp)
+    limit = shard_size_mb << 20
+    shards, current, size = [], {}, 0
+    for name, value in tensors.items():
+      if current and size + value.nbytes > limit:
+        shards.append(current)
+        current, size = {}, 0
+      current[name] = value
+      size += value.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+      save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                   "weight_map": weight_map}, f, indent=2)
+    if os.path.exists(hf_dir):
+      os.rmdir(hf_dir)
+    os.rename(tmp, hf_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {"family": family, "tensors": len(tensors), "shards": len(shards),
+          "seconds": round(time.perf_counter() - t0, 2), "hf_dir": hf_dir}
+
+
+def _write_tokenizer(tok, run, out: str):
+  """The run's tokenizer as HF files: an imported one as it came; the sentencepiece model of a
+  run trained here as tokenizer.model with a LlamaTokenizer config (loading it needs the
+  sentencepiece package beside transformers)."""
+  if isinstance(tok, tokenizer_lib.HFTokenizer):
+    source = os.path.dirname(tok.path)
+    for name in TOKENIZER_FILES:
+      if os.path.exists(os.path.join(source, name)):
+        shutil.copy(os.path.join(source, name), os.path.join(out, name))
+    return
+  shutil.copy(tok.path, os.path.join(out, "tokenizer.model"))
+  config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True,
+            "add_eos_token": False, "legacy": False, "model_max_length":
+            run.meta["config"]["data"]["seq_len"]}
+  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="HF folder -> run")
+  imp.add_argument("--hf_dir", required=True)
+  imp.add_argument("--workdir", required=True)
+  imp.add_argument("--seq_len", type=int, default=1024, help="data.seq_len of the run")
+  exp = sub.add_parser("export", help="run -> HF folder")
+  exp.add_argument("--workdir", required=True)
+  exp.add_argument("--hf_dir", required=True)
+  exp.add_argument("--shard_size_mb", type=int, default=4096)
+  args = parser.parse_args(argv)
+  from model import log_setup
+  log_setup.quiet_libraries()
+  try:
+    if args.command == "import":
+      summary = import_hf(args.hf_dir, args.workdir, args.seq_len)
+    else:
+      summary = export_hf(args.workdir, args.hf_dir, args.shard_size_mb)
+  except (ConvertError, loading.LoadError, tokenizer_lib.DataError) as e:
+    print(f"train.convert {args.command}: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
