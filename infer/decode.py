@@ -86,6 +86,68 @@ def generate(model, params, tokens, prompt_len, rng=None, *, max_new: int, eos_i
   return generated.T
 
 
+# --- chunked decoding (streaming) ------------------------------------------------------------
+# `generate` runs the whole answer in one compiled call: nothing is seen before the end, and a
+# row that stopped early still costs max_new steps. Streaming runs the same computation in
+# chunks of n steps (`prefill`, then `decode_chunk` from the carried cache, token and done
+# flags, with generate's own per-step keys), so the caller sees tokens every n steps and can
+# stop once every row hit eos or a stop string. The trade-off is n: 1 shows each token as soon
+# as it exists but pays one dispatch (and a host round trip) per token; a larger n amortises
+# that and shows tokens in bursts, and may compute up to n - 1 steps past the end. The tokens
+# are those of `generate` with the same arguments, chunk size aside.
+@functools.partial(jax.jit, static_argnames=("model", "prefix_lm"))
+def prefill(model, params, tokens, prompt_len, *, prefix_lm: bool = False):
+  """(cache, first-token logits [B, vocab]) for right-padded prompts in a buffer `tokens`."""
+  return _first_token_logits(model, params, tokens, prompt_len, prefix_lm)
+
+
+def pick_token(logits, key, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """generate's choice of the next token: argmax at temperature 0, else a filtered sample."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)
+                                ).astype(jnp.int32)
+
+
+pick_first = jax.jit(pick_token, static_argnames=("temperature", "top_k", "top_p"))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "eos_id", "temperature", "top_k",
+                                             "top_p"), donate_argnames=("cache",))
+def decode_chunk(model, params, cache, token, done, steps, prompt_len, keys, *, eos_id: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """len(steps) more steps of `generate`'s scan: steps [n] are the answer positions s, keys
+  [n] their sampling keys (generate's keys[1 + s]). Returns (cache, token, done, ids [B, n])."""
+  def step(carry, xs):
+    s, key = xs
+    cache, token, done = carry
+    out = jnp.where(done, eos_id, token)
+    done = done | (token == eos_id)
+    logits, cache = _step(model, params, cache, token, prompt_len + s)
+    return (cache, pick_token(logits, key, temperature, top_k, top_p), done), out
+
+  (cache, token, done), ids = jax.lax.scan(step, (cache, token, done), (steps, keys))
+  return cache, token, done, ids.T
+
+
+def generate_chunks(model, params, tokens, prompt_len, rng=None, *, max_new: int, eos_id: int,
+                    chunk: int = 8, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, prefix_lm: bool = False):
+  """Yields the generated ids [B, <= chunk] numpy arrays, chunk by chunk, of what `generate`
+  returns for the same arguments; stop consuming it to stop decoding."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  keys = jax.random.split(rng, max_new + 1)
+  cache, logits = prefill(model, params, tokens, prompt_len, prefix_lm=prefix_lm)
+  token = pick_first(logits, keys[0], temperature, top_k, top_p)
+  done = jnp.zeros(token.shape, bool)
+  for start in range(0, max_new, chunk):
+    steps = jnp.arange(start, min(start + chunk, max_new))
+    cache, token, done, ids = decode_chunk(
+        model, params, cache, token, done, steps, prompt_len, keys[1 + start:1 + start + len(steps)],
+        eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p)
+    yield np.asarray(ids)
+
+
 def greedy(model, params, tokens, prompt_len, *, max_new: int, eos_id: int,
            prefix_lm: bool = True):
   return generate(model, params, tokens, prompt_len, max_new=max_new, eos_id=eos_id,

@@ -34,10 +34,16 @@ def json_object(text: str) -> dict:
   return value
 
 
-def load_predictor(workdir: str, max_new: int | None):
+def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False):
   """(LoadedModel, max_new) for --workdir / --max_new: a run that predicts (a classifier or a
-  summarizer, float or quantized), with a summary length that fits it."""
+  summarizer, float or quantized), with a summary length that fits it; with allow_lm also a
+  pre-trained language model (max_new None: it only generates)."""
   loaded = loading.LoadedModel.from_workdir(workdir)
+  if allow_lm and loaded.kind == "pretrain":
+    if max_new:
+      raise InputError(f"--max_new={max_new} sets a summary length; a language model "
+                       "generates up to --generate_max_new tokens per request")
+    return loaded, None
   if loaded.kind not in ("classify", "summarize"):
     raise InputError(f"--workdir={workdir} holds a {loaded.kind!r} run; inference needs a "
                      "fine-tuned classifier or summarizer")

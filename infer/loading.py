@@ -212,21 +212,73 @@ class LoadedModel:
       out += [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)[:n]]
     return out
 
-  def generate(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """Continuations of `prompts` as a plain causal LM (any run: a pre-trained LM too):
-    greedy at temperature 0, else sampled; each prompt is `[bos] text`, its head kept."""
+  def encode_for_generate(self, prompts: list[str], max_new: int):
+    """(tokens, prompt_len): `[bos] text` prompts (each text's head kept) packed with room for
+    max_new tokens; ValueError unless max_new leaves room for a prompt in data.seq_len."""
     tok = self.tokenizer
     budget = self.config.data.seq_len - max_new
     if budget < 2:
       raise ValueError(f"max_new={max_new} leaves no room for a prompt in data.seq_len="
                        f"{self.config.data.seq_len}")
-    prompts = [[tok.bos_id] + tok.encode(p)[:budget - 1] for p in prompts]
-    tokens, prompt_len = decode.pack_prompts(prompts, max_new)
-    ids = decode.generate(self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed),
-                          max_new=max_new, eos_id=tok.eos_id, temperature=temperature,
-                          top_k=top_k, top_p=top_p, prefix_lm=False)
-    return [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)]
+    if self.config.model.num_classes:
+      raise ValueError("a classifier has no language-model head to generate with")
+    return decode.pack_prompts([[tok.bos_id] + tok.encode(p)[:budget - 1] for p in prompts],
+                               max_new)
+
+  def generate(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam: int = 0,
+               stop: tuple = ()) -> list[str]:
+    """Continuations of `prompts` as a plain causal LM (any run with an LM head: a pre-trained
+    LM, a summarizer): greedy at temperature 0, else sampled; `beam` > 1: beam search (highest
+    mean log-probability). Each prompt is `[bos] text`, its head kept; each text ends before
+    eos and before the first of the `stop` strings."""
+    tok = self.tokenizer
+    tokens, prompt_len = self.encode_for_generate(prompts, max_new)
+    if beam > 1:
+      ids = decode.beam_search(self.model, self.params, tokens, prompt_len, beam=beam,
+                               max_new=max_new, eos_id=tok.eos_id, prefix_lm=False)
+    else:
+      ids = decode.generate(self.model, self.params, tokens, prompt_len,
+                            jax.random.PRNGKey(seed), max_new=max_new, eos_id=tok.eos_id,
+                            temperature=temperature, top_k=top_k, top_p=top_p, prefix_lm=False)
+    return [cut_at_stop(tok.decode(decode.strip(row, tok.eos_id)), stop)[0]
+            for row in np.asarray(ids)]
+
+  def generate_stream(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: tuple = (),
+                      chunk: int = 8):
+    """`generate` decoded `chunk` tokens at a time (decode.generate_chunks): yields, after each
+    chunk, one string per prompt, the text that became final since the last yield (a possible
+    start of a stop string and an incomplete UTF-8 character are held back until they are
+    settled). Joined, each row's pieces equal `generate`'s text. Stops decoding once every
+    row hit eos or a stop string."""
+    tok = self.tokenizer
+    tokens, prompt_len = self.encode_for_generate(prompts, max_new)
+    hold = max((len(s) for s in stop), default=1) - 1
+    ids = [[] for _ in prompts]
+    shown = [""] * len(prompts)
+    finished = [False] * len(prompts)
+    chunks = decode.generate_chunks(
+        self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed), max_new=max_new,
+        eos_id=tok.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p)
+    for block in chunks:
+      pieces = []
+      for i, row in enumerate(block):
+        if finished[i]:
+          pieces.append("")
+          continue
+        ids[i] += [int(t) for t in row]
+        text, stopped = cut_at_stop(tok.decode(decode.strip(ids[i], tok.eos_id)), stop)
+        finished[i] = stopped or tok.eos_id in ids[i] or len(ids[i]) >= max_new
+        if not finished[i]:
+          text = text[:max(len(text) - hold, 0)]
+          while text.endswith("\ufffd"):     # a character whose bytes are still coming
+            text = text[:-1]
+        pieces.append(text[len(shown[i]):] if text.startswith(shown[i]) else "")
+        shown[i] = max(shown[i], text, key=len) if text.startswith(shown[i]) else shown[i]
+      yield pieces
+      if all(finished):
+        break
 
   def check_max_new(self, max_new: int | None) -> int | None:
     """The summary length to use (None for a classifier); ValueError unless it leaves room for
@@ -275,6 +327,12 @@ class LoadedModel:
                       np.full(size, 2, np.int32), max_new=max_new,
                       eos_id=self.tokenizer.eos_id).block_until_ready()
     return len(sizes) * len(lengths)
+
+
+def cut_at_stop(text: str, stop) -> tuple[str, bool]:
+  """(text before the first occurrence of any of the `stop` strings, whether one occurred)."""
+  cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+  return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 # Class probabilities of any model that applies like the Transformer (a quantized one too).

@@ -10,6 +10,11 @@ Endpoints (JSON in and out):
   POST /classify   {"text": str} -> {"probs": [float], "label": int}
                    {"texts": [str]} -> {"probs": [[float]], "label": [int]}
   POST /summarize  {"text": str} -> {"summary": str}; {"texts": [str]} -> {"summary": [str]}
+  POST /generate   {"prompt": str} -> {"text": str}; {"prompts": [str]} -> {"text": [str]};
+                   options "max_new" (default and limit --generate_max_new), "temperature"
+                   (0 = greedy), "top_k", "top_p", "seed", "stop" (a string or a list of them):
+                   continuations from any model with a language-model head - a pre-trained
+                   LM (which serves /generate only) or a summarizer - not a classifier
   GET  /health     the model (kind, step, params, limits) and counts of what was served
 Errors are {"error": message}: 400 malformed request (or the other model kind's endpoint),
 404 unknown path, 405 wrong method, 411 no Content-Length, 413 too large (a text over
@@ -22,7 +27,9 @@ to --max_batch texts, waiting at most --max_wait_ms after the oldest request for
 hands each request its own results: throughput grows with concurrency, and only that thread
 calls the model. Batches are padded to a power of two rows (at most --max_batch); those shapes,
 times the summarizer's prompt-length buckets, are compiled before the port opens, so no request
-waits for a compilation. Standard library only.
+waits for a compilation (for /generate: greedy at --generate_max_new; another max_new or sampling
+option compiles once, on first use). Generation requests are batched like the others; a batch
+runs one model call per distinct set of options. Standard library only.
 """
 import collections
 import contextlib
@@ -196,17 +203,67 @@ def _predict_endpoint(kind: str):
   def endpoint(handler) -> dict:
     server = handler.server
     if server.loaded.kind != kind:
+      use = "/generate" if server.batcher is None else f"/{server.loaded.kind}"
       raise RequestError(400, f"this server runs a {server.loaded.kind} model: use "
-                         f"/{server.loaded.kind}, not /{kind}")
+                         f"{use}, not /{kind}")
     texts, single = parse_texts(handler.read_json(), server.max_batch, server.max_chars)
     results = server.batcher.submit(texts)
     return results[0] if single else {key: [r[key] for r in results] for key in results[0]}
   return endpoint
 
 
+GENERATE_OPTIONS = ("max_new", "temperature", "top_k", "top_p", "seed", "stop")
+
+
+def parse_generate(body: dict, max_batch: int, max_chars: int, max_new: int,
+                   vocab_size: int) -> tuple[list[str], bool, tuple]:
+  """(prompts, whether one "prompt" was sent, options as a hashable tuple), checked."""
+  texts = {k: v for k, v in body.items() if k not in GENERATE_OPTIONS}
+  renamed = {("text" if k == "prompt" else "texts" if k == "prompts" else k): v
+             for k, v in texts.items()}
+  try:
+    prompts, single = parse_texts(renamed, max_batch, max_chars)
+  except RequestError as e:
+    message = str(e).replace('"texts"', '"prompts"').replace('"text"', '"prompt"')
+    raise RequestError(e.status, message) from None
+  def number(key, default, kind, ok, expected):
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+      raise RequestError(400, f'"{key}" must be {expected}, got {json.dumps(value)}')
+    return value
+  n = number("max_new", max_new, int, lambda v: 1 <= v <= max_new,
+             f"an integer in 1..{max_new} (--generate_max_new)")
+  temperature = float(number("temperature", 0.0, (int, float), lambda v: 0 <= v <= 10,
+                             "a number in [0, 10] (0: greedy)"))
+  top_k = number("top_k", 0, int, lambda v: 0 <= v <= vocab_size,
+                 f"an integer in 0..{vocab_size} (0: off)")
+  top_p = float(number("top_p", 1.0, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"))
+  seed = number("seed", 0, int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
+  stop = body.get("stop", [])
+  stop = [stop] if isinstance(stop, str) else stop
+  if (not isinstance(stop, list) or len(stop) > 16 or
+      not all(isinstance(x, str) and 0 < len(x) <= 256 for x in stop)):
+    raise RequestError(400, '"stop" must be a string or a list of at most 16 non-empty '
+                       "strings of at most 256 characters")
+  return prompts, single, (n, temperature, top_k, top_p, seed, tuple(stop))
+
+
+def _generate_endpoint(handler) -> dict:
+  server = handler.server
+  if server.generator is None:
+    raise RequestError(400, f"this server runs a {server.loaded.kind} model, which has no "
+                       f"language-model head: use /{server.loaded.kind}")
+  prompts, single, options = parse_generate(
+      handler.read_json(), server.max_batch, server.max_chars, server.generate_max_new,
+      server.loaded.config.data.vocab_size)
+  texts = server.generator.submit([(p, options) for p in prompts])
+  return {"text": texts[0]} if single else {"text": texts}
+
+
 _ROUTES = {"/health": ("GET", lambda handler: handler.server.info()),
            "/classify": ("POST", _predict_endpoint("classify")),
-           "/summarize": ("POST", _predict_endpoint("summarize"))}
+           "/summarize": ("POST", _predict_endpoint("summarize")),
+           "/generate": ("POST", _generate_endpoint)}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -287,19 +344,40 @@ class InferenceServer(http.server.ThreadingHTTPServer):
   request_queue_size = 128    # listen backlog for bursts of connections
 
   def __init__(self, address, loaded, *, max_batch: int, max_wait_ms: float, max_chars: int,
-               max_new: int | None, sizes: list[int]):
+               max_new: int | None, sizes: list[int], generate_max_new: int = 0):
     super().__init__(address, _Handler)
     self.loaded, self.max_new, self.sizes = loaded, max_new, sizes
     self.max_batch, self.max_chars = max_batch, max_chars
+    self.generate_max_new = generate_max_new
     # The largest valid request: max_batch texts of max_chars characters, JSON-escaped (at
     # most 12 bytes a character: a surrogate pair as \uXXXX\uXXXX), and some room.
     self.max_body_bytes = max_batch * max_chars * 12 + (64 << 10)
     self.num_params = sum(x.size for x in jax.tree.leaves(loaded.params))
-    self.batcher = Batcher(self._predict, max_batch, max_wait_ms / 1e3)
+    self.batcher = (Batcher(self._predict, max_batch, max_wait_ms / 1e3)
+                    if loaded.kind in ("classify", "summarize") else None)
+    self.generator = (Batcher(self._generate, max_batch, max_wait_ms / 1e3)
+                      if generate_max_new else None)
 
   def _predict(self, texts: list[str]) -> list[dict]:
     pad_to = min(s for s in self.sizes if s >= len(texts))
     return self.loaded.predict(texts, max_new=self.max_new, pad_to=pad_to)
+
+  def _generate(self, items: list[tuple]) -> list[str]:
+    """One model call per distinct options among the batch's (prompt, options) items, each
+    padded to a compiled batch size with copies of its first prompt."""
+    results = [None] * len(items)
+    groups = collections.defaultdict(list)
+    for i, (_, options) in enumerate(items):
+      groups[options].append(i)
+    for (max_new, temperature, top_k, top_p, seed, stop), rows in groups.items():
+      prompts = [items[i][0] for i in rows]
+      pad_to = min(s for s in self.sizes if s >= len(prompts))
+      texts = self.loaded.generate(prompts + prompts[:1] * (pad_to - len(prompts)), max_new,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, stop=stop)
+      for i, text in zip(rows, texts):
+        results[i] = text
+    return results
 
   @property
   def url(self) -> str:
@@ -314,9 +392,16 @@ class InferenceServer(http.server.ThreadingHTTPServer):
             "batch_sizes": self.sizes}
     if self.loaded.kind == "classify":
       info["num_classes"] = config.model.num_classes
-    else:
+    elif self.loaded.kind == "summarize":
       info["max_new"] = self.max_new
-    info["served"] = self.batcher.counts()
+    if self.generator is not None:
+      info["generate_max_new"] = self.generate_max_new
+    info["endpoints"] = sorted(
+        ([f"/{self.loaded.kind}"] if self.batcher else []) +
+        (["/generate"] if self.generator else []))
+    info["served"] = self.batcher.counts() if self.batcher else {}
+    if self.generator is not None:
+      info["generated"] = self.generator.counts()
     return info
 
   def handle_error(self, request, client_address):
@@ -327,29 +412,57 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 
   def server_close(self):
     super().server_close()
-    self.batcher.close()
+    for batcher in (self.batcher, self.generator):
+      if batcher is not None:
+        batcher.close()
 
 
 def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
                 max_wait_ms: float = 5.0, max_chars: int = 20_000,
-                max_new: int | None = None) -> InferenceServer:
+                max_new: int | None = None,
+                generate_max_new: int | None = None) -> InferenceServer:
   """A ready server for `loaded` (an infer.loading.LoadedModel): shapes compiled, port bound
   (port 0: a free one, see .url). Run it with serve_forever(); stop it with shutdown() from
-  another thread, then server_close()."""
+  another thread, then server_close(). /generate is served by every model with a language-
+  model head (generate_max_new: default min(64, data.seq_len / 2), at most data.seq_len - 2)."""
+  if generate_max_new is None:
+    generate_max_new = min(64, loaded.config.data.seq_len // 2)
+  if loaded.kind == "classify":
+    generate_max_new = 0
+  elif not 1 <= generate_max_new <= loaded.config.data.seq_len - 2:
+    raise inputs_lib.InputError(f"--generate_max_new={generate_max_new}: expected 1.."
+                                f"{loaded.config.data.seq_len - 2} (data.seq_len holds the "
+                                "prompt and the text)")
   try:
-    max_new = loaded.check_max_new(max_new)
+    max_new = loaded.check_max_new(max_new) if loaded.kind != "pretrain" else None
   except ValueError as e:
     raise inputs_lib.InputError(f"--{e}") from None
   sizes = batch_sizes(max_batch)
   t0 = time.perf_counter()
   logging.info("compiling the model for batches of %s texts", sizes)
-  count = loaded.warm_up(sizes, max_new)
+  count = loaded.warm_up(sizes, max_new) if loaded.kind != "pretrain" else 0
+  if generate_max_new:
+    count += warm_up_generate(loaded, sizes, generate_max_new)
   logging.info("compiled %d shapes in %.1fs", count, time.perf_counter() - t0)
   try:
     return InferenceServer((host, port), loaded, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                           max_chars=max_chars, max_new=max_new, sizes=sizes)
+                           max_chars=max_chars, max_new=max_new, sizes=sizes,
+                           generate_max_new=generate_max_new)
   except OSError as e:
     raise inputs_lib.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def warm_up_generate(loaded, sizes: list[int], max_new: int) -> int:
+  """Compiles greedy generation of max_new tokens for every batch size and prompt bucket."""
+  budget = loaded.config.data.seq_len - max_new
+  lengths = sorted({decode.pack_prompts([[0] * n], max_new)[0].shape[1]
+                    for n in range(1, budget + 1)})
+  for size in sizes:
+    for length in lengths:
+      decode.generate(loaded.model, loaded.params, np.zeros((size, length), np.int32),
+                      np.ones(size, np.int32), jax.random.PRNGKey(0), max_new=max_new,
+                      eos_id=loaded.tokenizer.eos_id, prefix_lm=False).block_until_ready()
+  return len(sizes) * len(lengths)
 
 
 def _stop_on_signals(server: InferenceServer):
@@ -367,9 +480,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  loaded, max_new = inputs_lib.load_predictor(f.workdir, f.max_new)
+  loaded, max_new = inputs_lib.load_predictor(f.workdir, f.max_new, allow_lm=True)
   server = make_server(loaded, f.host, f.port, max_batch=f.max_batch,
-                       max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=max_new)
+                       max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=max_new,
+                       generate_max_new=f.generate_max_new)
   _stop_on_signals(server)
   logging.info("ready: %s model (step %d, %d params) at %s", loaded.kind, loaded.step,
                server.num_params, server.url)
@@ -391,4 +505,7 @@ if __name__ == "__main__":
                      "others to share its batch.", lower_bound=0.0)
   flags.DEFINE_integer("max_chars", 20_000, "Longest accepted text, in characters.",
                        lower_bound=1)
+  flags.DEFINE_integer("generate_max_new", None, "POST /generate: the default and largest "
+                       "max_new (models with a language-model head; default: min(64, "
+                       "data.seq_len / 2)).", lower_bound=1)
   app.run(inputs_lib.friendly_errors(main))

@@ -1,0 +1,137 @@
+r"""Text generation from any run with a language-model head (a pre-trained LM, a summarizer, an
+imported or LoRA-merged model), tokens streamed to stdout as they are decoded.
+
+  python -m infer.generate --workdir=runs/tiny --prompt="The licensee shall" --max_new=64
+  python -m infer.generate --workdir=runs/tiny --prompt="..." --temperature=0.8 --top_p=0.9 \
+      --seed=1 --stop=. --stop=$'\n'
+  python -m infer.generate --workdir=runs/tiny --prompt="..." --beam=4
+  python -m infer.generate --workdir=runs/tiny --prompts_file=prompts.jsonl --output=out.jsonl
+
+Decoding (infer/decode.py, KV cache): greedy (default, --temperature=0), sampling
+(--temperature > 0, optionally --top_k / --top_p, reproducible with --seed), or beam search
+(--beam=N > 1, the highest mean log-probability; no streaming: the winner is known at the end).
+Each prompt is `[bos] text` (a long one keeps its head, leaving --max_new of the run's
+data.seq_len); the text ends at eos, after --max_new tokens, or before the first --stop string.
+
+One --prompt streams: the text is printed as it is decoded, --chunk tokens per compiled call
+(decode.generate_chunks: 1 shows every token at once but pays a dispatch per token; larger
+chunks arrive in bursts; decoding stops at the chunk where every row ended). --prompts_file
+(JSONL with a "prompt" or "text" field, one per line) decodes the prompts in batches of
+--batch_size and writes one JSON line {"id", "prompt", "text"} per prompt to --output (or
+stdout).
+"""
+import json
+import sys
+
+from absl import app, flags
+
+from infer import inputs as inputs_lib
+from infer import loading
+from model import log_setup
+
+
+def read_prompts(path: str) -> list[tuple[object, str]]:
+  """(id, prompt) per non-blank JSONL line; a bad line fails as `file:line: problem`."""
+  try:
+    lines = open(path, encoding="utf-8").read().splitlines()
+  except FileNotFoundError:
+    raise inputs_lib.InputError(f"--prompts_file={path}: no such file") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise inputs_lib.InputError(f"--prompts_file={path}: unreadable ({e})") from None
+  out = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = inputs_lib.json_object(line)
+    except inputs_lib.InputError as e:
+      raise inputs_lib.InputError(f"{path}:{lineno}: {e}") from None
+    prompt = record.get("prompt", record.get("text"))
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise inputs_lib.InputError(f'{path}:{lineno}: expected a non-empty string "prompt" (or '
+                                  '"text")')
+    out.append((record.get("id", f"{path}:{lineno}"), prompt))
+  if not out:
+    raise inputs_lib.InputError(f"--prompts_file={path}: no prompts")
+  return out
+
+
+def load_generator(workdir: str) -> loading.LoadedModel:
+  """The run at --workdir, if it has a language-model head (not a classifier)."""
+  loaded = loading.LoadedModel.from_workdir(workdir)
+  if loaded.kind == "classify":
+    raise inputs_lib.InputError(f"--workdir={workdir} holds a classifier: it has no language-"
+                                "model head to generate with (use infer.main / POST /classify)")
+  return loaded
+
+
+def check_options(loaded, max_new: int, temperature: float, top_k: int, top_p: float,
+                  beam: int):
+  """InputError (naming the flag) for options the model cannot take."""
+  limit = loaded.config.data.seq_len - 2
+  problems = [
+      (1 <= max_new <= limit, f"max_new={max_new}: expected 1..{limit} (data.seq_len="
+                              f"{loaded.config.data.seq_len} holds the prompt and the text)"),
+      (temperature >= 0, f"temperature={temperature} must be >= 0 (0: greedy)"),
+      (0 <= top_k <= loaded.config.data.vocab_size,
+       f"top_k={top_k}: expected 0 (off) .. {loaded.config.data.vocab_size}"),
+      (0 < top_p <= 1, f"top_p={top_p}: expected (0, 1]"),
+      (beam == 0 or beam >= 2, f"beam={beam}: expected 0 (off) or >= 2"),
+      (beam == 0 or temperature == 0, "beam search is deterministic: drop --temperature"),
+  ]
+  for ok, message in problems:
+    if not ok:
+      raise inputs_lib.InputError(message)
+
+
+def main(argv):
+  log_setup.quiet_libraries()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if (f.prompt is None) == (f.prompts_file is None):
+    raise inputs_lib.InputError("give exactly one of --prompt and --prompts_file")
+  prompts = read_prompts(f.prompts_file) if f.prompts_file else [(0, f.prompt)]
+  loaded = load_generator(f.workdir)
+  max_new = f.max_new or min(64, loaded.config.data.seq_len // 2)
+  check_options(loaded, max_new, f.temperature, f.top_k, f.top_p, f.beam)
+  options = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+                 stop=tuple(f.stop or ()))
+  if f.prompt is not None and f.beam < 2 and not f.output:
+    for pieces in loaded.generate_stream([f.prompt], max_new, chunk=f.chunk, **options):
+      sys.stdout.write(pieces[0])
+      sys.stdout.flush()
+    sys.stdout.write("\n")
+    return
+  out = open(f.output, "w", encoding="utf-8") if f.output else sys.stdout
+  try:
+    for start in range(0, len(prompts), f.batch_size):
+      batch = prompts[start:start + f.batch_size]
+      texts = loaded.generate([p for _, p in batch], max_new, beam=f.beam, **options)
+      for (doc_id, prompt), text in zip(batch, texts):
+        out.write(json.dumps({"id": doc_id, "prompt": prompt, "text": text}) + "\n")
+      out.flush()
+  finally:
+    if out is not sys.stdout:
+      out.close()
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A run with a language-model head (pre-trained LM, "
+                      "summarizer, imported, LoRA or merged).", required=True)
+  flags.DEFINE_string("prompt", None, "One prompt: its continuation is streamed to stdout.")
+  flags.DEFINE_string("prompts_file", None, 'JSONL, a "prompt" (or "text") per line.')
+  flags.DEFINE_string("output", None, "JSONL output (default: stdout).")
+  flags.DEFINE_integer("max_new", None, "Tokens to generate at most (default: min(64, the "
+                       "run's data.seq_len / 2)).")
+  flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set reaching this mass.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
+  flags.DEFINE_integer("beam", 0, "Beam search with this many beams (0: off).")
+  flags.DEFINE_multi_string("stop", None, "End the text before the first occurrence of this "
+                            "string (repeatable).")
+  flags.DEFINE_integer("chunk", 8, "Tokens per compiled decoding call when streaming.",
+                       lower_bound=1)
+  flags.DEFINE_integer("batch_size", 8, "Prompts per call with --prompts_file.", lower_bound=1)
+  app.run(inputs_lib.friendly_errors(main))

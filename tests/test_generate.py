@@ -1,0 +1,197 @@
+"""Text generation from an LM run: infer.generate (streamed, stop strings, sampling, beam),
+LoadedModel.generate_stream against LoadedModel.generate, and the server's POST /generate.
+
+One tiny LM is pre-trained for a few steps on generated reviews (a real run: checkpoint, config,
+tokenizer). Its served/in-process copy gets random weights, so that generated texts are varied
+and equal texts mean something (as tests/test_serve.py does for the summarizer)."""
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from configs import legal_pretrain
+from helpers import REPO, _sentiment_config, env, numpy_params
+from infer import loading, serve
+from train import run as run_lib
+
+PROMPTS = ["great wonderful film", "the plot was", "music and camera work", "a"]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(sentiment_files, tmp_path_factory):
+  root = tmp_path_factory.mktemp("lm")
+  lm = legal_pretrain.get_config("tiny")
+  lm.data.update(use_licensedcode=False, extra_dirs=(str(sentiment_files),), vocab_size=512,
+                 data_dir=str(root / "cache"), seq_len=64, batch_size=8, max_docs=-1)
+  lm.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                  mlp_dim=64)
+  lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
+  run_lib.train(lm, str(root / "lm"))
+  return str(root / "lm")
+
+
+@pytest.fixture(scope="module")
+def lm(lm_dir):
+  loaded = loading.LoadedModel.from_workdir(lm_dir)
+  params = numpy_params(loaded.model, np.zeros((1, 8), np.int32), seed=3)
+  return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 40])
+def test_stream_equals_generate_greedy_and_sampled(lm, chunk):
+  greedy = lm.generate(PROMPTS, 20)
+  assert any(greedy)
+  pieces = list(lm.generate_stream(PROMPTS, 20, chunk=chunk))
+  assert ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))] == greedy
+  options = dict(temperature=1.0, top_k=50, top_p=0.9, seed=7)
+  sampled = lm.generate(PROMPTS, 20, **options)
+  assert lm.generate(PROMPTS, 20, **options) == sampled          # reproducible
+  assert lm.generate(PROMPTS, 20, **dict(options, seed=8)) != sampled
+  pieces = list(lm.generate_stream(PROMPTS, 20, chunk=chunk, **options))
+  assert ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))] == sampled
+
+
+def test_stop_strings_cut_at_the_first_one(lm):
+  full = lm.generate(PROMPTS, 30)
+  text = max(full, key=len)
+  row = full.index(text)
+  stop = text[len(text) // 2:len(text) // 2 + 2]
+  expected = text[:text.find(stop)]
+  assert lm.generate(PROMPTS, 30, stop=("never-there", stop))[row] == expected
+  pieces = list(lm.generate_stream(PROMPTS, 30, stop=(stop,), chunk=3))
+  joined = ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))]
+  assert joined[row] == expected
+  assert all(stop not in t for t in joined)
+  assert loading.cut_at_stop("a. b. c", (" c", ".")) == ("a", True)
+
+
+def test_beam_search_text(lm):
+  beams = lm.generate(PROMPTS, 12, beam=3)
+  assert len(beams) == len(PROMPTS) and all(isinstance(t, str) for t in beams)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "infer.generate", *args], cwd=REPO, env=env(),
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_streams_greedy_and_writes_jsonl(lm_dir, tmp_path):
+  trained = loading.LoadedModel.from_workdir(lm_dir)
+  proc = _cli(f"--workdir={lm_dir}", f"--prompt={PROMPTS[0]}", "--max_new=16", "--chunk=3")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == trained.generate([PROMPTS[0]], 16)[0] + "\n"
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
+                             for i, p in enumerate(PROMPTS)))
+  out = tmp_path / "out.jsonl"
+  proc = _cli(f"--workdir={lm_dir}", f"--prompts_file={prompts}", f"--output={out}",
+              "--max_new=8", "--temperature=0.8", "--seed=2", "--stop=.", "--batch_size=3")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["id"] for r in rows] == [0, 1, 2, 3]
+  expected = (trained.generate(PROMPTS[:3], 8, temperature=0.8, seed=2, stop=(".",)) +
+              trained.generate(PROMPTS[3:], 8, temperature=0.8, seed=2, stop=(".",)))
+  assert [r["text"] for r in rows] == expected
+  proc = _cli(f"--workdir={lm_dir}", f"--prompts_file={prompts}", "--max_new=8", "--beam=2")
+  assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 4, proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_new=500"], "max_new=500: expected 1..62"),
+    (["--top_p=0"], "top_p=0.0: expected (0, 1]"),
+    (["--beam=2", "--temperature=1"], "beam search is deterministic"),
+    (["--beam=1"], "beam=1: expected 0 (off) or >= 2"),
+])
+def test_cli_bad_options_are_one_line(lm_dir, args, message):
+  proc = _cli(f"--workdir={lm_dir}", "--prompt=hello", *args)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- the server ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _serving(loaded, **limits):
+  server = serve.make_server(loaded, "127.0.0.1", portpicker.pick_unused_port(), **limits)
+  thread = threading.Thread(target=server.serve_forever)
+  thread.start()
+  try:
+    yield server
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _call(url: str, payload=None, data: bytes | None = None):
+  data = json.dumps(payload).encode() if payload is not None else data
+  request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                   headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=120) as response:
+      return response.status, json.load(response)
+  except urllib.error.HTTPError as e:
+    return e.code, json.load(e)
+
+
+@pytest.fixture(scope="module")
+def lm_server(lm):
+  with _serving(lm, max_batch=4, max_wait_ms=20, max_chars=200, generate_max_new=16) as server:
+    yield server
+
+
+def test_generate_endpoint_matches_the_loaded_model(lm_server, lm):
+  status, answer = _call(lm_server.url + "/generate", {"prompt": PROMPTS[0]})
+  assert status == 200 and answer == {"text": lm.generate(PROMPTS[:1], 16)[0]}
+  status, answer = _call(lm_server.url + "/generate", {"prompts": PROMPTS[:3], "max_new": 8})
+  assert status == 200 and answer["text"] == lm.generate(PROMPTS[:3], 8)
+  options = {"temperature": 0.7, "top_k": 20, "seed": 4, "stop": ["e"]}
+  status, answer = _call(lm_server.url + "/generate", {"prompt": PROMPTS[1], **options})
+  expected = lm.generate(PROMPTS[1:2], 16, temperature=0.7, top_k=20, seed=4, stop=("e",))
+  assert status == 200 and answer["text"] == expected[0] and "e" not in answer["text"]
+  status, info = _call(lm_server.url + "/health")
+  assert info["kind"] == "pretrain" and info["endpoints"] == ["/generate"]
+  assert info["generate_max_new"] == 16 and info["generated"]["requests"] >= 3
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b'{}', 400, 'expected "prompt"'),
+    (b'{"prompt": ""}', 400, '"prompt" is empty'),
+    (b'{"prompt": "a", "prompts": ["b"]}', 400, "exactly one"),
+    (b'{"prompts": ["a", 3]}', 400, '"prompts"[1] must be a string'),
+    (b'{"prompt": "a", "max_new": 17}', 400, '"max_new" must be an integer in 1..16'),
+    (b'{"prompt": "a", "max_new": true}', 400, '"max_new" must be an integer'),
+    (b'{"prompt": "a", "temperature": -1}', 400, '"temperature" must be a number in [0, 10]'),
+    (b'{"prompt": "a", "top_p": 0}', 400, '"top_p" must be a number in (0, 1]'),
+    (b'{"prompt": "a", "stop": [""]}', 400, '"stop" must be a string or a list'),
+    (b'{"prompt": "a", "beam": 2}', 400, "unknown field 'beam'"),
+    (json.dumps({"prompt": "x" * 201}).encode(), 413, "201 characters; the limit is 200"),
+    (json.dumps({"prompts": ["a"] * 5}).encode(), 413, "5 entries; the limit is 4"),
+    (b"not json", 400, "malformed JSON"),
+])
+def test_generate_bad_requests_are_4xx(lm_server, body, status, message):
+  got, answer = _call(lm_server.url + "/generate", data=body)
+  assert (got, message in answer["error"]) == (status, True), answer
+  got, answer = _call(lm_server.url + "/classify", {"text": "a"})
+  assert got == 400 and "use /generate" in answer["error"]
+
+
+def test_a_classifier_server_has_no_generate(sentiment_files, tmp_path):
+  config = _sentiment_config(sentiment_files, tmp_path / "cache", num_steps=1, eval_every=1,
+                             checkpoint_every=1)
+  config.data.test_file = ""
+  config.eval.evaluators = ()
+  config.model.num_layers = 1
+  run_lib.train(config, str(tmp_path / "cls"))
+  classifier = loading.LoadedModel.from_workdir(str(tmp_path / "cls"))
+  with _serving(classifier, max_batch=1) as server:
+    status, answer = _call(server.url + "/generate", {"prompt": "hello"})
+  assert status == 400 and "no language-model head" in answer["error"]
