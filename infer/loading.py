@@ -164,10 +164,12 @@ class LoadedModel:
     """Right-padded [B, seq_len] rows, framed and truncated like training (data.truncation)."""
     seq_len = seq_len or self.config.data.seq_len
     tokens = np.zeros((len(texts), seq_len), np.int32)
+    mask = np.zeros((len(texts), seq_len), np.int32)
     for i, text in enumerate(texts):
       ids = self.tokenizer.encode_framed(text, seq_len, self.config.data.truncation)
       tokens[i, :len(ids)] = ids
-    return {"tokens": tokens, "mask": (tokens > 0).astype(np.int32)}
+      mask[i, :len(ids)] = 1   # by length, as in training: id 0 is a real token in HF vocabularies
+    return {"tokens": tokens, "mask": mask}
 
   def _place(self, rows: np.ndarray):
     """A batch of rows on the model's mesh, split over its batch axes (as is without a mesh)."""

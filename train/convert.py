@@ -52,12 +52,11 @@ _DTYPES = ("F32", "F16", "BF16", "F64")
 
 # --- reading safetensors ---------------------------------------------------------------------
 class SafetensorsReader:
-  """Tensors by name from one model.safetensors or the shards its index lists; each read opens
-  its file lazily (safe_open memory-maps it), so only the tensors asked for are in memory."""
+  """Tensors by name from one model.safetensors or the shards its index lists. Each read seeks
+  to one tensor's bytes (the safetensors layout: a JSON header of names, dtypes, shapes and
+  offsets, then the raw data), so only the tensor asked for is in memory."""
 
   def __init__(self, hf_dir: str):
-    from safetensors import safe_open
-    self._open = safe_open
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
       with open(index) as f:
@@ -68,17 +67,9 @@ class SafetensorsReader:
       if not paths:
         raise ConvertError(f"--hf_dir={hf_dir}: no *.safetensors files (convert .bin weights "
                            "with transformers' save_pretrained(safe_serialization=True))")
-      self.files = {}
-      for path in paths:
-        with safe_open(path, "np") as f:
-          self.files.update({name: path for name in f.keys()})
-    self._handles = {}
+      self.files = {name: path for path in paths for name in _header(path)[0]
+                    if name != "__metadata__"}
     self.bytes = sum(os.path.getsize(p) for p in set(self.files.values()))
-
-  def _handle(self, path):
-    if path not in self._handles:
-      self._handles[path] = self._open(path, "np")
-    return self._handles[path]
 
   def resolve(self, name: str):
     """The stored name for `name` (checkpoints saved from the base model lack the prefix)."""
@@ -96,9 +87,9 @@ class SafetensorsReader:
     if dtype not in _DTYPES:
       raise ConvertError(f"tensor {name} in {os.path.basename(path)} has dtype {dtype}; "
                          f"expected one of {', '.join(_DTYPES)}")
-    if dtype == "BF16":   # numpy has no bfloat16: read the raw bits
-      return _read_raw(path, name).astype(np.float32)
-    return np.asarray(self._handle(path).get_tensor(name), dtype=np.float32)
+    # Read with a plain seek + read rather than through safe_open's memory map: mapped pages
+    # would stay resident until the file is closed, adding the whole checkpoint to peak memory.
+    return _read_raw(path, name).astype(np.float32, copy=False)
 
 
 _HEADERS = {}
@@ -117,12 +108,18 @@ def _stored_dtype(path: str, name: str) -> str:
 
 
 def _read_raw(path: str, name: str) -> np.ndarray:
+  """The tensor in its stored dtype (the safetensors layout: little-endian, C order, at
+  data_offsets after the JSON header); numpy has no bfloat16, ml_dtypes (a jax dependency) does."""
   import ml_dtypes
   header, start = _header(path)
   info = header[name]
   begin, end = info["data_offsets"]
-  raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-  return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
+  dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64,
+           "BF16": ml_dtypes.bfloat16}[info["dtype"]]
+  with open(path, "rb") as f:
+    f.seek(start + begin)
+    raw = f.read(end - begin)
+  return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
 
 
 # --- import ----------------------------------------------------------------------------------
