@@ -142,9 +142,10 @@ def generate_chunks(model, params, tokens, prompt_len, rng=None, *, max_new: int
   done = jnp.zeros(token.shape, bool)
   for start in range(0, max_new, chunk):
     steps = jnp.arange(start, min(start + chunk, max_new))
+    step_keys = keys[1 + start:1 + start + len(steps)]
     cache, token, done, ids = decode_chunk(
-        model, params, cache, token, done, steps, prompt_len, keys[1 + start:1 + start + len(steps)],
-        eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p)
+        model, params, cache, token, done, steps, prompt_len, step_keys, eos_id=eos_id,
+        temperature=temperature, top_k=top_k, top_p=top_p)
     yield np.asarray(ids)
 
 
