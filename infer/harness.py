@@ -13,12 +13,17 @@ README). A fine-tuning run with `eval.harness_tasks` set runs the same tasks aft
 evaluation and puts the scores in report.md (train/final_eval.py).
 
 How requests become model calls:
-  * Framing: the run's LMs are trained on `[bos] document [eos]`; every scored sequence starts
-    with [bos] (also lm-eval's "prefix token" of loglikelihood_rolling and an empty context).
+  * Framing: the project's own LMs are trained on `[bos] document [eos]`, so every scored
+    context starts with [bos]. An imported Hugging Face run keeps its family's framing: what
+    its tokenizer prepends with add_special_tokens=True (Llama's and Gemma's BOS; nothing for
+    GPT-2 or Qwen2), exactly as the harness's own HF backend (`hf`, add_bos_token=True) encodes,
+    so the two backends score an imported model alike (tests/test_harness.py). An empty context
+    and loglikelihood_rolling start from lm-eval's "prefix token" (BOS, else EOS).
   * Context / continuation split as the harness's Hugging Face backend does it: trailing spaces
-    of the context move to the continuation, `context + continuation` is encoded whole and split
-    after as many tokens as the context alone encodes to (sentencepiece may merge across the
-    boundary; the continuation's tokens are those of the whole string).
+    of the context move to the continuation; the context is the context encoded alone, the
+    continuation the tokens of `context + continuation` after as many tokens as the context
+    alone encodes to (a tokenizer may merge across the boundary: the continuation's tokens are
+    those of the whole string, the context's those of the context).
   * Too long: the left end of the context is cut so [bos]... fits `max_length` (default the
     run's data.seq_len) input positions, as the harness cuts (the [bos] goes first).
   * Shapes: requests are sorted by length and scored `batch_size` rows at a time, rows padded to
@@ -66,6 +71,19 @@ class _Row:
   scored: int
 
 
+def _leading_specials(tok) -> list[int]:
+  """The ids a run's tokenizer puts before every text: [bos] for the project's sentencepiece
+  tokenizer (its LMs are trained so); for an HF tokenizer, what its post-processor prepends."""
+  if not hasattr(tok, "encode_with_specials"):
+    return [tok.bos_id]
+  plain = tok.encode("a")
+  framed = tok.encode_with_specials("a")
+  for start in range(len(framed) - len(plain) + 1):
+    if framed[start:start + len(plain)] == plain:
+      return framed[:start]
+  return []
+
+
 class HarnessLM(LM):
   """lm-eval's LM over a LoadedModel (a pre-trained LM, or any run with an LM head)."""
 
@@ -77,6 +95,7 @@ class HarnessLM(LM):
                        "head predicts classes, not tokens)")
     self.loaded = loaded
     self.tok = loaded.tokenizer
+    self.frame = _leading_specials(self.tok)
     self.max_length = max_length or loaded.config.data.seq_len
     self.max_gen_toks = max_gen_toks
     self.bucket = bucket
@@ -96,20 +115,22 @@ class HarnessLM(LM):
 
   @property
   def prefix_token_id(self):
-    return self.tok.bos_id
+    return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
 
   def tok_encode(self, text: str) -> list[int]:
     return self.tok.encode(text)
 
   # --- scoring -------------------------------------------------------------------------------
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids with [bos] first, continuation ids), split like the HF backend."""
+    """(context ids, framed, continuation ids), split like the HF backend."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = self.tok.encode(context + continuation)
-    n = len(self.tok.encode(context)) if context else 0
-    return [self.tok.bos_id] + whole[:n], whole[n:]
+    if not context:
+      return [self.prefix_token_id], whole
+    alone = self.tok.encode(context)
+    return self.frame + alone, whole[len(alone):]
 
   def _row(self, context: list[int], continuation: list[int]) -> _Row:
     return _Row((context + continuation)[-(self.max_length + 1):], len(continuation))
@@ -158,7 +179,7 @@ class HarnessLM(LM):
     return [(list(c), list(x)) for c, x in map(utils.make_disjoint_window,
                                                utils.get_rolling_token_windows(
                                                    token_list=self.tok.encode(text),
-                                                   prefix_token=self.tok.bos_id,
+                                                   prefix_token=self.prefix_token_id,
                                                    max_seq_len=self.max_length, context_len=1))]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -142,3 +142,32 @@ def test_a_classifier_is_refused():
   loaded = types.SimpleNamespace(kind="classify")
   with pytest.raises(ValueError, match="classifier"):
     harness.HarnessLM(loaded)
+
+
+def test_an_imported_model_scores_as_the_harness_hf_backend(tmp_path):
+  """A Hugging Face model imported with train.convert gets the same per-example
+  log-likelihoods (and task scores) from this adapter as from lm-eval's own HF backend."""
+  pytest.importorskip("transformers", reason="transformers: pip install -r requirements-hf.txt")
+  pytest.importorskip("accelerate", reason="lm-eval's HF backend: requirements-hf.txt")
+  import subprocess
+  import sys
+  from hf_models import make_hf
+  from helpers import env
+  from lm_eval.models.huggingface import HFLM
+  import transformers
+  hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
+  model = make_hf("llama", hf_dir)
+  r = subprocess.run([sys.executable, "-m", "train.convert", "import", f"--hf_dir={hf_dir}",
+                      f"--workdir={workdir}"], cwd=REPO, env=env(), capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  ours = harness.HarnessLM(loading.LoadedModel.from_workdir(workdir), batch_size=4, bucket=16)
+  theirs = HFLM(pretrained=model, tokenizer=transformers.AutoTokenizer.from_pretrained(hf_dir),
+                batch_size=4, add_bos_token=True)
+  got = [harness.evaluate(lm, ["legal_mc"], include_path=TASKS, log_samples=True)
+         for lm in (ours, theirs)]
+  scores = [np.array([resp[0][0] for s in g["samples"]["legal_mc"] for resp in s["resps"]])
+            for g in got]
+  assert len(scores[0]) == 6 * 4   # 6 questions x 4 choices
+  np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5, atol=1e-4)
+  assert harness.scalar_results(got[0]) == harness.scalar_results(got[1])

@@ -26,89 +26,10 @@ from infer import decode, loading  # noqa: E402
 from model import tokenizer as tokenizer_lib  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from train import convert  # noqa: E402
+from hf_models import TEXT, VOCAB, make_hf, train_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 512
 SEQ = 48
-
-_TEXT = ("The licensee shall indemnify the licensor against all claims, damages and costs. "
-         "Ünïcödé façade — naïve café, 東京 とうきょう, Привет мир, emoji 🙂🚀, tabs\tand\n\nnew "
-         "lines,   runs   of    spaces, numbers 12345 67.89, URLs https://example.com/a?b=c. ")
-
-
-def _train_tokenizer(out: str, style: str):
-  """A small BPE trained here, saved as transformers saves a fast tokenizer."""
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-  if style == "bytelevel":   # GPT-2 / Llama 3 / Qwen2 style
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-  else:                      # sentencepiece-like (Llama 2 / Mistral / Gemma): metaspace + bytes
-    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                           normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    alphabet = [f"<0x{i:02X}>" for i in range(256)]
-  special = ["<pad>", "<unk>", "<s>", "</s>"]
-  bytelevel = style == "bytelevel"
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB - 8 if bytelevel else 200,
-                                           special_tokens=special,
-                                           initial_alphabet=alphabet if bytelevel else [])
-  tok.train_from_iterator([_TEXT * 3, _TEXT.lower(), _TEXT.upper()] * 20, trainer)
-  if not bytelevel:   # byte-fallback pieces, as in a converted sentencepiece model
-    tok.add_tokens(alphabet)
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-      unk_token="<unk>")
-  fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-  fast.save_pretrained(out)
-
-
-def _hf_config(family: str):
-  common = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=3, pad_token_id=0)
-  if family == "llama":   # GQA, untied head, Llama 3.1 rope scaling
-    return transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 32}, **common)
-  if family == "mistral":   # sliding window shorter than the sequence
-    return transformers.MistralConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=256, sliding_window=16,
-        tie_word_embeddings=False, **common)
-  if family == "qwen2":     # q/k/v biases, tied head
-    return transformers.Qwen2Config(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
-  if family == "gemma":     # head_dim != d_model / heads, (1 + w) norms, geglu, embed scale
-    return transformers.GemmaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, **common)
-  if family == "gpt2":
-    return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                   vocab_size=VOCAB, bos_token_id=2, eos_token_id=3)
-  raise ValueError(family)
-
-
-def _make_hf(family: str, out: str):
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(_hf_config(family),
-                                                        attn_implementation="eager")
-  with torch.no_grad():   # random norms and biases, so every parameter matters
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "weight" in name and family != "gemma"
-                                             else 0.0))
-  model.eval()
-  model.save_pretrained(out, safe_serialization=True)
-  _train_tokenizer(out, "bytelevel" if family in ("gpt2", "qwen2") else "metaspace")
-  return model
-
 
 def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
   with torch.no_grad():
@@ -137,7 +58,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gemma")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_transformers(family, tmp_path):
   hf_dir = str(tmp_path / "hf")
-  hf_model = _make_hf(family, hf_dir)
+  hf_model = make_hf(family, hf_dir)
   summary = convert.import_hf(hf_dir, str(tmp_path / "run"), seq_len=64)
   assert summary["family"] == family
   run, model, params = _params(str(tmp_path / "run"))
@@ -179,8 +100,8 @@ def test_family_matches_transformers(family, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
   np.testing.assert_array_equal(_hf_logits(reloaded, ids), _hf_logits(hf_model, ids))
   auto_tok = transformers.AutoTokenizer.from_pretrained(out)
-  assert auto_tok(_TEXT)["input_ids"] == transformers.AutoTokenizer.from_pretrained(hf_dir)(
-      _TEXT)["input_ids"]
+  assert auto_tok(TEXT)["input_ids"] == transformers.AutoTokenizer.from_pretrained(hf_dir)(
+      TEXT)["input_ids"]
 
   # Import the export: bit-identical parameters.
   convert.import_hf(out, str(tmp_path / "run2"), seq_len=64)
@@ -191,7 +112,7 @@ def test_family_matches_transformers(family, tmp_path):
 def test_imported_run_loads_everywhere(tmp_path):
   """The imported run is a run: LoadedModel (its HF tokenizer), generate, and the metadata."""
   hf_dir = str(tmp_path / "hf")
-  _make_hf("llama", hf_dir)
+  make_hf("llama", hf_dir)
   convert.import_hf(hf_dir, str(tmp_path / "run"), seq_len=64)
   loaded = loading.LoadedModel.from_workdir(str(tmp_path / "run"))
   assert isinstance(loaded.tokenizer, tokenizer_lib.HFTokenizer)
@@ -222,7 +143,7 @@ def test_native_run_exports_as_llama(tmp_path):
                         is_leaf=lambda x: hasattr(x, "value"))
   workdir = str(tmp_path / "native")
   tok_dir = str(tmp_path / "tok")
-  _train_tokenizer(tok_dir, "metaspace")
+  train_tokenizer(tok_dir, "metaspace")
   meta = {"config": json.loads(ml_collections.ConfigDict(config).to_json_best_effort()),
           "tokenizer_path": os.path.join(tok_dir, "tokenizer.json"), "vocab_size": VOCAB}
   ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
@@ -239,20 +160,20 @@ def test_native_run_exports_as_llama(tmp_path):
 
 def _strings(n: int) -> list[str]:
   rng = np.random.default_rng(0)
-  pieces = _TEXT.split(" ") + ["\u00a0", "\u200b", "\t\t", "\n", "   ", "", "ß", "İ", "ﬁ",
+  pieces = TEXT.split(" ") + ["\u00a0", "\u200b", "\t\t", "\n", "   ", "", "ß", "İ", "ﬁ",
                                "𝔘𝔫𝔦", "한국어", "عربى", "<s>", "</s>", "<pad>"]
   out = []
   for i in range(n):
     k = int(rng.integers(1, 40))
     seps = rng.choice([" ", "  ", "\n", "\t", "", " \n "], size=k)
     out.append("".join(str(p) + str(s) for p, s in zip(rng.choice(pieces, size=k), seps)))
-  out += [_TEXT * 50, " " * 300, "\n" * 20 + "x", ""]   # long documents, whitespace runs
+  out += [TEXT * 50, " " * 300, "\n" * 20 + "x", ""]   # long documents, whitespace runs
   return out
 
 
 @pytest.mark.parametrize("style", ["bytelevel", "metaspace"])
 def test_tokenizer_ids_match_autotokenizer(style, tmp_path):
-  _train_tokenizer(str(tmp_path), style)
+  train_tokenizer(str(tmp_path), style)
   ours = tokenizer_lib.load_tokenizer(str(tmp_path))
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   strings = _strings(3000)
@@ -276,7 +197,7 @@ def _cli(*args):
 def test_import_errors_are_one_line_and_leave_nothing(tmp_path):
   from safetensors.numpy import load_file, save_file
   hf_dir = str(tmp_path / "hf")
-  _make_hf("qwen2", hf_dir)
+  make_hf("qwen2", hf_dir)
   work = tmp_path / "runs"
   work.mkdir()
 
@@ -304,7 +225,7 @@ def test_import_errors_are_one_line_and_leave_nothing(tmp_path):
 def test_sharded_checkpoint_and_bf16(tmp_path):
   """Sharded safetensors with an index, stored in bfloat16, import like one f32 file."""
   hf_dir = str(tmp_path / "hf")
-  model = _make_hf("llama", hf_dir)
+  model = make_hf("llama", hf_dir)
   sharded = str(tmp_path / "sharded")
   model.to(torch.bfloat16).save_pretrained(sharded, safe_serialization=True,
                                            max_shard_size="100KB")
