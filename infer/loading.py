@@ -118,7 +118,7 @@ def restore_params(run: Run, model, mesh=None):
                     "parameters load with LoadedModel, not as float parameters to train from")
   spec = run.lora
   abstract = abstract_params(model if spec is None else lora.lora_model(model.cfg, spec), mesh)
-  distilled = run.meta["config"]["task"] == "distill"
+  distilled = run.meta.get("config", {}).get("task") == "distill"
   params = run.checkpointer.restore_params(run.step, {"student": abstract} if distilled
                                            else abstract)
   params = params["student"] if distilled else params

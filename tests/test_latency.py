@@ -116,7 +116,8 @@ def test_restores_checkpoint_params_and_measures_them(params, tmp_path):
   config, model = _tiny(seq_len=8)
   params = jax.tree.map(lambda x: x + 1.0, params)   # not what a fresh init would give
   saver = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
-  saver.save(7, {"params": params, "step": jnp.int32(7)}, None, {"note": "test"}, force=True)
+  saver.save(7, {"params": params, "step": jnp.int32(7)}, None, {"config": config.to_dict()},
+             force=True)
   saver.close()
   restored, step_dir = latency.restore_params(str(tmp_path), model, jax.devices()[0])
   chex.assert_trees_all_equal(restored, params)
@@ -126,7 +127,7 @@ def test_restores_checkpoint_params_and_measures_them(params, tmp_path):
   assert report["size"]["disk_bytes"] > 0   # Orbax compresses: may be below "bytes"
   assert report["checkpoint"] == step_dir and report["results"][2]["iters"] == 2
   assert "on disk" in latency.format_table([report])
-  with pytest.raises(ValueError, match="no checkpoints/"):
+  with pytest.raises(ValueError, match="no such directory"):
     latency.restore_params(str(tmp_path / "nowhere"), model, jax.devices()[0])
 
 

@@ -43,8 +43,7 @@ def _model_cfg(**overrides):
 
 
 def _task(model):
-  cfg = ml_collections.ConfigDict({"optim": {"z_loss": 1e-4}})
-  return pretrain.PretrainTask(model, cfg)
+  return pretrain.PretrainTask(model, z_loss=1e-4)
 
 
 def _sgd():
