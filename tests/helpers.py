@@ -8,6 +8,7 @@ Random initialisation through jax.random compiles slowly on small CPU machines, 
 only need *some* parameter values fill the abstract (eval_shape'd) parameter tree with numpy
 draws instead; tests that need the real initialiser (sharding, checkpoints) use create_state.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -223,3 +224,37 @@ def _summary_file(path, n=80, seed=0):
       rest = ". ".join(" ".join(rng.choice(FILLER + POS, 8)) for _ in range(rng.integers(2, 6)))
       f.write(json.dumps({"id": f"d{i}", "text": f"{first}. {rest}.", "summary": first,
                           "source": "x" if i % 2 else "y"}) + "\n")
+
+
+# --- the HTTP server ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def serving(loaded, **limits):
+  """infer.serve's server for `loaded` on a free local port, in a thread, for the block."""
+  import threading
+  import portpicker
+  from infer import serve
+  server = serve.make_server(loaded, "127.0.0.1", portpicker.pick_unused_port(), **limits)
+  thread = threading.Thread(target=server.serve_forever)
+  thread.start()
+  try:
+    yield server
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def call(url: str, payload=None, *, method=None, data: bytes | None = None):
+  """(status, JSON answer) of one request; `payload` is sent as JSON, `data` as is (POST when
+  there is a body, else GET, unless `method` says otherwise)."""
+  import urllib.error
+  import urllib.request
+  if payload is not None:
+    data = json.dumps(payload).encode()
+  request = urllib.request.Request(url, data=data, method=method,
+                                   headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=120) as response:
+      return response.status, json.load(response)
+  except urllib.error.HTTPError as e:
+    return e.code, json.load(e)

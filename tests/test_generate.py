@@ -4,23 +4,19 @@ LoadedModel.generate_stream against LoadedModel.generate, and the server's POST 
 One tiny LM is pre-trained for a few steps on generated reviews (a real run: checkpoint, config,
 tokenizer). Its served/in-process copy gets random weights, so that generated texts are varied
 and equal texts mean something (as tests/test_serve.py does for the summarizer)."""
-import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 
 from configs import legal_pretrain
 from helpers import REPO, _sentiment_config, env, numpy_params
-from infer import loading, serve
+from helpers import call as _call, serving as _serving
+from infer import loading
 from train import run as run_lib
 
 PROMPTS = ["great wonderful film", "the plot was", "music and camera work", "a"]
@@ -118,30 +114,6 @@ def test_cli_bad_options_are_one_line(lm_dir, args, message):
 
 
 # --- the server ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _serving(loaded, **limits):
-  server = serve.make_server(loaded, "127.0.0.1", portpicker.pick_unused_port(), **limits)
-  thread = threading.Thread(target=server.serve_forever)
-  thread.start()
-  try:
-    yield server
-  finally:
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
-def _call(url: str, payload=None, data: bytes | None = None):
-  data = json.dumps(payload).encode() if payload is not None else data
-  request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                   headers={"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(request, timeout=120) as response:
-      return response.status, json.load(response)
-  except urllib.error.HTTPError as e:
-    return e.code, json.load(e)
-
-
 @pytest.fixture(scope="module")
 def lm_server(lm):
   with _serving(lm, max_batch=4, max_wait_ms=20, max_chars=200, generate_max_new=16) as server:

@@ -32,27 +32,9 @@ def _project_files():
     yield from sorted((ROOT / package).rglob("*.py"))
 
 
-def test_every_top_level_package_has_a_layer():
-  packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {"tests"}
-  assert packages <= set(LAYER), f"packages without a layer: {packages - set(LAYER)}"
-
-
-def test_no_module_imports_from_a_layer_above_it():
-  problems = []
-  for path in _project_files():
-    if path.name == "main.py":
-      continue
-    src = path.relative_to(ROOT).parts[0]
-    for line, module in _imports(path):
-      dst = module.split(".")[0]
-      if dst in LAYER and dst != src and (LAYER[dst] > LAYER[src] or
-                                          (src == "configs" and dst != "configs")):
-        problems.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({src} is below {dst})")
-  assert not problems, "\n".join(problems)
-
-
-def test_no_two_packages_import_each_other():
-  edges = {}
+def _cross_package_imports():
+  """(file, line, source package, imported module, its package) of every import from one
+  project package into another, entry points (main.py) left out."""
   for path in _project_files():
     if path.name == "main.py":
       continue
@@ -60,7 +42,25 @@ def test_no_two_packages_import_each_other():
     for line, module in _imports(path):
       dst = module.split(".")[0]
       if dst in LAYER and dst != src:
-        edges.setdefault((src, dst), f"{path.relative_to(ROOT)}:{line}")
+        yield path.relative_to(ROOT), line, src, module, dst
+
+
+def test_every_top_level_package_has_a_layer():
+  packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {"tests"}
+  assert packages <= set(LAYER), f"packages without a layer: {packages - set(LAYER)}"
+
+
+def test_no_module_imports_from_a_layer_above_it():
+  problems = [f"{path}:{line} imports {module} ({src} is below {dst})"
+              for path, line, src, module, dst in _cross_package_imports()
+              if LAYER[dst] > LAYER[src] or src == "configs"]
+  assert not problems, "\n".join(problems)
+
+
+def test_no_two_packages_import_each_other():
+  edges = {}
+  for path, line, src, _, dst in _cross_package_imports():
+    edges.setdefault((src, dst), f"{path}:{line}")
   cycles = [f"{a} <-> {b} ({edges[(a, b)]} / {edges[(b, a)]})"
             for (a, b) in edges if (b, a) in edges and a < b]
   assert not cycles, "\n".join(cycles)

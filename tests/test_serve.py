@@ -17,8 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 
 import jax
 import numpy as np
@@ -27,6 +25,7 @@ import pytest
 
 from configs import legal_summ_finetune
 from helpers import REPO, _sentiment_config, _summary_file, numpy_params
+from helpers import call as _call, serving as _serving
 from infer import decode, inputs, loading, serve
 from infer import main as batch_lib
 from train import run as run_lib
@@ -91,37 +90,11 @@ def _no_compilation():
   assert not compiles, f"{len(compiles)} compilation(s) while serving"
 
 
-@contextlib.contextmanager
-def _serving(loaded, **limits):
-  server = serve.make_server(loaded, "127.0.0.1", portpicker.pick_unused_port(), **limits)
-  thread = threading.Thread(target=server.serve_forever)
-  thread.start()
-  try:
-    yield server
-  finally:
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
 @pytest.fixture(scope="module")
 def cls_server(classifier):
   # A long max_wait so that concurrent requests reliably share batches.
   with _serving(classifier, max_batch=MAX_BATCH, max_wait_ms=50, max_chars=MAX_CHARS) as server:
     yield server
-
-
-def _call(url: str, payload=None, *, method=None, data: bytes | None = None):
-  """(status, JSON answer) of one request; `payload` is sent as JSON, `data` as is."""
-  if payload is not None:
-    data = json.dumps(payload).encode()
-  request = urllib.request.Request(url, data=data, method=method,
-                                   headers={"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(request, timeout=120) as response:
-      return response.status, json.load(response)
-  except urllib.error.HTTPError as e:
-    return e.code, json.load(e)
 
 
 # --- the server: classification, batching, bad requests ------------------------------------------
