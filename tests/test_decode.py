@@ -4,6 +4,9 @@ Both the per-step logits (against one full forward pass over the whole sequence)
 tokens (against `greedy_recompute`, a forward pass per token) are compared, for prompts of
 different lengths in one batch, prefix-LM masking and every attention kind that supports it.
 """
+import functools
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -143,3 +146,203 @@ def test_causal_lm_continuation_matches_recomputation(kind):
         (tokens > 0).astype(np.int32)), return_hidden=True, cache_mode="prefill",
         mutable=["cache"])
     chex.assert_shape(v["cache"]["block_0"]["attn"]["cached_key"], (3, 6, 2, 8))
+
+
+# --- decoding controls -----------------------------------------------------------------------
+def _reference_controls(logits, generated, controls, eos_id, limit=None):
+  """numpy, step by step, Hugging Face's logits processors in HF's order over one row's
+  generated tokens: RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor,
+  MinNewTokensLengthLogitsProcessor, then the length limit (only eos, at 0: ForcedEOS)."""
+  scores = np.array(logits, np.float32)
+  g = [int(t) for t in generated]
+  p = controls.repetition_penalty
+  if p != 1.0:
+    for t in set(g):
+      scores[t] = scores[t] / p if scores[t] > 0 else scores[t] * p
+  n = controls.no_repeat_ngram_size
+  if n and len(g) + 1 >= n:                 # HF: nothing banned while cur_len + 1 < n
+    ngrams = {}
+    for i in range(len(g) - n + 1):
+      ngrams.setdefault(tuple(g[i:i + n - 1]), []).append(g[i + n - 1])
+    for t in ngrams.get(tuple(g[len(g) - n + 1:]), []):
+      scores[t] = -np.inf
+  if len(g) < controls.min_new:
+    scores[eos_id] = -np.inf
+  if limit is not None and len(g) >= limit:
+    scores[:] = -np.inf
+    scores[eos_id] = 0.0
+  return scores
+
+
+def _repeats(row, n: int, eos_id: int) -> bool:
+  """Whether a generated row (up to eos) holds some n-gram twice."""
+  row = decode.strip(row, eos_id)
+  grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+  return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("controls", [
+    decode.Controls(no_repeat_ngram_size=1),
+    decode.Controls(no_repeat_ngram_size=3, repetition_penalty=1.5, min_new=4),
+    decode.Controls(no_repeat_ngram_size=2, repetition_penalty=0.7),
+])
+def test_apply_controls_matches_the_reference_processors(controls):
+  rng = np.random.default_rng(0)
+  rows, vocab, max_new, eos = 4, 16, 12, 3
+  # Few distinct tokens, so that n-grams recur; logits of both signs.
+  history = rng.integers(4, 7, (rows, max_new)).astype(np.int32)
+  logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
+  limit = np.array([12, 5, 0, 8], np.int32)
+  apply = jax.jit(decode.apply_controls, static_argnames=("controls", "eos_id"))
+  for count in range(max_new + 1):
+    got = np.asarray(apply(logits, controls=controls, history=history, count=count, eos_id=eos,
+                           limit=limit))
+    want = np.stack([_reference_controls(logits[r], history[r, :count], controls, eos, limit[r])
+                     for r in range(rows)])
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"count={count}")
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"count={count}")
+  # Everything off: the logits themselves, untouched.
+  assert decode.apply_controls(logits, decode.Controls(), history, 3, eos) is logits
+
+
+def _one_layer():
+  cfg = helpers.tiny_model_cfg(num_layers=1)
+  model = Transformer(cfg)
+  return model, helpers.numpy_params(model, jnp.zeros((1, 8), jnp.int32), seed=1)
+
+
+PROMPT_LENGTHS = (3, 11, 6)
+
+
+def _prompts(seed=2, max_new=10):
+  rng = np.random.default_rng(seed)
+  return decode.pack_prompts([list(rng.integers(4, 64, n)) for n in PROMPT_LENGTHS], max_new,
+                             bucket=8)
+
+
+@functools.cache
+def _looping_greedy(max_new=10):
+  """(tokens, prompt_len, greedy ids) of the one-layer random model, whose greedy output
+  loops. Without controls the picks do not depend on eos_id: -1 ends nothing. Cached: two
+  tests start from it (a compilation less)."""
+  model, params = _one_layer()
+  tokens, prompt_len = _prompts(max_new=max_new)
+  raw = decode.greedy(model, params, tokens, prompt_len, max_new=max_new, eos_id=-1)
+  return tokens, prompt_len, np.asarray(raw)
+
+
+def test_no_repeat_ngram_stops_a_looping_model():
+  model, params = _one_layer()
+  tokens, prompt_len, raw = _looping_greedy()
+  assert all(_repeats(row, 3, -1) for row in raw)         # random weights loop
+  no_repeat = np.asarray(decode.greedy(model, params, tokens, prompt_len, max_new=10, eos_id=3,
+                                       no_repeat_ngram_size=3))
+  for row, free in zip(no_repeat, raw):
+    assert not _repeats(row, 3, 3)
+    # The same tokens up to the first one that would repeat a 3-gram, and not that one.
+    first = next(i for i in range(2, 10) if _repeats(free[:i + 1], 3, -1))
+    np.testing.assert_array_equal(row[:first], free[:first])
+    assert row[first] != free[first]
+
+
+def test_min_new_and_per_row_limits_greedy_and_beam():
+  model, params = _one_layer()
+  tokens, prompt_len, raw = _looping_greedy()
+  eos = int(raw[0, 0])              # row 0's first token, one the other rows never emit
+  assert eos not in raw[1:]
+  limit = np.array([10, 4, 7], np.int32)
+  options = dict(max_new=10, eos_id=eos, min_new=3, limit=limit)
+  greedy = np.asarray(decode.greedy(model, params, tokens, prompt_len, **options))
+  beam = np.asarray(decode.beam_search(model, params, tokens, prompt_len, beam=3,
+                                       no_repeat_ngram_size=3, **options))
+  for out in (greedy, beam):
+    assert (out[:, :3] != eos).all()                     # no eos before min_new
+    for b in (1, 2):
+      assert (out[b, limit[b]:] == eos).all()            # nothing past the limit
+  assert not any(_repeats(row, 3, eos) for row in beam)
+  assert greedy[0, 0] != eos                             # min_new changed row 0
+  for b in (1, 2):   # rows that would go on: exactly limit[b] tokens (the raw ones), then eos
+    np.testing.assert_array_equal(greedy[b, :limit[b]], raw[b, :limit[b]])
+    assert greedy[b, limit[b]] == eos
+
+
+def test_beam_of_one_with_controls_is_greedy_with_them():
+  model, params = _one_layer()
+  tokens, prompt_len = _prompts(max_new=10)
+  options = dict(max_new=10, eos_id=3, no_repeat_ngram_size=3)
+  beam = decode.beam_search(model, params, tokens, prompt_len, beam=1, length_penalty=0.0,
+                            **options)
+  greedy = decode.greedy(model, params, tokens, prompt_len, **options)   # compiled above
+  np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
+  with pytest.raises(ValueError, match="beam search is deterministic"):
+    decode.beam_search(model, params, tokens, prompt_len, beam=2, temperature=1.0, **options)
+
+
+def _eos_controls_limit():
+  """Every control on, and per-row limits; eos is the token row 0 would start with, so that
+  min_new has something to ban."""
+  return (int(_looping_greedy()[2][0, 0]),
+          decode.Controls(no_repeat_ngram_size=2, repetition_penalty=1.5, min_new=3),
+          np.array([10, 4, 7], np.int32))
+
+
+def test_cached_decoding_with_controls_matches_full_forwards_and_reference_processors():
+  """The prefix-LM summarizer's greedy decoding with every control on (and per-row limits)
+  against a full forward pass per token with the numpy processors applied between."""
+  model, params = _one_layer()
+  max_new = 10
+  tokens, prompt_len, _ = _looping_greedy()
+  rows = np.arange(len(prompt_len))
+  forward = jax.jit(lambda tokens, length: model.apply(
+      {"params": params}, tokens, prefix_len=jnp.asarray(prompt_len),
+      segment_ids=(jnp.arange(tokens.shape[1])[None] < length[:, None]).astype(jnp.int32)
+  )[jnp.arange(tokens.shape[0]), length - 1])
+  eos, controls, limit = _eos_controls_limit()
+  buf, done = tokens.copy(), np.zeros(len(rows), bool)
+  want = np.zeros((len(rows), max_new), np.int32)
+  for s in range(max_new):
+    logits = np.asarray(forward(buf, prompt_len + s))
+    generated = [buf[r, prompt_len[r]:prompt_len[r] + s] for r in rows]
+    nxt = np.array([np.argmax(_reference_controls(logits[r], generated[r], controls, eos,
+                                                  limit[r])) for r in rows])
+    want[:, s] = np.where(done, eos, nxt)
+    done |= nxt == eos
+    buf[rows, prompt_len + s] = nxt
+  got = np.asarray(decode.generate(model, params, tokens, prompt_len, max_new=max_new,
+                                   eos_id=eos, controls=controls, limit=limit))
+  np.testing.assert_array_equal(got, want)
+  assert (got[:, :3] != eos).all()                       # min_new
+  assert (got[1, 4:] == eos).all() and (got[2, 7:] == eos).all()   # the limits
+  assert not any(_repeats(row, 2, eos) for row in got)
+  assert len(set(got.ravel().tolist())) > 4              # not a degenerate comparison
+
+
+def test_generate_chunks_equals_generate_with_controls():
+  """Chunk by chunk, the history and the limits carried between the compiled calls."""
+  model, params = _one_layer()
+  tokens, prompt_len, _ = _looping_greedy()
+  eos, controls, limit = _eos_controls_limit()
+  options = dict(max_new=10, eos_id=eos, controls=controls, limit=limit, prefix_lm=True)
+  whole = decode.generate(model, params, tokens, prompt_len, **options)   # compiled above
+  chunks = list(decode.generate_chunks(model, params, tokens, prompt_len, chunk=4, **options))
+  np.testing.assert_array_equal(np.concatenate(chunks, axis=1), np.asarray(whole))
+
+
+def test_controls_are_checked_and_hash_alike():
+  assert decode.Controls(temperature=1, min_new=2.0) == decode.Controls(temperature=1.0,
+                                                                         min_new=2)
+  assert hash(decode.Controls(top_k=np.int64(3))) == hash(decode.Controls(top_k=3))
+  for bad, message in [(dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1"),
+                       (dict(repetition_penalty=0.0), "repetition_penalty=0.0: expected > 0"),
+                       (dict(min_new=1.5), "min_new=1.5: expected an integer"),
+                       (dict(top_p=0.0), "top_p=0.0")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      decode.Controls(**bad)
+
+
+def test_length_limit_and_learned_ratio():
+  np.testing.assert_array_equal(decode.length_limit([30, 0, 5, 1000], 0.1, 2, 64), [3, 2, 2, 64])
+  np.testing.assert_array_equal(decode.length_limit([31, 10], 0.1, 0, 64), [4, 1])
+  assert decode.fit_length_ratio([100, 10, 50, 0], [10, 5, 10, 3]) == pytest.approx(0.2)
+  with pytest.raises(ValueError, match="no pair"):
+    decode.fit_length_ratio([0], [4])
