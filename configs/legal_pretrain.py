@@ -6,7 +6,8 @@
 Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, the default `base`
 (a ~1.7B-parameter run meant for a TPU/GPU pod), `llama3_8b` (Llama-3-8B's shape, for the TPU
 ahead-of-time table: --aot_only --aot_topology=v5p-128), and `imdb_lm` (2.1M parameters on legal text
-plus IMDB train reviews: the starting point of the fine-tuning results in the README). Any key can be overridden on the command line,
+plus IMDB train reviews: the starting point of the fine-tuning results in the README), `imdb_self` (the
+same model pre-trained on IMDB's unlabelled + train reviews only, for sentiment). Any key can be overridden on the command line,
 e.g. `--config.optim.lr=1e-3 --config.model.attention.kind=full`.
 """
 import ml_collections
@@ -95,8 +96,27 @@ def _llama3_8b(config):
                       tie_embeddings=False, dtype="bfloat16", remat="full")
 
 
+def _imdb_self(config):
+  # In-domain self-pre-training for sentiment (ULMFiT's target-domain LM): IMDB's 49,730
+  # unlabelled reviews plus its 25k *train* reviews (never the test reviews), ~25M tokens, no
+  # legal text. The imdb_lm architecture on 512-token rows (a review's long tail fits); 6,000
+  # steps of 8,192 tokens = ~2 epochs. Every checkpoint is kept: fine-tuning from each gives
+  # the accuracy-vs-pre-training-tokens curve (configs/sentiment_finetune.py:imdb_self).
+  # A long CPU run: start it in the background; re-running the command resumes it.
+  from configs.finetune_common import data_path
+  _imdb_lm(config)
+  config.data.use_licensedcode = False
+  config.data.extra_dirs = (data_path("sentiment_imdb/unsup.jsonl.gz"),
+                            data_path("sentiment_imdb/train.jsonl.gz"))
+  config.data.seq_len = 512
+  config.data.batch_size = 16
+  config.optim.update(lr=2e-3, warmup_steps=200)
+  config.train.update(num_steps=6000, log_every=50, eval_every=500, eval_batches=16,
+                      checkpoint_every=500, keep_checkpoints=12)
+
+
 PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "imdb_lm": _imdb_lm,
-           "llama3_8b": _llama3_8b}
+           "llama3_8b": _llama3_8b, "imdb_self": _imdb_self}
 
 
 def _mixture(config):

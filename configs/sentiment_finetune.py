@@ -9,7 +9,8 @@
 Presets: `imdb` (25k train reviews, 5% held out for validation; the full 25k test set),
 `imdb10k` (a fixed 10k-example subset of the train split), `imdb_tfds` (`imdb` read from the
 TFDS dataset imdb_reviews, prepared once in data.data_dir on a machine with internet:
-`python -m train.data.sources tfds:imdb_reviews`), `tiny` (tests; set the files).
+`python -m train.data.sources tfds:imdb_reviews`), `imdb_self` (512-token rows, from the
+in-domain LM `legal_pretrain.py:imdb_self`), `tiny` (tests; set the files).
 `imdb` / `imdb10k` read $LEGAL_LM_DATA/sentiment_imdb/{train,test}.jsonl.gz (default
 ../shared/data; README "Datasets: where they come from"); any preset reads TFDS instead with
 `--config.data.train_file=tfds:imdb_reviews:train --config.data.test_file=tfds:imdb_reviews:test`.
@@ -55,6 +56,16 @@ def _imdb_tfds(config):
   config.data.test_file = "tfds:imdb_reviews:test"
 
 
+def _imdb_self(config):
+  # Fine-tuning from the in-domain LM (configs/legal_pretrain.py:imdb_self, pass it with
+  # --config.train.init_from=runs/imdb_self or one of its checkpoints/<step> folders for the
+  # learning curve): 512-token head+tail rows, so most reviews fit whole and the rest keep
+  # their opening and their verdict. Epochs / lr / dropout: chosen on the 5% validation split.
+  config.data.seq_len = 512
+  config.data.batch_size = 16
+  config.train.num_epochs = 3.0
+
+
 def _tiny(config):
   config.data.train_file = config.data.test_file = ""
   config.data.vocab_size = 512
@@ -71,4 +82,5 @@ def _tiny(config):
   config.eval.bootstrap = 100
 
 
-PRESETS = {"imdb": _imdb, "imdb10k": _imdb10k, "imdb_tfds": _imdb_tfds, "tiny": _tiny}
+PRESETS = {"imdb": _imdb, "imdb10k": _imdb10k, "imdb_tfds": _imdb_tfds, "imdb_self": _imdb_self,
+           "tiny": _tiny}

@@ -111,6 +111,15 @@ def test_corpus_ids_split_and_cap(docs_dir, tmp_path):
   assert capped == corpus_lib.Corpus(_config(tmp_path, docs_dir, max_docs=10)).index()
 
 
+def test_files_of_one_folder_are_one_source(docs_dir, tmp_path):
+  # IMDB's unsup and train splits sit beside its test split: name the two files, not the folder.
+  index = corpus_lib.Corpus(_config(tmp_path, docs_dir / "a.jsonl", docs_dir / "b.jsonl.gz")
+                            ).index()
+  whole = corpus_lib.Corpus(_config(tmp_path, docs_dir)).index()
+  assert set(index) == {i for i in whole if ".jsonl" in i} and len(index) == 30
+  assert {i: whole[i] for i in index} == index     # same ids, same splits as the whole folder
+
+
 def test_fingerprint_tracks_sources(docs_dir, tmp_path):
   base = corpus_lib.Corpus(_config(tmp_path, docs_dir)).fingerprint
   assert base == corpus_lib.Corpus(_config(tmp_path, docs_dir)).fingerprint

@@ -124,6 +124,13 @@ class Corpus:
                         f"{'/'.join(EXTENSIONS)} file")
       if not files:
         raise DataError(f"data.extra_dirs: {folder} has no {'/'.join(EXTENSIONS)} files")
+      same = [files_ for _, root, files_ in self._folders if root == folder]
+      if same and entry.is_file():
+        # Several files of one folder (IMDB's unsup and train splits): one source, its files
+        # in the order given; document ids (folder/file:line) stay unique.
+        if entry not in same[0]:
+          same[0].append(entry)
+        continue
       if any(name == folder.name for name, _, _ in self._folders):
         raise DataError(f"data.extra_dirs: two folders are named {folder.name!r}; document ids "
                         "use the folder name, so it must be unique")
