@@ -3,6 +3,7 @@ harness receives equals the project's own scoring — one unbatched, unsharded f
 model summing log p of the continuation tokens — on local tasks shipped in tests/harness_tasks/
 (multiple choice, generation, rolling perplexity), and on hand-made requests (empty context,
 a context longer than the model's window, several windows of a long document)."""
+import functools
 import os
 import types
 
@@ -39,10 +40,18 @@ def lm(run_dir):
   return harness.HarnessLM(loaded, batch_size=3, bucket=16)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, tokens):
+  return model.apply({"params": params}, tokens)
+
+
 def reference(lm, ids: list[int], scored: int) -> float:
   """sum log p(ids[t] | ids[:t]) over the last `scored` tokens: one row, one forward pass."""
-  params = jax.device_get(lm.loaded.params)
-  logits = lm.loaded.model.apply({"params": params}, np.asarray([ids[:-1]], np.int32))[0]
+  # Right-padded to the model's length: causal, so padding changes no earlier logit, and one
+  # compiled forward serves every reference (eager applies of each length took minutes).
+  row = np.zeros((1, lm.max_length), np.int32)
+  row[0, :len(ids) - 1] = ids[:-1]
+  logits = _forward(lm.loaded.model, jax.device_get(lm.loaded.params), row)[0]
   logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
   n = len(ids) - 1
   return float(sum(logp[t, ids[t + 1]] for t in range(n - scored, n)))
