@@ -4,12 +4,18 @@ imported or LoRA-merged model), tokens streamed to stdout as they are decoded.
   python -m infer.generate --workdir=runs/tiny --prompt="The licensee shall" --max_new=64
   python -m infer.generate --workdir=runs/tiny --prompt="..." --temperature=0.8 --top_p=0.9 \
       --seed=1 --stop=. --stop=$'\n'
-  python -m infer.generate --workdir=runs/tiny --prompt="..." --beam=4
+  python -m infer.generate --workdir=runs/tiny --prompt="..." --beam=4 --length_penalty=0.8
+  python -m infer.generate --workdir=runs/tiny --prompt="..." --no_repeat_ngram_size=3 \
+      --repetition_penalty=1.2 --min_new=16
   python -m infer.generate --workdir=runs/tiny --prompts_file=prompts.jsonl --output=out.jsonl
 
 Decoding (infer/decode.py, KV cache): greedy (default, --temperature=0), sampling
 (--temperature > 0, optionally --top_k / --top_p, reproducible with --seed), or beam search
-(--beam=N > 1, the highest mean log-probability; no streaming: the winner is known at the end).
+(--beam=N > 1, the highest log-probability sum / length ** --length_penalty, 1 = the mean; no
+streaming: the winner is known at the end). Controls for every mode, all off by default, over
+the generated tokens only (never the prompt's): --no_repeat_ngram_size=n (no n-gram twice),
+--repetition_penalty=p (CTRL: a generated token's logit / p if positive, else * p),
+--min_new=m (no eos before m tokens).
 Each prompt is `[bos] text` (a long one keeps its head, leaving --max_new of the run's
 data.seq_len); the text ends at eos, after --max_new tokens, or before the first --stop string.
 
@@ -66,8 +72,9 @@ def load_generator(workdir: str) -> loading.LoadedModel:
 
 
 def check_options(loaded, max_new: int, temperature: float, top_k: int, top_p: float,
-                  beam: int):
-  """InputError (naming the flag) for options the model cannot take."""
+                  beam: int, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+                  min_new: int = 0, length_penalty: float = 1.0):
+  """InputError (naming the flag and the range it takes) for options the model cannot take."""
   limit = loaded.config.data.seq_len - 2
   problems = [
       (1 <= max_new <= limit, f"max_new={max_new}: expected 1..{limit} (data.seq_len="
@@ -77,7 +84,17 @@ def check_options(loaded, max_new: int, temperature: float, top_k: int, top_p: f
        f"top_k={top_k}: expected 0 (off) .. {loaded.config.data.vocab_size}"),
       (0 < top_p <= 1, f"top_p={top_p}: expected (0, 1]"),
       (beam == 0 or beam >= 2, f"beam={beam}: expected 0 (off) or >= 2"),
-      (beam == 0 or temperature == 0, "beam search is deterministic: drop --temperature"),
+      (beam == 0 or (temperature == 0 and top_k == 0 and top_p == 1),
+       "beam search is deterministic: drop --temperature / --top_k / --top_p"),
+      (0 <= no_repeat_ngram_size <= max_new,
+       f"no_repeat_ngram_size={no_repeat_ngram_size}: expected 0 (off) .. max_new={max_new}"),
+      (0 < repetition_penalty <= 10,
+       f"repetition_penalty={repetition_penalty}: expected (0, 10] (1: off; > 1 discourages "
+       "repeating generated tokens)"),
+      (0 <= min_new <= max_new, f"min_new={min_new}: expected 0..max_new={max_new}"),
+      (-10 <= length_penalty <= 10, f"length_penalty={length_penalty}: expected [-10, 10]"),
+      (beam >= 2 or length_penalty == 1.0,
+       f"length_penalty={length_penalty} applies to beam search only: add --beam"),
   ]
   for ok, message in problems:
     if not ok:
@@ -94,9 +111,11 @@ def main(argv):
   prompts = read_prompts(f.prompts_file) if f.prompts_file else [(0, f.prompt)]
   loaded = load_generator(f.workdir)
   max_new = f.max_new or min(64, loaded.config.data.seq_len // 2)
-  check_options(loaded, max_new, f.temperature, f.top_k, f.top_p, f.beam)
+  check_options(loaded, max_new, f.temperature, f.top_k, f.top_p, f.beam,
+                f.no_repeat_ngram_size, f.repetition_penalty, f.min_new, f.length_penalty)
   options = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
-                 stop=tuple(f.stop or ()))
+                 stop=tuple(f.stop or ()), no_repeat_ngram_size=f.no_repeat_ngram_size,
+                 repetition_penalty=f.repetition_penalty, min_new=f.min_new)
   if f.prompt is not None and f.beam < 2 and not f.output:
     for pieces in loaded.generate_stream([f.prompt], max_new, chunk=f.chunk, **options):
       sys.stdout.write(pieces[0])
@@ -107,7 +126,8 @@ def main(argv):
   try:
     for start in range(0, len(prompts), f.batch_size):
       batch = prompts[start:start + f.batch_size]
-      texts = loaded.generate([p for _, p in batch], max_new, beam=f.beam, **options)
+      texts = loaded.generate([p for _, p in batch], max_new, beam=f.beam,
+                              length_penalty=f.length_penalty, **options)
       for (doc_id, prompt), text in zip(batch, texts):
         out.write(json.dumps({"id": doc_id, "prompt": prompt, "text": text}) + "\n")
       out.flush()
@@ -129,6 +149,13 @@ if __name__ == "__main__":
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set reaching this mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
   flags.DEFINE_integer("beam", 0, "Beam search with this many beams (0: off).")
+  flags.DEFINE_float("length_penalty", 1.0, "--beam: a hypothesis scores its log-probability "
+                     "sum / length ** this (1: the mean; 0: the sum, favouring short texts).")
+  flags.DEFINE_integer("no_repeat_ngram_size", 0, "Never repeat an n-gram of this size within "
+                       "the generated text (the prompt's n-grams stay allowed; 0: off).")
+  flags.DEFINE_float("repetition_penalty", 1.0, "Tokens already generated get logit / p if "
+                     "positive, else logit * p (CTRL; 1: off, > 1 discourages repeats).")
+  flags.DEFINE_integer("min_new", 0, "Generate at least this many tokens before eos.")
   flags.DEFINE_multi_string("stop", None, "End the text before the first occurrence of this "
                             "string (repeatable).")
   flags.DEFINE_integer("chunk", 8, "Tokens per compiled decoding call when streaming.",

@@ -199,20 +199,46 @@ class LoadedModel:
 
   # --- generation ------------------------------------------------------------------------------
   def summarize(self, texts: list[str], max_new: int | None = None, params=None,
-                batch_size: int | None = None) -> list[str]:
-    """Greedy summaries (KV cache), each document framed and truncated like training,
-    `batch_size` documents per call."""
+                batch_size: int | None = None, *, beam: int = 0, length_penalty: float = 1.0,
+                no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+                min_new: int = 0, length_ratio: float = 0.0) -> list[str]:
+    """Summaries (KV cache), each document framed and truncated like training, `batch_size`
+    documents per call: greedy, or beam search with `beam` > 1 beams (scores divided by
+    length ** length_penalty). The decoding controls (infer/decode.py Controls; all off by
+    default) act on the summary's own tokens, never the document's: no_repeat_ngram_size,
+    repetition_penalty, min_new (eos banned before that many tokens). length_ratio > 0 caps
+    each summary at ceil(length_ratio * the document's tokens), clipped to
+    [max(min_new, 1), max_new] (see `fit_length_ratio`)."""
     max_new = max_new or self.config.eval.decode_len
     params = self.params if params is None else params
     tok = self.tokenizer
+    controls = decode.Controls(no_repeat_ngram_size=no_repeat_ngram_size,
+                               repetition_penalty=repetition_penalty, min_new=min_new)
     out = []
     for n, chunk in self._chunks(texts, batch_size):
       tokens, prompt_len = decode.encode_prompts(tok, chunk, self.config.data.seq_len, max_new,
                                                  self.config.data.truncation)
-      ids = decode.greedy(self.model, params, tokens, prompt_len, max_new=max_new,
-                          eos_id=tok.eos_id)
+      limit = (decode.length_limit(self.count_tokens(chunk), length_ratio, min_new, max_new)
+               if length_ratio > 0 else None)
+      if beam > 1:
+        ids = decode.beam_search(self.model, params, tokens, prompt_len, beam=beam,
+                                 max_new=max_new, eos_id=tok.eos_id,
+                                 length_penalty=length_penalty, controls=controls, limit=limit)
+      else:
+        ids = decode.greedy(self.model, params, tokens, prompt_len, max_new=max_new,
+                            eos_id=tok.eos_id, controls=controls, limit=limit)
       out += [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)[:n]]
     return out
+
+  def count_tokens(self, texts: list[str]) -> np.ndarray:
+    """Tokens of each text, whole (no framing, no truncation): the lengths `length_ratio`
+    relates a summary to its document by."""
+    return np.array([len(self.tokenizer.encode(t)) for t in texts], np.int64)
+
+  def fit_length_ratio(self, documents: list[str], summaries: list[str]) -> float:
+    """The median summary / document token ratio over (document, summary) pairs, e.g. a
+    train split's: the `length_ratio` that sizes each summary to its document."""
+    return decode.fit_length_ratio(self.count_tokens(documents), self.count_tokens(summaries))
 
   def encode_for_generate(self, prompts: list[str], max_new: int):
     """(tokens, prompt_len): `[bos] text` prompts (each text's head kept) packed with room for
@@ -229,26 +255,33 @@ class LoadedModel:
 
   def generate(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam: int = 0,
-               stop: tuple = ()) -> list[str]:
+               stop: tuple = (), length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+               repetition_penalty: float = 1.0, min_new: int = 0) -> list[str]:
     """Continuations of `prompts` as a plain causal LM (any run with an LM head: a pre-trained
-    LM, a summarizer): greedy at temperature 0, else sampled; `beam` > 1: beam search (highest
-    mean log-probability). Each prompt is `[bos] text`, its head kept; each text ends before
-    eos and before the first of the `stop` strings."""
+    LM, a summarizer): greedy at temperature 0, else sampled; `beam` > 1: beam search (sum of
+    log-probabilities / length ** length_penalty). Each prompt is `[bos] text`, its head kept;
+    each text ends before eos and before the first of the `stop` strings. The decoding
+    controls (decode.Controls, off by default) act on the generated tokens only."""
     tok = self.tokenizer
     tokens, prompt_len = self.encode_for_generate(prompts, max_new)
+    controls = decode.Controls(temperature=temperature, top_k=top_k, top_p=top_p,
+                               no_repeat_ngram_size=no_repeat_ngram_size,
+                               repetition_penalty=repetition_penalty, min_new=min_new)
     if beam > 1:
       ids = decode.beam_search(self.model, self.params, tokens, prompt_len, beam=beam,
-                               max_new=max_new, eos_id=tok.eos_id, prefix_lm=False)
+                               max_new=max_new, eos_id=tok.eos_id, length_penalty=length_penalty,
+                               controls=controls, prefix_lm=False)
     else:
       ids = decode.generate(self.model, self.params, tokens, prompt_len,
                             jax.random.PRNGKey(seed), max_new=max_new, eos_id=tok.eos_id,
-                            temperature=temperature, top_k=top_k, top_p=top_p, prefix_lm=False)
+                            controls=controls, prefix_lm=False)
     return [cut_at_stop(tok.decode(decode.strip(row, tok.eos_id)), stop)[0]
             for row in np.asarray(ids)]
 
   def generate_stream(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: tuple = (),
-                      chunk: int = 8):
+                      chunk: int = 8, no_repeat_ngram_size: int = 0,
+                      repetition_penalty: float = 1.0, min_new: int = 0):
     """`generate` decoded `chunk` tokens at a time (decode.generate_chunks): yields, after each
     chunk, one string per prompt, the text that became final since the last yield (a possible
     start of a stop string and an incomplete UTF-8 character are held back until they are
@@ -262,7 +295,9 @@ class LoadedModel:
     finished = [False] * len(prompts)
     chunks = decode.generate_chunks(
         self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed), max_new=max_new,
-        eos_id=tok.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p)
+        eos_id=tok.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
+        no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+        min_new=min_new)
     for block in chunks:
       pieces = []
       for i, row in enumerate(block):
@@ -298,8 +333,10 @@ class LoadedModel:
     return max_new
 
   def predict(self, texts: list[str], *, max_new: int | None = None,
-              pad_to: int | None = None) -> list[dict]:
-    """One result per text: {"probs", "label"} (classifier) or {"summary"} (summarizer).
+              pad_to: int | None = None, **decoding) -> list[dict]:
+    """One result per text: {"probs", "label"} (classifier) or {"summary"} (summarizer;
+    `decoding`: summarize's keyword arguments beam, length_penalty, no_repeat_ngram_size,
+    repetition_penalty, min_new, length_ratio - all off by default).
 
     The batch is padded to `pad_to` rows with copies of its first text (which never lengthens a
     summarizer's prompt bucket), so callers control the batch shapes jit sees."""
@@ -308,9 +345,11 @@ class LoadedModel:
                        "classifier or summarizer")
     padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
     if self.kind == "classify":
+      if decoding:
+        raise ValueError(f"a classifier does not decode: {sorted(decoding)} apply to summaries")
       probs = self.classify(padded)[:len(texts)]
       return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]
-    return [{"summary": s} for s in self.summarize(padded, max_new)[:len(texts)]]
+    return [{"summary": s} for s in self.summarize(padded, max_new, **decoding)[:len(texts)]]
 
   def warm_up(self, sizes: list[int], max_new: int | None) -> int:
     """Compiles every shape a batch of `sizes` rows can take (the jit caches `predict` hits);

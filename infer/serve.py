@@ -9,12 +9,18 @@ r"""An HTTP server for a fine-tuned classifier or summarizer, batching concurren
 Endpoints (JSON in and out):
   POST /classify   {"text": str} -> {"probs": [float], "label": int}
                    {"texts": [str]} -> {"probs": [[float]], "label": [int]}
-  POST /summarize  {"text": str} -> {"summary": str}; {"texts": [str]} -> {"summary": [str]}
+  POST /summarize  {"text": str} -> {"summary": str}; {"texts": [str]} -> {"summary": [str]};
+                   decoding options (all off by default) "beam" (0 or 2..8 beams),
+                   "length_penalty" (beam: log-prob sum / length ** it), "no_repeat_ngram_size",
+                   "repetition_penalty", "min_new" (acting on the summary's own tokens, never
+                   the document's) and "length_ratio" (> 0: at most ceil(ratio * document
+                   tokens) summary tokens)
   POST /generate   {"prompt": str} -> {"text": str}; {"prompts": [str]} -> {"text": [str]};
                    options "max_new" (default and limit --generate_max_new), "temperature"
-                   (0 = greedy), "top_k", "top_p", "seed", "stop" (a string or a list of them):
-                   continuations from any model with a language-model head - a pre-trained
-                   LM (which serves /generate only) or a summarizer - not a classifier
+                   (0 = greedy), "top_k", "top_p", "seed", "stop" (a string or a list of them),
+                   and the decoding options of /summarize but "length_ratio": continuations
+                   from any model with a language-model head - a pre-trained LM (which serves
+                   /generate only) or a summarizer - not a classifier
   GET  /health     the model (kind, step, params, limits) and counts of what was served
 Errors are {"error": message}: 400 malformed request (or the other model kind's endpoint),
 404 unknown path, 405 wrong method, 411 no Content-Length, 413 too large (a text over
@@ -27,9 +33,10 @@ to --max_batch texts, waiting at most --max_wait_ms after the oldest request for
 hands each request its own results: throughput grows with concurrency, and only that thread
 calls the model. Batches are padded to a power of two rows (at most --max_batch); those shapes,
 times the summarizer's prompt-length buckets, are compiled before the port opens, so no request
-waits for a compilation (for /generate: greedy at --generate_max_new; another max_new or sampling
-option compiles once, on first use). Generation requests are batched like the others; a batch
-runs one model call per distinct set of options. Standard library only.
+waits for a compilation (for /generate: greedy at --generate_max_new; another max_new, sampling
+or decoding option compiles once, on first use, as do /summarize's decoding options).
+Generation and summary requests are batched like the others; a batch runs one model call per
+distinct set of options. Standard library only.
 """
 import collections
 import contextlib
@@ -206,18 +213,70 @@ def _predict_endpoint(kind: str):
       use = "/generate" if server.batcher is None else f"/{server.loaded.kind}"
       raise RequestError(400, f"this server runs a {server.loaded.kind} model: use "
                          f"{use}, not /{kind}")
-    texts, single = parse_texts(handler.read_json(), server.max_batch, server.max_chars)
-    results = server.batcher.submit(texts)
+    body = handler.read_json()
+    if kind == "summarize":
+      texts, single, options = parse_summarize(body, server.max_batch, server.max_chars,
+                                               server.max_new)
+    else:
+      (texts, single), options = parse_texts(body, server.max_batch, server.max_chars), ()
+    results = server.batcher.submit([(t, options) for t in texts])
     return results[0] if single else {key: [r[key] for r in results] for key in results[0]}
   return endpoint
 
 
-GENERATE_OPTIONS = ("max_new", "temperature", "top_k", "top_p", "seed", "stop")
+# The decoding controls a request may set (LoadedModel.summarize / generate keywords; off by
+# default), and the most beams one may ask for.
+DECODING_OPTIONS = ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty",
+                    "min_new")
+SUMMARIZE_OPTIONS = DECODING_OPTIONS + ("length_ratio",)
+GENERATE_OPTIONS = ("max_new", "temperature", "top_k", "top_p", "seed", "stop") + DECODING_OPTIONS
+MAX_BEAM = 8
+
+
+def _option(body: dict, key: str, default, kind, ok, expected: str):
+  """body[key] (default if absent); a 400 naming the key and `expected` unless it is a `kind`
+  (never a boolean) that passes `ok`."""
+  value = body.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+    raise RequestError(400, f'"{key}" must be {expected}, got {json.dumps(value)}')
+  return value
+
+
+def parse_decoding(body: dict, max_new: int) -> dict:
+  """A request's decoding controls for texts of at most max_new tokens, checked."""
+  beam = _option(body, "beam", 0, int, lambda v: v == 0 or 2 <= v <= MAX_BEAM,
+                 f"0 (off) or an integer in 2..{MAX_BEAM}")
+  length_penalty = float(_option(body, "length_penalty", 1.0, (int, float),
+                                 lambda v: -10 <= v <= 10, "a number in [-10, 10]"))
+  if not beam and length_penalty != 1.0:
+    raise RequestError(400, '"length_penalty" applies to beam search only: set "beam" too')
+  return dict(
+      beam=beam, length_penalty=length_penalty,
+      no_repeat_ngram_size=_option(body, "no_repeat_ngram_size", 0, int,
+                                   lambda v: 0 <= v <= max_new,
+                                   f"an integer in 0..{max_new} (0: off)"),
+      repetition_penalty=float(_option(body, "repetition_penalty", 1.0, (int, float),
+                                       lambda v: 0 < v <= 10, "a number in (0, 10] (1: off)")),
+      min_new=_option(body, "min_new", 0, int, lambda v: 0 <= v <= max_new,
+                      f"an integer in 0..{max_new}"))
+
+
+def parse_summarize(body: dict, max_batch: int, max_chars: int,
+                    max_new: int) -> tuple[list[str], bool, tuple]:
+  """(texts, whether one "text" was sent, decoding options as a hashable tuple), checked."""
+  texts, single = parse_texts({k: v for k, v in body.items() if k not in SUMMARIZE_OPTIONS},
+                              max_batch, max_chars)
+  options = parse_decoding(body, max_new)
+  options["length_ratio"] = float(_option(
+      body, "length_ratio", 0.0, (int, float), lambda v: 0 <= v <= 10,
+      "a number in [0, 10] (0: off; else summary tokens per document token)"))
+  return texts, single, tuple(sorted(options.items()))
 
 
 def parse_generate(body: dict, max_batch: int, max_chars: int, max_new: int,
                    vocab_size: int) -> tuple[list[str], bool, tuple]:
-  """(prompts, whether one "prompt" was sent, options as a hashable tuple), checked."""
+  """(prompts, whether one "prompt" was sent, options as a hashable tuple of (name, value)
+  pairs: LoadedModel.generate's keywords, max_new included), checked."""
   texts = {k: v for k, v in body.items() if k not in GENERATE_OPTIONS}
   renamed = {("text" if k == "prompt" else "texts" if k == "prompts" else k): v
              for k, v in texts.items()}
@@ -226,26 +285,28 @@ def parse_generate(body: dict, max_batch: int, max_chars: int, max_new: int,
   except RequestError as e:
     message = str(e).replace('"texts"', '"prompts"').replace('"text"', '"prompt"')
     raise RequestError(e.status, message) from None
-  def number(key, default, kind, ok, expected):
-    value = body.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
-      raise RequestError(400, f'"{key}" must be {expected}, got {json.dumps(value)}')
-    return value
-  n = number("max_new", max_new, int, lambda v: 1 <= v <= max_new,
-             f"an integer in 1..{max_new} (--generate_max_new)")
-  temperature = float(number("temperature", 0.0, (int, float), lambda v: 0 <= v <= 10,
-                             "a number in [0, 10] (0: greedy)"))
-  top_k = number("top_k", 0, int, lambda v: 0 <= v <= vocab_size,
-                 f"an integer in 0..{vocab_size} (0: off)")
-  top_p = float(number("top_p", 1.0, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"))
-  seed = number("seed", 0, int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
+  n = _option(body, "max_new", max_new, int, lambda v: 1 <= v <= max_new,
+              f"an integer in 1..{max_new} (--generate_max_new)")
+  temperature = float(_option(body, "temperature", 0.0, (int, float), lambda v: 0 <= v <= 10,
+                              "a number in [0, 10] (0: greedy)"))
+  top_k = _option(body, "top_k", 0, int, lambda v: 0 <= v <= vocab_size,
+                  f"an integer in 0..{vocab_size} (0: off)")
+  top_p = float(_option(body, "top_p", 1.0, (int, float), lambda v: 0 < v <= 1,
+                        "a number in (0, 1]"))
+  seed = _option(body, "seed", 0, int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
   stop = body.get("stop", [])
   stop = [stop] if isinstance(stop, str) else stop
   if (not isinstance(stop, list) or len(stop) > 16 or
       not all(isinstance(x, str) and 0 < len(x) <= 256 for x in stop)):
     raise RequestError(400, '"stop" must be a string or a list of at most 16 non-empty '
                        "strings of at most 256 characters")
-  return prompts, single, (n, temperature, top_k, top_p, seed, tuple(stop))
+  decoding = parse_decoding(body, n)
+  if decoding["beam"] and (temperature or top_k or top_p != 1.0):
+    raise RequestError(400, 'beam search is deterministic: drop "temperature", "top_k" and '
+                       '"top_p" (or "beam")')
+  options = dict(max_new=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                 stop=tuple(stop), **decoding)
+  return prompts, single, tuple(sorted(options.items()))
 
 
 def _generate_endpoint(handler) -> dict:
@@ -358,26 +419,30 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     self.generator = (Batcher(self._generate, max_batch, max_wait_ms / 1e3)
                       if generate_max_new else None)
 
-  def _predict(self, texts: list[str]) -> list[dict]:
-    pad_to = min(s for s in self.sizes if s >= len(texts))
-    return self.loaded.predict(texts, max_new=self.max_new, pad_to=pad_to)
-
-  def _generate(self, items: list[tuple]) -> list[str]:
-    """One model call per distinct options among the batch's (prompt, options) items, each
-    padded to a compiled batch size with copies of its first prompt."""
+  def _by_options(self, items: list[tuple], run) -> list:
+    """run(texts padded to a compiled batch size with copies of the first, options as a dict)
+    once per distinct options among the batch's (text, options) items; the results in the
+    items' order."""
     results = [None] * len(items)
     groups = collections.defaultdict(list)
     for i, (_, options) in enumerate(items):
       groups[options].append(i)
-    for (max_new, temperature, top_k, top_p, seed, stop), rows in groups.items():
-      prompts = [items[i][0] for i in rows]
-      pad_to = min(s for s in self.sizes if s >= len(prompts))
-      texts = self.loaded.generate(prompts + prompts[:1] * (pad_to - len(prompts)), max_new,
-                                   temperature=temperature, top_k=top_k, top_p=top_p,
-                                   seed=seed, stop=stop)
-      for i, text in zip(rows, texts):
-        results[i] = text
+    for options, rows in groups.items():
+      texts = [items[i][0] for i in rows]
+      pad_to = min(s for s in self.sizes if s >= len(texts))
+      out = run(texts + texts[:1] * (pad_to - len(texts)), dict(options))
+      for i, result in zip(rows, out):
+        results[i] = result
     return results
+
+  def _predict(self, items: list[tuple]) -> list[dict]:
+    return self._by_options(items, lambda texts, options: self.loaded.predict(
+        texts, max_new=self.max_new, **options))
+
+  def _generate(self, items: list[tuple]) -> list[str]:
+    def run(prompts, options):
+      return self.loaded.generate(prompts, options.pop("max_new"), **options)
+    return self._by_options(items, run)
 
   @property
   def url(self) -> str:

@@ -8,8 +8,10 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -56,6 +58,18 @@ def test_stream_equals_generate_greedy_and_sampled(lm, chunk):
   assert ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))] == sampled
 
 
+CONTROLS = dict(no_repeat_ngram_size=2, repetition_penalty=1.3, min_new=4)
+
+
+def test_stream_equals_generate_with_decoding_controls(lm):
+  controlled = lm.generate(PROMPTS, 16, **CONTROLS)
+  # Not the plain continuations (of which 16 tokens would be a prefix): the controls acted.
+  plain = lm.generate(PROMPTS, 20)                   # compiled by the first test
+  assert all(controlled) and any(not p.startswith(c) for p, c in zip(plain, controlled))
+  pieces = list(lm.generate_stream(PROMPTS, 16, chunk=8, **CONTROLS))
+  assert ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))] == controlled
+
+
 def test_stop_strings_cut_at_the_first_one(lm):
   full = lm.generate(PROMPTS, 30)
   text = max(full, key=len)
@@ -90,15 +104,20 @@ def test_cli_streams_greedy_and_writes_jsonl(lm_dir, tmp_path):
                              for i, p in enumerate(PROMPTS)))
   out = tmp_path / "out.jsonl"
   proc = _cli(f"--workdir={lm_dir}", f"--prompts_file={prompts}", f"--output={out}",
-              "--max_new=8", "--temperature=0.8", "--seed=2", "--stop=.", "--batch_size=3")
+              "--max_new=8", "--temperature=0.8", "--seed=2", "--stop=.", "--batch_size=3",
+              "--repetition_penalty=1.3", "--min_new=2")
   assert proc.returncode == 0, proc.stderr
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["id"] for r in rows] == [0, 1, 2, 3]
-  expected = (trained.generate(PROMPTS[:3], 8, temperature=0.8, seed=2, stop=(".",)) +
-              trained.generate(PROMPTS[3:], 8, temperature=0.8, seed=2, stop=(".",)))
+  options = dict(temperature=0.8, seed=2, stop=(".",), repetition_penalty=1.3, min_new=2)
+  expected = (trained.generate(PROMPTS[:3], 8, **options) +
+              trained.generate(PROMPTS[3:], 8, **options))
   assert [r["text"] for r in rows] == expected
-  proc = _cli(f"--workdir={lm_dir}", f"--prompts_file={prompts}", "--max_new=8", "--beam=2")
-  assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 4, proc.stderr
+  proc = _cli(f"--workdir={lm_dir}", f"--prompts_file={prompts}", "--max_new=8", "--beam=2",
+              "--length_penalty=0.5", "--no_repeat_ngram_size=2")
+  assert proc.returncode == 0, proc.stderr
+  assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == trained.generate(
+      PROMPTS, 8, beam=2, length_penalty=0.5, no_repeat_ngram_size=2)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -111,6 +130,29 @@ def test_cli_bad_options_are_one_line(lm_dir, args, message):
   proc = _cli(f"--workdir={lm_dir}", "--prompt=hello", *args)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1: expected 0 (off) .. max_new=16"),
+    (dict(no_repeat_ngram_size=17), "no_repeat_ngram_size=17: expected 0 (off) .. max_new=16"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0: expected (0, 10] (1: off"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty=nan: expected (0, 10]"),
+    (dict(min_new=17), "min_new=17: expected 0..max_new=16"),
+    (dict(length_penalty=0.5), "length_penalty=0.5 applies to beam search only: add --beam"),
+    (dict(beam=2, length_penalty=11.0), "length_penalty=11.0: expected [-10, 10]"),
+    (dict(beam=2, top_k=5), "beam search is deterministic: drop --temperature / --top_k"),
+])
+def test_check_options_names_the_flag_and_its_range(options, message):
+  from infer import generate as generate_cli
+  from infer import inputs as inputs_lib
+  loaded = types.SimpleNamespace(config=ml_collections.ConfigDict(
+      {"data": {"seq_len": 64, "vocab_size": 512}}))
+  args = {**dict(temperature=0.0, top_k=0, top_p=1.0, beam=0), **options}
+  with pytest.raises(inputs_lib.InputError) as error:
+    generate_cli.check_options(loaded, 16, **args)
+  assert str(error.value).startswith(message), error.value
+  generate_cli.check_options(loaded, 16, 0.0, 0, 1.0, 3, no_repeat_ngram_size=16,
+                             repetition_penalty=10, min_new=16, length_penalty=-2.0)
 
 
 # --- the server ----------------------------------------------------------------------------
@@ -129,6 +171,10 @@ def test_generate_endpoint_matches_the_loaded_model(lm_server, lm):
   status, answer = _call(lm_server.url + "/generate", {"prompt": PROMPTS[1], **options})
   expected = lm.generate(PROMPTS[1:2], 16, temperature=0.7, top_k=20, seed=4, stop=("e",))
   assert status == 200 and answer["text"] == expected[0] and "e" not in answer["text"]
+  # The decoding controls (the shapes and options test_stream_equals_generate_with_decoding_
+  # controls compiled).
+  status, answer = _call(lm_server.url + "/generate", {"prompts": PROMPTS, **CONTROLS})
+  assert status == 200 and answer["text"] == lm.generate(PROMPTS, 16, **CONTROLS)
   status, info = _call(lm_server.url + "/health")
   assert info["kind"] == "pretrain" and info["endpoints"] == ["/generate"]
   assert info["generate_max_new"] == 16 and info["generated"]["requests"] >= 3
@@ -144,7 +190,18 @@ def test_generate_endpoint_matches_the_loaded_model(lm_server, lm):
     (b'{"prompt": "a", "temperature": -1}', 400, '"temperature" must be a number in [0, 10]'),
     (b'{"prompt": "a", "top_p": 0}', 400, '"top_p" must be a number in (0, 1]'),
     (b'{"prompt": "a", "stop": [""]}', 400, '"stop" must be a string or a list'),
-    (b'{"prompt": "a", "beam": 2}', 400, "unknown field 'beam'"),
+    (b'{"prompt": "a", "bogus": 2}', 400, "unknown field 'bogus'"),
+    (b'{"prompt": "a", "beam": 1}', 400, '"beam" must be 0 (off) or an integer in 2..8, got 1'),
+    (b'{"prompt": "a", "beam": 2, "temperature": 0.5}', 400, "beam search is deterministic"),
+    (b'{"prompt": "a", "length_penalty": 0.5}', 400, "applies to beam search only"),
+    (b'{"prompt": "a", "no_repeat_ngram_size": -1}', 400,
+     '"no_repeat_ngram_size" must be an integer in 0..16 (0: off), got -1'),
+    (b'{"prompt": "a", "max_new": 4, "min_new": 5}', 400,
+     '"min_new" must be an integer in 0..4, got 5'),
+    (b'{"prompt": "a", "repetition_penalty": 0}', 400,
+     '"repetition_penalty" must be a number in (0, 10] (1: off), got 0'),
+    (b'{"prompt": "a", "repetition_penalty": NaN}', 400, '"repetition_penalty" must be'),
+    (b'{"prompt": "a", "length_ratio": 0.5}', 400, "unknown field 'length_ratio'"),
     (json.dumps({"prompt": "x" * 201}).encode(), 413, "201 characters; the limit is 200"),
     (json.dumps({"prompts": ["a"] * 5}).encode(), 413, "5 entries; the limit is 4"),
     (b"not json", 400, "malformed JSON"),

@@ -177,6 +177,7 @@ def test_batcher_fills_batches_in_arrival_order():
     ("POST", "/classify", b"{}", 400, 'expected "text"'),
     ("POST", "/classify", b'{"text": "a", "texts": ["b"]}', 400, "exactly one"),
     ("POST", "/classify", b'{"text": "a", "max_new": 3}', 400, "unknown field 'max_new'"),
+    ("POST", "/classify", b'{"text": "a", "beam": 2}', 400, "unknown field 'beam'"),
     ("POST", "/classify", b'{"text": ""}', 400, '"text" is empty'),
     ("POST", "/classify", b'{"text": "  \\n"}', 400, '"text" is empty'),
     ("POST", "/classify", b'{"text": 5}', 400, '"text" must be a string, got a number'),
@@ -240,19 +241,54 @@ def test_health_describes_the_model(cls_server, classifier):
 
 
 # --- summarization -------------------------------------------------------------------------------
-def test_summaries_match_the_loaded_model(summarizer):
-  docs = ["the film story actor. scene plot music camera.", "ending director cast script."]
+DOCS = ["the film story actor. scene plot music camera.", "ending director cast script."]
+
+
+@pytest.fixture(scope="module")
+def summ_server(summarizer):
   with _serving(summarizer, max_batch=2) as server:
-    with _no_compilation():
-      one = _call(server.url + "/summarize", {"text": docs[0]})
-      two = _call(server.url + "/summarize", {"texts": docs})
-    wrong = _call(server.url + "/classify", {"text": docs[0]})
-    health = _call(server.url + "/health")[1]
-  assert one == (200, {"summary": summarizer.summarize(docs[:1])[0]})
+    yield server
+
+
+def test_summaries_match_the_loaded_model(summ_server, summarizer):
+  with _no_compilation():
+    one = _call(summ_server.url + "/summarize", {"text": DOCS[0]})
+    two = _call(summ_server.url + "/summarize", {"texts": DOCS})
+  wrong = _call(summ_server.url + "/classify", {"text": DOCS[0]})
+  health = _call(summ_server.url + "/health")[1]
+  assert one == (200, {"summary": summarizer.summarize(DOCS[:1])[0]})
   assert one[1]["summary"]
-  assert two == (200, {"summary": summarizer.summarize(docs)})
+  assert two == (200, {"summary": summarizer.summarize(DOCS)})
   assert wrong[0] == 400 and "use /summarize" in wrong[1]["error"]
   assert health["max_new"] == summarizer.config.eval.decode_len
+
+
+def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, summarizer):
+  greedy = {"no_repeat_ngram_size": 2, "repetition_penalty": 1.5, "min_new": 2,
+            "length_ratio": 0.5}
+  beam = {"beam": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
+  answers = [_call(summ_server.url + "/summarize", {"texts": DOCS, **options})
+             for options in (greedy, beam)]
+  expected = [summarizer.summarize(DOCS, **options) for options in (greedy, beam)]
+  assert answers == [(200, {"summary": summaries}) for summaries in expected]
+  assert expected[0] != summarizer.summarize(DOCS)     # the options act (tests/test_decode.py)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"text": "a", "beam": 1}', '"beam" must be 0 (off) or an integer in 2..8, got 1'),
+    (b'{"text": "a", "length_penalty": 0.5}', "applies to beam search only"),
+    (b'{"text": "a", "no_repeat_ngram_size": "3"}',
+     '"no_repeat_ngram_size" must be an integer in 0..12 (0: off), got "3"'),
+    (b'{"text": "a", "min_new": 13}', '"min_new" must be an integer in 0..12, got 13'),
+    (b'{"text": "a", "repetition_penalty": -1}', '"repetition_penalty" must be a number in'),
+    (b'{"text": "a", "length_ratio": -0.5}',
+     '"length_ratio" must be a number in [0, 10] (0: off; else summary tokens per document '
+     'token), got -0.5'),
+    (b'{"text": "a", "temperature": 1}', "unknown field 'temperature'"),
+])
+def test_summarize_bad_decoding_options_are_400(summ_server, body, message):
+  status, answer = _call(summ_server.url + "/summarize", data=body)
+  assert (status, message in answer["error"]) == (400, True), answer
 
 
 def test_write_predictions_summaries(summarizer, tmp_path):
