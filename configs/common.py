@@ -5,6 +5,7 @@ schema is locked (`lock()`), so a misspelt key on the command line or in a prese
 with the key's name instead of being silently ignored.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -145,7 +146,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.evaluators = ()              # e.g. ("classification",), ("rouge", "factual")
   c.eval.num_examples = -1            # test examples scored; -1 = all
   c.eval.batch_size = 32
-  c.eval.decode_len = 128             # summarize: greedy decoding length cap (tokens)
+  c.eval.decode_len = 128             # summarize: decoding length cap (tokens)
+  # How summaries are decoded at validation and test (infer/decode.py Controls); every default
+  # is off, and all off is greedy decoding. The controls act on the summary's own tokens, never
+  # the document's (copying a source phrase stays allowed).
+  c.eval.decode = ml_collections.ConfigDict()
+  c.eval.decode.beam = 0                   # > 1: beam search with this many beams; 0: greedy
+  c.eval.decode.length_penalty = 1.0       # beam: log-prob sum / length ** this (1: the mean)
+  c.eval.decode.no_repeat_ngram_size = 0   # n > 0: no n-gram twice in a summary
+  c.eval.decode.repetition_penalty = 1.0   # > 1: generated tokens' logits / p (CTRL; 1: off)
+  c.eval.decode.min_new = 0                # eos banned before this many summary tokens
+  # Per-document length cap ceil(r * document tokens), clipped to [max(min_new, 1), decode_len]:
+  # 0 = off, a number r, or "train": r = the median summary / document token ratio of the
+  # train split (any type, hence the reference).
+  c.eval.decode.length_ratio = config_dict.FieldReference(0.0, field_type=object)
   c.eval.bootstrap = 1000             # resamples for 95% confidence intervals
   c.eval.length_buckets = (256, 1024, 4096)   # slice edges in words of the input text
   c.eval.slice_fields = ()            # record fields to slice by as well (e.g. "source")

@@ -18,6 +18,9 @@ holding is) and attention is `blocked` (memory O(N x block), exact). Raising seq
 the whole judgment is a config change (`--config.data.seq_len=8192`), not a code change.
 The report has ROUGE-1/2/L/Lsum with 95% bootstrap CIs (overall and per document-length
 bucket), factual-consistency proxies, and lead-3 / lead-N baselines by the same evaluator.
+Summaries are decoded greedily with no repeated 4-gram (`eval.decode.no_repeat_ngram_size`);
+`eval.decode` also holds beam search, a repetition penalty, a minimum length and a per-document
+length (`--config.eval.decode.length_ratio=train`: the train split's median ratio).
 """
 from configs import finetune_common
 
@@ -32,6 +35,9 @@ def get_config(arg: str = "plain_english"):
   config.eval.evaluators = ("rouge", "factual")
   config.eval.batch_size = 16
   config.eval.rubric_examples = 20
+  # The summaries repeated themselves (issue 16): no 4-gram twice in a summary. It bans only
+  # the summary's own n-grams, so copying a phrase of the document stays allowed.
+  config.eval.decode.no_repeat_ngram_size = 4
   PRESETS[preset](config)
   return config
 

@@ -6,6 +6,7 @@ loss, greedy decoding, ROUGE with CIs, lead baselines, rubric sheet) is checked 
 """
 import json
 import os
+import re
 
 import chex
 import jax
@@ -164,7 +165,55 @@ def test_summarizer_pipeline_reports_rouge_with_baselines(tmp_path):
   # Lead-3 copies the source's first sentences, which contain the reference here.
   assert sections["baseline: lead-3: rouge"]["rouge1"] > 0.3
   assert (tmp_path / "run" / "rubric_sheet.csv").exists()
-  assert "rouge1" in (tmp_path / "run" / "report.md").read_text()
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert "rouge1" in report
+  assert "decoding: greedy: no_repeat_ngram_size=4" in report   # the preset's decoding
+
+
+class _WordTok:
+  eos_id = 3
+
+  def encode(self, text):
+    return text.split()
+
+
+def test_eval_decode_options_learn_the_length_ratio_and_are_checked():
+  from train import config_check, final_eval
+  config = legal_summ_finetune.get_config("tiny")
+  loaded = loading.LoadedModel(config, "summarize", None, None, _WordTok(), 0)
+  train = [examples_lib.Example(str(i), " ".join(["w"] * n), " ".join(["s"] * k), "f")
+           for i, (n, k) in enumerate([(10, 2), (20, 3), (40, 12), (8, 8)])]
+  assert final_eval.decode_options(config, loaded, train) == (
+      dict(final_eval.DECODE_DEFAULTS, no_repeat_ngram_size=4),
+      {"decoding": "greedy: no_repeat_ngram_size=4"})
+  config.eval.decode.update(length_ratio="train", beam=3, length_penalty=0.6, min_new=2)
+  options, facts = final_eval.decode_options(config, loaded, train)
+  assert options["length_ratio"] == pytest.approx(0.25)    # median of .2, .15, .3, 1
+  assert facts["decoding"] == ("beam search (length_ratio learned on the train split): beam=3, "
+                               "length_penalty=0.6, no_repeat_ngram_size=4, min_new=2, "
+                               "length_ratio=0.25")
+  config_check.validate(config, 1, 1)
+  # A run recorded before eval.decode existed decodes greedily, as it did then.
+  old = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+  del old.eval["decode"]
+  assert final_eval.decode_options(old, loaded, train) == (final_eval.DECODE_DEFAULTS,
+                                                          {"decoding": "greedy"})
+  for key, value, message in [
+      ("length_ratio", "median", "length_ratio='median': expected 0 (off), a positive number"),
+      ("length_ratio", -0.5, "length_ratio=-0.5"),
+      ("beam", 1, "config.eval.decode.beam=1: expected 0 (greedy) or >= 2"),
+      ("no_repeat_ngram_size", 13, "no_repeat_ngram_size=13: expected 0 (off) .. "
+                                   "eval.decode_len=12"),
+      ("repetition_penalty", 0.0, "repetition_penalty=0.0 must be > 0"),
+      ("min_new", -1, "min_new=-1: expected 0..eval.decode_len=12")]:
+    bad = legal_summ_finetune.get_config("tiny")
+    bad.eval.decode[key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      config_check.validate(bad, 1, 1)
+  bad = legal_summ_finetune.get_config("tiny")
+  bad.eval.decode.length_penalty = 0.5
+  with pytest.raises(ConfigError, match="applies to beam search only"):
+    config_check.validate(bad, 1, 1)
 
 
 def test_summary_loss_scores_only_summary_tokens():

@@ -65,6 +65,7 @@ def validate(config, num_devices: int, process_count: int):
   if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
     raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")
   _check_lora(config)
+  _check_decode(config)
 
 
 def _check_lora(config):
@@ -84,3 +85,34 @@ def _check_lora(config):
                ModelConfig.from_config(config.model, config.data.vocab_size))
   except lora.LoraConfigError as e:
     raise ConfigError(str(e)) from None
+
+def _check_decode(config):
+  """eval.decode: how summaries are decoded at validation and test (configs/common.py)."""
+  cfg = config.eval.get("decode")
+  if cfg is None:
+    return
+  cap = config.eval.decode_len
+  ratio = cfg.length_ratio
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  checks = [
+      (cfg.beam == 0 or cfg.beam >= 2, f"config.eval.decode.beam={cfg.beam}: expected 0 (greedy) "
+                                       "or >= 2 beams"),
+      (number(cfg.length_penalty), f"config.eval.decode.length_penalty={cfg.length_penalty} must "
+                                   "be a finite number"),
+      (cfg.beam >= 2 or cfg.length_penalty == 1.0,
+       f"config.eval.decode.length_penalty={cfg.length_penalty} applies to beam search only: set "
+       "config.eval.decode.beam >= 2"),
+      (0 <= cfg.no_repeat_ngram_size <= cap,
+       f"config.eval.decode.no_repeat_ngram_size={cfg.no_repeat_ngram_size}: expected 0 (off) .. "
+       f"eval.decode_len={cap}"),
+      (number(cfg.repetition_penalty) and cfg.repetition_penalty > 0,
+       f"config.eval.decode.repetition_penalty={cfg.repetition_penalty} must be > 0 (1: off)"),
+      (0 <= cfg.min_new <= cap,
+       f"config.eval.decode.min_new={cfg.min_new}: expected 0..eval.decode_len={cap}"),
+      (ratio == "train" or (number(ratio) and ratio >= 0),
+       f"config.eval.decode.length_ratio={ratio!r}: expected 0 (off), a positive number (summary "
+       "tokens per document token) or 'train' (learned on the train split)"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)

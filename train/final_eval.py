@@ -3,9 +3,10 @@ evaluator (overall and per slice) and the baselines beside them -> metrics.jsonl
 predictions file the evaluators can re-read alone (`python -m eval.<name> --records=...`) and
 one Markdown report per run.
 
-Classifiers are scored from their class probabilities; summarizers from greedy KV-cache
-decoding capped at `eval.decode_len` tokens, next to lead-k baselines computed by the same
-ROUGE evaluator.
+Classifiers are scored from their class probabilities; summarizers from KV-cache decoding
+capped at `eval.decode_len` tokens (greedy, or as `eval.decode` says: beam search, no-repeat
+n-grams, repetition penalty, a minimum and a per-document length), next to lead-k baselines
+computed by the same ROUGE evaluator.
 """
 import json
 import os
@@ -35,15 +36,50 @@ def _subset(examples, n):
   return [e for i, e in enumerate(examples) if i in keep]
 
 
-def _records(loaded: loading.LoadedModel, params, examples, batch_size: int) -> list[dict]:
-  """One record per example for the evaluators: class probabilities or a greedy summary,
-  predicted through the inference API (batched, sharded over the run's mesh)."""
+# Train pairs (a fixed subset, chosen by id hash) that eval.decode.length_ratio="train" learns
+# the summary / document length ratio from: a median, stable long before all of IN-Abs.
+LENGTH_RATIO_PAIRS = 2000
+
+
+# eval.decode's keys and their "off" values (configs/common.py): LoadedModel.summarize keywords.
+DECODE_DEFAULTS = {"beam": 0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "repetition_penalty": 1.0, "min_new": 0, "length_ratio": 0.0}
+
+
+def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple[dict, dict]:
+  """(LoadedModel.summarize's decoding keywords from config.eval.decode, what the report says
+  about them). length_ratio "train" is learned here on (a fixed subset of) the train pairs. A
+  config recorded before eval.decode existed lacks the keys: they are off, as they were then."""
+  cfg = config.eval.get("decode") or {}
+  options = {key: cfg.get(key, default) for key, default in DECODE_DEFAULTS.items()}
+  learned = options["length_ratio"] == "train"
+  if learned:
+    pairs = _subset(list(train_examples), LENGTH_RATIO_PAIRS)
+    if not pairs:
+      raise ValueError('config.eval.decode.length_ratio="train" needs train examples')
+    options["length_ratio"] = loaded.fit_length_ratio([e.text for e in pairs],
+                                                      [e.target for e in pairs])
+    logging.info("summary length ratio learned on %d train pairs: %.4f", len(pairs),
+                 options["length_ratio"])
+  options["length_ratio"] = float(options["length_ratio"])
+  changed = [f"{k}={round(v, 4) if isinstance(v, float) else v}"
+             for k, v in options.items() if v != DECODE_DEFAULTS[k]]
+  how = ("beam search" if options["beam"] > 1 else "greedy") + (
+      " (length_ratio learned on the train split)" if learned else "")
+  return options, {"decoding": f"{how}: {', '.join(changed)}" if changed else how}
+
+
+def _records(loaded: loading.LoadedModel, params, examples, batch_size: int,
+             decoding: dict | None = None) -> list[dict]:
+  """One record per example for the evaluators: class probabilities or a summary decoded
+  with `decoding` (decode_options), predicted through the inference API (batched, sharded
+  over the run's mesh)."""
   texts = [e.text for e in examples]
   if loaded.kind == "classify":
     probs = loaded.classify(texts, params, batch_size=batch_size)
     return [{"id": e.id, "label": int(e.target), "probs": p.tolist(), "text": e.text,
              "dataset": e.source} for e, p in zip(examples, probs)]
-  summaries = loaded.summarize(texts, params=params, batch_size=batch_size)
+  summaries = loaded.summarize(texts, params=params, batch_size=batch_size, **(decoding or {}))
   return [{"id": e.id, "prediction": s, "reference": e.target, "source": e.text,
            "dataset": e.source} for e, s in zip(examples, summaries)]
 
@@ -52,16 +88,19 @@ def _records(loaded: loading.LoadedModel, params, examples, batch_size: int) -> 
 VALIDATION_DECODES = 32
 
 
-def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params) -> dict:
+def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params,
+                     decoding: dict | None = None) -> dict:
   """{evaluator name: fn(params) -> scalar metrics} on the validation split, for the loop;
-  `select_params` picks the evaluated model's parameters from the train state's."""
+  `select_params` picks the evaluated model's parameters from the train state's; summaries
+  are decoded as the test's are (`decoding`)."""
   valid = splits["validation"]
   if loaded.kind == "summarize":
     valid = valid[:VALIDATION_DECODES]
 
   def hook(name):
     def run_on(params):
-      records = _records(loaded, select_params(params), valid, config.eval.batch_size)
+      records = _records(loaded, select_params(params), valid, config.eval.batch_size,
+                         decoding)
       metrics = EVALUATORS[name].evaluate(records, config.eval)
       return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     return run_on
@@ -78,15 +117,16 @@ def _evaluate(name, records, cfg):
 
 
 def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, writer,
-        step: int, facts: dict) -> dict:
-  """Evaluates `params` on the test split; returns {section: metrics} as in the report."""
+        step: int, facts: dict, decoding: dict | None = None) -> dict:
+  """Evaluates `params` on the test split (summaries decoded with `decoding`, see
+  decode_options); returns {section: metrics} as in the report."""
   if "test" not in splits:
     logging.warning("no config.data.test_file: skipping the final test evaluation")
     return {}
   t0 = time.perf_counter()
   chosen = set(e.id for e in _subset(splits["test"], config.eval.num_examples))
   test = [e for e in splits["test"] if e.id in chosen]
-  records = _records(loaded, params, test, config.eval.batch_size)
+  records = _records(loaded, params, test, config.eval.batch_size, decoding)
   with open(os.path.join(workdir, "test_predictions.jsonl"), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
@@ -172,11 +212,15 @@ class FinetuneEvaluation:
     latest = self.best_checkpointer.latest_step()
     self.best = (None if latest is None else
                  self.best_checkpointer.restore_meta(latest).get("best"))
+    self.decoding, self.decode_facts = (
+        decode_options(config, self.loaded, self.splits["train"])
+        if self.loaded.kind == "summarize" else ({}, {}))
 
   def hooks(self, process_count: int) -> dict:
     if process_count > 1:   # the evaluators predict on whole splits from one process
       return {}
-    return validation_hooks(self.config, self.loaded, self.splits, self.parts.eval_params)
+    return validation_hooks(self.config, self.loaded, self.splits, self.parts.eval_params,
+                            self.decoding)
 
   def final(self, result: dict, writer, facts: dict) -> dict:
     """The test evaluation of the best validation state (else the last one) -> report.md."""
@@ -189,8 +233,9 @@ class FinetuneEvaluation:
                    result["best"]["step"])
     return run(self.config, self.workdir, loaded=self.loaded,
                params=self.parts.eval_params(params), splits=self.splits, writer=writer,
-               step=result["step"], facts={**facts, "best validation": result["best"],
-                                           "train examples": len(self.splits["train"])})
+               step=result["step"], decoding=self.decoding,
+               facts={**facts, **self.decode_facts, "best validation": result["best"],
+                      "train examples": len(self.splits["train"])})
 
   def close(self):
     self.best_checkpointer.close()
