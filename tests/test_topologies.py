@@ -136,3 +136,32 @@ def test_compile_tiny_for_v5e_8(tmp_path):
   assert "8 TPU v5 lite devices" in res.stdout and "fits: " in res.stdout, res.stdout
   assert "collectives in the compiled step" in res.stdout
   assert "all-gather" in out.read_text()
+
+
+def test_compiler_refusal_is_a_does_not_fit_row():
+  from train import aot
+  message = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the "
+             "total memory required for HLO temporaries (17.33G) exceeds available HBM (15.75G).")
+  assert aot._hbm_shortfall(message) == int(17.33 * 2**30)
+  assert aot._hbm_shortfall("INTERNAL: something else") is None
+
+
+def test_tpu_table_extrapolates_depth_linearly():
+  from bench import tpu_table
+  gib = 2**30
+  hbm = 16 * gib
+  point = dict(preset="base", topology="v5e-8", remat="dots", sharding="fsdp", mesh={"fsdp": 8},
+               hbm_per_device_bytes=hbm)
+  one = dict(point, num_layers=1, fits=True, argument_size_in_bytes=1 * gib,
+             temp_size_in_bytes=2 * gib, total_bytes=3 * gib, compile_s=10)
+  two = dict(point, num_layers=2, fits=True, argument_size_in_bytes=int(1.5 * gib),
+             temp_size_in_bytes=3 * gib, total_bytes=int(4.5 * gib), compile_s=20)
+  mem = tpu_table.extrapolate(one, two, depth=24)     # + 1.5 GiB per layer
+  assert mem["total_bytes"] == 3 * gib + 23 * int(1.5 * gib) and not mem["fits"]
+  assert tpu_table.extrapolate(one, two, depth=6)["fits"]      # 10.5 GiB of 16
+  # A point the compiler refused (only its temporaries are known) never fits.
+  refused = dict(point, num_layers=2, fits=False, temp_size_in_bytes=20 * gib, compile_s=5)
+  assert not tpu_table.extrapolate(one, refused, depth=2)["fits"]
+  rows = tpu_table.table([one, two], [1, 2]).splitlines()
+  assert len(rows) == 3 and "| base | v5e-8 | dots | fsdp | fsdp8 |" in rows[2]
+  assert "37.50 | 16 | no, by 21.5+ GiB | 30 |" in rows[2]

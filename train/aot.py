@@ -8,6 +8,7 @@ per-chip HBM against the chip's capacity, a fits / does-not-fit line, the compil
 bytes per step, and the collectives in the compiled program (train/topologies.py).
 """
 import pickle
+import re
 import time
 
 import jax
@@ -65,6 +66,15 @@ def save(compiled, path: str) -> str:
   return "HLO text"
 
 
+def _hbm_shortfall(message: str) -> int | None:
+  """Bytes of temporaries in libtpu's "Ran out of memory on HBM" refusal, else None."""
+  found = re.search(r"RESOURCE_EXHAUSTED: Ran out of memory on HBM.*?temporaries "
+                    r"\(([0-9.]+)([KMGT])\)", message, re.S)
+  if not found:
+    return None
+  return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
+
+
 def report(config, topology: str | None = None, save_path: str | None = None) -> dict:
   """Resolves `config` like a run does, builds it and compiles its train step, for this host's
   devices or for the TPU slice `topology` names (v5p-128, v5e-256, v6e-256, v4-8, v5e:16x16)."""
@@ -84,7 +94,20 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
     devices = jax.devices()
   t0 = time.perf_counter()
   parts = build.build(config, mesh)
-  compiled = parts.compile_train_step()
+  try:
+    compiled = parts.compile_train_step()
+  except jax.errors.JaxRuntimeError as e:
+    needed = _hbm_shortfall(str(e)) if tpu_slice else None
+    if needed is None:
+      raise
+    # The TPU compiler refuses a program whose temporaries exceed HBM; that is the answer.
+    print(f"AOT compile for {tpu_slice.name}: does not fit: the TPU compiler needs "
+          f"{needed / 2**30:.2f} GiB of temporaries per device, more than the "
+          f"{capacity / 2**30:.0f} GiB of HBM ({time.perf_counter() - t0:.0f} s)")
+    return {"params": parts.param_count(), "mesh": dict(parts.mesh.shape),
+            "devices": len(devices), "remat": config.model.remat, "fits": False,
+            "temp_size_in_bytes": needed, "hbm_per_device_bytes": capacity,
+            "compile_s": time.perf_counter() - t0}
   compile_s = time.perf_counter() - t0
   model_cfg, mesh = parts.model_cfg, parts.mesh
   n_params = parts.param_count()

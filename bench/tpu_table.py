@@ -1,0 +1,167 @@
+r"""The TPU memory table: presets x slices x remat x sharding, compiled by libtpu on this host.
+
+  pip install -r requirements-tpu.txt
+  python -m bench.tpu_table --presets=base,llama3_8b --topologies=v5p-128,v5e-256 \
+      --remat=none,dots,full --shardings=fsdp,fsdp_tensor4 --layers=1,2 --out=tpu_table
+
+Each point is `train.main --aot_only --aot_topology=...` (train/aot.py: the real train step
+with its real shardings, compiled for the slice) in its own process with a timeout, so one
+slow or failing compile costs its row, not the table. Rows go to `<out>.jsonl` as they finish
+(a re-run skips points already there) and the Markdown table to `<out>.md`.
+
+`--layers=1,2` compiles each point at depth 1 and 2 instead of the preset's full depth and
+extrapolates per-chip memory linearly to it: per-layer parameters, optimizer state, gradients
+and saved activations grow with depth; embedding, head and logits do not. On a small host the
+full-depth compiles of 24-32 layer models take too long (XLA unrolls every layer); the rows say
+which they are. `--layers=` (empty) compiles the full depth.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+GiB = 2 ** 30
+SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves
+    "fsdp": dict(data=1, fsdp=-1, tensor=1),
+    "fsdp_tensor4": dict(data=1, fsdp=-1, tensor=4),
+    "fsdp_tensor8": dict(data=1, fsdp=-1, tensor=8),
+}
+
+_PRESETS = flags.DEFINE_list("presets", ["base", "llama3_8b"],
+                             "configs/legal_pretrain.py presets")
+_TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-128", "v5e-256"], "TPU slice names")
+_REMAT = flags.DEFINE_list("remat", ["none", "dots", "full"], "config.model.remat values")
+_SHARDINGS = flags.DEFINE_list("shardings", ["fsdp", "fsdp_tensor4"],
+                               f"mesh layouts: {', '.join(SHARDINGS)}")
+_LAYERS = flags.DEFINE_list("layers", ["1", "2"], "Compile these depths and extrapolate (two "
+                            "values), or empty: the preset's full depth.")
+_OUT = flags.DEFINE_string("out", "tpu_table", "Writes <out>.jsonl and <out>.md.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds per compile.")
+_ONE = flags.DEFINE_string("one", None, "Internal: compile one point (JSON) and print its row.")
+
+
+def compile_point(point: dict) -> dict:
+  """train/aot.report for one point, in this process (needs libtpu)."""
+  from configs import legal_pretrain
+  from train import aot
+  config = legal_pretrain.get_config(point["preset"])
+  config.model.remat = point["remat"]
+  config.mesh.update(SHARDINGS[point["sharding"]])
+  if point.get("num_layers"):
+    config.model.num_layers = point["num_layers"]
+  return aot.report(config, topology=point["topology"])
+
+
+def _run(point: dict) -> dict:
+  cmd = [sys.executable, "-m", "bench.tpu_table", f"--one={json.dumps(point)}"]
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+  except subprocess.TimeoutExpired:
+    return {**point, "error": f"compile did not finish in {_TIMEOUT.value} s"}
+  rows = [line for line in res.stdout.splitlines() if line.startswith("ROW ")]
+  if res.returncode or not rows:
+    tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**point, "error": tail[:300]}
+  return {**point, **json.loads(rows[-1][4:])}
+
+
+def _full_depth(preset: str) -> int:
+  from configs import legal_pretrain
+  return legal_pretrain.get_config(preset).model.num_layers
+
+
+def extrapolate(at1: dict, at2: dict, depth: int) -> dict:
+  """Per-chip bytes at `depth` from the 1- and 2-layer compiles (linear in depth)."""
+  out = {}
+  for key in ("argument_size_in_bytes", "temp_size_in_bytes", "total_bytes"):
+    if key in at1 and key in at2:
+      out[key] = at1[key] + (at2[key] - at1[key]) * (depth - 1)
+  # A point the compiler refused (temporaries > HBM) has only its temporaries.
+  out["fits"] = (at1.get("fits", False) and at2.get("fits", False) and
+                 out.get("total_bytes", float("inf")) <= at1["hbm_per_device_bytes"])
+  return out
+
+
+def _gib(mem: dict, key: str) -> str:
+  return f"{mem[key] / GiB:.2f}" if key in mem else "-"
+
+
+def table(rows: list[dict], layers: list[int]) -> str:
+  lines = ["| preset | slice | remat | sharding | mesh | arguments GiB | temp GiB | total GiB "
+           "| HBM GiB | fits | compile s |", "|" + " --- |" * 11]
+  groups = {}
+  for r in rows:
+    key = (r["preset"], r["topology"], r["remat"], r["sharding"])
+    groups.setdefault(key, {})[r.get("num_layers") or 0] = r
+  for (preset, topo, remat, sharding), by_depth in groups.items():
+    errors = [r["error"] for r in by_depth.values() if "error" in r]
+    if errors:
+      lines.append(f"| {preset} | {topo} | {remat} | {sharding} | | | | | | error: "
+                   f"{errors[0][:80]} | |")
+      continue
+    if len(layers) == 2:
+      if not all(d in by_depth for d in layers):
+        continue
+      a, b = by_depth[layers[0]], by_depth[layers[1]]
+      mem = extrapolate(a, b, _full_depth(preset))
+      first, note, secs = a, " (extrapolated)", a["compile_s"] + b["compile_s"]
+    else:
+      first = mem = by_depth[0]
+      note, secs = "", first["compile_s"]
+    mesh = "x".join(f"{k}{v}" for k, v in first["mesh"].items() if v > 1)
+    over = mem.get("total_bytes", mem["temp_size_in_bytes"]) - first["hbm_per_device_bytes"]
+    fits = "yes" if mem["fits"] else f"no, by {max(over, 0) / GiB:.1f}+ GiB"
+    lines.append(
+        f"| {preset} | {topo} | {remat} | {sharding} | {mesh} | "
+        f"{_gib(mem, 'argument_size_in_bytes')} | {_gib(mem, 'temp_size_in_bytes')}{note} | "
+        f"{_gib(mem, 'total_bytes')} | {first['hbm_per_device_bytes'] / GiB:.0f} | "
+        f"{fits} | {secs:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  if _ONE.value:
+    row = compile_point(json.loads(_ONE.value))
+    print("ROW " + json.dumps(row, default=str), flush=True)
+    return
+  layers = [int(x) for x in _LAYERS.value if x]
+  if len(layers) not in (0, 2):
+    raise app.UsageError("--layers: two depths to extrapolate from, or empty for full depth")
+  for name in _SHARDINGS.value:
+    if name not in SHARDINGS:
+      raise app.UsageError(f"--shardings={name}: expected one of {sorted(SHARDINGS)}")
+  path = _OUT.value + ".jsonl"
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  done = {json.dumps({k: r.get(k) for k in ("preset", "topology", "remat", "sharding",
+                                            "num_layers")}, sort_keys=True) for r in rows}
+  for preset in _PRESETS.value:
+    for topology in _TOPOLOGIES.value:
+      for sharding in _SHARDINGS.value:
+        for remat in _REMAT.value:
+          for depth in layers or [None]:
+            point = dict(preset=preset, topology=topology, remat=remat, sharding=sharding,
+                         num_layers=depth)
+            if json.dumps(point, sort_keys=True) in done:
+              continue
+            row = _run(point)
+            rows.append(row)
+            with open(path, "a") as f:
+              f.write(json.dumps(row, default=str) + "\n")
+            status = row.get("error") or (
+                f"{row['total_bytes'] / GiB:.2f} GiB/chip" if row["fits"] else
+                f"does not fit ({row['temp_size_in_bytes'] / GiB:.2f} GiB temporaries)")
+            print(f"{preset} {topology} {sharding} remat={remat} layers={depth}: "
+                  f"{status} ({row.get('compile_s', 0):.0f} s)", flush=True)
+            with open(_OUT.value + ".md", "w") as f:
+              f.write(table(rows, layers))
+  print(table(rows, layers))
+
+
+if __name__ == "__main__":
+  app.run(main)
