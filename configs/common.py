@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"              # none | full | dots (save matmul outputs only)
   c.model.dropout_rate = 0.0
   c.model.num_classes = 0             # > 0 adds a classifier head on the pooled final state
-  c.model.pooling = "mean"            # classifier pooling: mean (over tokens) | last (token)
+  c.model.pooling = "mean"            # classifier pooling: mean (over tokens) | last | cls (first)
   # Switches for the families train/convert.py imports (Llama, Mistral, Qwen2, GPT-2, Gemma);
   # the defaults are this codebase's own decoder.
   c.model.norm = "rmsnorm"            # rmsnorm | layernorm
@@ -80,6 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tied_head_rescale = True    # tied head scales states by d_model^-1/2 (ours; HF: False)
   c.model.logit_softcap = 0.0         # > 0: logits = cap * tanh(logits / cap)
   c.model.causal = True               # False: bidirectional attention (encoders)
+  # The encoders (BERT, RoBERTa, DistilBERT): embeddings and the family's classifier head.
+  c.model.type_vocab_size = 0         # > 0: token-type embeddings (inputs are all type 0)
+  c.model.embed_norm = False          # norm + dropout after the embedding sum
+  c.model.position_offset = 0         # learned positions start at this row (RoBERTa: 2)
+  c.model.pooler = "none"             # tanh: BERT's pooler (dense + tanh) on the pooled state
+  c.model.cls_hidden = "none"         # classifier hidden layer: tanh (RoBERTa) | relu (DistilBERT)
+  c.model.cls_bias = False            # bias on the classifier's output projection
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
   c.model.attention.implementation = "auto"   # auto (per backend) | xla | cudnn; see full.py

@@ -14,7 +14,9 @@ _CHOICES = {
     "positions": ("rope", "learned"),
     "remat": ("none", "full", "dots"),
     "dtype": tuple(_DTYPES),
-    "pooling": ("mean", "last"),
+    "pooling": ("mean", "last", "cls"),
+    "pooler": ("none", "tanh"),
+    "cls_hidden": ("none", "tanh", "relu"),
 }
 
 
@@ -22,7 +24,9 @@ _CHOICES = {
 _OPTIONAL = ("norm", "norm_eps", "norm_bias", "norm_plus_one", "norm_placement", "qkv_bias",
              "out_bias", "mlp_bias", "rope_scaling", "rope_scaling_factor",
              "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
-             "embed_scale", "tied_head_rescale", "logit_softcap", "causal")
+             "embed_scale", "tied_head_rescale", "logit_softcap", "causal",
+             "type_vocab_size", "embed_norm", "position_offset", "pooler", "cls_hidden",
+             "cls_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,14 @@ class ModelConfig:
   tied_head_rescale: bool = True   # tied head scales states by d_model^-1/2 (ours; HF: False)
   logit_softcap: float = 0.0       # > 0: logits = cap * tanh(logits / cap)
   causal: bool = True              # False: bidirectional (encoders)
+  # The encoder families (BERT, RoBERTa, DistilBERT): embeddings and classifier head.
+  type_vocab_size: int = 0         # > 0: token-type embeddings (every token type 0)
+  embed_norm: bool = False         # norm (+ dropout) after the embedding sum (BERT family)
+  position_offset: int = 0         # learned positions start at this row (RoBERTa: pad id + 1)
+  pooler: str = "none"             # tanh: BERT's pooler (dense + tanh) on the pooled state
+  cls_hidden: str = "none"         # classifier hidden layer (dense + act): RoBERTa tanh,
+                                   # DistilBERT relu
+  cls_bias: bool = False           # bias on the classifier's output projection
 
   @property
   def compute_dtype(self):
@@ -99,6 +111,10 @@ class ModelConfig:
       raise ValueError("config.model.norm_plus_one needs config.model.norm='rmsnorm'")
     if self.norm_bias and self.norm != "layernorm":
       raise ValueError("config.model.norm_bias needs config.model.norm='layernorm'")
+    if self.type_vocab_size < 0 or self.position_offset < 0:
+      raise ValueError("config.model.type_vocab_size and position_offset must be >= 0")
+    if self.position_offset and self.positions != "learned":
+      raise ValueError("config.model.position_offset needs config.model.positions='learned'")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"config.model.num_heads={self.num_heads} must be a multiple of "
                        f"config.model.num_kv_heads={self.num_kv_heads}")

@@ -14,14 +14,17 @@ _init = nn.initializers
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` reuses the table as the (tied) output projection."""
+  """Token embedding; `attend` reuses the table as the (tied) output projection. Also the
+  token-type table of the BERT family (axes ("types", "embed"))."""
   vocab_size: int
   features: int
   dtype: Dtype = jnp.float32
+  axes: tuple = ("vocab", "embed")
+  stddev: float = 1.0
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(_init.normal(stddev=1.0), ("vocab", "embed")),
+        "embedding", nn.with_logical_partitioning(_init.normal(stddev=self.stddev), self.axes),
         (self.vocab_size, self.features), jnp.float32)
 
   def __call__(self, tokens):

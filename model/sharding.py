@@ -25,6 +25,8 @@ LOGICAL_RULES = (
     ("norm", None),
     ("length", None),
     ("classes", None),
+    ("types", None),      # token-type embedding rows (BERT family): a handful
+    ("pooled", None),     # the pooler's / classifier hidden layer's output
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

@@ -2,7 +2,9 @@
 
 Config switches (model/config.py) cover the imported families (train/convert.py): RMSNorm or
 LayerNorm, pre- or post-norm, projection biases, scaled RoPE or learned positions, embedding
-scale, logit soft-cap, causal or bidirectional; the defaults are the original decoder."""
+scale, logit soft-cap, causal or bidirectional; for the encoders (BERT, RoBERTa, DistilBERT)
+token-type embeddings, an embedding norm, a position offset, [CLS] pooling, BERT's pooler and
+a classifier hidden layer. The defaults are the original decoder."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -130,8 +132,11 @@ _REMAT_POLICIES = {
 
 
 def pool(x, valid, how: str):
-  """[B, T, D] states -> [B, D]: the mean over valid tokens, or the last valid token's state
-  (which, under causal attention, is the only one that has seen the whole input)."""
+  """[B, T, D] states -> [B, D]: the mean over valid tokens, the last valid token's state
+  (which, under causal attention, is the only one that has seen the whole input), or the first
+  token's ([CLS] / <s> of a bidirectional encoder)."""
+  if how == "cls":
+    return x[:, 0].astype(jnp.float32)
   valid = valid.astype(jnp.float32)
   if how == "mean":
     total = jnp.einsum("btd,bt->bd", x.astype(jnp.float32), valid)
@@ -150,6 +155,12 @@ class Transformer(nn.Module):
     self.embed = layers.Embed(c.vocab_size, c.d_model, c.compute_dtype, name="embed")
     if c.positions == "learned":
       self.pos_embed = positions_lib.LearnedPositions(c.max_len, c.d_model, c.compute_dtype)
+    if c.type_vocab_size:
+      self.type_embed = layers.Embed(c.type_vocab_size, c.d_model, c.compute_dtype,
+                                     axes=("types", "embed"), stddev=0.02, name="type_embed")
+    if c.embed_norm:
+      self.embed_norm = layers.norm(c, "embed_norm")
+      self.embed_dropout = nn.Dropout(c.dropout_rate)
     block = DecoderBlock
     if c.remat != "none":
       block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[c.remat], static_argnums=(4, 5))
@@ -159,10 +170,17 @@ class Transformer(nn.Module):
     if not c.tie_embeddings:
       self.lm_head = layers.Projection((c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5,
                                        c.compute_dtype, output_f32=True, name="lm_head")
+    std = c.d_model ** -0.5
+    if c.pooler != "none":   # part of the encoder (BERT's checkpoints carry it), used by a classifier
+      self.pooler = layers.dense(c.d_model, ("embed", "pooled"), "pooler", jnp.float32, std, True)
     if c.num_classes:
       self.classifier_dropout = nn.Dropout(c.dropout_rate)
-      self.cls_head = layers.Projection((c.num_classes,), ("embed", "classes"), c.d_model ** -0.5,
-                                        jnp.float32, output_f32=True, name="cls_head")
+      if c.cls_hidden != "none":
+        self.cls_hidden = layers.dense(c.d_model, ("embed", "pooled"), "cls_hidden", jnp.float32,
+                                       std, True)
+      self.cls_head = layers.Projection((c.num_classes,), ("embed", "classes"), std,
+                                        jnp.float32, output_f32=True, use_bias=c.cls_bias,
+                                        name="cls_head")
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, prefix_len=None,
                pool_mask=None, deterministic: bool = True, return_hidden: bool = False,
@@ -172,15 +190,22 @@ class Transformer(nn.Module):
     A classifier pools over `pool_mask` [B, T] (default: segment_ids > 0, else every token).
     with_hidden: return (logits, final hidden states), e.g. for distillation.
     Right-padded rows need no segment_ids: under causal attention no real token sees the pads,
-    so passing only pool_mask keeps the faster plain-causal attention path."""
+    so passing only pool_mask keeps the faster plain-causal attention path. A bidirectional
+    model (causal=False) would see them: there pool_mask also masks attention."""
     c = self.cfg
     b, t = tokens.shape
+    if not c.causal and segment_ids is None and pool_mask is not None:
+      segment_ids = pool_mask.astype(jnp.int32)   # pads (0) attend only to pads
     x = self.embed(tokens)   # N(0, 1) rows: unit-scale inputs for the pre-norm blocks
     if c.embed_scale:
       x = x * jnp.asarray(c.d_model ** 0.5, x.dtype)
     pos = masks.default_positions(b, t) if positions is None else positions
     if c.positions == "learned":
-      x = x + self.pos_embed(pos)
+      x = x + self.pos_embed(pos + c.position_offset if c.position_offset else pos)
+    if c.type_vocab_size:   # every token is type 0 (one segment per input)
+      x = x + self.type_embed.embedding[0].astype(x.dtype)
+    if c.embed_norm:
+      x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
     x = nn.with_logical_constraint(x, _ACT)
     mask_inputs = masks.MaskInputs(q_pos=positions, kv_pos=positions, q_seg=segment_ids,
                                    kv_seg=segment_ids, prefix_len=prefix_len)
@@ -190,13 +215,22 @@ class Transformer(nn.Module):
       x = block(x, mask_inputs, pos, deterministic, cache_mode)
     if c.norm_placement == "pre":
       x = self.final_norm(x)
+    if c.pooler != "none" and not c.num_classes and self.is_initializing():
+      self.pooler(x[:, 0].astype(jnp.float32))   # an encoder's pooler exists without a classifier
     if return_hidden:
       return x
     if c.num_classes:
       valid = pool_mask
       if valid is None:
         valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0
-      pooled = self.classifier_dropout(pool(x, valid, c.pooling), deterministic=deterministic)
+      pooled = pool(x, valid, c.pooling)
+      if c.pooler != "none":
+        pooled = jnp.tanh(self.pooler(pooled))
+      pooled = self.classifier_dropout(pooled, deterministic=deterministic)
+      if c.cls_hidden != "none":
+        hidden = self.cls_hidden(pooled)
+        hidden = jnp.tanh(hidden) if c.cls_hidden == "tanh" else nn.relu(hidden)
+        pooled = self.classifier_dropout(hidden, deterministic=deterministic)
       out = self.cls_head(pooled)
     else:
       out = self.head(x)

@@ -86,3 +86,36 @@ def test_plus_one_norm_starts_at_identity_scale():
   params = Transformer(_cfg(norm_plus_one=True)).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
   np.testing.assert_array_equal(flax.linen.meta.unbox(params)["final_norm"]["scale"], 0.0)
+
+
+def test_encoder_switches_add_their_parameters():
+  enc = dict(positions="learned", max_len=16, norm="layernorm", norm_bias=True,
+             norm_placement="post", causal=False, embed_norm=True, type_vocab_size=2,
+             pooling="cls")
+  shapes = _params(_cfg(pooler="tanh", **enc))
+  assert shapes["type_embed/embedding"] == (2, 16) and shapes["embed_norm/bias"] == (16,)
+  assert shapes["pooler/kernel"] == (16, 16) and shapes["pooler/bias"] == (16,)   # no classifier
+  assert not any(k.startswith(("cls_", "final_norm")) for k in shapes)
+  shapes = _params(_cfg(num_classes=3, cls_hidden="relu", cls_bias=True, **enc))
+  assert shapes["cls_hidden/kernel"] == (16, 16) and shapes["cls_head/bias"] == (3,)
+  assert "pooler/kernel" not in shapes
+
+
+def test_position_offset_and_bidirectional_padding():
+  """position_offset reads the table from row `offset` on (RoBERTa); a bidirectional model's
+  pool_mask hides the pads from the real tokens (a pad's id does not change them)."""
+  cfg = _cfg(positions="learned", max_len=16, causal=False, num_classes=2, pooling="cls")
+  model = Transformer(cfg)
+  tokens = jnp.array([[5, 6, 7, 8, 0, 0]], jnp.int32)
+  params = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+  shifted = dataclasses.replace(cfg, position_offset=2)
+  table = params["pos_embed"]["pos_embedding"]
+  moved = {**params, "pos_embed": {"pos_embedding": jnp.roll(table, 2, axis=0)}}
+  np.testing.assert_allclose(Transformer(shifted).apply({"params": moved}, tokens),
+                             model.apply({"params": params}, tokens), rtol=1e-6)
+  mask = tokens > 0
+  a = model.apply({"params": params}, tokens, pool_mask=mask, return_hidden=True)
+  b = model.apply({"params": params}, tokens.at[0, 5].set(9), pool_mask=mask, return_hidden=True)
+  np.testing.assert_allclose(a[0, :4], b[0, :4], rtol=1e-6)
+  c = model.apply({"params": params}, tokens.at[0, 5].set(9), return_hidden=True)   # no mask
+  assert not np.allclose(a[0, :4], c[0, :4])
