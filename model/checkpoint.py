@@ -55,6 +55,22 @@ def _leaf_checksum(x):
 _checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 
 
+def host_checksum(x: np.ndarray, chunk: int = 1 << 20) -> int:
+  """`_leaf_checksum` of a host array, computed with numpy `chunk` elements at a time: no
+  device work and no array-sized temporaries (train/convert.py checksums each parameter as it
+  converts it, instead of the whole tree at once when saving)."""
+  flat = np.ascontiguousarray(x).reshape(-1)
+  if flat.dtype == np.bool_:
+    flat = flat.astype(np.uint8)
+  unsigned = {1: np.uint8, 2: np.uint16}.get(flat.dtype.itemsize, np.uint32)
+  total = 0
+  for start in range(0, flat.size, chunk):
+    bits = flat[start:start + chunk].view(unsigned).astype(np.uint32)
+    weights = np.arange(start, start + bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    total += int(np.sum(bits * weights * np.uint32(0x9E3779B1), dtype=np.uint32))
+  return total & 0xFFFFFFFF
+
+
 def state_checksums(state) -> dict[str, int]:
   """{leaf name: checksum} of a (sharded) pytree; a collective: every process calls it."""
   sums = jax.device_get(_checksums(state))
@@ -85,14 +101,30 @@ def _iterator_file(directory):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True,
+               save_limit_bytes: int | None = None):
+    """save_limit_bytes: write the state at most this many bytes at a time, uncompressed (at
+    least the largest array). Orbax's default writes every array at once and keeps each one's
+    compressed copy until written, a second copy of the state in host memory; the limit bounds
+    that copy, for writers that must stay near the state's own size (train/convert.py import).
+    Readers need nothing special: the layout is the same."""
     self.directory = os.path.join(workdir, "checkpoints")
     self.every = every
+    self._limited = save_limit_bytes is not None
+    registry = None
+    if self._limited:
+      # Orbax takes GB and multiplies back: a margin keeps the largest array under the limit.
+      handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=(save_limit_bytes + 4096) / 1e9,
+                                            use_compression=False)
+      registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+      registry.add("state", ocp.args.PyTreeSave, handler)
+      registry.add("state", ocp.args.PyTreeRestore, handler)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(every, 1), create=True,
-            enable_async_checkpointing=async_save))
+            enable_async_checkpointing=async_save),
+        **({"handler_registry": registry} if registry is not None else {}))
     self._unusable: dict[int, str] = {}   # step -> why it was skipped
 
   def _step_dir(self, step: int) -> epath.Path:
@@ -138,13 +170,18 @@ class Checkpointer:
     self._unusable.clear()
     self.manager.reload()
 
-  def save(self, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iter, meta: dict, *, force: bool = False,
+           checksums: dict | None = None) -> bool:
+    """checksums: the state's `state_checksums`, if the caller computed them already (e.g.
+    leaf by leaf with `host_checksum`)."""
     if self._unusable:
       self._set_aside_unusable()
     if not (force or self.manager.should_save(step)):
       return False
-    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
-            "integrity": ocp.args.JsonSave({"checksums": state_checksums(state)})}
+    save_state = ocp.args.PyTreeSave(state) if self._limited else ocp.args.StandardSave(state)
+    args = {"state": save_state, "meta": ocp.args.JsonSave(meta),
+            "integrity": ocp.args.JsonSave({"checksums": checksums if checksums is not None
+                                            else state_checksums(state)})}
     if data_iter is not None:
       args["data"] = grain_checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)

@@ -23,6 +23,7 @@ on stderr and exit code 2. transformers and torch are never needed: only safeten
 tokenizers.
 """
 import argparse
+import ctypes
 import glob
 import json
 import os
@@ -83,43 +84,65 @@ class SafetensorsReader:
   def read(self, name: str) -> np.ndarray:
     """The tensor as float32 (bf16/f16 upcast exactly)."""
     path = self.files[name]
-    dtype = _stored_dtype(path, name)
-    if dtype not in _DTYPES:
-      raise ConvertError(f"tensor {name} in {os.path.basename(path)} has dtype {dtype}; "
-                         f"expected one of {', '.join(_DTYPES)}")
+    self.read_dtype_check(name)
     # Read with a plain seek + read rather than through safe_open's memory map: mapped pages
     # would stay resident until the file is closed, adding the whole checkpoint to peak memory.
     return _read_raw(path, name).astype(np.float32, copy=False)
+
+  def shape(self, name: str) -> tuple:
+    return tuple(_header(self.files[name])[0][name]["shape"])
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop (first axis) of the tensor as float32: a block of a large one."""
+    self.read_dtype_check(name)
+    return _read_raw(self.files[name], name, start, stop).astype(np.float32, copy=False)
+
+  def read_dtype_check(self, name: str):
+    dtype = _stored_dtype(self.files[name], name)
+    if dtype not in _DTYPES:
+      raise ConvertError(f"tensor {name} in {os.path.basename(self.files[name])} has dtype "
+                         f"{dtype}; expected one of {', '.join(_DTYPES)}")
 
 
 _HEADERS = {}
 
 
 def _header(path: str) -> tuple[dict, int]:
-  if path not in _HEADERS:
+  stat = os.stat(path)
+  key = (path, stat.st_mtime_ns, stat.st_size)   # a file rewritten in place is read afresh
+  if key not in _HEADERS:
     with open(path, "rb") as f:
       n = int.from_bytes(f.read(8), "little")
-      _HEADERS[path] = (json.loads(f.read(n)), 8 + n)
-  return _HEADERS[path]
+      _HEADERS[key] = (json.loads(f.read(n)), 8 + n)
+  return _HEADERS[key]
 
 
 def _stored_dtype(path: str, name: str) -> str:
   return _header(path)[0][name]["dtype"]
 
 
-def _read_raw(path: str, name: str) -> np.ndarray:
-  """The tensor in its stored dtype (the safetensors layout: little-endian, C order, at
-  data_offsets after the JSON header); numpy has no bfloat16, ml_dtypes (a jax dependency) does."""
+def _read_raw(path: str, name: str, row_start: int = 0, row_stop: int | None = None
+              ) -> np.ndarray:
+  """The tensor (or its rows row_start:row_stop) in its stored dtype (the safetensors layout:
+  little-endian, C order, at data_offsets after the JSON header); numpy has no bfloat16,
+  ml_dtypes (a jax dependency) does."""
   import ml_dtypes
   header, start = _header(path)
   info = header[name]
   begin, end = info["data_offsets"]
-  dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64,
-           "BF16": ml_dtypes.bfloat16}[info["dtype"]]
-  with open(path, "rb") as f:
+  dtype = np.dtype({"F32": np.float32, "F16": np.float16, "F64": np.float64,
+                    "BF16": ml_dtypes.bfloat16}[info["dtype"]]).newbyteorder("<")
+  shape = list(info["shape"])
+  if row_stop is not None:
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+    begin, end = begin + row_start * row_bytes, begin + row_stop * row_bytes
+    shape[0] = row_stop - row_start
+  out = np.empty(shape, dtype)
+  with open(path, "rb") as f:   # straight into the array: no intermediate bytes object
     f.seek(start + begin)
-    raw = f.read(end - begin)
-  return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
+    if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+      raise ConvertError(f"tensor {name} in {os.path.basename(path)} is truncated")
+  return out
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -139,14 +162,59 @@ def run_config(hf_cfg: dict, seq_len: int) -> ml_collections.ConfigDict:
   return config
 
 
+def _release_freed_memory():
+  """Returns freed heap memory to the OS (glibc's malloc_trim): converted tensors of a few MB
+  come from the heap, and their freed pages would otherwise stay resident until the end."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):   # not glibc: nothing to do
+    pass
+
+
+_BLOCK_BYTES = 4 << 20   # a tensor is read this many bytes of rows at a time
+
+
+def _aligned_empty(shape) -> np.ndarray:
+  """A float32 array at a 64-byte boundary: jax.device_put onto a CPU device then adopts its
+  buffer instead of copying it (XLA's zero-copy rule), so a converted tensor is never on the
+  host twice."""
+  n = int(np.prod(shape))
+  raw = np.empty(4 * n + 64, np.uint8)
+  offset = (-raw.ctypes.data) % 64
+  return raw[offset:offset + 4 * n].view(np.float32).reshape(shape)
+
+
+def _convert_rows(reader, name: str, layout: str, shape: tuple) -> np.ndarray:
+  """The parameter of `shape` from HF tensor `name`, filled a block of rows at a time: the
+  host holds the parameter and one block, never the tensor as read beside its converted copy."""
+  out = _aligned_empty(shape)
+  rows = families.hf_shape(layout, shape)[0]
+  cols = int(np.prod(shape)) // max(rows, 1)
+  step = max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
+  for start in range(0, rows, step):
+    stop = min(start + step, rows)
+    block = reader.read_rows(name, start, stop).reshape(stop - start, -1)
+    if layout == "same":
+      out.reshape(rows, -1)[start:stop] = block
+    elif layout == "linear":       # rows of [out, in] are columns of the kernel [in, out...]
+      out.reshape(shape[0], -1)[:, start:stop] = block.T
+    else:                          # rows of [out, in] index the last axis of [in..., out]
+      out.reshape(-1, shape[-1])[:, start:stop] = block.T
+  return out
+
+
 def _place(reader, family, config, mesh):
-  """{path: array} of every parameter, each put into its sharding as soon as it is read."""
+  """({path: array} of every parameter, each put into its sharding as soon as it is read and
+  converted; {leaf name: checksum} of them, computed on the host copy), ModelConfig.
+  Besides the placed parameters the host holds one block of a tensor (the layouts of
+  hf_families.Entry) or, for the few entries converted whole (GPT-2's fused q/k/v, biases),
+  that entry's tensors; on a CPU device a placed parameter is its host copy (_aligned_empty)."""
   model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
   model = Transformer(model_cfg)
   abstract = flax.traverse_util.flatten_dict(loading.abstract_params(model, mesh), sep="/")
   m = config.model.to_dict()
   m["vocab_size"] = config.data.vocab_size
-  placed = {}
+  placed, checksums = {}, {}
   for entry in families.entries(family, m):
     names = []
     for name in entry.hf:
@@ -155,27 +223,46 @@ def _place(reader, family, config, mesh):
         raise ConvertError(f"tensor {name} is missing from the checkpoint ({family}: expected "
                            f"for {', '.join(entry.ours)})")
       names.append(stored)
-    hf_arrays = [reader.read(n) for n in names]
     wants = [abstract.get(path) for path in entry.ours]
     if None in wants:
       raise ConvertError(f"{family}: tensor {names[0]} maps to "
                          f"{entry.ours[wants.index(None)]}, which the model does not have")
+    if entry.layout and len(names) == 1 and len(wants) == 1:
+      want, hf_shape = wants[0], reader.shape(names[0])
+      if hf_shape != families.hf_shape(entry.layout, tuple(want.shape)):
+        raise ConvertError(
+            f"tensor {names[0]} has shape {list(hf_shape)}, which does not fit "
+            f"{entry.ours[0]} {list(want.shape)} of the model config.json describes")
+      value = _convert_rows(reader, names[0], entry.layout, tuple(want.shape))
+      checksums[f"params/{entry.ours[0]}"] = checkpoint_lib.host_checksum(value)
+      placed[entry.ours[0]] = jax.device_put(value, want.sharding).block_until_ready()
+      del value
+      _release_freed_memory()
+      continue
+    hf_arrays = [reader.read(n) for n in names]
     try:
       values = entry.to_ours(hf_arrays)
     except ValueError:   # a reshape that cannot fit: the tensor's shape is wrong
       values = [np.empty(0)] * len(entry.ours)
-    for path, value, want in zip(entry.ours, values, wants):
-      if tuple(value.shape) != tuple(want.shape):
+    first_shape = list(hf_arrays[0].shape)
+    del hf_arrays   # a transposed copy no longer needs the tensor as read
+    for i, (path, want) in enumerate(zip(entry.ours, wants)):
+      if tuple(values[i].shape) != tuple(want.shape):
         raise ConvertError(
-            f"tensor {names[0]} has shape {list(hf_arrays[0].shape)}, which does not fit "
+            f"tensor {names[0]} has shape {first_shape}, which does not fit "
             f"{path} {list(want.shape)} of the model config.json describes")
-      placed[path] = jax.device_put(np.ascontiguousarray(value, np.float32), want.sharding)
-    del hf_arrays
+      value = _aligned_empty(tuple(want.shape))
+      value[...] = values[i]
+      values[i] = None
+      checksums[f"params/{path}"] = checkpoint_lib.host_checksum(value)
+      placed[path] = jax.device_put(value, want.sharding).block_until_ready()
+      del value
+    _release_freed_memory()
   missing = sorted(set(abstract) - set(placed))
   if missing:
     raise ConvertError(f"{family}: no tensor for parameter {missing[0]}"
                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-  return flax.traverse_util.unflatten_dict(placed, sep="/"), model_cfg
+  return flax.traverse_util.unflatten_dict(placed, sep="/"), checksums, model_cfg
 
 
 def _unused(reader, family, m) -> list[str]:
@@ -202,7 +289,7 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
   config = run_config(hf_cfg, seq_len)
   reader = SafetensorsReader(hf_dir)
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
-  params, model_cfg = _place(reader, family, config, mesh)
+  params, checksums, model_cfg = _place(reader, family, config, mesh)
   m = dict(config.model.to_dict(), vocab_size=config.data.vocab_size)
   unused = _unused(reader, family, m)
   if unused:
@@ -228,8 +315,12 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
             "imported_from": {"hf_dir": hf_dir, "family": family,
                               "architectures": hf_cfg.get("architectures"),
                               "checkpoint_bytes": reader.bytes}}
-    checkpointer = checkpoint_lib.Checkpointer(tmp, every=1, keep=1, async_save=False)
-    checkpointer.save(0, {"params": params}, None, meta, force=True)
+    # Written at most the largest parameter (or 64 MiB) at a time: Orbax's default would hold
+    # a second, compressed copy of every parameter while writing.
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    checkpointer = checkpoint_lib.Checkpointer(tmp, every=1, keep=1, async_save=False,
+                                               save_limit_bytes=max(largest, 64 << 20))
+    checkpointer.save(0, {"params": params}, None, meta, force=True, checksums=checksums)
     checkpointer.close()
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))

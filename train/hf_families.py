@@ -27,6 +27,11 @@ class Entry:
   ours: tuple          # parameter paths, "block_0/attn/query/kernel"
   to_ours: Callable    # list of HF arrays -> list of our arrays
   to_hf: Callable      # list of our arrays -> list of HF arrays
+  # How one HF tensor's rows land in the parameter, so that train/convert.py converts it a
+  # block of rows at a time: "same" (row i is row i), "linear" (row i of [out, in] is column i
+  # of the kernel [in, out...]), "linear_in" (row i of [out, in] is the last-axis index i of the
+  # kernel [in..., out]); None: converted whole with to_ours.
+  layout: str | None = None
 
 
 def _one(fn):
@@ -34,21 +39,30 @@ def _one(fn):
 
 
 def _same(hf, ours):
-  return Entry((hf,), (ours,), _one(lambda x: x), _one(lambda x: x))
+  return Entry((hf,), (ours,), _one(lambda x: x), _one(lambda x: x), "same")
 
 
 def _linear(hf, ours, in_dim, out_shape):
   """nn.Linear [out, in] <-> kernel [in, *out_shape]."""
   n = int(np.prod(out_shape))
   return Entry((hf,), (ours,), _one(lambda w: w.T.reshape((in_dim,) + tuple(out_shape))),
-               _one(lambda k: k.reshape(in_dim, n).T))
+               _one(lambda k: k.reshape(in_dim, n).T), "linear")
 
 
 def _linear_in(hf, ours, in_shape, out_dim):
   """nn.Linear [out, in] <-> kernel [*in_shape, out] (the attention output projection)."""
   n = int(np.prod(in_shape))
   return Entry((hf,), (ours,), _one(lambda w: w.T.reshape(tuple(in_shape) + (out_dim,))),
-               _one(lambda k: k.reshape(n, out_dim).T))
+               _one(lambda k: k.reshape(n, out_dim).T), "linear_in")
+
+
+def hf_shape(layout: str, ours_shape: tuple) -> tuple:
+  """The HF tensor's shape for a parameter of `ours_shape` converted with `layout`."""
+  if layout == "same":
+    return tuple(ours_shape)
+  if layout == "linear":
+    return (int(np.prod(ours_shape[1:])), ours_shape[0])
+  return (ours_shape[-1], int(np.prod(ours_shape[:-1])))
 
 
 def _bias(hf, ours, shape):
