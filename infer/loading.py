@@ -250,6 +250,9 @@ class LoadedModel:
                        f"{self.config.data.seq_len}")
     if self.config.model.num_classes:
       raise ValueError("a classifier has no language-model head to generate with")
+    if not self.config.model.get("causal", True):
+      raise ValueError("a bidirectional encoder (model.causal=False) does not generate text; "
+                       "fine-tune it as a classifier")
     return decode.pack_prompts([[tok.bos_id] + tok.encode(p)[:budget - 1] for p in prompts],
                                max_new)
 

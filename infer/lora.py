@@ -34,8 +34,9 @@ from model.transformer import Transformer
 DEFAULT_TARGETS = r"block_\d+/(attn/(query|key|value|out)|mlp/(wi|wg|wo))"
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # Parameter groups a LoRA run trains fully besides the adapters: the classifier head (new in a
-# classifier fine-tuned from a language model).
-TRAINED_GROUPS = ("cls_head",)
+# classifier fine-tuned from a language model or encoder) and its hidden layer (RoBERTa's and
+# DistilBERT's heads have one). BERT's pooler belongs to the pre-trained encoder: frozen.
+TRAINED_GROUPS = ("cls_head", "cls_hidden")
 
 
 class LoraConfigError(ValueError):

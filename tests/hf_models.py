@@ -41,6 +41,75 @@ def train_tokenizer(out: str, style: str):
   fast.save_pretrained(out)
 
 
+def train_encoder_tokenizer(out: str, family: str):
+  """A BERT WordPiece (uncased, [CLS] text [SEP]) or RoBERTa byte-level BPE (<s> text </s>)
+  vocabulary trained here, saved by transformers' own tokenizer class as a download has it
+  (tokenizer.json built by transformers from the vocabulary, tokenizer_config.json)."""
+  from tokenizers import models, normalizers, pre_tokenizers, trainers
+  corpus = [TEXT * 3, TEXT.lower(), TEXT.upper()] * 20
+  if family in ("bert", "distilbert"):
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(
+        vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    cls = transformers.DistilBertTokenizer if family == "distilbert" else transformers.BertTokenizer
+    cls(vocab=tok.get_vocab()).save_pretrained(out)
+    return
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=VOCAB - 8, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.model.save(out)
+  transformers.RobertaTokenizer(vocab=f"{out}/vocab.json", merges=f"{out}/merges.txt"
+                                ).save_pretrained(out)
+
+
+def encoder_config(family: str, num_labels: int = 2, layers: int = 2):
+  if family == "bert":
+    return transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=128, type_vocab_size=2, pad_token_id=0,
+        num_labels=num_labels)
+  if family == "roberta":   # positions 0, 1 unused: 128 + 2 rows, as roberta-base's 514
+    return transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, num_labels=num_labels)
+  if family == "distilbert":
+    return transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=64, n_layers=layers, n_heads=4, hidden_dim=96,
+        max_position_embeddings=128, pad_token_id=0, num_labels=num_labels)
+  raise ValueError(family)
+
+
+def make_hf_encoder(family: str, out: str, num_labels: int = 0, init_range: float = 0.02,
+                    layers: int = 2):
+  """A random encoder (num_labels 0: the base model, e.g. BertModel) or sequence classifier,
+  saved with its tokenizer. init_range: the std of its weights (transformers' 0.02 leaves the
+  [CLS] states of different inputs nearly equal; fine-tuning tests want them apart)."""
+  torch.manual_seed(0)
+  cfg = encoder_config(family, max(num_labels, 2), layers)
+  cfg.initializer_range = init_range
+  auto = (transformers.AutoModelForSequenceClassification if num_labels
+          else transformers.AutoModel)
+  model = auto.from_config(cfg, attn_implementation="eager")
+  _randomise_vectors(model, family)
+  model.eval()
+  model.save_pretrained(out, safe_serialization=True)
+  train_encoder_tokenizer(out, family)
+  return model
+
+
+def _randomise_vectors(model, family):
+  with torch.no_grad():   # random norms and biases, so every parameter matters
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "weight" in name and family != "gemma"
+                                             else 0.0))
+
+
 def hf_config(family: str):
   common = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=3, pad_token_id=0)
   if family == "llama":   # GQA, untied head, Llama 3.1 rope scaling
@@ -70,15 +139,17 @@ def hf_config(family: str):
   raise ValueError(family)
 
 
-def make_hf(family: str, out: str):
+def make_hf(family: str, out: str, num_labels: int = 0):
+  """A random decoder LM, or (num_labels > 0) its *ForSequenceClassification."""
   torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(hf_config(family),
-                                                        attn_implementation="eager")
-  with torch.no_grad():   # random norms and biases, so every parameter matters
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "weight" in name and family != "gemma"
-                                             else 0.0))
+  cfg = hf_config(family)
+  if num_labels:
+    cfg.num_labels = num_labels
+    cfg.pad_token_id = 0
+  auto = (transformers.AutoModelForSequenceClassification if num_labels
+          else transformers.AutoModelForCausalLM)
+  model = auto.from_config(cfg, attn_implementation="eager")
+  _randomise_vectors(model, family)
   model.eval()
   model.save_pretrained(out, safe_serialization=True)
   train_tokenizer(out, "bytelevel" if family in ("gpt2", "qwen2") else "metaspace")

@@ -35,7 +35,9 @@ ARCHITECTURE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head
                      "norm", "norm_eps", "norm_bias", "norm_plus_one", "norm_placement",
                      "qkv_bias", "out_bias", "mlp_bias", "rope_scaling", "rope_scaling_factor",
                      "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
-                     "embed_scale", "tied_head_rescale", "logit_softcap", "causal")
+                     "embed_scale", "tied_head_rescale", "logit_softcap", "causal",
+                     "type_vocab_size", "embed_norm", "position_offset", "pooler",
+                     "cls_hidden", "cls_bias")
 
 
 task_kind = loading.task_kind   # pretrain | classify | summarize: what the trained model does
@@ -67,10 +69,13 @@ def _open(path: str, key: str, prefer_best: bool = False) -> loading.Run:
 
 
 def _adopt(config, key: str, value, changed: list):
-  section, name = key.split(".")
-  if config[section][name] != value:
-    changed.append(f"{key}: {config[section][name]} -> {value}")
-    config[section][name] = value
+  *sections, name = key.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  if node[name] != value:
+    changed.append(f"{key}: {node[name]} -> {value}")
+    node[name] = value
 
 
 def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
@@ -90,6 +95,16 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
     for key in ARCHITECTURE_KEYS:
       if key in source["model"]:
         _adopt(config, f"model.{key}", source["model"][key], changed)
+    if not source["model"].get("causal", True):
+      # An encoder's classifier reads the state its pre-training trained for it ([CLS] / <s>).
+      _adopt(config, "model.pooling", source["model"]["pooling"], changed)
+    attention = source["model"].get("attention", {})
+    if attention.get("kind") == "local":
+      # A sliding window (Mistral's) is part of what the model computes; full and blocked are
+      # the same attention, so the fine-tuning config's choice between them stands.
+      for key in ("kind", "window", "num_global"):
+        if key in attention:
+          _adopt(config, f"model.attention.{key}", attention[key], changed)
     _adopt(config, "data.vocab_size", source["data"]["vocab_size"], changed)
   if changed:
     logging.info("taken from the runs this one starts from: %s", ", ".join(changed))

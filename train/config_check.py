@@ -32,9 +32,17 @@ def validate(config, num_devices: int, process_count: int):
       (d.batch_size % accum == 0 and (d.batch_size // accum) % batch_shards == 0,
        f"config.data.batch_size={d.batch_size} / grad_accum_steps={accum} must be divisible by "
        f"mesh data x fsdp = {batch_shards}"),
-      (config.model.positions != "learned" or d.seq_len <= config.model.max_len,
+      (config.model.positions != "learned" or
+       d.seq_len <= config.model.max_len - config.model.get("position_offset", 0),
        f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={config.model.max_len} "
-       "(learned positions)"),
+       f"- position_offset={config.model.get('position_offset', 0)} (learned positions)"),
+      (config.model.get("causal", True) or _student_task(config) == "classify",
+       f"config.model.causal=False (a bidirectional encoder) trains only a classifier (task "
+       f"classify, or distill with distill.task=classify), not {_student_task(config)!r}"),
+      (not (config.train.init_from and config.task == "distill"
+            and config.distill.init_student == "teacher_layers"),
+       "config.train.init_from and config.distill.init_student='teacher_layers' both start the "
+       "student; set one"),
       (0 <= d.validation_fraction < 1,
        f"config.data.validation_fraction={d.validation_fraction} must be in [0, 1)"),
       (t.num_steps >= 1, f"config.train.num_steps={t.num_steps} must be >= 1"),
@@ -68,6 +76,10 @@ def validate(config, num_devices: int, process_count: int):
   _check_decode(config)
 
 
+def _student_task(config) -> str:
+  return config.distill.task if config.task == "distill" else config.task
+
+
 def _check_lora(config):
   """train.lora: adapters on a pre-trained model being fine-tuned, on projections it has."""
   from infer import lora   # the LoRA model lives beside quantization, below train/
@@ -85,6 +97,7 @@ def _check_lora(config):
                ModelConfig.from_config(config.model, config.data.vocab_size))
   except lora.LoraConfigError as e:
     raise ConfigError(str(e)) from None
+
 
 def _check_decode(config):
   """eval.decode: how summaries are decoded at validation and test (configs/common.py)."""

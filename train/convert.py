@@ -11,12 +11,18 @@ finished run skips), its metadata (config, tokenizer, the source) and config.jso
 tokenizer files copied to <workdir>/tokenizer/. train.init_from, distill.teacher, infer.*,
 infer.quantize and the evaluators take it like any other run. The run is written in a temporary
 folder beside the workdir and renamed at the end, so a failure leaves nothing behind.
+Decoders (Llama, Mistral, Qwen2, Gemma, GPT-2) become language-model runs, encoders (BERT,
+RoBERTa, DistilBERT) encoder runs to fine-tune from; a *ForSequenceClassification checkpoint of
+any of them becomes a classifier run (task classify, its labels in the metadata).
 
-export writes config.json, generation_config.json, model.safetensors (or shards and an index
-above --shard_size_mb) and the tokenizer files, loadable by transformers' AutoModelForCausalLM /
-AutoTokenizer. Imported runs export as their family; runs trained here export as Llama-style
-(swiglu + RoPE; a sliding window as Mistral) or GPT-2-style (learned positions), with the
-tied-head scale d_model^-1/2 folded into the final norm.
+export writes config.json, model.safetensors (or shards and an index above --shard_size_mb),
+the tokenizer files and, for a language model, generation_config.json: what transformers'
+AutoModelForCausalLM (encoders: AutoModel; classifiers: AutoModelForSequenceClassification) and
+AutoTokenizer load. Imported runs (and runs fine-tuned or distilled from them) export as their
+family; LMs trained here export as Llama-style (swiglu + RoPE; a sliding window as Mistral) or
+GPT-2-style (learned positions), with the tied-head scale d_model^-1/2 folded into the final
+norm. A decoder classifier exports with transformers' head only: the last token's state and one
+linear layer (model.pooling=last).
 
 Failures (an unknown family, a missing or mis-shaped tensor, an unsupported dtype) are one line
 on stderr and exit code 2. transformers and torch are never needed: only safetensors and
@@ -41,6 +47,7 @@ from infer import loading
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
+from model import config as model_config_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import hf_families as families
@@ -73,12 +80,17 @@ class SafetensorsReader:
     self.bytes = sum(os.path.getsize(p) for p in set(self.files.values()))
 
   def resolve(self, name: str):
-    """The stored name for `name` (checkpoints saved from the base model lack the prefix)."""
-    if name in self.files:
-      return name
-    for prefix in ("transformer.", "model."):
-      if name.startswith(prefix) and name[len(prefix):] in self.files:
-        return name[len(prefix):]
+    """The stored name for `name`: checkpoints saved from the base model lack the prefix, and
+    BERT-era ones (bert-base-uncased's own) name LayerNorm weights gamma and beta."""
+    old = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+    spellings = [name] + [name[:-len(new)] + was for new, was in old.items()
+                          if name.endswith(new)]
+    for spelling in spellings:
+      if spelling in self.files:
+        return spelling
+      for prefix in ("model.",) + tuple(families.PREFIX.values()):
+        if spelling.startswith(prefix) and spelling[len(prefix):] in self.files:
+          return spelling[len(prefix):]
     return None
 
   def read(self, name: str) -> np.ndarray:
@@ -151,7 +163,9 @@ def run_config(hf_cfg: dict, seq_len: int) -> ml_collections.ConfigDict:
   keys = families.model_keys(hf_cfg)
   config = common.base_config()
   config.data.vocab_size = keys.pop("vocab_size")
-  config.data.seq_len = min(seq_len, keys["max_len"]) if keys["positions"] == "learned" else seq_len
+  if keys["positions"] == "learned":
+    seq_len = min(seq_len, keys["max_len"] - keys.get("position_offset", 0))
+  config.data.seq_len = seq_len
   attention = keys.pop("attention", {})
   for key, value in keys.items():
     config.model[key] = value
@@ -159,6 +173,9 @@ def run_config(hf_cfg: dict, seq_len: int) -> ml_collections.ConfigDict:
     config.model.attention[key] = value
   config.preset = f"hf:{hf_cfg['model_type']}"
   config.optim.z_loss = 0.0
+  if keys.get("num_classes"):   # a *ForSequenceClassification checkpoint: a classifier run
+    config.task = "classify"
+    config.eval.evaluators = ("classification",)
   return config
 
 
@@ -267,8 +284,18 @@ def _place(reader, family, config, mesh):
 
 def _unused(reader, family, m) -> list[str]:
   used = {reader.resolve(n) for e in families.entries(family, m) for n in e.hf}
-  skip = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "lm_head.weight")
-  return sorted(n for n in reader.files if n not in used and not n.endswith(skip))
+  return sorted(n for n in reader.files if n not in used and not families.ignored(family, n))
+
+
+def _adapt_to_checkpoint(config, reader, family) -> list[str]:
+  """Config changes for what the checkpoint holds: a BERT saved without its pooler (e.g. from
+  BertForMaskedLM) has none. Returns notes for the summary."""
+  if (family == "bert" and config.model.pooler != "none"
+      and reader.resolve("bert.pooler.dense.weight") is None):
+    config.model.pooler = "none"
+    return ["no bert.pooler.* tensors: model.pooler=none (a classifier reads the [CLS] state "
+            "directly)"]
+  return []
 
 
 def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict:
@@ -288,6 +315,7 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
   family = families.family_of(hf_cfg)
   config = run_config(hf_cfg, seq_len)
   reader = SafetensorsReader(hf_dir)
+  notes = _adapt_to_checkpoint(config, reader, family)
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
   params, checksums, model_cfg = _place(reader, family, config, mesh)
   m = dict(config.model.to_dict(), vocab_size=config.data.vocab_size)
@@ -314,7 +342,9 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
             "dataset": f"imported from {hf_dir}",
             "imported_from": {"hf_dir": hf_dir, "family": family,
                               "architectures": hf_cfg.get("architectures"),
-                              "checkpoint_bytes": reader.bytes}}
+                              "checkpoint_bytes": reader.bytes, "notes": notes}}
+    if config.model.num_classes:
+      meta["labels"] = {str(k): v for k, v in (hf_cfg.get("id2label") or {}).items()}
     # Written at most the largest parameter (or 64 MiB) at a time: Orbax's default would hold
     # a second, compressed copy of every parameter while writing.
     largest = max(x.nbytes for x in jax.tree.leaves(params))
@@ -330,9 +360,10 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"family": family, "params": n_params, "checkpoint_bytes": reader.bytes,
-          "read_and_place_s": round(t_read, 2), "total_s": round(time.perf_counter() - t0, 2),
-          "workdir": workdir}
+  return {"family": family, "task": config.task, "params": n_params,
+          "checkpoint_bytes": reader.bytes, "read_and_place_s": round(t_read, 2),
+          "total_s": round(time.perf_counter() - t0, 2), "workdir": workdir,
+          **({"notes": notes} if notes else {})}
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -343,32 +374,37 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   run = loading.open_run(workdir, prefer_best=True)
   if run.quantization != "none":
     raise ConvertError(f"--workdir={workdir} is a quantized run; export the float run")
-  if loading.task_kind(run.meta["config"]) != "pretrain" or run.meta["config"]["task"] != "pretrain":
-    raise ConvertError(f"--workdir={workdir} is a {run.meta['config']['task']} run; only "
-                       "language models (task pretrain) export as *ForCausalLM")
+  kind = loading.task_kind(run.meta["config"])
+  if kind not in ("pretrain", "classify"):
+    raise ConvertError(f"--workdir={workdir} is a {kind} run; language models (task pretrain) "
+                       "export as *ForCausalLM (encoders as *Model), classifiers as "
+                       "*ForSequenceClassification")
   hf_dir = loading.resolve_path(hf_dir)
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} exists and is not empty; choose a new one")
   m = dict(run.meta["config"]["model"])
   defaults = ModelConfig.from_config(ml_collections.ConfigDict(m), run.meta["config"]["data"]
                                      ["vocab_size"])
-  m = {**{k: getattr(defaults, k) for k in ("norm", "norm_eps", "norm_bias", "norm_plus_one",
-                                            "qkv_bias", "out_bias", "mlp_bias", "rope_scaling",
-                                            "embed_scale", "tied_head_rescale", "logit_softcap",
-                                            "causal", "norm_placement")}, **m}
+  m = {**{k: getattr(defaults, k) for k in model_config_lib._OPTIONAL}, **m}
+  m["num_classes"] = defaults.num_classes if kind == "classify" else 0
   imported = run.meta.get("imported_from", {}).get("family")
   family = imported or families.export_family(m)
+  families.check_exportable(family, m)
   vocab = run.meta["config"]["data"]["vocab_size"]
   m["vocab_size"] = vocab
   model = Transformer(run.model_config())
   params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
   params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
-  if m.get("tied_head_rescale", True) and m.get("tie_embeddings", True):
+  if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)
+      and not m["num_classes"] and "final_norm/scale" in params):
     # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
     params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)
+  # A base encoder (BertModel) is saved without its prefix, as transformers saves it.
+  strip = families.PREFIX[family] if family in families.ENCODERS and not m["num_classes"] else ""
   tensors = {}
   for entry in families.entries(family, m):
     for name, value in zip(entry.hf, entry.to_hf([params[p] for p in entry.ours])):
+      name = name[len(strip):] if strip and name.startswith(strip) else name
       tensors[name] = np.ascontiguousarray(value, np.float32)
 
   tmp = f"{hf_dir}.partial-{os.getpid()}"
@@ -378,11 +414,12 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
     tok = tokenizer_lib.load_tokenizer(run.meta["tokenizer_path"])
     extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id":
              getattr(tok, "_id", lambda k: tok.pad_id)("pad_token")}
-    cfg = families.hf_config(family, m, vocab, extra)
+    cfg = families.hf_config(family, m, vocab, extra, run.meta.get("labels"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(cfg, f, indent=2)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-      json.dump({k: v for k, v in extra.items() if v is not None}, f, indent=2)
+    if family in families.DECODERS and not m["num_classes"]:   # it generates
+      with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in extra.items() if v is not None}, f, indent=2)
     _write_tokenizer(tok, run, tmp)
     limit = shard_size_mb << 20
     shards, current, size = [], {}, 0
@@ -410,7 +447,8 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"family": family, "tensors": len(tensors), "shards": len(shards),
+  return {"family": family, "architecture": cfg["architectures"][0], "tensors": len(tensors),
+          "shards": len(shards),
           "seconds": round(time.perf_counter() - t0, 2), "hf_dir": hf_dir}
 
 

@@ -16,9 +16,14 @@ from model.transformer import Transformer
 from train.config_check import ConfigError
 
 
-def load_backbone(pretrained: loading.Run, state, mesh):
+def load_backbone(pretrained: loading.Run, state, mesh, student: bool = False):
   """`state` with every parameter the pre-trained model also has replaced by its value (by
-  path, so a LoRA state keeps its fresh adapters beside the restored kernels)."""
+  path, so a LoRA state keeps its fresh adapters beside the restored kernels). student: the
+  state is a distillation's {"student", "teacher"}; the student starts from the pre-trained
+  model (e.g. an imported DistilBERT taught by a fine-tuned BERT)."""
+  if student:
+    inner = load_backbone(pretrained, state.replace(params=state.params["student"]), mesh)
+    return state.replace(params={**state.params, "student": inner.params})
   restored = loading.restore_params(pretrained, Transformer(pretrained.model_config()), mesh)
   params = flax.traverse_util.flatten_dict(state.params)
   source = flax.traverse_util.flatten_dict(restored)

@@ -14,7 +14,21 @@ from typing import Callable
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+DECODERS = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+ENCODERS = ("bert", "roberta", "distilbert")
+FAMILIES = DECODERS + ENCODERS
+# The prefix of the base model's tensors inside a task model (BertForSequenceClassification:
+# bert.*); a base model saved alone (BertModel, LlamaModel) has none.
+PREFIX = {"gpt2": "transformer.", "bert": "bert.", "roberta": "roberta.",
+          "distilbert": "distilbert."}
+# Checkpoint tensors no supported model reads: pre-training heads (BERT's MLM/NSP `cls.*`,
+# RoBERTa's `lm_head.*`, DistilBERT's vocab_*), RoBERTa's pooler (its classifier has its own
+# dense layer, as in transformers), buffers saved by old versions.
+_IGNORED = {"bert": ("cls.", "bert.embeddings.position_ids", "embeddings.position_ids"),
+            "roberta": ("lm_head.", "roberta.pooler.", "pooler.", "roberta.embeddings.position_ids",
+                        "embeddings.position_ids"),
+            "distilbert": ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.",
+                           "distilbert.embeddings.position_ids", "embeddings.position_ids")}
 
 
 class ConvertError(ValueError):
@@ -126,9 +140,83 @@ def family_of(cfg: dict) -> str:
   return family
 
 
+def ignored(family: str, name: str) -> bool:
+  """True for a checkpoint tensor the model does not use by design (see _IGNORED)."""
+  if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+    return True
+  if family in DECODERS and name == "lm_head.weight":   # tied: the embedding is the head
+    return True
+  return name.startswith(_IGNORED.get(family, ()))
+
+
+def num_classes(cfg: dict) -> int:
+  """Classes of a *ForSequenceClassification checkpoint; 0 for any other architecture (every
+  config.json has id2label, base models too)."""
+  if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or ()):
+    return 0
+  if cfg.get("problem_type") in ("regression", "multi_label_classification"):
+    raise ConvertError(f"problem_type {cfg['problem_type']!r}: only single-label "
+                       "classification converts (the classify task's softmax)")
+  n = len(cfg["id2label"]) if cfg.get("id2label") else int(cfg.get("num_labels", 2))
+  if n < 2:
+    raise ConvertError(f"a classifier with {n} label (regression) does not convert")
+  return n
+
+
+def _encoder_keys(family: str, cfg: dict) -> dict:
+  """The encoders: bidirectional post-LN blocks with biases everywhere, learned positions, an
+  embedding LayerNorm, and the family's classifier head on the first token's state."""
+  if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
+    raise ConvertError(f"{family}: is_decoder / add_cross_attention checkpoints are not "
+                       "supported (encoders only)")
+  if family == "distilbert":
+    d, heads = cfg["dim"], cfg["n_heads"]
+    keys = dict(vocab_size=cfg["vocab_size"], num_layers=cfg["n_layers"], d_model=d,
+                num_heads=heads, mlp_dim=cfg["hidden_dim"],
+                mlp_activation=_act(cfg.get("activation", "gelu"), False),
+                max_len=cfg["max_position_embeddings"], norm_eps=1e-12,
+                type_vocab_size=0, pooler="none", cls_hidden="relu")
+  else:
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+      raise ConvertError(f"{family}: position_embedding_type "
+                         f"{cfg['position_embedding_type']!r} is not supported (absolute only)")
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    keys = dict(vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], d_model=d,
+                num_heads=heads, mlp_dim=cfg["intermediate_size"],
+                mlp_activation=_act(cfg.get("hidden_act", "gelu"), False),
+                max_len=cfg["max_position_embeddings"],
+                norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+                type_vocab_size=int(cfg.get("type_vocab_size", 2)))
+    if family == "bert":
+      keys.update(pooler="tanh", cls_hidden="none")
+    else:   # positions count from padding_idx + 1 (transformers' create_position_ids...)
+      keys.update(pooler="none", cls_hidden="tanh",
+                  position_offset=int(cfg.get("pad_token_id", 1)) + 1)
+  if d % heads:
+    raise ConvertError(f"{family}: hidden size {d} is not a multiple of {heads} heads")
+  keys.update(num_kv_heads=heads, head_dim=d // heads, positions="learned", tie_embeddings=True,
+              tied_head_rescale=False, norm="layernorm", norm_bias=True,
+              norm_placement="post", qkv_bias=True, out_bias=True, mlp_bias=True, causal=False,
+              embed_norm=True, pooling="cls", cls_bias=True)
+  return keys
+
+
 def model_keys(cfg: dict) -> dict:
-  """config.model keys (and data.vocab_size under 'vocab_size') for an HF config.json."""
+  """config.model keys (and data.vocab_size under 'vocab_size', num_classes for a
+  *ForSequenceClassification checkpoint) for an HF config.json."""
+  keys = _model_keys(cfg)
+  n = num_classes(cfg)
+  if n:
+    keys["num_classes"] = n
+    if keys.get("causal", True):   # transformers' decoder classifiers read the last token
+      keys["pooling"] = "last"
+  return keys
+
+
+def _model_keys(cfg: dict) -> dict:
   family = family_of(cfg)
+  if family in ENCODERS:
+    return _encoder_keys(family, cfg)
   if family == "gpt2":
     d, heads = cfg["n_embd"], cfg["n_head"]
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
@@ -171,9 +259,63 @@ def model_keys(cfg: dict) -> dict:
   return keys
 
 
+def _encoder_entries(family: str, m: dict) -> list[Entry]:
+  d, h, hd, f = m["d_model"], m["num_heads"], m["head_dim"], m["mlp_dim"]
+  p = PREFIX[family]
+  e = p + "embeddings."
+  out = [_same(e + "word_embeddings.weight", "embed/embedding"),
+         _same(e + "position_embeddings.weight", "pos_embed/pos_embedding")]
+  if m.get("type_vocab_size"):
+    out.append(_same(e + "token_type_embeddings.weight", "type_embed/embedding"))
+  out += [_same(e + "LayerNorm.weight", "embed_norm/scale"),
+          _same(e + "LayerNorm.bias", "embed_norm/bias")]
+  if family == "distilbert":
+    names = dict(layer="transformer.layer.", q="attention.q_lin", k="attention.k_lin",
+                 v="attention.v_lin", o="attention.out_lin", attn_norm="sa_layer_norm",
+                 wi="ffn.lin1", wo="ffn.lin2", mlp_norm="output_layer_norm")
+  else:
+    names = dict(layer="encoder.layer.", q="attention.self.query", k="attention.self.key",
+                 v="attention.self.value", o="attention.output.dense",
+                 attn_norm="attention.output.LayerNorm", wi="intermediate.dense",
+                 wo="output.dense", mlp_norm="output.LayerNorm")
+  for i in range(m["num_layers"]):
+    hp, bp = f"{p}{names['layer']}{i}.", f"block_{i}/"
+    for ours in ("query", "key", "value"):
+      hf = hp + names[ours[0]]
+      out += [_linear(hf + ".weight", bp + f"attn/{ours}/kernel", d, (h, hd)),
+              _bias(hf + ".bias", bp + f"attn/{ours}/bias", (h, hd))]
+    out += [_linear_in(hp + names["o"] + ".weight", bp + "attn/out/kernel", (h, hd), d),
+            _same(hp + names["o"] + ".bias", bp + "attn/out/bias"),
+            _linear(hp + names["wi"] + ".weight", bp + "mlp/wi/kernel", d, (f,)),
+            _same(hp + names["wi"] + ".bias", bp + "mlp/wi/bias"),
+            _linear(hp + names["wo"] + ".weight", bp + "mlp/wo/kernel", f, (d,)),
+            _same(hp + names["wo"] + ".bias", bp + "mlp/wo/bias")]
+    for norm in ("attn_norm", "mlp_norm"):
+      out += [_same(hp + names[norm] + ".weight", bp + f"{norm}/scale"),
+              _same(hp + names[norm] + ".bias", bp + f"{norm}/bias")]
+  if m.get("pooler", "none") != "none":
+    out += [_linear(p + "pooler.dense.weight", "pooler/kernel", d, (d,)),
+            _same(p + "pooler.dense.bias", "pooler/bias")]
+  n = m.get("num_classes", 0)
+  if n:
+    hidden, head = {"bert": (None, "classifier"),
+                    "roberta": ("classifier.dense", "classifier.out_proj"),
+                    "distilbert": ("pre_classifier", "classifier")}[family]
+    if hidden:
+      out += [_linear(hidden + ".weight", "cls_hidden/kernel", d, (d,)),
+              _same(hidden + ".bias", "cls_hidden/bias")]
+    out += [_linear(head + ".weight", "cls_head/kernel", d, (n,)),
+            _same(head + ".bias", "cls_head/bias")]
+  return out
+
+
 def entries(family: str, m: dict) -> list[Entry]:
   """Every tensor of the family for model keys `m` (as model_keys returns)."""
+  if family in ENCODERS:
+    return _encoder_entries(family, m)
   d, h, kv, hd = m["d_model"], m["num_heads"], m["num_kv_heads"], m["head_dim"]
+  n = m.get("num_classes", 0)
+  head = [_linear("score.weight", "cls_head/kernel", d, (n,))] if n else []
   out = []
   if family == "gpt2":
     p = "transformer."
@@ -205,7 +347,7 @@ def entries(family: str, m: dict) -> list[Entry]:
           _same(hp + "mlp.c_proj.bias", bp + "mlp/wo/bias"),
       ]
     out += [_same(p + "ln_f.weight", "final_norm/scale"), _same(p + "ln_f.bias", "final_norm/bias")]
-    return out
+    return out + head
   p = "model."
   out.append(_same(p + "embed_tokens.weight", "embed/embedding"))
   for i in range(m["num_layers"]):
@@ -232,15 +374,64 @@ def entries(family: str, m: dict) -> list[Entry]:
               _same(f + "up_proj.bias", bp + "mlp/wi/bias"),
               _same(f + "down_proj.bias", bp + "mlp/wo/bias")]
   out.append(_same(p + "norm.weight", "final_norm/scale"))
-  if not m["tie_embeddings"]:
+  if not m["tie_embeddings"] and not n:
     out.append(_linear("lm_head.weight", "lm_head/kernel", d, (m["vocab_size"],)))
-  return out
+  return out + head
 
 
 # --- export: our config -> an HF config.json -------------------------------------------------
-def hf_config(family: str, m: dict, vocab_size: int, extra: dict) -> dict:
-  """config.json for `family` from config.model `m` (a plain dict); extra: token ids etc."""
-  if family == "gpt2":
+def _labels(n: int, labels: dict | None) -> dict:
+  id2label = {str(i): (labels or {}).get(str(i), f"LABEL_{i}") for i in range(n)}
+  return {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()},
+          "problem_type": "single_label_classification"}
+
+
+def architecture(family: str, m: dict) -> str:
+  """The transformers class a run exports as: the family's base model (encoders), its causal LM
+  (decoders) or its sequence classifier."""
+  base = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma",
+          "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}[family]
+  if m.get("num_classes", 0):
+    return base + "ForSequenceClassification"
+  return base + ("Model" if family in ENCODERS else
+                 "LMHeadModel" if family == "gpt2" else "ForCausalLM")
+
+
+def _encoder_config(family: str, m: dict, vocab_size: int) -> dict:
+  act = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu"}[m["mlp_activation"]]
+  if family == "distilbert":
+    return {"model_type": family, "vocab_size": vocab_size, "dim": m["d_model"],
+            "n_layers": m["num_layers"], "n_heads": m["num_heads"], "hidden_dim": m["mlp_dim"],
+            "activation": act, "max_position_embeddings": m["max_len"],
+            "sinusoidal_pos_embds": False, "dropout": 0.1, "attention_dropout": 0.1,
+            "seq_classif_dropout": 0.2, "qa_dropout": 0.1, "tie_weights_": True}
+  cfg = {"model_type": family, "vocab_size": vocab_size, "hidden_size": m["d_model"],
+         "num_hidden_layers": m["num_layers"], "num_attention_heads": m["num_heads"],
+         "intermediate_size": m["mlp_dim"], "hidden_act": act,
+         "max_position_embeddings": m["max_len"], "type_vocab_size": m["type_vocab_size"],
+         "layer_norm_eps": m["norm_eps"], "hidden_dropout_prob": 0.1,
+         "attention_probs_dropout_prob": 0.1, "position_embedding_type": "absolute",
+         "classifier_dropout": None, "is_decoder": False}
+  return cfg
+
+
+def hf_config(family: str, m: dict, vocab_size: int, extra: dict,
+              labels: dict | None = None) -> dict:
+  """config.json for `family` from config.model `m` (a plain dict); extra: token ids etc.;
+  labels: a classifier's id2label (default LABEL_i)."""
+  cfg = _hf_config(family, m, vocab_size, extra)
+  cfg["architectures"] = [architecture(family, m)]
+  if m.get("num_classes", 0):
+    cfg.update(_labels(m["num_classes"], labels))
+  return cfg
+
+
+def _hf_config(family: str, m: dict, vocab_size: int, extra: dict) -> dict:
+  if family in ENCODERS:
+    cfg = _encoder_config(family, m, vocab_size)
+    if family == "roberta":   # positions start after padding_idx (pad_token_id)
+      extra = {**extra, "pad_token_id": m["position_offset"] - 1}
+  elif family == "gpt2":
     cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
            "n_embd": m["d_model"], "n_layer": m["num_layers"], "n_head": m["num_heads"],
            "n_positions": m["max_len"], "n_inner": m["mlp_dim"],
@@ -287,12 +478,65 @@ def hf_config(family: str, m: dict, vocab_size: int, extra: dict) -> dict:
   return cfg
 
 
+def check_exportable(family: str, m: dict):
+  """ConvertError when a model (config.model dict, with num_classes) has a part the family's
+  transformers class cannot hold: the classifier's pooling and head shape."""
+  n = m.get("num_classes", 0)
+  if not n:
+    return
+  pooling, pooler = m.get("pooling", "mean"), m.get("pooler", "none")
+  hidden, bias = m.get("cls_hidden", "none"), m.get("cls_bias", False)
+  if family in ENCODERS:
+    want = {"bert": ("tanh", "none"), "roberta": ("none", "tanh"),
+            "distilbert": ("none", "relu")}[family]
+    if pooling != "cls" or (pooler, hidden) != want or not bias:
+      raise ConvertError(f"a {family} classifier exports with its own head only (pooling=cls, "
+                         f"pooler={want[0]}, cls_hidden={want[1]}, cls_bias=True); this one has "
+                         f"pooling={pooling}, pooler={pooler}, cls_hidden={hidden}, "
+                         f"cls_bias={bias}")
+  elif pooling != "last" or pooler != "none" or hidden != "none" or bias:
+    raise ConvertError(
+        f"a decoder classifier exports as {architecture(family, m)} only with its head: the "
+        f"last token's state -> one linear layer without bias (model.pooling=last, pooler=none, "
+        f"cls_hidden=none, cls_bias=False); this one has pooling={pooling}, pooler={pooler}, "
+        f"cls_hidden={hidden}, cls_bias={bias} (fine-tune with --config.model.pooling=last)")
+
+
+def _encoder_family(m: dict) -> str:
+  get = lambda k, default: m.get(k, default)
+  shape = (get("positions", "rope") == "learned" and get("norm", "rmsnorm") == "layernorm"
+           and get("norm_bias", False) and get("norm_placement", "pre") == "post"
+           and get("qkv_bias", False) and get("out_bias", False) and get("mlp_bias", False)
+           and get("embed_norm", False) and get("tie_embeddings", True)
+           and m["mlp_activation"] in ("gelu", "gelu_exact", "relu")
+           and m["num_kv_heads"] == m["num_heads"]
+           and m["head_dim"] * m["num_heads"] == m["d_model"]
+           and get("attention", {}).get("kind", "full") != "local")
+  if not shape:
+    raise ConvertError("a bidirectional model exports as BERT / RoBERTa / DistilBERT only "
+                       "(learned positions, post-LN LayerNorm with biases, biases on every "
+                       "projection, embedding norm, plain MLP, tied embedding)")
+  if get("position_offset", 0):
+    return "roberta"
+  if get("type_vocab_size", 0):
+    return "bert"
+  if get("norm_eps", 1e-6) != 1e-12 or get("pooler", "none") != "none":
+    raise ConvertError("an encoder without token-type embeddings exports as DistilBERT only "
+                       "(LayerNorm eps 1e-12, no pooler)")
+  return "distilbert"
+
+
 def export_family(m: dict) -> str:
   """The HF family a model (config.model dict) exports as; ConvertError if none fits."""
   get = lambda k, default: m.get(k, default)
   attn = get("attention", {})
   if attn.get("num_global", 0):
     raise ConvertError("model.attention.num_global > 0 has no Hugging Face equivalent")
+  if not get("causal", True):
+    return _encoder_family(m)
+  if get("type_vocab_size", 0) or get("embed_norm", False) or get("position_offset", 0):
+    raise ConvertError("token-type embeddings, an embedding norm and a position offset export "
+                       "with the encoders (model.causal=False) only")
   if get("norm_placement", "pre") != "pre" or not get("causal", True):
     raise ConvertError("only causal pre-norm decoders export")
   if get("logit_softcap", 0.0):

@@ -61,7 +61,8 @@ def _start_state(parts: build.Parts, sources: build.Sources, checkpointer, lates
     return state
   state = parts.init_state()
   if sources.pretrained is not None:
-    state = finetune.load_backbone(sources.pretrained, state, parts.mesh)
+    state = finetune.load_backbone(sources.pretrained, state, parts.mesh,
+                                   student=parts.distilling)
   if sources.teacher is not None:
     state = finetune.add_teacher(state, sources.teacher, parts.task, parts.mesh)
     if parts.config.distill.init_student == "teacher_layers":

@@ -76,7 +76,8 @@ class DistillTask(Task):
     total = self.alpha * kd + (1 - self.alpha) * task_loss
     sums = {**sums, "task_loss": task_loss, "kd": kd}
     if self.hidden_weight:
-      valid = (tokens > 0).astype(jnp.float32)
+      # The rows' own mask where they have one (id 0 is a real token in HF vocabularies).
+      valid = (batch["mask"] > 0 if "mask" in batch else tokens > 0).astype(jnp.float32)
       s_rel, pair = _relation(s_hidden, valid)
       t_rel, _ = _relation(t_hidden, valid)
       # Per row: mean squared difference over its valid pairs, weighted like the task.
