@@ -92,13 +92,18 @@ def make_hf_encoder(family: str, out: str, num_labels: int = 0, init_range: floa
   torch.manual_seed(0)
   cfg = encoder_config(family, max(num_labels, 2), layers)
   cfg.initializer_range = init_range
-  auto = (transformers.AutoModelForSequenceClassification if num_labels
-          else transformers.AutoModel)
+  model = _build_and_save(cfg, transformers.AutoModelForSequenceClassification if num_labels
+                          else transformers.AutoModel, family, out)
+  train_encoder_tokenizer(out, family)
+  return model
+
+
+def _build_and_save(cfg, auto, family: str, out: str):
+  """`auto` built from `cfg` with random norms and biases, in eval mode, saved to `out`."""
   model = auto.from_config(cfg, attn_implementation="eager")
   _randomise_vectors(model, family)
   model.eval()
   model.save_pretrained(out, safe_serialization=True)
-  train_encoder_tokenizer(out, family)
   return model
 
 
@@ -146,11 +151,7 @@ def make_hf(family: str, out: str, num_labels: int = 0):
   if num_labels:
     cfg.num_labels = num_labels
     cfg.pad_token_id = 0
-  auto = (transformers.AutoModelForSequenceClassification if num_labels
-          else transformers.AutoModelForCausalLM)
-  model = auto.from_config(cfg, attn_implementation="eager")
-  _randomise_vectors(model, family)
-  model.eval()
-  model.save_pretrained(out, safe_serialization=True)
+  model = _build_and_save(cfg, transformers.AutoModelForSequenceClassification if num_labels
+                          else transformers.AutoModelForCausalLM, family, out)
   train_tokenizer(out, "bytelevel" if family in ("gpt2", "qwen2") else "metaspace")
   return model
