@@ -28,6 +28,11 @@ those examples in `<metric>_count` and a bootstrap 95% CI):
   occur in the source: how abstractive (or how hallucinating) the summary is.
 - compression_ratio: source words / summary words (whitespace-separated).
 - summary_words: summary length in words (every example).
+- repeats_4gram: 1 if the summary says a lower-cased word 4-gram twice (overlapping
+  occurrences count), else 0 (every example): the mean is the share of summaries that repeat
+  themselves, and `summaries_repeating_4gram` their number. Words here are the \w+ runs
+  (punctuation dropped), so this also catches repeats that eval.decode.no_repeat_ngram_size
+  (which bans repeated *token* n-grams) lets through when the same words tokenize differently.
 """
 import re
 
@@ -36,6 +41,7 @@ from eval import common
 NAME = "factual"
 _FIELDS = {"prediction": str, "reference": str, "source": str}
 NGRAM_ORDERS = (1, 2, 3)
+REPEAT_ORDER = 4   # the summarization presets' eval.decode.no_repeat_ngram_size
 
 _NUMBER = re.compile(r"(?<!\w)(\d+(?:[.,]\d+)*)(?:st|nd|rd|th)?(?!\w)")
 
@@ -107,6 +113,15 @@ def _ngrams(tokens: list[str], n: int) -> set[tuple]:
   return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
+def repeated_ngrams(tokens: list[str], n: int = REPEAT_ORDER) -> set[tuple]:
+  """The n-grams that occur more than once in `tokens`."""
+  seen, repeated = set(), set()
+  for i in range(len(tokens) - n + 1):
+    gram = tuple(tokens[i:i + n])
+    (repeated if gram in seen else seen).add(gram)
+  return repeated
+
+
 def _share_found(items: set, found) -> float | None:
   return sum(1 for x in items if found(x)) / len(items) if items else None
 
@@ -131,7 +146,12 @@ def example_metrics(summary: str, source: str) -> dict[str, float | None]:
                                          lambda g: g not in source_ngrams)
   out["compression_ratio"] = len(source.split()) / summary_words if summary_words else None
   out["summary_words"] = float(summary_words)
+  out["repeats_4gram"] = float(bool(repeated_ngrams(summary_tokens)))
   return out
+
+
+# Defined for every example, so no "<metric>_count" of examples where they are.
+_ALWAYS_DEFINED = ("summary_words", "repeats_4gram")
 
 
 def evaluate(records: list[dict], cfg) -> dict:
@@ -141,8 +161,9 @@ def evaluate(records: list[dict], cfg) -> dict:
   for metric in per_example[0]:
     values = [e[metric] for e in per_example if e[metric] is not None]
     common.add_mean(out, metric, values, cfg)
-    if metric != "summary_words":
+    if metric not in _ALWAYS_DEFINED:
       out[f"{metric}_count"] = len(values)
+  out["summaries_repeating_4gram"] = sum(int(e["repeats_4gram"]) for e in per_example)
   return out
 
 
