@@ -33,6 +33,26 @@ from helpers import _review, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
+def one_device():
+  """Meshes built from a config (`model.sharding.make_mesh` without devices) use only the first
+  of the 8 fake devices while the module runs. For the modules that train tiny models in-process
+  to test fine-tuning, decoding or serving, an 8-way split is pure overhead (~20% of their time on
+  2 cores); sharded training is what test_sharding, test_harness and the launch tests cover.
+  Use as `pytestmark = pytest.mark.usefixtures("one_device")` (it precedes the module's fixtures).
+  """
+  import jax
+  from model import sharding as sharding_lib
+  make_mesh = sharding_lib.make_mesh
+
+  def first_device_mesh(mesh_cfg, devices=None):
+    return make_mesh(mesh_cfg, jax.devices()[:1] if devices is None else devices)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sharding_lib, "make_mesh", first_device_mesh)
+    yield
+
+
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A folder of small deterministic pseudo-legal documents (.txt and .jsonl)."""
   return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -26,6 +26,9 @@ from model import tokenizer as tokenizer_lib
 from model.errors import DataError
 from train.tasks import summarize
 
+pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
+
+
 @pytest.fixture(scope="module")
 def classifier_run(sentiment_files, tmp_path_factory):
   """A tiny classifier trained from scratch: (workdir, result); also the distillation teacher."""

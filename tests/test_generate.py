@@ -21,6 +21,9 @@ from helpers import call as _call, serving as _serving
 from infer import loading
 from train import run as run_lib
 
+pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
+
+
 PROMPTS = ["great wonderful film", "the plot was", "music and camera work", "a"]
 
 

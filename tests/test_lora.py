@@ -21,6 +21,9 @@ from train import run as run_lib
 from train import state as state_lib
 from train.config_check import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -23,7 +23,8 @@ from infer import loading, prune, quantize, serve
 from model.transformer import Transformer
 from train import run as run_lib
 
-pytestmark = pytest.mark.filterwarnings("ignore:'VariableState' was removed:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:'VariableState' was removed:DeprecationWarning"),
+              pytest.mark.usefixtures("one_device")]   # in-process runs on 1 of the 8 fake devices
 
 
 def _forward(cfg, params, tokens):

@@ -30,6 +30,9 @@ from infer import decode, inputs, loading, serve
 from infer import main as batch_lib
 from train import run as run_lib
 
+pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
+
+
 TEXTS = ["great wonderful film", "awful boring script", "the plot was dull", "superb cast",
          "hated the ending", "a moving story", "music and camera", "terrible waste"]
 MAX_BATCH, MAX_CHARS = 4, 200

@@ -128,7 +128,7 @@ def train(config, workdir: str) -> dict:
   n_params = parts.param_count()
   peak, peak_source = metrics_lib.peak_flops_per_device(config.train.peak_flops)
   logging.info("model: %.2fM params; mesh %s on %d devices (%d processes); peak %.3g FLOP/s "
-               "per device from %s", n_params / 1e6, dict(parts.mesh.shape), jax.device_count(),
+               "per device from %s", n_params / 1e6, dict(parts.mesh.shape), parts.mesh.size,
                pc, peak, peak_source)
   meta = {"config": json.loads(config.to_json_best_effort()),
           "tokenizer_path": inputs.tokenizer.path, "vocab_size": inputs.tokenizer.vocab_size,
@@ -151,7 +151,7 @@ def train(config, workdir: str) -> dict:
         make_eval_iter=inputs.make_eval_iter, checkpointer=checkpointer, writer=writer,
         meta=meta, flops_per_token=metrics_lib.train_flops_per_token(
             parts.model_cfg, config.data.seq_len),
-        peak_flops_total=peak * jax.device_count(),
+        peak_flops_total=peak * parts.mesh.size,
         best_checkpointer=evaluation and evaluation.best_checkpointer,
         best=evaluation and evaluation.best,
         eval_hooks=evaluation.hooks(pc) if evaluation else {}))
