@@ -1,4 +1,6 @@
-"""The full / local / blocked kernels against reference.attend: forward and d/dq, d/dk, d/dv.
+"""The full / local / blocked kernels against reference.attend: forward and d/dq, d/dk, d/dv;
+also the two causal paths they dispatch to (flash: CPU full + blocked; causal_blocks: other
+backends' full) called directly, so each is covered whatever this machine's backend.
 
 Every case uses an odd length (T=37, block 8, so blocks are padded) and B=2, D=8. Tolerances:
 float32 rtol = atol = 1e-5, bfloat16 rtol = atol = 2e-2 (helpers.F32_* / BF16_*). Also: the
@@ -14,7 +16,7 @@ from absl.testing import parameterized
 
 from helpers import (BF16_ATOL, BF16_RTOL, F32_ATOL, F32_RTOL, lm_batch, numpy_params,
                      replace_cfg, tiny_model_cfg)
-from model.attention import KERNELS, causal_blocks, masks, reference
+from model.attention import KERNELS, causal_blocks, flash, masks, reference
 from model.transformer import Transformer
 
 T, BLOCK = 37, 8
@@ -52,8 +54,18 @@ _SPECS = {
 }
 
 
+_PATHS = {
+    **KERNELS,
+    "flash": lambda q, k, v, *, spec, mask_inputs, implementation, block_size: flash.attend(
+        q, k, v, spec=spec, mask_inputs=mask_inputs, block=block_size),
+    "causal_blocks": lambda q, k, v, *, spec, mask_inputs, implementation, block_size: (
+        causal_blocks.attend(q, k, v, spec=spec, mask_inputs=mask_inputs, block=block_size)),
+}
+
+
 def _check_vs_reference(kernel, spec, mi, dtype, kv_heads, implementation="xla"):
-  q, k, v, cot = _qkv(dtype, kv_heads)
+  # causal_blocks needs T % block == 0 (its callers check `applies`): T = 32 there.
+  q, k, v, cot = _qkv(dtype, kv_heads, t=32 if kernel == "causal_blocks" else T)
 
   def fwd_bwd(fn):
     def run(q, k, v, mi):
@@ -63,7 +75,7 @@ def _check_vs_reference(kernel, spec, mi, dtype, kv_heads, implementation="xla")
       return out, vjp(cot)
     return jax.jit(run)(q, k, v, mi)
 
-  out, grads = fwd_bwd(KERNELS[kernel])
+  out, grads = fwd_bwd(_PATHS[kernel])
   ref_out, ref_grads = fwd_bwd(reference.attend)
   assert out.shape == q.shape and out.dtype == dtype
   tol = (dict(rtol=F32_RTOL, atol=F32_ATOL) if dtype == jnp.float32
@@ -98,6 +110,13 @@ class KernelsMatchReferenceTest(parameterized.TestCase):
       ("blocked_window_causal_mqa_f32", "blocked", "window", "causal", jnp.float32, 1),
       ("blocked_window_globals_packed_gqa_f32", "blocked", "window_globals", "packed",
        jnp.float32, 2),
+      ("flash_causal_mha_f32", "flash", "nowindow", "causal", jnp.float32, 4),
+      ("flash_causal_gqa_bf16", "flash", "nowindow", "causal", jnp.bfloat16, 2),
+      ("flash_packed_mqa_f32", "flash", "nowindow", "packed", jnp.float32, 1),
+      ("flash_window_globals_packed_gqa_f32", "flash", "window_globals", "packed",
+       jnp.float32, 2),
+      ("flash_window_causal_gqa_f32", "flash", "window", "causal", jnp.float32, 2),
+      ("causal_blocks_causal_gqa_f32", "causal_blocks", "nowindow", "causal", jnp.float32, 2),
   )
   def test_matches_reference(self, kernel, spec, inputs, dtype, kv_heads):
     _check_vs_reference(kernel, _SPECS[spec], _INPUTS[inputs], dtype, kv_heads)

@@ -2,9 +2,12 @@
 
 - GPU, bf16/fp16, plain causal mask: the fused cuDNN flash kernel via
   `jax.nn.dot_product_attention(implementation="cudnn")` (no T x T matrix in memory).
-- Elsewhere, causal self-attention without a prefix: causal_blocks, which skips the key blocks
-  above the diagonal (measured 2.1x faster fwd+bwd than XLA's dense kernel on this CPU at
-  T=512); it masks with masks.allowed, so segments and windows stay exact.
+- CPU, causal self-attention without a prefix: flash.py (cache-sized tiles, key blocks above the
+  diagonal never visited, hand-written recompute backward): 1.8x faster fwd+bwd than
+  causal_blocks at B=8, T=512, 8 heads, D=64 on this 2-core CPU (267 vs 475 ms).
+- Other backends, the same masks: causal_blocks, which skips the key blocks above the diagonal
+  (measured 2.1x faster fwd+bwd than XLA's dense kernel on this CPU at T=512).
+  Both mask with masks.allowed, so segments and windows stay exact.
 - Anything else (prefix-LM, cross-attention, odd lengths): XLA's dense kernel with the mask.
 For long contexts use the `blocked` kernel (O(N x block) memory) or `local` (sliding window).
 `implementation` = "xla" or "cudnn" forces one of the library kernels.
@@ -12,7 +15,7 @@ For long contexts use the `blocked` kernel (O(N x block) memory) or `local` (sli
 import jax
 import jax.numpy as jnp
 
-from model.attention import causal_blocks, masks
+from model.attention import causal_blocks, flash, masks
 
 
 def _use_cudnn(implementation: str, dtype, plain_causal: bool) -> bool:
@@ -28,6 +31,9 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
   mi = mask_inputs
   plain = masks.is_plain_causal(spec, mi.q_pos, mi.q_seg, mi.prefix_len)
   use_cudnn = _use_cudnn(implementation, q.dtype, plain)
+  if (implementation == "auto" and not use_cudnn and jax.default_backend() == "cpu" and
+      flash.applies(spec, mi, q.shape[1], k.shape[1])):
+    return flash.attend(q, k, v, spec=spec, mask_inputs=mi, block=block_size)
   if (implementation == "auto" and not use_cudnn and
       causal_blocks.applies(spec, mi, q.shape[1], k.shape[1], block_size)):
     return causal_blocks.attend(q, k, v, spec=spec, mask_inputs=mi, block=block_size)
