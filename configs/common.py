@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0             # global-norm clipping; 0 disables
   c.optim.grad_accum_steps = 1        # micro-batches per optimizer step
   c.optim.z_loss = 1e-4               # weight of log(Z)^2 regulariser; 0 disables
+  # pretrain: > 0 runs the LM head + cross-entropy fused over chunks of this many rows (batch x
+  # position), never holding [B, T, vocab] logits; 0 = plain (logits, then the loss)
+  c.optim.loss_chunk = 0
 
   # --- device mesh: axis sizes, -1 takes the remaining devices ---------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -494,3 +494,27 @@ def test_cross_entropy_z_loss_term():
   np.testing.assert_allclose(m["z_loss"], z, rtol=1e-5)
   np.testing.assert_allclose(total - base, 1e-2 * z, rtol=1e-4)
   np.testing.assert_allclose(m["loss"], base, rtol=1e-6)   # "loss" metric excludes z-loss
+
+
+@pytest.mark.parametrize("tie, chunk", [(True, 5), (False, 16)])
+def test_chunked_cross_entropy_equals_plain_loss_and_grads(tie, chunk):
+  """The fused chunked head + loss (optim.loss_chunk) = logits then cross_entropy: the loss,
+  every metric, and the gradient w.r.t. all params, with z-loss and packed weights; chunk 5
+  does not divide B * T = 24 (padded rows), 16 does not either."""
+  cfg = tiny_model_cfg(tie_embeddings=tie)
+  batch = lm_batch(2, 12, cfg.vocab_size, seed=4, packed=True)
+  model = Transformer(cfg)
+  params = numpy_params(model, batch["tokens"])
+  plain = pretrain.PretrainTask(model, z_loss=1e-2)
+  chunked = pretrain.PretrainTask(model, z_loss=1e-2, loss_chunk=chunk)
+
+  def run(task):
+    grad = jax.value_and_grad(lambda p: task.loss(p, batch, jax.random.PRNGKey(0), True),
+                              has_aux=True)
+    return jax.jit(grad)(params)
+  (loss, metrics), grads = run(chunked)
+  (want, want_metrics), want_grads = run(plain)
+  chex.assert_trees_all_close(loss, want, rtol=F32_RTOL, atol=F32_ATOL)
+  chex.assert_trees_all_close(metrics, want_metrics, rtol=F32_RTOL, atol=F32_ATOL)
+  chex.assert_trees_all_close(grads, want_grads, rtol=F32_RTOL, atol=F32_ATOL)
+  assert float(jnp.max(jnp.abs(grads["embed"]["embedding"]))) > 1e-3

@@ -132,7 +132,8 @@ def make_task(config, model):
   """The task for `config` on `model`; distillation wraps the student's own task around the
   teacher recorded in distill.teacher_model. Tasks get the sub-configs they use."""
   task_cls = tasks.get_task(task_kind(config))
-  base = task_cls(model, z_loss=config.optim.z_loss)
+  base = task_cls(model, z_loss=config.optim.z_loss,
+                  loss_chunk=config.optim.get("loss_chunk", 0))
   if config.task != "distill":
     return base
   from train.tasks import distill

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 
 class Task:
 
-  def __init__(self, model, *, z_loss: float = 0.0):
+  def __init__(self, model, *, z_loss: float = 0.0, loss_chunk: int = 0):
     self.model = model
     self.z_loss = z_loss      # weight of log(Z)^2 in LM losses (config.optim.z_loss)
+    self.loss_chunk = loss_chunk   # rows per fused LM head + loss chunk (pretrain); 0: plain
 
   def inputs(self, batch) -> tuple:
     """(tokens, keyword arguments of the model call) for `batch`."""

@@ -3,6 +3,8 @@
 A target is scored only when it belongs to the same (non-padding) document as its input, so
 packing never teaches the model to predict across a document boundary.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,63 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
                             "weight": jnp.sum(weights)}
 
 
+def chunked_cross_entropy(head, head_params, x, targets, weights, z_loss: float, chunk: int):
+  """cross_entropy(head(head_params, x), ...) without ever holding [B, T, V] logits.
+
+  x [B, T, D] final hidden states; head(head_params, x [B', T', D]) -> logits [B', T', V]. Rows
+  are taken `chunk` at a time (a lax.scan); each chunk's logits, log-sum-exp and target logit
+  are formed, and since the loss is the end of the graph, so is the chunk's gradient: dlogits
+  = weights * (softmax * (1 + 2 z_loss lse) - onehot), pulled back through the head right
+  there (custom_vjp). The backward pass then only scales the stored dx and d(head_params) by
+  the loss's cotangent: no logits are kept or recomputed. Returns what cross_entropy returns.
+  """
+  b, t, d = x.shape
+  n = b * t
+  pad = -n % chunk
+  rows = lambda a: jnp.pad(a.reshape(n, *a.shape[2:]), [(0, pad)] + [(0, 0)] * (a.ndim - 2))
+  xs = rows(x).reshape(-1, chunk, d)
+  ts, ws = rows(targets).reshape(-1, chunk), rows(weights).reshape(-1, chunk)
+  total, metrics = _fused_ce(head, z_loss, head_params, xs, ts, ws)
+  return total, {**metrics, "weight": jnp.sum(weights)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_ce(head, z_loss, head_params, xs, ts, ws):
+  return _fused_ce_fwd(head, z_loss, head_params, xs, ts, ws)[0]
+
+
+def _fused_ce_fwd(head, z_loss, head_params, xs, ts, ws):
+  def body(dparams, chunk):
+    xc, tc, wc = chunk
+    logits, pull = jax.vjp(lambda p, x: head(p, x[None])[0], head_params, xc)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
+    probs = jnp.exp(logits - lse[:, None])
+    dlogits = wc[:, None] * (probs * (1.0 + 2.0 * z_loss * lse)[:, None] - onehot)
+    dp, dx = pull(dlogits.astype(logits.dtype))
+    sums = (jnp.sum((lse - target_logit) * wc), jnp.sum(jnp.square(lse) * wc),
+            jnp.sum((jnp.argmax(logits, axis=-1) == tc) * wc))
+    return jax.tree.map(jnp.add, dparams, dp), (sums, dx)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), head_params)
+  dparams, ((nll, z, correct), dxs) = jax.lax.scan(body, zeros, (xs, ts, ws))
+  nll, z, correct = nll.sum(), z.sum(), correct.sum()
+  out = (nll + z_loss * z, {"loss": nll, "z_loss": z, "accuracy": correct})
+  return out, (dparams, dxs.astype(xs.dtype), head_params)
+
+
+def _fused_ce_bwd(head, z_loss, res, cotangent):
+  dparams, dxs, head_params = res
+  g = cotangent[0]   # only the loss is differentiated; the metrics' cotangents are ignored
+  scale = lambda tree, like: jax.tree.map(lambda a, p: (a * g).astype(p.dtype), tree, like)
+  return scale(dparams, head_params), (dxs * g).astype(dxs.dtype), None, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
 class PretrainTask(Task):
   """Batches: tokens, segment_ids, positions (all int32 [B, T])."""
 
@@ -53,3 +112,21 @@ class PretrainTask(Task):
   def score(self, logits, batch, train: bool):
     targets, weights = lm_targets(batch["tokens"], batch.get("segment_ids"))
     return cross_entropy(logits, targets, weights, self.z_loss if train else 0.0)
+
+  def loss(self, params, batch, rng, train: bool):
+    """With loss_chunk > 0 (config.optim.loss_chunk), the LM head and the loss run fused
+    over chunks of rows (chunked_cross_entropy); otherwise logits, then score."""
+    if not self.loss_chunk:
+      return super().loss(params, batch, rng, train)
+    hidden = self.forward(params, batch, rng, train, return_hidden=True)
+    return self.head_loss(params, hidden, batch, train)
+
+  def head_loss(self, params, hidden, batch, train: bool):
+    """(loss_sum, metric_sums) from the final (normed) hidden states [B, T, D]."""
+    head = lambda p, x: self.model.apply({"params": p}, x, method=lambda m, x: m.head(x))
+    if not self.loss_chunk:
+      return self.score(head(params, hidden), batch, train)
+    targets, weights = lm_targets(batch["tokens"], batch.get("segment_ids"))
+    head_params = {k: params[k] for k in ("embed", "lm_head") if k in params}
+    return chunked_cross_entropy(head, head_params, hidden, targets, weights,
+                                 self.z_loss if train else 0.0, self.loss_chunk)
