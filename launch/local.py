@@ -9,6 +9,7 @@ process is prefixed with its id; the launcher exits with the first non-zero exit
 forwards SIGTERM/SIGINT to all processes (so a preempted job still checkpoints).
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,9 +25,12 @@ _MODULE = flags.DEFINE_string("module", "train.main", "Python module each proces
 
 def process_env(process_id: int, num_processes: int, port: int, devices: int) -> dict:
   env = dict(os.environ)
+  # The caller's other XLA flags reach every process; only the device count is ours.
+  xla_flags = re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "",
+                     env.get("XLA_FLAGS", ""))
   env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
              JAX_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip())
   return env
 
 

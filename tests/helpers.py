@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -143,9 +144,16 @@ def base_args(corpus, data_dir, workdir, **overrides):
           [f"--config.{k}={v}" for k, v in flags.items()])
 
 
+def xla_flags(devices: int) -> str:
+  """The test process's XLA_FLAGS (conftest.py: no LLVM optimisation) with `devices` fake CPU
+  devices, for a child process."""
+  flags = re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def env(devices=1):
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=xla_flags(devices))
   e.pop("JAX_COORDINATOR_ADDRESS", None)
   return e
 

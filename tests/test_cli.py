@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import legal_pretrain
+from helpers import env
 from model import log_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -24,13 +25,6 @@ TINY = "--config=configs/legal_pretrain.py:tiny"
 _WORDS = ("agreement party licensor licensee shall hereby grant right license software term "
           "termination notice written consent breach damages liability warranty indemnify "
           "confidential information obligation payment fee royalty territory").split()
-
-
-def env():
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-           XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  e.pop("JAX_COORDINATOR_ADDRESS", None)
-  return e
 
 
 def run_main(*args, timeout=600):

@@ -224,3 +224,11 @@ def test_local_launch_trains_two_processes_and_resumes_exactly(
   for row in again:   # the resumed processes continue exactly where the checkpoint left off
     assert row["loss"] == first_time[row["split"], row["step"]], row
   assert np.isfinite(row["loss"])
+
+
+def test_local_processes_keep_the_callers_xla_flags(monkeypatch):
+  from launch import local
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
+  env = local.process_env(1, 2, 1234, devices=4)
+  assert env["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=4"
+  assert (env["JAX_PROCESS_ID"], env["JAX_NUM_PROCESSES"]) == ("1", "2")

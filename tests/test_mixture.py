@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from helpers import env
 from model.errors import DataError
 from train.data import mixture as mixture_lib
 from train.data import pipeline, tokenizer_training
@@ -178,13 +179,6 @@ def _args(sources, data_dir, workdir):
           [f"--config.{k}={v}" for k, v in flags.items()])
 
 
-def _env():
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-           XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  e.pop("JAX_COORDINATOR_ADDRESS", None)
-  return e
-
-
 def _train_rows(workdir):
   """{step: the train metrics row}; a resumed run re-logs steps: the last entry wins."""
   out = {}
@@ -201,13 +195,13 @@ def test_killed_mixture_run_resumes_bit_identical(sources, tmp_path):
   cache = tmp_path / "cache"
   reference = tmp_path / "reference"
   done = subprocess.run([sys.executable, "-m", "train.main",
-                         *_args(sources, cache, reference)], cwd=REPO, env=_env(),
+                         *_args(sources, cache, reference)], cwd=REPO, env=env(),
                         capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   workdir = tmp_path / "killed"
   args = _args(sources, cache, workdir)
   with open(tmp_path / "killed.log", "w") as log:
-    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 600
     while not os.path.isdir(workdir / "checkpoints" / "10" / "data"):
@@ -218,7 +212,7 @@ def test_killed_mixture_run_resumes_bit_identical(sources, tmp_path):
     proc.wait(timeout=60)
   steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   assert steps and steps[-1] < 30, steps
-  resumed = subprocess.run([sys.executable, "-m", "train.main", *args], cwd=REPO, env=_env(),
+  resumed = subprocess.run([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(),
                            capture_output=True, text=True, timeout=900)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stderr
