@@ -8,6 +8,8 @@ Presets:
 - `plain_english`: ToS/contract sections -> plain-English summaries (446 pairs; a fixed 15%
   held out by id hash is the test split; 10% of the rest is validation).
 - `in_abs`: Indian Supreme Court judgments -> headnotes (IN-Abs train/test).
+- `in_abs_4k`: the same at 4,096 tokens (3,072 of judgment, 1,024 of headnote), to start from
+  `legal_pretrain.py:in_abs_lm` (legal text + IN-Abs train judgments at 4k).
 - `tiny`: tests (set the files).
 Both read local JSONL copies under $LEGAL_LM_DATA (default ../shared/data; no TFDS builder
 exists for either: README "Datasets: where they come from"); any JSONL or CSV/TSV file with
@@ -85,4 +87,17 @@ def _tiny(config):
                      length_buckets=(20, 40))
 
 
-PRESETS = {"plain_english": _plain_english, "in_abs": _in_abs, "tiny": _tiny}
+def _in_abs_4k(config):
+  # IN-Abs at long context, step 2 (issue 16), from legal_pretrain.py:in_abs_lm (init_from):
+  # 4,096-token rows, the judgment's head and tail in 3,072 tokens and a headnote of up to
+  # 1,024 (headnotes average 932 words; 256 tokens held a quarter of one), `blocked` attention.
+  _in_abs(config)
+  config.data.seq_len = 4096
+  config.data.target_len = 1024
+  config.data.batch_size = 2
+  config.eval.decode_len = 1024
+  config.eval.batch_size = 4
+
+
+PRESETS = {"plain_english": _plain_english, "in_abs": _in_abs, "in_abs_4k": _in_abs_4k,
+           "tiny": _tiny}
