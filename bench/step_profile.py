@@ -37,6 +37,7 @@ from model.attention import masks
 from model.config import ModelConfig
 from model.transformer import MultiHeadAttention
 from train import build
+from train import step as step_lib
 
 
 def _define_flags():
@@ -49,9 +50,10 @@ def _define_flags():
   _PARTS = flags.DEFINE_list("parts", [], "Only these parts (default: all).")
 
 
-def time_compiled(fn, args, repeats: int) -> tuple[float, float]:
-  """(median seconds, XLA flops) of jit(fn)(*args): compiled once, one untimed call first."""
-  compiled = jax.jit(fn).lower(*args).compile()
+def time_compiled(fn, args, repeats: int, options=None) -> tuple[float, float]:
+  """(median seconds, XLA flops) of jit(fn)(*args): compiled once (with XLA `options`, as the
+  train step is), one untimed call first."""
+  compiled = jax.jit(fn).lower(*args).compile(compiler_options=options or None)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", float("nan")))
@@ -143,15 +145,16 @@ def part_fns(config):
 def run_profile(config, repeats: int = 3, only=()) -> dict:
   """{part: {ms, per_step_ms, flops, gflops_per_s}} plus the step and `other`."""
   out = {}
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  options = step_lib.compiler_options(mesh, config.train.get("xla_cpu_dot_library", "xla"))
   for name, (fn, args, mult) in part_fns(config).items():
     if only and name not in only:
       continue
-    sec, flops = time_compiled(fn, args, repeats)
+    sec, flops = time_compiled(fn, args, repeats, options)
     out[name] = {"ms": 1e3 * sec, "per_step_ms": 1e3 * sec * mult, "times": mult,
                  "flops": flops, "gflops_per_s": flops / sec / 1e9}
   if only and "step" not in only:
     return out
-  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   batch = step_time.make_batch(config, packed=False, seed=config.seed)
   runner = step_time.build_project(config, batch, mesh)
   runner.run(1, timed=False)

@@ -187,7 +187,8 @@ class Parts:
     return step_lib.compile_train_step(
         self.task, self.tx, self.schedule, self.config.optim.grad_accum_steps, self.mesh,
         self.abstract, self.shardings, batch or self.dummy_batch(),
-        skip_nonfinite=self.config.train.nonfinite == "skip", trainable=self.trainable)
+        skip_nonfinite=self.config.train.nonfinite == "skip", trainable=self.trainable,
+        cpu_dot_library=self.config.train.get("xla_cpu_dot_library", "xla"))
 
   def param_count(self) -> int:
     return state_lib.param_count(self.eval_params(self.abstract.params))
