@@ -119,17 +119,18 @@ def part_fns(config):
   task, model = parts_.task, parts_.model
   batch = {"tokens": tokens}
 
-  def head_loss(p, x):
+  # Inputs are arguments, never closed-over constants (XLA would constant-fold them).
+  def head_loss(p, x, batch):
     h = model.apply({"params": p}, x, method=lambda m, x: m.final_norm(x))
     return task.head_loss(p, h, batch, True)[0]
   head_params = {k_: params[k_] for k_ in ("embed", "final_norm", "lm_head") if k_ in params}
-  parts["head + loss"] = (lambda p, x: jax.grad(head_loss, argnums=(0, 1))(p, x),
-                          (head_params, x), 1)
+  parts["head + loss"] = (lambda p, x, batch: jax.grad(head_loss, argnums=(0, 1))(p, x, batch),
+                          (head_params, x, batch), 1)
 
-  def embed(p):
+  def embed(p, tokens, x):
     return jnp.sum(model.apply({"params": p}, tokens, method=lambda m, t: m.embed(t))
                    .astype(jnp.float32) * x.astype(jnp.float32))
-  parts["embedding"] = (jax.grad(embed), ({"embed": params["embed"]},), 1)
+  parts["embedding"] = (jax.grad(embed), ({"embed": params["embed"]}, tokens, x), 1)
 
   grads = jax.tree.map(jnp.ones_like, params)
   opt_state = parts_.tx.init(params)

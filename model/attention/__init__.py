@@ -3,9 +3,11 @@
 Every kernel is `attend(q, k, v, *, spec, mask_inputs, implementation, block_size) -> out`. A new
 variant is one new module plus one line in KERNELS.
 
-- full: exact, dense or fused per backend (short and medium contexts).
+- full: exact, dense or fused per backend (short and medium contexts; on CPU the causal path
+  is flash.py).
 - local: causal sliding window (+ global tokens), O(N * window).
-- blocked: exact, online softmax over key blocks, O(N * block) memory; any mask.
+- blocked: exact, online softmax over key blocks, O(N * block) memory; any mask (causal
+  self-attention through flash.py: tiles, hand-written recompute backward).
 """
 from model.attention import blocked, full, local
 
