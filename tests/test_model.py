@@ -518,3 +518,6 @@ def test_chunked_cross_entropy_equals_plain_loss_and_grads(chunk=5):
   chex.assert_trees_all_close(metrics, want_metrics, rtol=F32_RTOL, atol=F32_ATOL)
   chex.assert_trees_all_close(grads, want_grads, rtol=F32_RTOL, atol=F32_ATOL)
   assert float(jnp.max(jnp.abs(grads["embed"]["embedding"]))) > 1e-3
+  # Undifferentiated (evaluation: the custom_vjp's primal, sums only) it is the same loss too.
+  evaluate = lambda task: jax.jit(lambda p: task.loss(p, batch, None, False))(params)
+  chex.assert_trees_all_close(evaluate(chunked), evaluate(plain), rtol=F32_RTOL, atol=F32_ATOL)

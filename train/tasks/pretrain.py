@@ -56,31 +56,45 @@ def chunked_cross_entropy(head, head_params, x, targets, weights, z_loss: float,
   return total, {**metrics, "weight": jnp.sum(weights)}
 
 
+def _chunk_terms(head, head_params, xc, tc, wc):
+  """One chunk's f32 logits, log-sum-exp and (nll, z, correct) sums, and the head's pullback."""
+  logits, pull = jax.vjp(lambda p, x: head(p, x[None])[0], head_params, xc)
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+  sums = (jnp.sum((lse - target_logit) * wc), jnp.sum(jnp.square(lse) * wc),
+          jnp.sum((jnp.argmax(logits, axis=-1) == tc) * wc))
+  return logits, lse, sums, pull
+
+
+def _totals(z_loss, nll, z, correct):
+  nll, z, correct = nll.sum(), z.sum(), correct.sum()
+  return nll + z_loss * z, {"loss": nll, "z_loss": z, "accuracy": correct}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused_ce(head, z_loss, head_params, xs, ts, ws):
-  return _fused_ce_fwd(head, z_loss, head_params, xs, ts, ws)[0]
+  # Without differentiation (evaluation) only the sums: no gradient is formed per chunk.
+  def body(_, chunk):
+    return None, _chunk_terms(head, head_params, *chunk)[2]
+
+  _, sums = jax.lax.scan(body, None, (xs, ts, ws))
+  return _totals(z_loss, *sums)
 
 
 def _fused_ce_fwd(head, z_loss, head_params, xs, ts, ws):
   def body(dparams, chunk):
     xc, tc, wc = chunk
-    logits, pull = jax.vjp(lambda p, x: head(p, x[None])[0], head_params, xc)
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    logits, lse, sums, pull = _chunk_terms(head, head_params, xc, tc, wc)
     onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
     probs = jnp.exp(logits - lse[:, None])
     dlogits = wc[:, None] * (probs * (1.0 + 2.0 * z_loss * lse)[:, None] - onehot)
     dp, dx = pull(dlogits.astype(logits.dtype))
-    sums = (jnp.sum((lse - target_logit) * wc), jnp.sum(jnp.square(lse) * wc),
-            jnp.sum((jnp.argmax(logits, axis=-1) == tc) * wc))
     return jax.tree.map(jnp.add, dparams, dp), (sums, dx)
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), head_params)
-  dparams, ((nll, z, correct), dxs) = jax.lax.scan(body, zeros, (xs, ts, ws))
-  nll, z, correct = nll.sum(), z.sum(), correct.sum()
-  out = (nll + z_loss * z, {"loss": nll, "z_loss": z, "accuracy": correct})
-  return out, (dparams, dxs.astype(xs.dtype), head_params)
+  dparams, (sums, dxs) = jax.lax.scan(body, zeros, (xs, ts, ws))
+  return _totals(z_loss, *sums), (dparams, dxs.astype(xs.dtype), head_params)
 
 
 def _fused_ce_bwd(head, z_loss, res, cotangent):
