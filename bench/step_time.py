@@ -14,6 +14,7 @@ latency per batch size, throughput, model size and peak memory) on the first dev
 """
 import dataclasses
 import json
+import re
 import resource
 import statistics
 import time
@@ -36,7 +37,7 @@ def _define_flags():
   # Only when run as a command: other entry points (train.main) define --config too, and
   # tests import this module beside them.
   global _CONFIG, _STEPS, _ROUNDS, _WARMUP, _PACKED, _PEAK, _DEVICES, _JSON, _MODE
-  global _BATCH_SIZES, _ITERS
+  global _BATCH_SIZES, _ITERS, _ALSO_DTYPE
   _CONFIG = config_flags.DEFINE_config_file(
       "config", "configs/bench_step.py", "Benchmark config, e.g. configs/bench_step.py:cpu",
       lock_config=True)
@@ -51,6 +52,11 @@ def _define_flags():
                             "train: the train step against the reference; inference: "
                             "forward-pass latency (bench/latency.py).")
   _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "--mode=inference: batch sizes.")
+  _ALSO_DTYPE = flags.DEFINE_enum(
+      "also_dtype", None, ["float32", "bfloat16"],
+      "Also time the project's step with model.dtype set to this, in the same alternating "
+      "rounds (row project_<dtype>; dtype_ratio = project median / its median), e.g. "
+      "bf16 against f32 compute on one CPU without a second run's noise.")
   _ITERS = flags.DEFINE_integer("iters", 20, "--mode=inference: timed calls per batch size, at "
                                 "least (--warmup untimed calls come first).")
 
@@ -95,14 +101,14 @@ class _Runner:
       self.losses.append(float(self.loss_of(out)))
 
 
-def build_project(config, batch, mesh) -> _Runner:
+def build_project(config, batch, mesh, name: str = "project") -> _Runner:
   """The training run's step: real sharded state, optimizer and step, compiled ahead of time."""
   t0 = time.perf_counter()
   parts = build.build(config, mesh)
   state = parts.init_state()
   compiled = parts.compile_train_step(batch)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  return _Runner("project", compiled, state, jax.device_put(batch, batch_sharding),
+  return _Runner(name, compiled, state, jax.device_put(batch, batch_sharding),
                  lambda m: m["loss"], compiled, parts.param_count(), time.perf_counter() - t0)
 
 
@@ -120,6 +126,23 @@ def build_reference(config, batch, mesh, project_params) -> _Runner:
                  state_lib.param_count(params), time.perf_counter() - t0)
 
 
+def hlo_op_counts(hlo_text: str) -> dict:
+  """Static counts of layout copies and transposes in an optimized HLO module, outside fusion
+  bodies (inside a fusion a copy is an index remap, not a pass over memory), and of fusions."""
+  counts = {"copy": 0, "transpose": 0, "fusion": 0}
+  in_fused = False
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):   # a computation header
+      in_fused = "fused" in line.split("(")[0] or "fusion" in line.split("(")[0]
+      continue
+    if in_fused or " = " not in line:
+      continue
+    for op in counts:
+      if re.search(rf"\s{op}\(", line.split(" = ", 1)[1]):
+        counts[op] += 1
+  return counts
+
+
 def _xla_bytes(compiled) -> float:
   """Per-device bytes the compiled step holds: arguments + outputs + temps, less donated aliases."""
   mem = latency.xla_memory(compiled)
@@ -127,13 +150,18 @@ def _xla_bytes(compiled) -> float:
 
 
 def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flops=0.0,
-                  devices=None) -> dict:
-  """Builds both steps, times them in alternating rounds and returns the results as a dict."""
+                  devices=None, also_dtype=None) -> dict:
+  """Builds both steps (and the project's step in `also_dtype`), times them in alternating
+  rounds and returns the results as a dict."""
   devices = jax.devices() if devices is None else list(devices)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   batch = make_batch(config, packed, config.seed)
   project = build_project(config, batch, mesh)
   runners = [project, build_reference(config, batch, mesh, project.state.params)]
+  if also_dtype:
+    other = config.copy_and_resolve_references()
+    other.model.dtype = also_dtype
+    runners.append(build_project(other, batch, mesh, f"project_{also_dtype}"))
   for r in runners:
     r.run(warmup, timed=False)
   for _ in range(rounds):
@@ -157,8 +185,13 @@ def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flo
                    "tokens_per_s": tokens / med, "model_flops_per_s": flops_per_step / med,
                    "mfu": flops_per_step / med / peak_total, "xla_bytes": _xla_bytes(r.compiled),
                    "params": r.params, "losses": r.losses, "compile_s": r.compile_s,
-                   "times_ms": [1e3 * t for t in r.times]}
+                   "times_ms": [1e3 * t for t in r.times],
+                   "hlo_ops": hlo_op_counts(r.compiled.as_text())}
   out["ratio"] = out["reference"]["median_ms"] / out["project"]["median_ms"]
+  out["runners"] = [r.name for r in runners]
+  if also_dtype:
+    out["also_dtype"] = also_dtype
+    out["dtype_ratio"] = out["project"]["median_ms"] / out[runners[-1].name]["median_ms"]
   # Both steps share this process, so these peaks cover the whole run, not one step.
   out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
@@ -176,22 +209,28 @@ def format_table(res: dict) -> str:
       f"MFU peak: {res['peak_flops_per_device']:.3g} FLOP/s per device from "
       f"{res['peak_flops_source']}, x {res['devices']} device(s); model FLOPs/step "
       f"{res['flops_per_step']:.4g}",
-      f"{'':10} {'median ms':>10} {'mean ms':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>7} "
-      f"{'XLA MiB':>8} {'params':>11} {'last loss':>9} {'compile s':>9}"]
-  for name in ("project", "reference"):
+      f"{'':18} {'median ms':>10} {'mean ms':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>7} "
+      f"{'XLA MiB':>8} {'params':>11} {'last loss':>9} {'compile s':>9} {'copies':>6} "
+      f"{'transp':>6}"]
+  for name in res.get("runners", ("project", "reference")):
     r = res[name]
-    lines.append(f"{name:10} {r['median_ms']:10.1f} {r['mean_ms']:10.1f} "
+    lines.append(f"{name:18} {r['median_ms']:10.1f} {r['mean_ms']:10.1f} "
                  f"{r['tokens_per_s']:10.0f} {r['model_flops_per_s'] / 1e12:8.3f} "
                  f"{100 * r['mfu']:6.1f}% {r['xla_bytes'] / mib:8.1f} {r['params']:11,d} "
-                 f"{r['losses'][-1]:9.4f} {r['compile_s']:9.1f}")
+                 f"{r['losses'][-1]:9.4f} {r['compile_s']:9.1f} {r['hlo_ops']['copy']:6d} "
+                 f"{r['hlo_ops']['transpose']:6d}")
   lines.append(f"ratio = reference / project median step time = {res['ratio']:.3f} "
                "(>= 1.0: the project is at least as fast); of the fastest steps = "
                f"{res['reference']['min_ms'] / res['project']['min_ms']:.3f}")
+  if "dtype_ratio" in res:
+    lines.append(f"dtype_ratio = project ({res['preset']}'s dtype) / project_{res['also_dtype']} "
+                 f"median = {res['dtype_ratio']:.3f} (> 1.0: {res['also_dtype']} is faster)")
   peaks = f"process peak RSS {res['process_peak_rss_bytes'] / mib:.0f} MiB"
   if res["device_peak_bytes"] is not None:
     peaks += f", device peak_bytes_in_use {res['device_peak_bytes'] / mib:.0f} MiB"
   lines.append(f"{peaks} (whole run, both steps); XLA MiB = compiled arg + out + temp - "
-               "donated aliases, per device")
+               "donated aliases, per device; copies / transp = static copy and transpose ops in the "
+               "compiled HLO outside fusions")
   return "\n".join(lines)
 
 
@@ -206,7 +245,7 @@ def main(argv):
     devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else None
     res = run_benchmark(_CONFIG.value, packed=_PACKED.value, steps=_STEPS.value,
                         rounds=_ROUNDS.value, warmup=_WARMUP.value, peak_flops=_PEAK.value,
-                        devices=devices)
+                        devices=devices, also_dtype=_ALSO_DTYPE.value)
     print(format_table(res))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

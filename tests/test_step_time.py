@@ -44,7 +44,7 @@ def report():
   config = bench_step.get_config("tiny")
   config.optim.lr = 3e-2   # the warmup is 10 steps: a visible loss drop within the few run here
   return config, step_time.run_benchmark(config, steps=2, rounds=2, warmup=1,
-                                         devices=jax.devices()[:1])
+                                         devices=jax.devices()[:1], also_dtype="bfloat16")
 
 
 def test_report_times_are_positive_and_finite(report):
@@ -58,6 +58,18 @@ def test_report_times_are_positive_and_finite(report):
   assert res["devices"] == 1
   json.dumps(res)   # --json_out must be able to write it
   assert "ratio =" in step_time.format_table(res)
+
+
+def test_also_dtype_times_the_project_step_in_bf16_alongside(report):
+  _, res = report
+  assert res["runners"] == ["project", "reference", "project_bfloat16"]
+  f32, bf16 = res["project"], res["project_bfloat16"]
+  assert len(bf16["times_ms"]) == 4
+  assert res["dtype_ratio"] == pytest.approx(f32["median_ms"] / bf16["median_ms"])
+  # Same params and batch in bf16 compute: the first loss agrees to bf16 precision, not exactly.
+  assert abs(bf16["losses"][0] - f32["losses"][0]) < 2e-2
+  assert bf16["losses"][-1] < bf16["losses"][0] - 0.1, bf16["losses"]
+  assert "dtype_ratio =" in step_time.format_table(res)
 
 
 def test_both_steps_train_from_the_same_start(report):
@@ -79,3 +91,28 @@ def test_report_flops_follow_the_formula(report):
   per_token = 6 * matmul_params + 12 * m.num_layers * t * m.num_heads * m.head_dim
   assert res["flops_per_step"] == per_token * config.data.batch_size * t
   assert res["project"]["params"] == res["reference"]["params"]
+
+
+def test_hlo_op_counts_skip_fusion_bodies():
+  hlo = """HloModule m
+
+%fused_computation (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}
+}
+
+ENTRY %main (x: f32[4,8]) -> f32[8,4] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %copy.1 = f32[4,8]{0,1} copy(%x)
+  %transpose.2 = f32[8,4]{1,0} transpose(%copy.1), dimensions={1,0}
+  ROOT %f = f32[8,4]{1,0} fusion(%transpose.2), kind=kLoop, calls=%fused_computation
+}
+"""
+  assert step_time.hlo_op_counts(hlo) == {"copy": 1, "transpose": 1, "fusion": 1}
+
+
+def test_report_counts_the_compiled_steps_copies(report):
+  _, res = report
+  for name in res["runners"]:
+    ops = res[name]["hlo_ops"]
+    assert ops["fusion"] > 0 and ops["copy"] >= 0, (name, ops)
