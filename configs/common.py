@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = "none"              # none | full | dots (save matmul outputs only)
+  # True: the blocks' params are stacked [layers, ...] ("blocks") and run under one nn.scan, so
+  # compile time and program size do not grow with depth (pod presets, --aot_topology).
+  # Checkpoints then hold "blocks", not block_0..N-1 (model.transformer.unstack_blocks).
+  c.model.scan_layers = False
   c.model.dropout_rate = 0.0
   c.model.num_classes = 0             # > 0 adds a classifier head on the pooled final state
   c.model.pooling = "mean"            # classifier pooling: mean (over tokens) | last | cls (first)

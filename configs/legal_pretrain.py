@@ -59,8 +59,10 @@ def _base(config):
   config.data.seq_len = 2048
   config.data.batch_size = 256
   config.data.num_workers = 8
+  # scan_layers: one traced block for all 24, so compiling (--aot_only, --aot_topology) costs
+  # what one layer costs instead of growing with depth.
   config.model.update(num_layers=24, d_model=2048, num_heads=16, num_kv_heads=16, head_dim=128,
-                      mlp_dim=8192, dtype="bfloat16", remat="dots")
+                      mlp_dim=8192, dtype="bfloat16", remat="dots", scan_layers=True)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   config.optim.update(lr=3e-4, warmup_steps=2000)
   config.train.update(num_steps=100_000, eval_every=2000, checkpoint_every=1000)

@@ -11,6 +11,7 @@ server, the final evaluation and the benchmarks all go through `open_run` / `res
 Imports only model/ (checkpoint I/O, tokenizer) and infer/: the layering rule.
 """
 import dataclasses
+import functools
 import os
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from infer import decode, lora, quantize
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
+from model import transformer
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -116,6 +118,17 @@ def restore_params(run: Run, model, mesh=None):
   if run.checkpointer is None:
     raise LoadError(f"{run.workdir} is a quantized ({run.quantization}) run: its int8 "
                     "parameters load with LoadedModel, not as float parameters to train from")
+  stored_scanned = bool(run.config.model.get("scan_layers", False))
+  if isinstance(model, Transformer) and model.cfg.scan_layers != stored_scanned:
+    # model.scan_layers differs between the checkpoint and `model`: restore in the stored
+    # layout, then stack / unstack the blocks into `model`'s (and its shardings).
+    stored = restore_params(run, Transformer(dataclasses.replace(model.cfg,
+                                                                 scan_layers=stored_scanned)),
+                            mesh)
+    target = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
+    convert = (transformer.unstack_blocks if stored_scanned else
+               functools.partial(transformer.stack_blocks, num_layers=model.cfg.num_layers))
+    return jax.jit(convert, out_shardings=target)(stored)
   spec = run.lora
   abstract = abstract_params(model if spec is None else lora.lora_model(model.cfg, spec), mesh)
   distilled = run.meta.get("config", {}).get("task") == "distill"
@@ -139,6 +152,7 @@ class LoadedModel:
   step: int
   quantization: str = "none"
   mesh: jax.sharding.Mesh | None = None   # where params live; batches are split over it
+  _ngram_classes: object = dataclasses.field(default=None, repr=False, compare=False)
 
   @classmethod
   def from_run(cls, run: Run, mesh=None) -> "LoadedModel":
@@ -148,7 +162,8 @@ class LoadedModel:
     if run.quantization != "none":
       model, params, _ = quantize.load(os.path.join(run.workdir, QUANTIZED_DIR))
     else:
-      model = Transformer(run.model_config())
+      # Inference (decoding, int8, LoRA merge, pruning, export) reads per-layer params.
+      model = Transformer(run.model_config(scan_layers=False))
       params = restore_params(run, model, mesh)
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
     return cls(run.config, run.kind, model, params, tokenizer, run.step, run.quantization,
@@ -198,6 +213,15 @@ class LoadedModel:
     return np.concatenate(out)
 
   # --- generation ------------------------------------------------------------------------------
+  def ngram_classes(self, no_repeat_ngram_size: int) -> "decode.TokenClasses | None":
+    """The tokenizer's word classes when an n-gram ban is on (computed once): bans compare
+    words ("The" = " the"), not token ids."""
+    if not no_repeat_ngram_size:
+      return None
+    if self._ngram_classes is None:
+      self._ngram_classes = decode.token_classes(self.tokenizer)
+    return self._ngram_classes
+
   def summarize(self, texts: list[str], max_new: int | None = None, params=None,
                 batch_size: int | None = None, *, beam: int = 0, length_penalty: float = 1.0,
                 no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
@@ -213,7 +237,8 @@ class LoadedModel:
     params = self.params if params is None else params
     tok = self.tokenizer
     controls = decode.Controls(no_repeat_ngram_size=no_repeat_ngram_size,
-                               repetition_penalty=repetition_penalty, min_new=min_new)
+                               repetition_penalty=repetition_penalty, min_new=min_new,
+                               ngram_classes=self.ngram_classes(no_repeat_ngram_size))
     out = []
     for n, chunk in self._chunks(texts, batch_size):
       tokens, prompt_len = decode.encode_prompts(tok, chunk, self.config.data.seq_len, max_new,
@@ -269,7 +294,8 @@ class LoadedModel:
     tokens, prompt_len = self.encode_for_generate(prompts, max_new)
     controls = decode.Controls(temperature=temperature, top_k=top_k, top_p=top_p,
                                no_repeat_ngram_size=no_repeat_ngram_size,
-                               repetition_penalty=repetition_penalty, min_new=min_new)
+                               repetition_penalty=repetition_penalty, min_new=min_new,
+                               ngram_classes=self.ngram_classes(no_repeat_ngram_size))
     if beam > 1:
       ids = decode.beam_search(self.model, self.params, tokens, prompt_len, beam=beam,
                                max_new=max_new, eos_id=tok.eos_id, length_penalty=length_penalty,
@@ -300,7 +326,7 @@ class LoadedModel:
         self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed), max_new=max_new,
         eos_id=tok.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
         no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-        min_new=min_new)
+        min_new=min_new, ngram_classes=self.ngram_classes(no_repeat_ngram_size))
     for block in chunks:
       pieces = []
       for i, row in enumerate(block):

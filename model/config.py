@@ -26,7 +26,7 @@ _OPTIONAL = ("norm", "norm_eps", "norm_bias", "norm_plus_one", "norm_placement",
              "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
              "embed_scale", "tied_head_rescale", "logit_softcap", "causal",
              "type_vocab_size", "embed_norm", "position_offset", "pooler", "cls_hidden",
-             "cls_bias")
+             "cls_bias", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False        # blocks' params stacked [layers, ...], run under one scan
   dropout_rate: float = 0.0
   attention_kind: str = "full"
   attention_implementation: str = "auto"

@@ -27,6 +27,7 @@ LOGICAL_RULES = (
     ("classes", None),
     ("types", None),      # token-type embedding rows (BERT family): a handful
     ("pooled", None),     # the pooler's / classifier hidden layer's output
+    ("layers", None),     # the stacked-blocks axis of model.scan_layers
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

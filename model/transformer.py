@@ -125,6 +125,32 @@ class DecoderBlock(nn.Module):
     return nn.with_logical_constraint(x, _ACT)
 
 
+class _ScannedBlock(DecoderBlock):
+  """A block as nn.scan's body: (carry, broadcast args) -> (carry, no per-layer output)."""
+
+  def __call__(self, x, mask_inputs, rope_positions, deterministic: bool = True,
+               cache_mode=None):
+    return super().__call__(x, mask_inputs, rope_positions, deterministic, cache_mode), None
+
+
+def stack_blocks(params: dict, num_layers: int) -> dict:
+  """Per-layer params {block_0, ..., block_N-1} -> model.scan_layers' {"blocks": [N, ...]}."""
+  rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+  layers_ = [params[f"block_{i}"] for i in range(num_layers)]
+  return {**rest, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers_)}
+
+
+def unstack_blocks(params: dict) -> dict:
+  """model.scan_layers' {"blocks": [N, ...]} -> per-layer {block_0, ..., block_N-1}, the layout
+  fine-tuning, LoRA, int8, pruning and export read."""
+  if "blocks" not in params:
+    return params
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  n = jax.tree.leaves(params["blocks"])[0].shape[0]
+  return {**rest, **{f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+                     for i in range(n)}}
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -161,10 +187,19 @@ class Transformer(nn.Module):
     if c.embed_norm:
       self.embed_norm = layers.norm(c, "embed_norm")
       self.embed_dropout = nn.Dropout(c.dropout_rate)
-    block = DecoderBlock
+    block = _ScannedBlock if c.scan_layers else DecoderBlock
     if c.remat != "none":
-      block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[c.remat], static_argnums=(4, 5))
-    self.blocks = [block(c, name=f"block_{i}") for i in range(c.num_layers)]
+      block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], static_argnums=(4, 5))
+    if c.scan_layers:
+      # One traced block for every layer: compile time does not grow with depth (MaxText's
+      # scan_layers). Each param gains a leading "layers" axis (replicated by the rules).
+      self.blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=c.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})(c, name="blocks")
+    else:
+      self.blocks = [block(c, name=f"block_{i}") for i in range(c.num_layers)]
     if c.norm_placement == "pre":
       self.final_norm = layers.norm(c, "final_norm")
     if not c.tie_embeddings:
@@ -211,8 +246,11 @@ class Transformer(nn.Module):
                                    kv_seg=segment_ids, prefix_len=prefix_len)
     if cache_mode == "step":   # one token per row at `positions`; the cache holds the rest
       mask_inputs = None
-    for block in self.blocks:
-      x = block(x, mask_inputs, pos, deterministic, cache_mode)
+    if c.scan_layers:
+      x, _ = self.blocks(x, mask_inputs, pos, deterministic, cache_mode)
+    else:
+      for block in self.blocks:
+        x = block(x, mask_inputs, pos, deterministic, cache_mode)
     if c.norm_placement == "pre":
       x = self.final_norm(x)
     if c.pooler != "none" and not c.num_classes and self.is_initializing():

@@ -86,6 +86,10 @@ def _check_lora(config):
   lora_cfg = config.train.get("lora")
   if lora_cfg is None or lora_cfg.rank == 0:
     return
+  if config.model.get("scan_layers", False):
+    raise ConfigError("config.train.lora with config.model.scan_layers=True: the adapters target "
+                      "per-layer projections (block_N/...); set config.model.scan_layers=False "
+                      "(a scanned checkpoint still loads: its layers are unstacked)")
   if config.task not in ("classify", "summarize"):
     raise ConfigError(f"config.train.lora.rank={lora_cfg.rank}: LoRA fine-tunes a classifier or "
                       f"summarizer from a pre-trained run, not a {config.task!r} run")

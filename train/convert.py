@@ -392,7 +392,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   families.check_exportable(family, m)
   vocab = run.meta["config"]["data"]["vocab_size"]
   m["vocab_size"] = vocab
-  model = Transformer(run.model_config())
+  model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
   params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
   params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
   if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)

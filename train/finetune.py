@@ -24,7 +24,9 @@ def load_backbone(pretrained: loading.Run, state, mesh, student: bool = False):
   if student:
     inner = load_backbone(pretrained, state.replace(params=state.params["student"]), mesh)
     return state.replace(params={**state.params, "student": inner.params})
-  restored = loading.restore_params(pretrained, Transformer(pretrained.model_config()), mesh)
+  # In the state's layout: a scanned checkpoint unstacks into per-layer params and back.
+  restored = loading.restore_params(
+      pretrained, Transformer(pretrained.model_config(scan_layers="blocks" in state.params)), mesh)
   params = flax.traverse_util.flatten_dict(state.params)
   source = flax.traverse_util.flatten_dict(restored)
   new = sorted({"/".join(k) for k in set(params) - set(source)})
