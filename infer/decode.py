@@ -19,6 +19,35 @@ import numpy as np
 
 
 # --- decoding controls ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenClasses:
+  """Token id -> the id of its word class (ids[t]), for a no-repeat ban over words rather
+  than token ids: "The" and " the" are different tokens but one word. Hashable by content
+  (hash computed once), so a Controls holding it stays a cheap static jit argument."""
+  ids: tuple
+
+  def __post_init__(self):
+    object.__setattr__(self, "_hash", hash(self.ids))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, TokenClasses) and self._hash == other._hash
+                             and self.ids == other.ids)
+
+
+def token_classes(tokenizer) -> TokenClasses:
+  """Each token's class: the first id whose text, decoded alone, case-folded and stripped of
+  spaces (sentencepiece's and byte-level BPE's word-start markers), is the same. Tokens that
+  decode to nothing (control ids) keep their own class."""
+  first, ids = {}, []
+  for t in range(tokenizer.vocab_size):
+    word = tokenizer.decode([t]).strip().casefold()
+    ids.append(first.setdefault(word, t) if word else t)
+  return TokenClasses(tuple(ids))
+
+
 @dataclasses.dataclass(frozen=True)
 class Controls:
   """How each next token is chosen; every default is "off", and all off is plain greedy
@@ -33,6 +62,9 @@ class Controls:
     has already generated (again not the prompt) becomes logit / p if positive, else logit * p;
     p > 1 discourages repeats. Beam search applies it to the log-probabilities (HF does too).
   min_new: eos is banned until the row has generated this many tokens.
+  ngram_classes (TokenClasses or None): compare n-grams over these word classes instead of
+    token ids, so "The court held" after "the court held" is a repeat too; LoadedModel sets
+    it from its tokenizer whenever no_repeat_ngram_size is on.
   """
   temperature: float = 0.0
   top_k: int = 0
@@ -40,11 +72,17 @@ class Controls:
   no_repeat_ngram_size: int = 0
   repetition_penalty: float = 1.0
   min_new: int = 0
+  ngram_classes: TokenClasses | None = None
 
   def __post_init__(self):
     # One type per field, so Controls(temperature=1) and Controls(temperature=1.0) are equal -
     # and one entry of jit's cache.
+    if not (self.ngram_classes is None or isinstance(self.ngram_classes, TokenClasses)):
+      raise TypeError(f"Controls.ngram_classes: expected TokenClasses or None, got "
+                      f"{type(self.ngram_classes).__name__}")
     for field in dataclasses.fields(self):
+      if field.name == "ngram_classes":
+        continue
       value = getattr(self, field.name)
       if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"Controls.{field.name}={value!r}: expected a number")
@@ -87,9 +125,16 @@ def _generated_mask(history, count, vocab: int):
   return jnp.zeros((history.shape[0], vocab), bool).at[rows, ids].set(True, mode="drop")
 
 
-def _ngram_bans(history, count, n: int, vocab: int):
+def _ngram_bans(history, count, n: int, vocab: int, classes: TokenClasses | None = None):
   """[R, vocab] bool: the tokens that would complete an n-gram already among each row's first
-  `count` generated tokens (history [R, M]), all windows compared at once."""
+  `count` generated tokens (history [R, M]), all windows compared at once. With `classes`,
+  n-grams are compared over word classes and every token of a completing class is banned."""
+  if classes is not None:
+    # Ids past the tokenizer's vocabulary (a model's padded embedding rows) are their own class.
+    ids = np.asarray(classes.ids[:vocab], np.int32)
+    cls = jnp.asarray(np.concatenate([ids, np.arange(len(ids), vocab, dtype=np.int32)]))
+    by_class = _ngram_bans(cls[history], count, n, vocab)   # [R, class id] bans
+    return jnp.take(by_class, cls, axis=1)
   rows, m = history.shape
   w = m - n + 1                                           # n-gram windows in the buffer
   if w <= 0:
@@ -124,8 +169,8 @@ def apply_controls(logits, controls: Controls, history, count, eos_id: int, limi
     logits = jnp.where(_generated_mask(history, count, vocab),
                        jnp.where(logits > 0, logits / p, logits * p), logits)
   if controls.no_repeat_ngram_size:
-    logits = jnp.where(_ngram_bans(history, count, controls.no_repeat_ngram_size, vocab),
-                       -jnp.inf, logits)
+    logits = jnp.where(_ngram_bans(history, count, controls.no_repeat_ngram_size, vocab,
+                                   controls.ngram_classes), -jnp.inf, logits)
   is_eos = jnp.arange(vocab) == eos_id
   if controls.min_new:
     logits = jnp.where(is_eos & (count < controls.min_new), -jnp.inf, logits)

@@ -346,3 +346,64 @@ def test_length_limit_and_learned_ratio():
   assert decode.fit_length_ratio([100, 10, 50, 0], [10, 5, 10, 3]) == pytest.approx(0.2)
   with pytest.raises(ValueError, match="no pair"):
     decode.fit_length_ratio([0], [4])
+
+
+# --- word-level n-gram bans (TokenClasses) ---------------------------------------------------
+class _PieceTokenizer:
+  """decode([t]) of a fixed piece list, like sentencepiece's ("▁The" -> "The")."""
+  pieces = ["", "", "The", "the", " the", "court", " Court", "held", "x"]
+  vocab_size = len(pieces)
+
+  def decode(self, ids):
+    return "".join(self.pieces[i] for i in ids)
+
+
+def test_token_classes_fold_case_and_word_start_spaces():
+  classes = decode.token_classes(_PieceTokenizer()).ids
+  assert classes[2] == classes[3] == classes[4] == 2          # The / the / " the"
+  assert classes[5] == classes[6] == 5 and classes[7] == 7    # court / " Court"; held
+  assert classes[0] == 0 and classes[1] == 1                  # empty pieces stay themselves
+  again = decode.token_classes(_PieceTokenizer())
+  assert again == decode.token_classes(_PieceTokenizer()) and hash(again) == hash(
+      decode.TokenClasses(classes))
+  with pytest.raises(TypeError, match="ngram_classes"):
+    decode.Controls(ngram_classes=(0, 1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_class_level_bans_equal_token_bans_over_the_classes(n):
+  rng = np.random.default_rng(1)
+  rows, vocab, max_new, eos = 3, 16, 10, 3
+  ids = np.arange(vocab)
+  ids[8:] = ids[8:] - 4                       # tokens 8..15 share the classes of 4..11
+  classes = decode.TokenClasses(tuple(int(i) for i in ids))
+  history = rng.integers(4, 12, (rows, max_new)).astype(np.int32)
+  logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
+  controls = decode.Controls(no_repeat_ngram_size=n, ngram_classes=classes)
+  plain = decode.Controls(no_repeat_ngram_size=n)
+  for count in range(max_new + 1):
+    got = np.asarray(decode.apply_controls(logits, controls, history, count, eos))
+    # The reference over class ids: a token is banned when its class completes a class n-gram.
+    want = np.stack([_reference_controls(logits[r], ids[history[r, :count]], plain, eos)
+                     for r in range(rows)])
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want[:, ids]), err_msg=f"{count}")
+
+
+def test_classes_shorter_than_the_models_vocabulary_leave_the_rest_alone():
+  # A tokenizer of 6 ids under a model of 8 logits (padded embedding rows): ids 6, 7 are their
+  # own classes; 0 and 1 share one.
+  classes = decode.TokenClasses((0, 0, 2, 3, 4, 5))
+  history = np.array([[1, 6, 0, 7]], np.int32)
+  bans = decode._ngram_bans(history, 3, 2, 8, classes)      # last token 0 ~ 1, then came 6
+  np.testing.assert_array_equal(np.asarray(bans)[0], [0, 0, 0, 0, 0, 0, 1, 0])
+
+
+def test_greedy_with_word_classes_repeats_no_class_ngram():
+  model, params = _one_layer()
+  tokens, prompt_len, raw = _looping_greedy()
+  ids = np.arange(64) % 16                    # 4 tokens per class
+  classes = decode.TokenClasses(tuple(int(i) for i in ids))
+  out = np.asarray(decode.greedy(model, params, tokens, prompt_len, max_new=10, eos_id=-1,
+                                 no_repeat_ngram_size=2, ngram_classes=classes))
+  for row in out:
+    assert not _repeats(list(ids[row]), 2, -1), ids[row]
