@@ -37,7 +37,7 @@ def _define_flags():
   # Only when run as a command: other entry points (train.main) define --config too, and
   # tests import this module beside them.
   global _CONFIG, _STEPS, _ROUNDS, _WARMUP, _PACKED, _PEAK, _DEVICES, _JSON, _MODE
-  global _BATCH_SIZES, _ITERS, _ALSO_DTYPE
+  global _BATCH_SIZES, _ITERS, _VARIANT
   _CONFIG = config_flags.DEFINE_config_file(
       "config", "configs/bench_step.py", "Benchmark config, e.g. configs/bench_step.py:cpu",
       lock_config=True)
@@ -52,11 +52,12 @@ def _define_flags():
                             "train: the train step against the reference; inference: "
                             "forward-pass latency (bench/latency.py).")
   _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "--mode=inference: batch sizes.")
-  _ALSO_DTYPE = flags.DEFINE_enum(
-      "also_dtype", None, ["float32", "bfloat16"],
-      "Also time the project's step with model.dtype set to this, in the same alternating "
-      "rounds (row project_<dtype>; dtype_ratio = project median / its median), e.g. "
-      "bf16 against f32 compute on one CPU without a second run's noise.")
+  _VARIANT = flags.DEFINE_list(
+      "variant", [],
+      "Config overrides key=value (e.g. model.dtype=bfloat16,train.xla_cpu_dot_library=xla): "
+      "also time the project's step built with them, in the same alternating rounds (row "
+      "'variant'; variant_ratio = project median / variant median), so a setting is compared "
+      "without a second run's noise.")
   _ITERS = flags.DEFINE_integer("iters", 20, "--mode=inference: timed calls per batch size, at "
                                 "least (--warmup untimed calls come first).")
 
@@ -75,6 +76,27 @@ def make_batch(config, packed: bool, seed: int = 0) -> dict:
         seg[row, lo:hi], pos[row, lo:hi] = doc + 1, np.arange(hi - lo)
     batch.update(segment_ids=seg, positions=pos)
   return batch
+
+
+def with_overrides(config, overrides: dict):
+  """A copy of `config` with dotted keys set from strings, cast to each key's current type."""
+  out = config.copy_and_resolve_references()
+  for key, text in overrides.items():
+    *parents, leaf = key.split(".")
+    node = out
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"--variant: config has no key {key!r}")
+    old = node[leaf]
+    if isinstance(old, bool):
+      if text.lower() not in ("true", "false"):
+        raise ValueError(f"--variant {key}={text!r}: expected true or false")
+      value = text.lower() == "true"
+    else:
+      value = type(old)(text) if old is not None else text
+    node[leaf] = value
+  return out
 
 
 @dataclasses.dataclass
@@ -150,18 +172,16 @@ def _xla_bytes(compiled) -> float:
 
 
 def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flops=0.0,
-                  devices=None, also_dtype=None) -> dict:
-  """Builds both steps (and the project's step in `also_dtype`), times them in alternating
-  rounds and returns the results as a dict."""
+                  devices=None, variant=None) -> dict:
+  """Builds both steps (and the project's step with the `variant` overrides {"model.dtype":
+  "bfloat16", ...}), times them in alternating rounds and returns the results as a dict."""
   devices = jax.devices() if devices is None else list(devices)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   batch = make_batch(config, packed, config.seed)
   project = build_project(config, batch, mesh)
   runners = [project, build_reference(config, batch, mesh, project.state.params)]
-  if also_dtype:
-    other = config.copy_and_resolve_references()
-    other.model.dtype = also_dtype
-    runners.append(build_project(other, batch, mesh, f"project_{also_dtype}"))
+  if variant:
+    runners.append(build_project(with_overrides(config, variant), batch, mesh, "variant"))
   for r in runners:
     r.run(warmup, timed=False)
   for _ in range(rounds):
@@ -189,9 +209,10 @@ def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flo
                    "hlo_ops": hlo_op_counts(r.compiled.as_text())}
   out["ratio"] = out["reference"]["median_ms"] / out["project"]["median_ms"]
   out["runners"] = [r.name for r in runners]
-  if also_dtype:
-    out["also_dtype"] = also_dtype
-    out["dtype_ratio"] = out["project"]["median_ms"] / out[runners[-1].name]["median_ms"]
+  if variant:
+    out["variant_overrides"] = dict(variant)
+    out["variant_ratio"] = out["project"]["median_ms"] / out["variant"]["median_ms"]
+    out["variant_vs_reference"] = out["reference"]["median_ms"] / out["variant"]["median_ms"]
   # Both steps share this process, so these peaks cover the whole run, not one step.
   out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
@@ -222,9 +243,10 @@ def format_table(res: dict) -> str:
   lines.append(f"ratio = reference / project median step time = {res['ratio']:.3f} "
                "(>= 1.0: the project is at least as fast); of the fastest steps = "
                f"{res['reference']['min_ms'] / res['project']['min_ms']:.3f}")
-  if "dtype_ratio" in res:
-    lines.append(f"dtype_ratio = project ({res['preset']}'s dtype) / project_{res['also_dtype']} "
-                 f"median = {res['dtype_ratio']:.3f} (> 1.0: {res['also_dtype']} is faster)")
+  if "variant_ratio" in res:
+    lines.append(f"variant = project with {res['variant_overrides']}; variant_ratio = project / "
+                 f"variant median = {res['variant_ratio']:.3f} (> 1.0: the variant is faster); "
+                 f"reference / variant = {res['variant_vs_reference']:.3f}")
   peaks = f"process peak RSS {res['process_peak_rss_bytes'] / mib:.0f} MiB"
   if res["device_peak_bytes"] is not None:
     peaks += f", device peak_bytes_in_use {res['device_peak_bytes'] / mib:.0f} MiB"
@@ -245,7 +267,8 @@ def main(argv):
     devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else None
     res = run_benchmark(_CONFIG.value, packed=_PACKED.value, steps=_STEPS.value,
                         rounds=_ROUNDS.value, warmup=_WARMUP.value, peak_flops=_PEAK.value,
-                        devices=devices, also_dtype=_ALSO_DTYPE.value)
+                        devices=devices,
+                        variant=dict(kv.split("=", 1) for kv in _VARIANT.value))
     print(format_table(res))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -2,18 +2,19 @@ r"""The TPU memory table: presets x slices x remat x sharding, compiled by libtp
 
   pip install -r requirements-tpu.txt
   python -m bench.tpu_table --presets=base,llama3_8b --topologies=v5p-128,v5e-256 \
-      --remat=none,dots,full --shardings=fsdp,fsdp_tensor4 --layers=1,2 --out=tpu_table
+      --remat=none,dots,full --shardings=fsdp,fsdp_tensor4 --out=tpu_table
 
 Each point is `train.main --aot_only --aot_topology=...` (train/aot.py: the real train step
 with its real shardings, compiled for the slice) in its own process with a timeout, so one
 slow or failing compile costs its row, not the table. Rows go to `<out>.jsonl` as they finish
 (a re-run skips points already there) and the Markdown table to `<out>.md`.
 
-`--layers=1,2` compiles each point at depth 1 and 2 instead of the preset's full depth and
-extrapolates per-chip memory linearly to it: per-layer parameters, optimizer state, gradients
-and saved activations grow with depth; embedding, head and logits do not. On a small host the
-full-depth compiles of 24-32 layer models take too long (XLA unrolls every layer); the rows say
-which they are. `--layers=` (empty) compiles the full depth.
+By default each point compiles the preset's full depth: the pod presets set
+`model.scan_layers` (one scanned block), so a 32-layer compile costs about what one layer costs.
+`--layers=1,2` instead compiles depths 1 and 2 and extrapolates per-chip memory linearly to the
+preset's depth (per-layer parameters, optimizer state, gradients and saved activations grow with
+depth; embedding, head and logits do not): for `--scan=false`, where XLA unrolls every layer
+and full-depth compiles take too long on a small host. The rows say which they are.
 """
 import json
 import os
@@ -35,8 +36,9 @@ _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-128", "v5e-256"], "TPU slice
 _REMAT = flags.DEFINE_list("remat", ["none", "dots", "full"], "config.model.remat values")
 _SHARDINGS = flags.DEFINE_list("shardings", ["fsdp", "fsdp_tensor4"],
                                f"mesh layouts: {', '.join(SHARDINGS)}")
-_LAYERS = flags.DEFINE_list("layers", ["1", "2"], "Compile these depths and extrapolate (two "
-                            "values), or empty: the preset's full depth.")
+_LAYERS = flags.DEFINE_list("layers", [], "Compile these depths and extrapolate (two values), "
+                            "or empty: the preset's full depth.")
+_SCAN = flags.DEFINE_bool("scan", True, "config.model.scan_layers (one scanned block).")
 _OUT = flags.DEFINE_string("out", "tpu_table", "Writes <out>.jsonl and <out>.md.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds per compile.")
 _ONE = flags.DEFINE_string("one", None, "Internal: compile one point (JSON) and print its row.")
@@ -48,6 +50,7 @@ def compile_point(point: dict) -> dict:
   from train import aot
   config = legal_pretrain.get_config(point["preset"])
   config.model.remat = point["remat"]
+  config.model.scan_layers = point.get("scan", True)
   config.mesh.update(SHARDINGS[point["sharding"]])
   if point.get("num_layers"):
     config.model.num_layers = point["num_layers"]
@@ -89,8 +92,8 @@ def _gib(mem: dict, key: str) -> str:
 
 
 def table(rows: list[dict], layers: list[int]) -> str:
-  lines = ["| preset | slice | remat | sharding | mesh | arguments GiB | temp GiB | total GiB "
-           "| HBM GiB | fits | compile s |", "|" + " --- |" * 11]
+  lines = ["| preset | slice | remat | sharding | mesh | depth | arguments GiB | temp GiB "
+           "| total GiB | HBM GiB | fits | compile s |", "|" + " --- |" * 12]
   groups = {}
   for r in rows:
     key = (r["preset"], r["topology"], r["remat"], r["sharding"])
@@ -98,7 +101,7 @@ def table(rows: list[dict], layers: list[int]) -> str:
   for (preset, topo, remat, sharding), by_depth in groups.items():
     errors = [r["error"] for r in by_depth.values() if "error" in r]
     if errors:
-      lines.append(f"| {preset} | {topo} | {remat} | {sharding} | | | | | | error: "
+      lines.append(f"| {preset} | {topo} | {remat} | {sharding} | | | | | | | error: "
                    f"{errors[0][:80]} | |")
       continue
     if len(layers) == 2:
@@ -107,14 +110,16 @@ def table(rows: list[dict], layers: list[int]) -> str:
       a, b = by_depth[layers[0]], by_depth[layers[1]]
       mem = extrapolate(a, b, _full_depth(preset))
       first, note, secs = a, " (extrapolated)", a["compile_s"] + b["compile_s"]
+      depth = f"{layers[0]},{layers[1]} -> {_full_depth(preset)}"
     else:
       first = mem = by_depth[0]
       note, secs = "", first["compile_s"]
+      depth = f"{_full_depth(preset)}{' (scanned)' if first.get('scan') else ''}"
     mesh = "x".join(f"{k}{v}" for k, v in first["mesh"].items() if v > 1)
     over = mem.get("total_bytes", mem["temp_size_in_bytes"]) - first["hbm_per_device_bytes"]
     fits = "yes" if mem["fits"] else f"no, by {max(over, 0) / GiB:.1f}+ GiB"
     lines.append(
-        f"| {preset} | {topo} | {remat} | {sharding} | {mesh} | "
+        f"| {preset} | {topo} | {remat} | {sharding} | {mesh} | {depth} | "
         f"{_gib(mem, 'argument_size_in_bytes')} | {_gib(mem, 'temp_size_in_bytes')}{note} | "
         f"{_gib(mem, 'total_bytes')} | {first['hbm_per_device_bytes'] / GiB:.0f} | "
         f"{fits} | {secs:.0f} |")
@@ -139,14 +144,14 @@ def main(argv):
     with open(path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
   done = {json.dumps({k: r.get(k) for k in ("preset", "topology", "remat", "sharding",
-                                            "num_layers")}, sort_keys=True) for r in rows}
+                                            "num_layers", "scan")}, sort_keys=True) for r in rows}
   for preset in _PRESETS.value:
     for topology in _TOPOLOGIES.value:
       for sharding in _SHARDINGS.value:
         for remat in _REMAT.value:
           for depth in layers or [None]:
             point = dict(preset=preset, topology=topology, remat=remat, sharding=sharding,
-                         num_layers=depth)
+                         num_layers=depth, scan=_SCAN.value)
             if json.dumps(point, sort_keys=True) in done:
               continue
             row = _run(point)

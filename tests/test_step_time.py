@@ -44,7 +44,8 @@ def report():
   config = bench_step.get_config("tiny")
   config.optim.lr = 3e-2   # the warmup is 10 steps: a visible loss drop within the few run here
   return config, step_time.run_benchmark(config, steps=2, rounds=2, warmup=1,
-                                         devices=jax.devices()[:1], also_dtype="bfloat16")
+                                         devices=jax.devices()[:1],
+                                         variant={"model.dtype": "bfloat16"})
 
 
 def test_report_times_are_positive_and_finite(report):
@@ -60,16 +61,26 @@ def test_report_times_are_positive_and_finite(report):
   assert "ratio =" in step_time.format_table(res)
 
 
-def test_also_dtype_times_the_project_step_in_bf16_alongside(report):
+def test_variant_times_the_project_step_in_bf16_alongside(report):
   _, res = report
-  assert res["runners"] == ["project", "reference", "project_bfloat16"]
-  f32, bf16 = res["project"], res["project_bfloat16"]
+  assert res["runners"] == ["project", "reference", "variant"]
+  f32, bf16 = res["project"], res["variant"]
   assert len(bf16["times_ms"]) == 4
-  assert res["dtype_ratio"] == pytest.approx(f32["median_ms"] / bf16["median_ms"])
+  assert res["variant_ratio"] == pytest.approx(f32["median_ms"] / bf16["median_ms"])
   # Same params and batch in bf16 compute: the first loss agrees to bf16 precision, not exactly.
   assert abs(bf16["losses"][0] - f32["losses"][0]) < 2e-2
   assert bf16["losses"][-1] < bf16["losses"][0] - 0.1, bf16["losses"]
-  assert "dtype_ratio =" in step_time.format_table(res)
+  assert "variant_ratio =" in step_time.format_table(res)
+
+
+def test_with_overrides_casts_and_names_bad_keys():
+  config = bench_step.get_config("tiny")
+  out = step_time.with_overrides(config, {"model.dtype": "bfloat16", "data.seq_len": "64",
+                                          "model.tie_embeddings": "true"})
+  assert (out.model.dtype, out.data.seq_len, out.model.tie_embeddings) == ("bfloat16", 64, True)
+  assert config.model.dtype == "float32"   # the original is untouched
+  with pytest.raises(ValueError, match="model.nope"):
+    step_time.with_overrides(config, {"model.nope": "1"})
 
 
 def test_both_steps_train_from_the_same_start(report):

@@ -163,5 +163,10 @@ def test_tpu_table_extrapolates_depth_linearly():
   refused = dict(point, num_layers=2, fits=False, temp_size_in_bytes=20 * gib, compile_s=5)
   assert not tpu_table.extrapolate(one, refused, depth=2)["fits"]
   rows = tpu_table.table([one, two], [1, 2]).splitlines()
-  assert len(rows) == 3 and "| base | v5e-8 | dots | fsdp | fsdp8 |" in rows[2]
+  assert len(rows) == 3 and "| base | v5e-8 | dots | fsdp | fsdp8 | 1,2 -> 24 |" in rows[2]
   assert "37.50 | 16 | no, by 21.5+ GiB | 30 |" in rows[2]
+  # A full-depth (scanned) compile is reported as measured, not extrapolated.
+  full = dict(point, num_layers=None, scan=True, fits=True, argument_size_in_bytes=gib,
+              temp_size_in_bytes=4 * gib, total_bytes=5 * gib, compile_s=40)
+  row = tpu_table.table([full], []).splitlines()[2]
+  assert "| fsdp8 | 24 (scanned) | 1.00 | 4.00 | 5.00 | 16 | yes | 40 |" in row, row
