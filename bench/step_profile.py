@@ -147,7 +147,8 @@ def run_profile(config, repeats: int = 3, only=()) -> dict:
   """{part: {ms, per_step_ms, flops, gflops_per_s}} plus the step and `other`."""
   out = {}
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  options = step_lib.compiler_options(mesh, config.train.get("xla_cpu_dot_library", "xla"))
+  options = step_lib.compiler_options(mesh, config.train.get("xla_cpu_dot_library", "xla"),
+                                      config.model.dtype)
   for name, (fn, args, mult) in part_fns(config).items():
     if only and name not in only:
       continue

@@ -128,9 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.init_from = ""              # workdir or checkpoint dir of a pre-trained run ("" = scratch)
   c.train.early_stopping = 0          # stop after this many validations without improvement; 0 off
   c.train.nonfinite = "stop"          # non-finite loss: stop (clear error) | skip (drop the update)
-  # CPU only: the train step's dots through ynn (YNNPACK; 1.2x faster step on the 2-core AVX2
-  # VM) | xnn | onednn | xla (XLA's own Eigen dots); see train/step.py
-  c.train.xla_cpu_dot_library = "ynn"
+  # CPU only: the train step's dots through auto (onednn for bf16 compute on a CPU with native
+  # bf16, else ynn) | ynn (YNNPACK; 1.2x faster f32 step on the 2-core AVX2 VM) | xnn | onednn
+  # | xla (XLA's own Eigen dots); see train/step.py
+  c.train.xla_cpu_dot_library = "auto"
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.eval_batches = 16

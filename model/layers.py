@@ -3,6 +3,7 @@
 Every parameter carries logical axis names (see model/sharding.py for how they map onto the
 device mesh). Parameters are stored in float32; `dtype` is the compute dtype they are cast to.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -81,6 +82,41 @@ def norm(cfg, name: str):
   return RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_plus_one, name=name)
 
 
+def _contract_last(x, k, n_in: int):
+  """x [..., in...] . k [in..., out...] -> [..., out...], accumulated in float32."""
+  return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                                    ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def low_precision_matmul(x, kernel, n_in: int, dtype):
+  """`x . kernel` with both cast to `dtype` (bf16), float32 accumulation, the result in `dtype`.
+  Written out because JAX's own backward feeds the two gradient matmuls the float32 cotangent
+  of the accumulator, so they run as float32 dots: here both take `dtype` operands (float32
+  accumulation again), as mixed-precision training does on TPU. The gradients come back in
+  the inputs' own dtypes (the float32 kernel's gradient stays float32)."""
+  return _contract_last(x.astype(dtype), kernel.astype(dtype), n_in).astype(dtype)
+
+
+def _lpm_fwd(x, kernel, n_in, dtype):
+  return low_precision_matmul(x, kernel, n_in, dtype), (x, kernel)
+
+
+def _lpm_bwd(n_in, dtype, residuals, g):
+  x, kernel = residuals
+  xl, kl, g = x.astype(dtype), kernel.astype(dtype), g.astype(dtype)
+  n_out, lead = kernel.ndim - n_in, x.ndim - n_in
+  dx = jax.lax.dot_general(g, kl, ((tuple(range(g.ndim - n_out, g.ndim)),
+                                    tuple(range(n_in, kernel.ndim))), ((), ())),
+                           preferred_element_type=jnp.float32)
+  dk = jax.lax.dot_general(xl, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
+                           preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+low_precision_matmul.defvjp(_lpm_fwd, _lpm_bwd)
+
+
 class Projection(nn.Module):
   """Bias-free linear map contracting the last `len(in_axes)` dims of x.
 
@@ -100,10 +136,10 @@ class Projection(nn.Module):
     shape = tuple(x.shape[-n_in:]) + tuple(self.features)
     kernel = self.param("kernel", nn.with_logical_partitioning(
         _init.normal(stddev=self.stddev), self.axes), shape, jnp.float32)
-    out = jax.lax.dot_general(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        preferred_element_type=jnp.float32)
+    if jnp.dtype(self.dtype) == jnp.bfloat16 and not self.output_f32:
+      out = low_precision_matmul(x, kernel, n_in, jnp.dtype(self.dtype))
+    else:
+      out = _contract_last(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           _init.zeros, self.axes[n_in:]), tuple(self.features), jnp.float32)

@@ -188,7 +188,8 @@ class Parts:
         self.task, self.tx, self.schedule, self.config.optim.grad_accum_steps, self.mesh,
         self.abstract, self.shardings, batch or self.dummy_batch(),
         skip_nonfinite=self.config.train.nonfinite == "skip", trainable=self.trainable,
-        cpu_dot_library=self.config.train.get("xla_cpu_dot_library", "xla"))
+        cpu_dot_library=self.config.train.get("xla_cpu_dot_library", "xla"),
+        compute_dtype=self.config.model.dtype)
 
   def param_count(self) -> int:
     return state_lib.param_count(self.eval_params(self.abstract.params))

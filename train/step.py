@@ -116,7 +116,9 @@ def make_eval_step(task):
 # XLA:CPU compiler options that send the step's dots to a kernel library (config.train.
 # xla_cpu_dot_library). "xla" = XLA's own emitter (Eigen). On the 2-core AVX2 EPYC VM, "ynn"
 # (YNNPACK) ran the bench_step.py:cpu train step 1.2x faster (14.3 vs 17.2 s, same losses to
-# 1e-5) and an MLP fwd+bwd 1.3x; xnn and onednn were no faster than Eigen.
+# 1e-5) and an MLP fwd+bwd 1.3x; xnn and onednn were no faster than Eigen. For bf16 operands
+# with f32 accumulation on a CPU with AVX-512 BF16, oneDNN ran a [4096 x 512] x [512 x 2048]
+# dot at 269 GFLOP/s against YNNPACK's 167 (= its f32 rate): "auto" picks onednn there.
 CPU_DOT_LIBRARIES = {
     "xla": {},
     "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
@@ -125,15 +127,33 @@ CPU_DOT_LIBRARIES = {
 }
 
 
-def compiler_options(mesh, cpu_dot_library: str = "xla") -> dict:
+def cpu_has_native_bf16() -> bool:
+  """Whether this host's CPU multiplies bf16 natively (AVX-512 BF16 or AMX), per /proc/cpuinfo."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "").split()
+  except OSError:
+    return False
+  return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_cpu_dot_library(cpu_dot_library: str, compute_dtype: str = "float32") -> str:
+  """`auto`: onednn for bf16 compute on a CPU with native bf16, else ynn."""
+  if cpu_dot_library == "auto":
+    return "onednn" if compute_dtype == "bfloat16" and cpu_has_native_bf16() else "ynn"
+  if cpu_dot_library not in CPU_DOT_LIBRARIES:
+    raise ValueError(f"config.train.xla_cpu_dot_library={cpu_dot_library!r}; expected auto or "
+                     f"one of {sorted(CPU_DOT_LIBRARIES)}")
+  return cpu_dot_library
+
+
+def compiler_options(mesh, cpu_dot_library: str = "xla", compute_dtype: str = "float32") -> dict:
   """The XLA options for a step on `mesh`: the CPU ones only when its devices are CPUs (an
   AOT TPU topology or a GPU gets none)."""
-  if cpu_dot_library not in CPU_DOT_LIBRARIES:
-    raise ValueError(f"config.train.xla_cpu_dot_library={cpu_dot_library!r}; expected one of "
-                     f"{sorted(CPU_DOT_LIBRARIES)}")
+  library = resolve_cpu_dot_library(cpu_dot_library, compute_dtype)
   if mesh.devices.flat[0].platform != "cpu":
     return {}
-  return dict(CPU_DOT_LIBRARIES[cpu_dot_library])
+  return dict(CPU_DOT_LIBRARIES[library])
 
 
 def compile_step(fn, mesh, in_shardings, out_shardings, example_args, donate_argnums=(),
@@ -148,7 +168,7 @@ def compile_step(fn, mesh, in_shardings, out_shardings, example_args, donate_arg
 
 def compile_train_step(task, tx, schedule, grad_accum_steps: int, mesh, abstract_state,
                        state_shardings, batch, skip_nonfinite: bool = False, trainable=None,
-                       cpu_dot_library: str = "xla"):
+                       cpu_dot_library: str = "xla", compute_dtype: str = "float32"):
   """The sharded, donating train step compiled for `batch`'s keys and shapes (arrays or
   ShapeDtypeStructs; without segment_ids/positions the model takes its plain-causal path)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -159,4 +179,4 @@ def compile_train_step(task, tx, schedule, grad_accum_steps: int, mesh, abstract
       mesh,
       (state_shardings, batch_sharding), (state_shardings, sharding_lib.replicated(mesh)),
       (state_lib.abstract_with_shardings(abstract_state, state_shardings), example),
-      donate_argnums=(0,), options=compiler_options(mesh, cpu_dot_library))
+      donate_argnums=(0,), options=compiler_options(mesh, cpu_dot_library, compute_dtype))

@@ -1,0 +1,79 @@
+"""bf16 compute: model/layers.low_precision_matmul (bf16 operands in the forward *and* both
+gradient matmuls, float32 accumulation) and the CPU dot-library choice for it (train/step.py)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import layers
+from train import step as step_lib
+
+
+def _inputs(x_shape, k_shape, seed=0):
+  kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.normal(kx, x_shape, jnp.float32), jax.random.normal(kk, k_shape) * 0.1
+
+
+@pytest.mark.parametrize("x_shape,k_shape,n_in", [
+    ((2, 5, 16), (16, 24), 1),            # an MLP / q-k-v projection
+    ((2, 5, 4, 8), (4, 8, 16), 2),        # the attention output: [heads, head_dim] -> embed
+])
+def test_low_precision_matmul_matches_float32_autodiff_to_bf16_tolerance(x_shape, k_shape, n_in):
+  x, k = _inputs(x_shape, k_shape)
+  bf16 = jnp.bfloat16
+
+  def ours(x, k):
+    return jnp.sum(jnp.sin(layers.low_precision_matmul(x, k, n_in, bf16).astype(jnp.float32)))
+
+  def plain(x, k):   # JAX's own autodiff of the same forward, in float32
+    return jnp.sum(jnp.sin(layers._contract_last(x, k, n_in)))
+
+  out = layers.low_precision_matmul(x, k, n_in, bf16)
+  want = layers._contract_last(x.astype(bf16), k.astype(bf16), n_in).astype(bf16)
+  chex.assert_trees_all_equal(out, want)          # the forward is the plain bf16 product
+  gx, gk = jax.grad(ours, argnums=(0, 1))(x, k)
+  rx, rk = jax.grad(plain, argnums=(0, 1))(x, k)
+  assert gx.dtype == x.dtype and gk.dtype == jnp.float32   # each gradient in its input's dtype
+  chex.assert_trees_all_close((gx, gk), (rx, rk), atol=5e-2, rtol=5e-2)
+  # And not exactly float32: the gradient matmuls did round their operands to bf16.
+  assert not np.allclose(np.asarray(gk), np.asarray(rk), atol=1e-6, rtol=1e-6)
+
+
+def test_both_gradient_matmuls_take_bf16_operands():
+  x, k = _inputs((3, 16), (16, 8))
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda x, k: jnp.sum(layers.low_precision_matmul(x, k, 1, jnp.bfloat16)
+                           .astype(jnp.float32) ** 2), argnums=(0, 1)))(x, k)
+  dots = []
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "dot_general":
+        dots.append([v.aval.dtype for v in eqn.invars])
+      for value in eqn.params.values():   # pjit / custom_vjp bodies
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          walk(inner)
+  walk(jaxpr.jaxpr)
+  assert len(dots) == 3, dots                    # forward + d/dx + d/dkernel
+  assert all(d == [jnp.bfloat16, jnp.bfloat16] for d in dots), dots
+
+
+def test_float32_projection_keeps_jax_autodiff():
+  proj = layers.Projection((8,), ("embed", "mlp"), 0.1, jnp.float32)
+  x = jnp.ones((2, 4))
+  params = proj.init(jax.random.PRNGKey(0), x)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(proj.apply(p, x))))(params))
+  assert "custom_vjp" not in jaxpr and "bf16" not in jaxpr
+
+
+def test_auto_dot_library_follows_dtype_and_cpu(monkeypatch):
+  monkeypatch.setattr(step_lib, "cpu_has_native_bf16", lambda: True)
+  assert step_lib.resolve_cpu_dot_library("auto", "bfloat16") == "onednn"
+  assert step_lib.resolve_cpu_dot_library("auto", "float32") == "ynn"
+  monkeypatch.setattr(step_lib, "cpu_has_native_bf16", lambda: False)
+  assert step_lib.resolve_cpu_dot_library("auto", "bfloat16") == "ynn"
+  assert step_lib.resolve_cpu_dot_library("xla", "bfloat16") == "xla"
+  with pytest.raises(ValueError, match="xla_cpu_dot_library='mkl'"):
+    step_lib.resolve_cpu_dot_library("mkl")
