@@ -308,3 +308,25 @@ def test_nonfinite_update_is_skipped_not_applied():
   assert int(new_state.step) == 1
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_state.params), params)
   chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
+
+
+def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
+  from train import redecode
+  _summary_file(tmp_path / "pairs.jsonl")
+  config = legal_summ_finetune.get_config("tiny")
+  config.data.update(train_file=str(tmp_path / "pairs.jsonl"), data_dir=str(tmp_path / "cache"))
+  config.train.num_steps = 20
+  first = run_lib.train(config, str(tmp_path / "run"))["test"]
+  again = redecode.redecode(str(tmp_path / "run"), str(tmp_path / "beam"), beam=2, min_new=3)
+  # The same test examples: the lead baselines do not depend on decoding.
+  assert again["baseline: lead-3: rouge"] == first["baseline: lead-3: rouge"]
+  assert "model: rouge" in again
+  report = (tmp_path / "beam" / "report.md").read_text()
+  assert "decoding: beam search: beam=2, no_repeat_ngram_size=4, min_new=3" in report
+  assert "re-decoded from" in report
+  ours = [json.loads(line) for line in open(tmp_path / "beam" / "test_predictions.jsonl")]
+  theirs = [json.loads(line) for line in open(tmp_path / "run" / "test_predictions.jsonl")]
+  assert [r["id"] for r in ours] == [r["id"] for r in theirs]
+  assert all(r["prediction"].strip() for r in ours)     # min_new=3: never an empty summary
+  with pytest.raises(ConfigError, match="min_new"):
+    redecode.redecode(str(tmp_path / "run"), str(tmp_path / "bad"), min_new=-1)

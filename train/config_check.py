@@ -73,7 +73,7 @@ def validate(config, num_devices: int, process_count: int):
   if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
     raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")
   _check_lora(config)
-  _check_decode(config)
+  check_decode(config)
 
 
 def _student_task(config) -> str:
@@ -103,7 +103,7 @@ def _check_lora(config):
     raise ConfigError(str(e)) from None
 
 
-def _check_decode(config):
+def check_decode(config):
   """eval.decode: how summaries are decoded at validation and test (configs/common.py)."""
   cfg = config.eval.get("decode")
   if cfg is None:

@@ -1,0 +1,92 @@
+r"""Re-decode a finished summarization run with other decoding settings: same test examples,
+same evaluators and lead baselines as its own final evaluation, a new report.
+
+  python -m train.redecode --workdir=runs/summ_plain_english --out=runs/summ_pe_beam4 \
+      --beam=4 --min_new=14 [--no_repeat_ngram_size=4 --repetition_penalty=1.2 \
+      --length_penalty=1.0 --length_ratio=train --num_examples=-1]
+
+Loads the run's best-validation state (else its newest checkpoint) through the inference API,
+reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
+the run's), and writes report.md, test_predictions.jsonl and metrics.jsonl to --out. Each
+decoding row of the README's summarization tables is one such command.
+"""
+import os
+
+from absl import app, flags, logging
+import ml_collections
+
+from infer import loading
+from model import log_setup
+from train import build, config_check, final_eval
+from train import metrics as metrics_lib
+from train.data import examples as examples_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization run.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
+_BEAM = flags.DEFINE_integer("beam", None, "eval.decode.beam: 0/1 greedy, > 1 beams.")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None, "eval.decode.length_penalty.")
+_NO_REPEAT = flags.DEFINE_integer("no_repeat_ngram_size", None,
+                                  "eval.decode.no_repeat_ngram_size (0: off).")
+_REPETITION = flags.DEFINE_float("repetition_penalty", None, "eval.decode.repetition_penalty.")
+_MIN_NEW = flags.DEFINE_integer("min_new", None, "eval.decode.min_new.")
+_LENGTH_RATIO = flags.DEFINE_string("length_ratio", None,
+                                    "eval.decode.length_ratio: a number (0: off) or 'train'.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
+                                     "eval.num_examples: test examples (-1: all).")
+
+
+def overridden_config(run_config: dict, **decode) -> ml_collections.ConfigDict:
+  """The run's config with the given eval.decode keys (None: keep) and eval.num_examples."""
+  config = ml_collections.ConfigDict(run_config)
+  num_examples = decode.pop("num_examples", None)
+  if num_examples is not None:
+    config.eval.num_examples = num_examples
+  if "decode" not in config.eval:   # a run recorded before eval.decode existed: all off
+    config.eval.decode = ml_collections.ConfigDict(dict(final_eval.DECODE_DEFAULTS))
+  for key, value in decode.items():
+    if value is None:
+      continue
+    if key == "length_ratio" and value != "train":
+      value = float(value)
+    config.eval.decode[key] = value
+  return config
+
+
+def redecode(workdir: str, out: str, **decode) -> dict:
+  """The test evaluation of the run at `workdir` with `decode` over its eval.decode -> `out`."""
+  run = loading.open_run(workdir, prefer_best=True)
+  if run.kind != "summarize":
+    raise config_check.ConfigError(f"--workdir={workdir} is a {run.kind!r} run; re-decoding "
+                                   "needs a summarization run")
+  config = overridden_config(run.config.to_dict(), **decode)
+  config_check.check_decode(config)
+  loaded = loading.LoadedModel.from_run(run)
+  splits = examples_lib.load_splits(config.data, build.task_kind(config),
+                                    config.model.num_classes)
+  decoding, facts = final_eval.decode_options(config, loaded, splits.get("train", []))
+  os.makedirs(out, exist_ok=True)
+  writer = metrics_lib.MetricWriter(out)
+  try:
+    return final_eval.run(config, out, loaded=loaded, params=loaded.params, splits=splits,
+                          writer=writer, step=run.step, decoding=decoding,
+                          facts={**facts, "re-decoded from": f"{run.workdir} (step {run.step})"})
+  finally:
+    writer.close()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  log_setup.quiet_libraries()
+  sections = redecode(
+      _WORKDIR.value, _OUT.value, beam=_BEAM.value, length_penalty=_LENGTH_PENALTY.value,
+      no_repeat_ngram_size=_NO_REPEAT.value, repetition_penalty=_REPETITION.value,
+      min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, num_examples=_NUM_EXAMPLES.value)
+  for name, metrics in sections.items():
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    logging.info("%s: %s", name, shown)
+  print(f"report: {os.path.join(_OUT.value, 'report.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
