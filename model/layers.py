@@ -82,6 +82,9 @@ def norm(cfg, name: str):
   return RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_plus_one, name=name)
 
 
+PROJECTION_NAME = "projection"   # checkpoint_name of the bf16 projections' outputs
+
+
 def _contract_last(x, k, n_in: int):
   """x [..., in...] . k [in..., out...] -> [..., out...], accumulated in float32."""
   return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
@@ -137,7 +140,10 @@ class Projection(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(
         _init.normal(stddev=self.stddev), self.axes), shape, jnp.float32)
     if jnp.dtype(self.dtype) == jnp.bfloat16 and not self.output_f32:
-      out = low_precision_matmul(x, kernel, n_in, jnp.dtype(self.dtype))
+      # Named: remat's "dots" policy cannot see the dot inside the custom VJP, so it saves the
+      # projections by this name (model/transformer.py _REMAT_POLICIES).
+      out = jax.ad_checkpoint.checkpoint_name(
+          low_precision_matmul(x, kernel, n_in, jnp.dtype(self.dtype)), PROJECTION_NAME)
     else:
       out = _contract_last(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     if self.use_bias:

@@ -153,7 +153,11 @@ def unstack_blocks(params: dict) -> dict:
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save matmul outputs: XLA's dots (f32) and the bf16 projections, whose dots sit inside a
+    # custom VJP that the dots policy cannot see (layers.low_precision_matmul)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(layers.PROJECTION_NAME)),
 }
 
 

@@ -77,3 +77,29 @@ def test_auto_dot_library_follows_dtype_and_cpu(monkeypatch):
   assert step_lib.resolve_cpu_dot_library("xla", "bfloat16") == "xla"
   with pytest.raises(ValueError, match="xla_cpu_dot_library='mkl'"):
     step_lib.resolve_cpu_dot_library("mkl")
+
+
+def _saved_matmul_outputs(dtype: str, remat: str) -> int:
+  """How many of the residuals remat keeps for the backward are matmul / projection outputs."""
+  import contextlib
+  import io
+  from jax.ad_checkpoint import print_saved_residuals
+  from model import transformer
+  from tests import helpers
+  cfg = helpers.tiny_model_cfg(vocab_size=97, remat=remat, dtype=dtype)
+  model, tokens = transformer.Transformer(cfg), jnp.zeros((2, 16), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, tokens)), params)
+  return sum("dot_general" in line or layers.PROJECTION_NAME in line
+             for line in out.getvalue().splitlines())
+
+
+def test_remat_dots_saves_the_bf16_projections_too():
+  # The bf16 projections' dots sit inside a custom VJP: without their checkpoint name the
+  # "dots" policy would save none of them and act like "full".
+  f32 = _saved_matmul_outputs("float32", "dots")
+  assert f32 > 0 and _saved_matmul_outputs("float32", "full") == 0
+  assert _saved_matmul_outputs("bfloat16", "dots") == f32
+  assert _saved_matmul_outputs("bfloat16", "full") == 0
