@@ -18,6 +18,7 @@ and full-depth compiles take too long on a small host. The rows say which they a
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,8 +66,10 @@ def _run(point: dict) -> dict:
     return {**point, "error": f"compile did not finish in {_TIMEOUT.value} s"}
   rows = [line for line in res.stdout.splitlines() if line.startswith("ROW ")]
   if res.returncode or not rows:
-    tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**point, "error": tail[:300]}
+    lines = res.stderr.strip().splitlines() or ["no output"]
+    # The exception's own line, not JAX's note about filtered frames printed after it.
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return {**point, "error": (errors or lines)[-1][:300]}
   return {**point, **json.loads(rows[-1][4:])}
 
 

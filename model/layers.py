@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 Dtype = Any
@@ -142,7 +143,7 @@ class Projection(nn.Module):
     if jnp.dtype(self.dtype) == jnp.bfloat16 and not self.output_f32:
       # Named: remat's "dots" policy cannot see the dot inside the custom VJP, so it saves the
       # projections by this name (model/transformer.py _REMAT_POLICIES).
-      out = jax.ad_checkpoint.checkpoint_name(
+      out = checkpoint_name(
           low_precision_matmul(x, kernel, n_in, jnp.dtype(self.dtype)), PROJECTION_NAME)
     else:
       out = _contract_last(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
