@@ -133,8 +133,11 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
   print(f"  model FLOPs per step: {flops:.3e} ({tokens} tokens; "
         f"{flops / len(devices):.3e} per device)")
   if "compiler_flops" in out:
+    # XLA's cost analysis counts a loop body once: with scanned layers that is one block.
+    loop = (" (the scanned block counted once, not x num_layers)"
+            if config.model.get("scan_layers", False) else "")
     print(f"  compiler cost analysis per device: {out['compiler_flops']:.3e} FLOPs, "
-          f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed")
+          f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed{loop}")
   if tpu_slice:
     out["collectives"] = topologies.count_collectives(compiled.as_text())
     out["hbm_per_device_bytes"] = capacity
