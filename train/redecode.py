@@ -21,18 +21,25 @@ from train import build, config_check, final_eval
 from train import metrics as metrics_lib
 from train.data import examples as examples_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization run.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
-_BEAM = flags.DEFINE_integer("beam", None, "eval.decode.beam: 0/1 greedy, > 1 beams.")
-_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None, "eval.decode.length_penalty.")
-_NO_REPEAT = flags.DEFINE_integer("no_repeat_ngram_size", None,
-                                  "eval.decode.no_repeat_ngram_size (0: off).")
-_REPETITION = flags.DEFINE_float("repetition_penalty", None, "eval.decode.repetition_penalty.")
-_MIN_NEW = flags.DEFINE_integer("min_new", None, "eval.decode.min_new.")
-_LENGTH_RATIO = flags.DEFINE_string("length_ratio", None,
-                                    "eval.decode.length_ratio: a number (0: off) or 'train'.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
-                                     "eval.num_examples: test examples (-1: all).")
+def _define_flags():
+  # Only when run as a command: train.main (imported beside this module in tests) defines
+  # --workdir too.
+  global _WORKDIR, _OUT, _BEAM, _LENGTH_PENALTY, _NO_REPEAT, _REPETITION, _MIN_NEW
+  global _LENGTH_RATIO, _NUM_EXAMPLES
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization run.",
+                                 required=True)
+  _OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
+  _BEAM = flags.DEFINE_integer("beam", None, "eval.decode.beam: 0/1 greedy, > 1 beams.")
+  _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None, "eval.decode.length_penalty.")
+  _NO_REPEAT = flags.DEFINE_integer("no_repeat_ngram_size", None,
+                                    "eval.decode.no_repeat_ngram_size (0: off).")
+  _REPETITION = flags.DEFINE_float("repetition_penalty", None,
+                                   "eval.decode.repetition_penalty.")
+  _MIN_NEW = flags.DEFINE_integer("min_new", None, "eval.decode.min_new.")
+  _LENGTH_RATIO = flags.DEFINE_string("length_ratio", None,
+                                      "eval.decode.length_ratio: a number (0: off) or 'train'.")
+  _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
+                                       "eval.num_examples: test examples (-1: all).")
 
 
 def overridden_config(run_config: dict, **decode) -> ml_collections.ConfigDict:
@@ -89,4 +96,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
