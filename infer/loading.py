@@ -11,7 +11,6 @@ server, the final evaluation and the benchmarks all go through `open_run` / `res
 Imports only model/ (checkpoint I/O, tokenizer) and infer/: the layering rule.
 """
 import dataclasses
-import functools
 import os
 
 import flax.linen as nn
@@ -126,8 +125,7 @@ def restore_params(run: Run, model, mesh=None):
                                                                  scan_layers=stored_scanned)),
                             mesh)
     target = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
-    convert = (transformer.unstack_blocks if stored_scanned else
-               functools.partial(transformer.stack_blocks, num_layers=model.cfg.num_layers))
+    convert = transformer.unstack_blocks if stored_scanned else transformer.stack_blocks
     return jax.jit(convert, out_shardings=target)(stored)
   spec = run.lora
   abstract = abstract_params(model if spec is None else lora.lora_model(model.cfg, spec), mesh)

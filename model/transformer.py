@@ -133,10 +133,10 @@ class _ScannedBlock(DecoderBlock):
     return super().__call__(x, mask_inputs, rope_positions, deterministic, cache_mode), None
 
 
-def stack_blocks(params: dict, num_layers: int) -> dict:
+def stack_blocks(params: dict) -> dict:
   """Per-layer params {block_0, ..., block_N-1} -> model.scan_layers' {"blocks": [N, ...]}."""
   rest = {k: v for k, v in params.items() if not k.startswith("block_")}
-  layers_ = [params[f"block_{i}"] for i in range(num_layers)]
+  layers_ = [params[f"block_{i}"] for i in range(len(params) - len(rest))]
   return {**rest, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers_)}
 
 

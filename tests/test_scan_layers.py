@@ -29,7 +29,7 @@ def _init(cfg):
 def test_scanned_model_equals_the_per_layer_model(remat):
   per_layer, scanned = _cfgs(remat=remat)
   params, _ = _init(per_layer)
-  stacked = transformer.stack_blocks(params, per_layer.num_layers)
+  stacked = transformer.stack_blocks(params)
 
   def loss(cfg, p):
     logits = transformer.Transformer(cfg).apply({"params": p}, _TOKENS)
@@ -39,7 +39,7 @@ def test_scanned_model_equals_the_per_layer_model(remat):
   (l1, logits1), g1 = jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True)(stacked)
   chex.assert_trees_all_close(logits1, logits0, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(l1, l0, atol=1e-6)
-  chex.assert_trees_all_close(g1, transformer.stack_blocks(g0, per_layer.num_layers),
+  chex.assert_trees_all_close(g1, transformer.stack_blocks(g0),
                               atol=1e-5, rtol=1e-4)
 
 
@@ -50,7 +50,7 @@ def test_scanned_params_carry_a_layers_axis_and_round_trip():
   assert query.names[0] == "layers" and query.value.shape[0] == 3
   assert not any(k.startswith("block_") for k in boxed)
   params, _ = _init(per_layer)
-  back = transformer.unstack_blocks(transformer.stack_blocks(params, 3))
+  back = transformer.unstack_blocks(transformer.stack_blocks(params))
   chex.assert_trees_all_equal(back, params)
 
 

@@ -42,10 +42,10 @@ def _define_flags():
                                        "eval.num_examples: test examples (-1: all).")
 
 
-def overridden_config(run_config: dict, **decode) -> ml_collections.ConfigDict:
-  """The run's config with the given eval.decode keys (None: keep) and eval.num_examples."""
+def overridden_config(run_config: dict, num_examples: int | None = None,
+                      **decode) -> ml_collections.ConfigDict:
+  """The run's config with the given eval.decode keys and eval.num_examples (None: keep)."""
   config = ml_collections.ConfigDict(run_config)
-  num_examples = decode.pop("num_examples", None)
   if num_examples is not None:
     config.eval.num_examples = num_examples
   if "decode" not in config.eval:   # a run recorded before eval.decode existed: all off
@@ -59,13 +59,14 @@ def overridden_config(run_config: dict, **decode) -> ml_collections.ConfigDict:
   return config
 
 
-def redecode(workdir: str, out: str, **decode) -> dict:
-  """The test evaluation of the run at `workdir` with `decode` over its eval.decode -> `out`."""
+def redecode(workdir: str, out: str, num_examples: int | None = None, **decode) -> dict:
+  """The test evaluation of the run at `workdir` with `decode` over its eval.decode (and
+  `num_examples` test examples, None: the run's) -> `out`."""
   run = loading.open_run(workdir, prefer_best=True)
   if run.kind != "summarize":
     raise config_check.ConfigError(f"--workdir={workdir} is a {run.kind!r} run; re-decoding "
                                    "needs a summarization run")
-  config = overridden_config(run.config.to_dict(), **decode)
+  config = overridden_config(run.config.to_dict(), num_examples, **decode)
   config_check.check_decode(config)
   loaded = loading.LoadedModel.from_run(run)
   splits = examples_lib.load_splits(config.data, build.task_kind(config),
