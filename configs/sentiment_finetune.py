@@ -10,7 +10,8 @@ Presets: `imdb` (25k train reviews, 5% held out for validation; the full 25k tes
 `imdb10k` (a fixed 10k-example subset of the train split), `imdb_tfds` (`imdb` read from the
 TFDS dataset imdb_reviews, prepared once in data.data_dir on a machine with internet:
 `python -m train.data.sources tfds:imdb_reviews`), `imdb_self` (512-token rows, from the
-in-domain LM `legal_pretrain.py:imdb_self`), `tiny` (tests; set the files).
+in-domain LM `legal_pretrain.py:imdb_self`), `imdb_self_curve` (one point of its learning curve:
+a cheaper fine-tune, from one kept pre-training step), `tiny` (tests; set the files).
 `imdb` / `imdb10k` read $LEGAL_LM_DATA/sentiment_imdb/{train,test}.jsonl.gz (default
 ../shared/data; README "Datasets: where they come from"); any preset reads TFDS instead with
 `--config.data.train_file=tfds:imdb_reviews:train --config.data.test_file=tfds:imdb_reviews:test`.
@@ -66,6 +67,15 @@ def _imdb_self(config):
   config.train.num_epochs = 3.0
 
 
+def _imdb_self_curve(config):
+  # One point of the accuracy-vs-pre-training-tokens curve (eval/learning_curve.py): the same
+  # fine-tune for every kept step of legal_pretrain.py:imdb_self, pass one with
+  # --config.train.init_from=runs/imdb_self/checkpoints/<step>. One epoch of 256-token
+  # head+tail rows (742 steps, ~15 min on 2 cores) instead of imdb_self's three at 512: a
+  # curve is several fine-tunes, and what it compares is the checkpoints, not the fine-tune.
+  config.train.num_epochs = 1.0
+
+
 def _tiny(config):
   config.data.train_file = config.data.test_file = ""
   config.data.vocab_size = 512
@@ -83,4 +93,4 @@ def _tiny(config):
 
 
 PRESETS = {"imdb": _imdb, "imdb10k": _imdb10k, "imdb_tfds": _imdb_tfds, "imdb_self": _imdb_self,
-           "tiny": _tiny}
+           "imdb_self_curve": _imdb_self_curve, "tiny": _tiny}

@@ -76,17 +76,19 @@ class Run:
 
 def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -> Run:
   """The run at `path` (its workdir, or its checkpoints folder): with prefer_best its
-  best-validation state when it kept one, else its newest checkpoint. `what` names the flag or
+  best-validation state when it kept one, else its newest checkpoint; <workdir>/checkpoints/
+  <step> names one kept step. `what` names the flag or
   config key the path came from, for the error message."""
-  workdir = resolve_path(path).rstrip("/")
-  if os.path.basename(workdir) == "checkpoints":
-    workdir = os.path.dirname(workdir)
+  full_path = resolve_path(path)
+  workdir, step = checkpoint_lib.split_step_path(full_path)
   if os.path.isdir(os.path.join(workdir, QUANTIZED_DIR, "params")):
     meta = quantize.load_meta(os.path.join(workdir, QUANTIZED_DIR))
     return Run(workdir, meta["source_step"], meta["run_meta"], None, meta["mode"])
   if not os.path.isdir(workdir):
     raise LoadError(f"{what}={path}: no such directory ({workdir})")
-  found = checkpoint_lib.find_finished(workdir, prefer_best)
+  found = checkpoint_lib.find_finished(full_path, prefer_best)
+  if found is None and step is not None:
+    raise LoadError(f"{what}={path}: {workdir} has no readable checkpoint at step {step}")
   if found is None:
     raise LoadError(f"{what}={path}: no finished checkpoint in {workdir} (expected the workdir "
                     "of a training run, with checkpoints/, or of infer.quantize, with "

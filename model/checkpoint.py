@@ -271,12 +271,27 @@ class Checkpointer:
     self.manager.close()
 
 
+def split_step_path(path: str) -> tuple[str, int | None]:
+  """(workdir, step) of `path`: a run's workdir or its checkpoints folder (step None: the run
+  decides), or one checkpoint, <workdir>/checkpoints/<step> (a learning curve fine-tunes from
+  each of a pre-training run's kept steps)."""
+  path = os.path.expanduser(path).rstrip("/")
+  parent, name = os.path.split(path)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints":
+    return os.path.dirname(parent), int(name)
+  return (parent if name == "checkpoints" else path), None
+
+
 def find_finished(path: str, prefer_best: bool = False):
   """(Checkpointer, step) of the finished run at `path` (its workdir or checkpoints folder):
   with prefer_best its best-validation state when it kept one, else its newest checkpoint;
-  None when there is none. Fine-tuning, distillation and inference all find runs this way."""
-  path = os.path.expanduser(path).rstrip("/")
-  workdir = os.path.dirname(path) if path.endswith("checkpoints") else path
+  a <workdir>/checkpoints/<step> path names that step. None when there is none. Fine-tuning,
+  distillation and inference all find runs this way."""
+  workdir, step = split_step_path(path)
+  if step is not None:
+    checkpointer = Checkpointer(workdir, every=1, keep=1000, async_save=False)
+    readable = step in checkpointer.manager.all_steps() and not checkpointer._unreadable(step)
+    return (checkpointer, step) if readable else None
   for candidate in ([os.path.join(workdir, "best")] if prefer_best else []) + [workdir]:
     if os.path.isdir(os.path.join(candidate, "checkpoints")):
       checkpointer = Checkpointer(candidate, every=1, keep=1000, async_save=False)

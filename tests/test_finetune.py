@@ -53,6 +53,43 @@ def test_classifier_from_scratch_learns_and_writes_report(classifier_run):
   assert len(lines) == 64 and abs(sum(json.loads(lines[0])["probs"]) - 1) < 1e-5
 
 
+def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
+  from eval import common as eval_common
+  from eval import learning_curve
+  root, result = classifier_run
+  scratch = str(root / "run")
+  # A second point: the same run's files, as if fine-tuned from step 2 of an 8 x 32 LM.
+  pretrain = tmp_path / "lm"
+  (pretrain / "checkpoints").mkdir(parents=True)
+  (pretrain / "config.json").write_text(json.dumps({"data": {"batch_size": 8, "seq_len": 32}}))
+  tuned = tmp_path / "tuned"
+  tuned.mkdir()
+  for name in ("test_predictions.jsonl", "metrics.jsonl"):
+    (tuned / name).write_text((root / "run" / name).read_text())
+  config = json.loads((root / "run" / "config.json").read_text())
+  config["train"]["init_from"] = str(pretrain / "checkpoints" / "2")
+  (tuned / "config.json").write_text(json.dumps(config))
+
+  points = [learning_curve.point(r, bootstrap=200) for r in (str(tuned), scratch)]
+  assert [(p["step"], p["tokens"]) for p in points] == [(2, 2 * 8 * 32), (0, 0)]
+  test = result["test"]["model: classification"]
+  for p in points:
+    assert p["accuracy"] == pytest.approx(test["accuracy"]) and p["count"] == 64
+    assert p["accuracy_ci"][0] <= p["accuracy"] <= p["accuracy_ci"][1]
+    assert p["tfidf"] == pytest.approx(
+        result["test"]["baseline: tf-idf + logistic regression"]["accuracy"])
+    assert p["validation_loss"] > 0
+  text = learning_curve.table(sorted(points, key=lambda p: p["tokens"]))
+  assert text.splitlines()[2].startswith("| 0.0M | 0 |") and "| 2 |" in text.splitlines()[3]
+  learning_curve.plot(points, str(tmp_path / "curve.png"), "t")
+  assert (tmp_path / "curve.png").stat().st_size > 1000
+
+  config["train"]["init_from"] = str(pretrain)
+  (tuned / "config.json").write_text(json.dumps(config))
+  with pytest.raises(eval_common.EvalError, match="is a workdir.*checkpoints/<step>"):
+    learning_curve.point(str(tuned), bootstrap=0)
+
+
 def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tmp_path):
   # A tiny LM pre-trained on the review texts, then a classifier started from it.
   lm = legal_pretrain.get_config("tiny")
@@ -60,20 +97,28 @@ def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tm
                  data_dir=str(tmp_path / "cache"), seq_len=32, batch_size=8, max_docs=-1)
   lm.model.update(num_layers=1, d_model=48, num_heads=2, num_kv_heads=2, head_dim=24,
                   mlp_dim=96)
-  lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
+  lm.train.update(num_steps=4, eval_every=4, checkpoint_every=2, keep_checkpoints=5)
   run_lib.train(lm, str(tmp_path / "lm"))
 
+  # The workdir means its newest step; <workdir>/checkpoints/<step> one kept step (a
+  # learning curve fine-tunes from each).
+  for init_from, step in ((tmp_path / "lm", 4), (tmp_path / "lm" / "checkpoints" / "2", 2)):
+    config = _sentiment_config(sentiment_files, tmp_path / "cache")
+    config.train.init_from = str(init_from)
+    config, sources = build.resolve(config)
+    assert (config.model.d_model, config.model.num_layers, config.data.vocab_size) == (48, 1, 512)
+    assert sources.pretrained.step == step
+    parts = build.build(config)
+    state = parts.init_state(seed=1)
+    loaded = finetune.load_backbone(sources.pretrained, state, parts.mesh)
+    lm_params = _lm_params(lm, tmp_path / "lm", step)
+    chex.assert_trees_all_equal(
+        {k: v for k, v in loaded.params.items() if k != "cls_head"}, lm_params)
+    chex.assert_trees_all_equal(loaded.params["cls_head"], state.params["cls_head"])
   config = _sentiment_config(sentiment_files, tmp_path / "cache")
-  config.train.init_from = str(tmp_path / "lm")
-  config, sources = build.resolve(config)
-  assert (config.model.d_model, config.model.num_layers, config.data.vocab_size) == (48, 1, 512)
-  parts = build.build(config)
-  state = parts.init_state(seed=1)
-  loaded = finetune.load_backbone(sources.pretrained, state, parts.mesh)
-  lm_params = _lm_params(lm, tmp_path / "lm")
-  chex.assert_trees_all_equal(
-      {k: v for k, v in loaded.params.items() if k != "cls_head"}, lm_params)
-  chex.assert_trees_all_equal(loaded.params["cls_head"], state.params["cls_head"])
+  config.train.init_from = str(tmp_path / "lm" / "checkpoints" / "3")
+  with pytest.raises(ConfigError, match="checkpoints/3: .* no readable checkpoint at step 3"):
+    build.resolve(config)
 
 
 def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifier_run, tmp_path):
@@ -142,12 +187,12 @@ def _parts(config):
   return parts.model, parts.task, parts.tx, parts.mesh
 
 
-def _lm_params(lm_config, workdir):
+def _lm_params(lm_config, workdir, step=None):
   from model import checkpoint as checkpoint_lib
   model, task, tx, mesh = _parts(lm_config)
   abstract, shardings = state_lib.state_shardings(model, tx, task.dummy_batch(1, 8), mesh)
   ckpt = checkpoint_lib.Checkpointer(str(workdir), every=1, keep=5, async_save=False)
-  state, _ = ckpt.restore(ckpt.latest_step(),
+  state, _ = ckpt.restore(ckpt.latest_step() if step is None else step,
                           state_lib.abstract_with_shardings(abstract, shardings))
   return state.params
 

@@ -52,6 +52,14 @@ def prepare_workdir(workdir: str, config) -> bool:
   return created
 
 
+def _origin(config, sources: build.Sources) -> str:
+  """What the report says a fine-tune started from: the pre-trained run and the step it read
+  (a workdir means its newest checkpoint, which moves while that run goes on)."""
+  if sources.pretrained is None:
+    return "scratch"
+  return f"{config.train.init_from} (step {sources.pretrained.step})"
+
+
 def _start_state(parts: build.Parts, sources: build.Sources, checkpointer, latest, train_iter):
   """The state the loop starts from: the checkpoint it resumes, else a fresh one with the
   pre-trained backbone, the teacher and the student's teacher blocks restored into it."""
@@ -165,7 +173,7 @@ def train(config, workdir: str) -> dict:
                         "process to write report.md")
       else:
         result["test"] = evaluation.final(result, writer, {
-            "parameters": n_params, "init_from": config.train.init_from or "scratch",
+            "parameters": n_params, "init_from": _origin(config, sources),
             "final step": result["step"],
             "session seconds (train + eval)": round(time.perf_counter() - t0, 1)})
     if (evaluation is None and finished and config.eval.harness_tasks and pc == 1

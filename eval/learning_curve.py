@@ -1,0 +1,118 @@
+r"""Test accuracy against pre-training tokens: the learning curve of classifiers fine-tuned from
+the kept steps of one pre-training run (and, at 0 tokens, from scratch).
+
+  python -m eval.learning_curve --runs=runs/curve_scratch,runs/curve_500,runs/curve_2000 \
+      --out=docs/imdb_self_curve.png
+
+Each run is a finished fine-tuning workdir. Its x value is the pre-training its
+`train.init_from` names: <pretrain workdir>/checkpoints/<step>, i.e. step x that run's
+data.batch_size x data.seq_len tokens (no init_from: 0). A bare workdir is refused, since its
+newest step moves while the pre-training goes on. Its y value is the test accuracy with a 95%
+bootstrap CI, recomputed by eval.classification from the run's test_predictions.jsonl; the
+TF-IDF + logistic regression baseline its report measured on the same test split is drawn
+as a line. Prints (and with --md writes) the Markdown table the README shows.
+"""
+import json
+import os
+
+from absl import flags
+
+from eval import classification, common, report
+from model import checkpoint as checkpoint_lib
+
+TFIDF_SPLIT = "test/baseline/tf-idf_+_logistic_regression"
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.isfile(path):
+    raise common.EvalError(f"{path}: no such file (expected {what})")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def pretraining(config: dict, run: str) -> tuple[int, int]:
+  """(pre-training step, tokens) behind the fine-tune whose config.json is `config`."""
+  init_from = config["train"].get("init_from") or ""
+  if not init_from:
+    return 0, 0
+  workdir, step = checkpoint_lib.split_step_path(init_from)
+  if step is None:
+    raise common.EvalError(
+        f"{run}: train.init_from={init_from} is a workdir, whose newest step moves while it "
+        "trains; fine-tune from <workdir>/checkpoints/<step> for a learning curve")
+  data = _read_json(os.path.join(workdir, "config.json"), "the pre-training run's config")["data"]
+  return step, step * data["batch_size"] * data["seq_len"]
+
+
+def point(run: str, bootstrap: int) -> dict:
+  """One fine-tuning run's row: pre-training it started from, test and validation results."""
+  config = _read_json(os.path.join(run, "config.json"), "a fine-tuning run's config.json")
+  step, tokens = pretraining(config, run)
+  test = classification.evaluate(
+      common.read_jsonl(os.path.join(run, "test_predictions.jsonl")),
+      common.eval_config(bootstrap=bootstrap))
+  rows = common.read_jsonl(os.path.join(run, "metrics.jsonl"))
+  validation = [r for r in rows if r["split"] == "validation"]
+  tfidf = [r["accuracy"] for r in rows if r["split"] == TFIDF_SPLIT]
+  return {"run": run, "step": step, "tokens": tokens, "accuracy": test["accuracy"],
+          "accuracy_ci": test["accuracy" + report.CI_SUFFIX], "macro_f1": test["macro_f1"],
+          "count": test["count"], "tfidf": tfidf[-1] if tfidf else None,
+          "validation_loss": min((r["loss"] for r in validation), default=None)}
+
+
+def table(points: list[dict]) -> str:
+  lines = ["| pre-training tokens | step | test accuracy [95% CI] | macro F1 | best validation "
+           "loss | TF-IDF + LR | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for p in points:
+    low, high = p["accuracy_ci"]
+    val = "" if p["validation_loss"] is None else f"{p['validation_loss']:.4f}"
+    tfidf = "" if p["tfidf"] is None else f"{p['tfidf']:.4f}"
+    lines.append(f"| {p['tokens'] / 1e6:.1f}M | {p['step']} | {p['accuracy']:.4f} "
+                 f"[{low:.4f}, {high:.4f}] | {p['macro_f1']:.4f} | {val} | {tfidf} | "
+                 f"{os.path.basename(p['run'].rstrip('/'))} |")
+  return "\n".join(lines)
+
+
+def plot(points: list[dict], out: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  xs = [p["tokens"] / 1e6 for p in points]
+  ys = [p["accuracy"] for p in points]
+  errors = [[y - p["accuracy_ci"][0] for y, p in zip(ys, points)],
+            [p["accuracy_ci"][1] - y for y, p in zip(ys, points)]]
+  ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, label="fine-tuned (95% CI)")
+  baselines = [p["tfidf"] for p in points if p["tfidf"] is not None]
+  if baselines:
+    ax.axhline(baselines[-1], color="gray", ls="--", label=f"TF-IDF + LR ({baselines[-1]:.3f})")
+  ax.set(xlabel="pre-training tokens (millions)", ylabel="test accuracy", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  fl = flags.FLAGS
+  points = sorted((point(r, fl.bootstrap) for r in fl.runs), key=lambda p: p["tokens"])
+  text = table(points)
+  print(text)
+  if fl.md:
+    with open(fl.md, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  if fl.out:
+    plot(points, fl.out, fl.title)
+    print(f"wrote {fl.out}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_list("runs", None, "Finished fine-tuning workdirs, one per curve point.")
+  flags.DEFINE_string("out", None, "Write the plot here (.png).")
+  flags.DEFINE_string("md", None, "Also write the Markdown table here.")
+  flags.DEFINE_string("title", "accuracy vs pre-training tokens", "The plot's title.")
+  flags.DEFINE_integer("bootstrap", 1000, "Resamples for the accuracy CIs.")
+  flags.mark_flag_as_required("runs")
+  common.run_app(main)
