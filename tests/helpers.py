@@ -163,14 +163,15 @@ def run_main(args, devices=1, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def losses(workdir, split="train"):
-  """{step: loss}; a resumed run re-logs steps after its checkpoint: the last entry wins."""
+def losses(workdir, split="train", key="loss"):
+  """{step: loss} (or another logged `key`); a resumed run re-logs steps after its
+  checkpoint: the last entry wins."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       row = json.loads(line)
       if row["split"] == split:
-        out[row["step"]] = row["loss"]
+        out[row["step"]] = row[key]
   return out
 
 

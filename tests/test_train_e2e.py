@@ -67,6 +67,12 @@ def test_interrupted_run_resumes_bit_identical(corpus, data_dir, tmp_path, refer
   # Bit-identical: the JSON floats are exact reprs of the float32 values.
   assert losses(tmp_path) == losses(reference_run)
   assert losses(tmp_path, "validation") == losses(reference_run, "validation")
+  # The run's training time goes on from the checkpoint's, not from zero: it never drops
+  # from one logged step to the next across the restart.
+  wall = losses(tmp_path, key="wall_s")
+  wall = [wall[s] for s in sorted(wall)]
+  assert all(a <= b for a, b in zip(wall, wall[1:])), wall
+  assert "training time, all sessions of this run" in result.stderr
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -40,6 +40,8 @@ class LoopParts:
   best: Optional[dict] = None     # {"step", "loss"} of the best validation so far (on resume)
   # Evaluators run at every validation: name -> fn(params) -> scalar metrics.
   eval_hooks: dict = dataclasses.field(default_factory=dict)
+  # Training time of the earlier sessions of a resumed run (its checkpoint's meta["wall_s"]).
+  wall_s: float = 0.0
 
 
 class _Preemption:
@@ -125,7 +127,8 @@ def run(p: LoopParts) -> dict:
   step = int(jax.device_get(state.step))
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   progress = metrics_lib.Progress(step, num_steps, tokens_per_step,
-                                  p.flops_per_token * tokens_per_step, p.peak_flops_total)
+                                  p.flops_per_token * tokens_per_step, p.peak_flops_total,
+                                  p.wall_s)
   preemption = _Preemption()
   pending = None           # (step, device metrics) of the last dispatched step
   skips = 0                # consecutive non-finite steps (config.train.nonfinite=skip)
@@ -192,7 +195,7 @@ def run(p: LoopParts) -> dict:
       if p.checkpointer.should_save(step) or is_last or preemption.requested:
         drain(pending)      # never checkpoint a state whose loss we have not seen to be finite
         pending = None
-        p.checkpointer.save(step, state, p.train_iter, p.meta,
+        p.checkpointer.save(step, state, p.train_iter, {**p.meta, "wall_s": progress.wall_s()},
                             force=is_last or preemption.requested)
       if preemption.requested:
         logging.warning("preempted at step %d: checkpoint written, exiting", step)
@@ -207,4 +210,5 @@ def run(p: LoopParts) -> dict:
     if p.best_checkpointer is not None:
       p.best_checkpointer.wait()
   return {"step": step, "state": state, "validation": last_eval, "best": best,
-          "preempted": preemption.requested, "stopped_early": stop_early}
+          "preempted": preemption.requested, "stopped_early": stop_early,
+          "wall_s": progress.wall_s()}

@@ -108,20 +108,26 @@ class Progress:
   pre-training and classification report the same kind of number."""
 
   def __init__(self, start_step: int, num_steps: int, tokens_per_step: int,
-               flops_per_step: float, peak_flops: float):
+               flops_per_step: float, peak_flops: float, wall_s_before: float = 0.0):
+    """wall_s_before: the training time of the sessions before this one (a resumed run's
+    checkpoint records it), so `wall_s` is the run's whole time, not this session's."""
     self.num_steps = num_steps
     self.tokens_per_step = tokens_per_step
     self.flops_per_step = flops_per_step
     self.peak = peak_flops
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.started, self.wall_s_before = self.last_time, wall_s_before
     self.first = True
+
+  def wall_s(self) -> float:
+    return self.wall_s_before + time.perf_counter() - self.started
 
   def update(self, step: int) -> dict:
     now = time.perf_counter()
     steps, dt = step - self.last_step, max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     out = {"step_time_s": dt / max(steps, 1), "tokens_per_s": self.tokens_per_step * steps / dt,
-           "mfu": self.flops_per_step * steps / dt / self.peak}
+           "mfu": self.flops_per_step * steps / dt / self.peak, "wall_s": self.wall_s()}
     # The first interval includes compilation: no ETA from it (and none written).
     if not self.first:
       out["eta_s"] = out["step_time_s"] * (self.num_steps - step)

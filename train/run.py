@@ -162,7 +162,10 @@ def train(config, workdir: str) -> dict:
         peak_flops_total=peak * parts.mesh.size,
         best_checkpointer=evaluation and evaluation.best_checkpointer,
         best=evaluation and evaluation.best,
-        eval_hooks=evaluation.hooks(pc) if evaluation else {}))
+        eval_hooks=evaluation.hooks(pc) if evaluation else {},
+        wall_s=(resumed_meta or {}).get("wall_s", 0.0)))
+    logging.info("training time, all sessions of this run: %s (step %d)",
+                 metrics_lib.format_eta(result["wall_s"]), result["step"])
 
     # --- the final evaluation (fine-tuning) ------------------------------------------------------
     finished = not result["preempted"] and (result["stopped_early"] or
@@ -175,6 +178,7 @@ def train(config, workdir: str) -> dict:
         result["test"] = evaluation.final(result, writer, {
             "parameters": n_params, "init_from": _origin(config, sources),
             "final step": result["step"],
+            "training seconds, all sessions": round(result["wall_s"], 1),
             "session seconds (train + eval)": round(time.perf_counter() - t0, 1)})
     if (evaluation is None and finished and config.eval.harness_tasks and pc == 1
         and not result["preempted"]):
