@@ -52,20 +52,23 @@ def point(run: str, bootstrap: int) -> dict:
       common.read_jsonl(os.path.join(run, "test_predictions.jsonl")),
       common.eval_config(bootstrap=bootstrap))
   rows = common.read_jsonl(os.path.join(run, "metrics.jsonl"))
-  validation = [r for r in rows if r["split"] == "validation"]
+  # The state the test scored: the best validation loss (the loop keeps that one).
+  best = min((r for r in rows if r["split"] == "validation"), key=lambda r: r["loss"],
+             default={})
   tfidf = [r["accuracy"] for r in rows if r["split"] == TFIDF_SPLIT]
   return {"run": run, "step": step, "tokens": tokens, "accuracy": test["accuracy"],
           "accuracy_ci": test["accuracy" + report.CI_SUFFIX], "macro_f1": test["macro_f1"],
           "count": test["count"], "tfidf": tfidf[-1] if tfidf else None,
-          "validation_loss": min((r["loss"] for r in validation), default=None)}
+          "validation_loss": best.get("loss"), "validation_accuracy": best.get("accuracy")}
 
 
 def table(points: list[dict]) -> str:
-  lines = ["| pre-training tokens | step | test accuracy [95% CI] | macro F1 | best validation "
-           "loss | TF-IDF + LR | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| pre-training tokens | step | test accuracy [95% CI] | macro F1 | validation "
+           "loss / accuracy | TF-IDF + LR | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
   for p in points:
     low, high = p["accuracy_ci"]
-    val = "" if p["validation_loss"] is None else f"{p['validation_loss']:.4f}"
+    val = ("" if p["validation_loss"] is None else
+           f"{p['validation_loss']:.4f} / {p['validation_accuracy']:.4f}")
     tfidf = "" if p["tfidf"] is None else f"{p['tfidf']:.4f}"
     lines.append(f"| {p['tokens'] / 1e6:.1f}M | {p['step']} | {p['accuracy']:.4f} "
                  f"[{low:.4f}, {high:.4f}] | {p['macro_f1']:.4f} | {val} | {tfidf} | "
