@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 0.0            # > 0: num_steps from the train split, validation each epoch
   c.train.init_from = ""              # workdir or checkpoint dir of a pre-trained run ("" = scratch)
   c.train.early_stopping = 0          # stop after this many validations without improvement; 0 off
+  # the best state (fine-tuning): "loss" (validation loss) or "<evaluator>/<metric>" of
+  # config.eval.evaluators at each validation, e.g. "rouge/rougeL" or "classification/macro_f1"
+  c.train.select_by = "loss"
   c.train.nonfinite = "stop"          # non-finite loss: stop (clear error) | skip (drop the update)
   # CPU only: the train step's dots through auto (onednn for bf16 compute on a CPU with native
   # bf16, else ynn) | ynn (YNNPACK; 1.2x faster f32 step on the 2-core AVX2 VM) | xnn | onednn

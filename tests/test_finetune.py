@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import legal_pretrain, legal_summ_finetune, sentiment_finetune
-from helpers import _sentiment_config, _summary_file
+from helpers import _sentiment_config, _summary_file, losses
 from infer import loading
 from train import build, finetune, optim
 from train import run as run_lib
@@ -202,8 +202,16 @@ def test_summarizer_pipeline_reports_rouge_with_baselines(tmp_path):
   config = legal_summ_finetune.get_config("tiny")
   config.data.update(train_file=str(tmp_path / "pairs.jsonl"), data_dir=str(tmp_path / "cache"))
   config.eval.slice_fields = ("dataset",)
+  config.train.select_by = "rouge/rougeL"     # the best state by validation ROUGE-L, not loss
   result = run_lib.train(config, str(tmp_path / "run"))
   sections = result["test"]
+  # The kept state is the validation with the highest ROUGE-L (the first one on a tie).
+  rouge_l = losses(tmp_path / "run", "validation/rouge", "rougeL")
+  assert sorted(rouge_l) == [0, 10, 20, 30]
+  best_step = max(sorted(s for s in rouge_l if s > 0), key=lambda s: rouge_l[s])
+  assert result["best"]["step"] == best_step
+  assert result["best"]["select_by"] == "rouge/rougeL"
+  assert result["best"]["value"] == pytest.approx(rouge_l[best_step])
   rouge = sections["model: rouge"]
   for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
     assert 0.0 <= rouge[key] <= 1.0
@@ -262,6 +270,24 @@ def test_eval_decode_options_learn_the_length_ratio_and_are_checked():
   bad.eval.decode.length_penalty = 0.5
   with pytest.raises(ConfigError, match="applies to beam search only"):
     config_check.validate(bad, 1, 1)
+
+
+def test_select_by_names_a_validation_metric():
+  from train import config_check, metrics
+  config = legal_summ_finetune.get_config("tiny")
+  for bad in ("rougeL", "classification/accuracy", "rouge/rougeL/x"):
+    config.train.select_by = bad
+    with pytest.raises(ConfigError, match=re.escape(f"config.train.select_by={bad!r}; expected "
+                                                    "'loss' or '<evaluator>/<metric>'")):
+      config_check.validate(config, 1, 1)
+  scores = {"loss": 2.5, "rouge/rougeL": 0.3, "factual/repeats_4gram": 0.1}
+  # Signed so that larger is better: ROUGE as is, a loss or a repeat rate negated.
+  assert metrics.selection_score("rouge/rougeL", scores) == 0.3
+  assert metrics.selection_score("loss", scores) == -2.5
+  assert metrics.selection_score("factual/repeats_4gram", scores) == -0.1
+  with pytest.raises(ConfigError, match="'rouge/rouge9' is not a validation metric of this run; "
+                                        "it has: factual/repeats_4gram, loss, rouge/rougeL"):
+    metrics.selection_score("rouge/rouge9", scores)
 
 
 def test_summary_loss_scores_only_summary_tokens():

@@ -20,6 +20,7 @@ def validate(config, num_devices: int, process_count: int):
   except ValueError as e:
     raise ConfigError(str(e)) from None
   d, t = config.data, config.train
+  select_by = t.get("select_by", "loss")
   accum = config.optim.grad_accum_steps
   batch_shards = mesh["data"] * mesh["fsdp"]
   checks = [
@@ -66,6 +67,11 @@ def validate(config, num_devices: int, process_count: int):
        "'teacher_layers'"),
       (config.train.early_stopping >= 0,
        f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
+      (select_by == "loss" or (select_by.count("/") == 1 and
+                               select_by.split("/")[0] in config.eval.evaluators),
+       f"config.train.select_by={select_by!r}; expected 'loss' or "
+       f"'<evaluator>/<metric>' with an evaluator of config.eval.evaluators "
+       f"{tuple(config.eval.evaluators)}, e.g. 'rouge/rougeL'"),
   ]
   for ok, message in checks:
     if not ok:

@@ -18,12 +18,10 @@ from eval import classification, factual, report, rouge, slices, tfidf_baseline
 from infer import loading
 from model import checkpoint as checkpoint_lib
 from train import build
+from train import metrics as metrics_lib
 from train.data import corpus as corpus_lib
 
 EVALUATORS = {m.NAME: m for m in (classification, rouge, factual)}
-# Higher is better for these metrics; the worst slice is the one with the lowest value.
-_HIGHER_IS_BETTER = ("accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
-                     "entity_precision", "number_precision", "date_precision")
 
 
 def _subset(examples, n):
@@ -112,7 +110,7 @@ def _evaluate(name, records, cfg):
   text_field = "text" if name == "classification" else "source"
   result = module.evaluate(records, cfg)
   result["slices"] = slices.evaluate_slices(module.evaluate, records, cfg, text_field=text_field,
-                                            higher_is_better=_HIGHER_IS_BETTER)
+                                            higher_is_better=metrics_lib.HIGHER_IS_BETTER)
   return result
 
 

@@ -35,9 +35,10 @@ class LoopParts:
   meta: dict                      # saved with every checkpoint (config, tokenizer path, ...)
   flops_per_token: float
   peak_flops_total: float         # all devices, for MFU
-  # Fine-tuning: keep the state with the best validation loss (and stop early on a plateau).
+  # Fine-tuning: keep the state with the best validation (train.select_by; stop early on a
+  # plateau).
   best_checkpointer: Any = None
-  best: Optional[dict] = None     # {"step", "loss"} of the best validation so far (on resume)
+  best: Optional[dict] = None     # {"step", "loss", ...} of the best validation so far (resume)
   # Evaluators run at every validation: name -> fn(params) -> scalar metrics.
   eval_hooks: dict = dataclasses.field(default_factory=dict)
   # Training time of the earlier sessions of a resumed run (its checkpoint's meta["wall_s"]).
@@ -152,25 +153,33 @@ def run(p: LoopParts) -> dict:
     p.writer.write(step, "validation", result)
     logging.info("step %d validation: loss %.4f  perplexity %.2f  accuracy %.4f", step,
                  result["loss"], result["perplexity"], result["accuracy"])
+    scores = {"loss": result["loss"]}
     for name, hook in p.eval_hooks.items():
-      p.writer.write(step, f"validation/{name}", hook(state.params))
+      hooked = hook(state.params)
+      p.writer.write(step, f"validation/{name}", hooked)
+      scores.update({f"{name}/{key}": value for key, value in hooked.items()})
     if p.best_checkpointer is not None and step > 0:
-      track_best(step, result["loss"])
+      track_best(step, result["loss"], scores)
     return result
 
-  def track_best(step, loss):
-    """Saves the state when validation improves; stops after `early_stopping` evaluations
-    without improvement (counted from steps, so a resumed run counts the same)."""
+  def track_best(step, loss, scores):
+    """Saves the state when validation improves by `train.select_by` (the loss, or e.g.
+    "rouge/rougeL": an evaluator's metric); stops after `early_stopping` evaluations without
+    improvement (counted from steps, so a resumed run counts the same)."""
     nonlocal stop_early
-    if not best or loss < best["loss"]:
-      best.update(step=step, loss=loss)
+    select_by = cfg.train.get("select_by", "loss")   # absent from runs recorded before it
+    score = metrics_lib.selection_score(select_by, scores)
+    if not best or score > best.get("score", -best["loss"]):
+      best.update(step=step, loss=loss, select_by=select_by, value=scores[select_by],
+                  score=score)
       p.best_checkpointer.save(step, state, None, {**p.meta, "best": dict(best)}, force=True)
-      logging.info("step %d: best validation loss so far (%.4f), saved to %s", step, loss,
-                   p.best_checkpointer.directory)
+      logging.info("step %d: best validation %s so far (%.4f), saved to %s", step, select_by,
+                   scores[select_by], p.best_checkpointer.directory)
     patience = cfg.train.early_stopping
     if patience and (step - best["step"]) // cfg.train.eval_every >= patience:
-      logging.info("early stopping at step %d: no better validation loss than %.4f (step %d) "
-                   "in %d evaluations", step, best["loss"], best["step"], patience)
+      logging.info("early stopping at step %d: no better validation %s than %.4f (step %d) "
+                   "in %d evaluations", step, select_by, best.get("value", best["loss"]),
+                   best["step"], patience)
       stop_early = True
 
   try:

@@ -7,9 +7,27 @@ import time
 import jax
 from absl import logging
 
+from train import config_check
+
 # Dense bf16 peak FLOP/s per device, used for MFU when config.train.peak_flops is 0.
 _PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
                "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+
+
+# Evaluator metrics where a larger number is better (the rest, losses and error counts, are
+# better smaller): the direction of a slice's gap and of train.select_by.
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
+                    "entity_precision", "number_precision", "date_precision")
+
+
+def selection_score(select_by: str, scores: dict) -> float:
+  """The validation number the best state is chosen by, signed so that larger is better:
+  `scores` holds "loss" and every evaluator's "<evaluator>/<metric>" of one validation."""
+  if select_by not in scores:
+    raise config_check.ConfigError(f"config.train.select_by={select_by!r} is not a validation metric of this "
+                   f"run; it has: {', '.join(sorted(scores))}")
+  value = float(scores[select_by])
+  return value if select_by.split("/")[-1] in HIGHER_IS_BETTER else -value
 
 
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
