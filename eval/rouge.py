@@ -77,5 +77,19 @@ def lead_baselines(records: list[dict]) -> dict[str, list[dict]]:
   }
 
 
+def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
+  """The model's score minus the baseline's on each document, averaged, with a bootstrap CI
+  over documents: an interval above zero says the model beats the baseline on this test set
+  (overlapping per-system CIs cannot say either way)."""
+  if [r.get("id") for r in records] != [b.get("id") for b in baseline]:
+    raise ValueError("paired_difference: the records and the baseline hold other documents")
+  ours = [_fmeasures(r["prediction"], r["reference"]) for r in records]
+  theirs = [_fmeasures(b["prediction"], b["reference"]) for b in baseline]
+  out = {"count": len(records)}
+  for i, m in enumerate(METRICS):
+    common.add_mean(out, m, [a[i] - b[i] for a, b in zip(ours, theirs)], cfg)
+  return out
+
+
 if __name__ == "__main__":
   common.run_cli(evaluate, "ROUGE")

@@ -145,6 +145,24 @@ def test_lead_baselines():
   assert rouge.evaluate(base["lead-N"], _cfg())["count"] == 1
 
 
+def test_paired_difference_is_per_document():
+  ref = "the company may end the contract"
+  records = [{"id": i, "source": "s", "reference": ref,
+              "prediction": ref if i % 2 else "the company may end"} for i in range(20)]
+  worse = [dict(r, prediction="nothing alike here") for r in records]
+  out = rouge.paired_difference(records, worse, _cfg())
+  ours = rouge.evaluate(records, _cfg(bootstrap=0))
+  assert out["count"] == 20
+  # Every document's difference is positive (the baseline scores 0), so the interval is too.
+  assert out["rouge1"] == pytest.approx(ours["rouge1"])
+  assert 0 < out["rouge1_ci"][0] <= out["rouge1"] <= out["rouge1_ci"][1]
+  # Against itself: exactly zero, with a zero-width interval.
+  same = rouge.paired_difference(records, records, _cfg())
+  assert same["rougeL"] == 0 and same["rougeL_ci"] == [0, 0]
+  with pytest.raises(ValueError, match="other documents"):
+    rouge.paired_difference(records, worse[::-1], _cfg())
+
+
 # --- factual-consistency proxies ----------------------------------------------------------
 
 SUMMARY = ("The Supreme Court fined Acme Corp 5,000 dollars on 12 March 2001. "

@@ -218,6 +218,12 @@ def test_summarizer_pipeline_reports_rouge_with_baselines(tmp_path):
   assert {"baseline: lead-3: rouge", "baseline: lead-N: rouge", "baseline: lead-K: rouge"} <= set(
       sections)
   assert "model: factual" in sections
+  # Model minus lead-3 per document: its mean is the difference of the two means.
+  paired = sections["paired: model minus lead-3: rouge"]
+  assert paired["rouge1"] == pytest.approx(rouge["rouge1"] -
+                                           sections["baseline: lead-3: rouge"]["rouge1"])
+  assert paired["rouge1_ci"][0] <= paired["rouge1"] <= paired["rouge1_ci"][1]
+  assert "paired: model minus lead-K: rouge" in sections
   # Lead-3 copies the source's first sentences, which contain the reference here.
   assert sections["baseline: lead-3: rouge"]["rouge1"] > 0.3
   assert (tmp_path / "run" / "rubric_sheet.csv").exists()

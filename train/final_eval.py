@@ -141,8 +141,12 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
     sections["baseline: tf-idf + logistic regression"] = tfidf_baseline.run(
         train, [{"text": r["text"], "label": r["label"]} for r in records])
   if loaded.kind == "summarize" and "rouge" in config.eval.evaluators:
-    for base_name, base_records in rouge.lead_baselines(records).items():
+    baselines = rouge.lead_baselines(records)
+    for base_name, base_records in baselines.items():
       sections[f"baseline: {base_name}: rouge"] = _evaluate("rouge", base_records, config.eval)
+    for base_name in ("lead-3", "lead-K"):   # lead-N knows the reference's length: no rival
+      sections[f"paired: model minus {base_name}: rouge"] = rouge.paired_difference(
+          records, baselines[base_name], config.eval)
   if loaded.kind == "summarize" and config.eval.rubric_examples > 0:
     from eval import rubric
     sheet = rubric.export(records, os.path.join(workdir, "rubric_sheet.csv"),
