@@ -407,3 +407,9 @@ def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
   assert all(r["prediction"].strip() for r in ours)     # min_new=3: never an empty summary
   with pytest.raises(ConfigError, match="min_new"):
     redecode.redecode(str(tmp_path / "run"), str(tmp_path / "bad"), min_new=-1)
+  # The recorded config.json has length_ratio 0.0 as a plain float: "train" still replaces it.
+  recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert recorded["eval"]["decode"]["length_ratio"] == 0.0
+  learned = redecode.overridden_config(recorded, length_ratio="train", beam=2)
+  assert (learned.eval.decode.length_ratio, learned.eval.decode.beam) == ("train", 2)
+  assert redecode.overridden_config(recorded, length_ratio="0.3").eval.decode.length_ratio == 0.3

@@ -48,14 +48,18 @@ def overridden_config(run_config: dict, num_examples: int | None = None,
   config = ml_collections.ConfigDict(run_config)
   if num_examples is not None:
     config.eval.num_examples = num_examples
-  if "decode" not in config.eval:   # a run recorded before eval.decode existed: all off
-    config.eval.decode = ml_collections.ConfigDict(dict(final_eval.DECODE_DEFAULTS))
+  # A run recorded before eval.decode existed decodes with all controls off. The recorded
+  # JSON keeps no field types (length_ratio 0.0 reads back a float that "train" cannot
+  # replace), so the section is rebuilt rather than assigned key by key.
+  options = dict(config.eval.decode) if "decode" in config.eval else dict(
+      final_eval.DECODE_DEFAULTS)
   for key, value in decode.items():
     if value is None:
       continue
     if key == "length_ratio" and value != "train":
       value = float(value)
-    config.eval.decode[key] = value
+    options[key] = value
+  config.eval.decode = ml_collections.ConfigDict(options)
   return config
 
 
