@@ -181,6 +181,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 = off, a number r, or "train": r = the median summary / document token ratio of the
   # train split (any type, hence the reference).
   c.eval.decode.length_ratio = config_dict.FieldReference(0.0, field_type=object)
+  # samples > 0: MBR decoding (infer/rerank.py): that many summaries sampled at temperature /
+  # top_p, plus the greedy (or beam) one; the candidate agreeing most with the rest is kept.
+  c.eval.decode.samples = 0
+  c.eval.decode.temperature = 1.0
+  c.eval.decode.top_p = 1.0
   c.eval.bootstrap = 1000             # resamples for 95% confidence intervals
   c.eval.length_buckets = (256, 1024, 4096)   # slice edges in words of the input text
   c.eval.slice_fields = ()            # record fields to slice by as well (e.g. "source")

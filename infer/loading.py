@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import decode, lora, quantize
+from infer import decode, lora, quantize, rerank
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
@@ -215,7 +215,7 @@ class LoadedModel:
   # --- generation ------------------------------------------------------------------------------
   def ngram_classes(self, no_repeat_ngram_size: int) -> "decode.TokenClasses | None":
     """The tokenizer's word classes when an n-gram ban is on (computed once): bans compare
-    words ("The" = " the"), not token ids."""
+    words ("The" = " the"), not token ids; so does MBR's agreement (ngram_classes(1))."""
     if not no_repeat_ngram_size:
       return None
     if self._ngram_classes is None:
@@ -225,14 +225,18 @@ class LoadedModel:
   def summarize(self, texts: list[str], max_new: int | None = None, params=None,
                 batch_size: int | None = None, *, beam: int = 0, length_penalty: float = 1.0,
                 no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
-                min_new: int = 0, length_ratio: float = 0.0) -> list[str]:
+                min_new: int = 0, length_ratio: float = 0.0, samples: int = 0,
+                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """Summaries (KV cache), each document framed and truncated like training, `batch_size`
     documents per call: greedy, or beam search with `beam` > 1 beams (scores divided by
     length ** length_penalty). The decoding controls (infer/decode.py Controls; all off by
     default) act on the summary's own tokens, never the document's: no_repeat_ngram_size,
     repetition_penalty, min_new (eos banned before that many tokens). length_ratio > 0 caps
     each summary at ceil(length_ratio * the document's tokens), clipped to
-    [max(min_new, 1), max_new] (see `fit_length_ratio`)."""
+    [max(min_new, 1), max_new] (see `fit_length_ratio`). samples > 0: MBR decoding
+    (infer/rerank.py), the consensus of that many summaries sampled at `temperature` / `top_p`
+    (PRNG `seed`) and the greedy / beam one, under the same controls."""
+    sampling = rerank.Sampling(samples, temperature, top_p, seed)
     max_new = max_new or self.config.eval.decode_len
     params = self.params if params is None else params
     tok = self.tokenizer
@@ -252,7 +256,13 @@ class LoadedModel:
       else:
         ids = decode.greedy(self.model, params, tokens, prompt_len, max_new=max_new,
                             eos_id=tok.eos_id, controls=controls, limit=limit)
-      out += [tok.decode(decode.strip(row, tok.eos_id)) for row in np.asarray(ids)[:n]]
+      if sampling.samples:
+        rows, _ = rerank.mbr_decode(self.model, params, tokens, prompt_len, ids, sampling,
+                                    max_new=max_new, eos_id=tok.eos_id, controls=controls,
+                                    limit=limit, classes=self.ngram_classes(1))
+      else:
+        rows = [decode.strip(row, tok.eos_id) for row in np.asarray(ids)]
+      out += [tok.decode(row) for row in rows[:n]]
     return out
 
   def count_tokens(self, texts: list[str]) -> np.ndarray:

@@ -228,7 +228,9 @@ def _predict_endpoint(kind: str):
 # default), and the most beams one may ask for.
 DECODING_OPTIONS = ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty",
                     "min_new")
-SUMMARIZE_OPTIONS = DECODING_OPTIONS + ("length_ratio",)
+SUMMARIZE_OPTIONS = DECODING_OPTIONS + ("length_ratio", "samples", "temperature", "top_p",
+                                          "seed")
+MAX_SAMPLES = 32     # MBR candidates per document in one request
 GENERATE_OPTIONS = ("max_new", "temperature", "top_k", "top_p", "seed", "stop") + DECODING_OPTIONS
 MAX_BEAM = 8
 
@@ -270,6 +272,18 @@ def parse_summarize(body: dict, max_batch: int, max_chars: int,
   options["length_ratio"] = float(_option(
       body, "length_ratio", 0.0, (int, float), lambda v: 0 <= v <= 10,
       "a number in [0, 10] (0: off; else summary tokens per document token)"))
+  # MBR decoding (infer/rerank.py): the consensus of "samples" sampled summaries.
+  options["samples"] = _option(body, "samples", 0, int, lambda v: 0 <= v <= MAX_SAMPLES,
+                               f"an integer in 0..{MAX_SAMPLES} (0: off)")
+  options["temperature"] = float(_option(body, "temperature", 1.0, (int, float),
+                                         lambda v: 0 < v <= 10, "a number in (0, 10]"))
+  options["top_p"] = float(_option(body, "top_p", 1.0, (int, float), lambda v: 0 < v <= 1,
+                                   "a number in (0, 1]"))
+  options["seed"] = _option(body, "seed", 0, int, lambda v: 0 <= v < 2**31,
+                            "an integer in [0, 2^31)")
+  if not options["samples"] and any(k in body for k in ("temperature", "top_p", "seed")):
+    raise RequestError(400, '"temperature", "top_p" and "seed" apply to MBR sampling only: '
+                       'set "samples" too')
   return texts, single, tuple(sorted(options.items()))
 
 

@@ -267,7 +267,10 @@ def test_eval_decode_options_learn_the_length_ratio_and_are_checked():
       ("no_repeat_ngram_size", 13, "no_repeat_ngram_size=13: expected 0 (off) .. "
                                    "eval.decode_len=12"),
       ("repetition_penalty", 0.0, "repetition_penalty=0.0 must be > 0"),
-      ("min_new", -1, "min_new=-1: expected 0..eval.decode_len=12")]:
+      ("min_new", -1, "min_new=-1: expected 0..eval.decode_len=12"),
+      ("samples", -1, "samples=-1: expected >= 0 (0: off)"),
+      ("top_p", 0.0, "top_p=0.0: expected (0, 1]"),
+      ("temperature", 0.7, "temperature and top_p apply to MBR sampling only")]:
     bad = legal_summ_finetune.get_config("tiny")
     bad.eval.decode[key] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -413,3 +416,8 @@ def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
   learned = redecode.overridden_config(recorded, length_ratio="train", beam=2)
   assert (learned.eval.decode.length_ratio, learned.eval.decode.beam) == ("train", 2)
   assert redecode.overridden_config(recorded, length_ratio="0.3").eval.decode.length_ratio == 0.3
+  # MBR decoding: the report says how the summaries were chosen.
+  redecode.redecode(str(tmp_path / "run"), str(tmp_path / "mbr"), samples=2, temperature=1.5,
+                    num_examples=4)
+  report = (tmp_path / "mbr" / "report.md").read_text()
+  assert "decoding: MBR over 2 samples (temperature 1.5, top_p 1.0) and the greedy summary" in report

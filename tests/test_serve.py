@@ -272,7 +272,9 @@ def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, sum
   beam = {"beam": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
   answers = [_call(summ_server.url + "/summarize", {"texts": DOCS, **options})
              for options in (greedy, beam)]
-  expected = [summarizer.summarize(DOCS, **options) for options in (greedy, beam)]
+  mbr = {"samples": 3, "temperature": 1.5, "seed": 4}
+  answers.append(_call(summ_server.url + "/summarize", {"texts": DOCS, **mbr}))
+  expected = [summarizer.summarize(DOCS, **options) for options in (greedy, beam, mbr)]
   assert answers == [(200, {"summary": summaries}) for summaries in expected]
   assert expected[0] != summarizer.summarize(DOCS)     # the options act (tests/test_decode.py)
 
@@ -287,7 +289,11 @@ def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, sum
     (b'{"text": "a", "length_ratio": -0.5}',
      '"length_ratio" must be a number in [0, 10] (0: off; else summary tokens per document '
      'token), got -0.5'),
-    (b'{"text": "a", "temperature": 1}', "unknown field 'temperature'"),
+    (b'{"text": "a", "temperature": 1}', '"temperature", "top_p" and "seed" apply to MBR '
+                                         'sampling only: set "samples" too'),
+    (b'{"text": "a", "samples": 33}', '"samples" must be an integer in 0..32 (0: off), got 33'),
+    (b'{"text": "a", "samples": 2, "temperature": 0}', '"temperature" must be a number in (0, 10]'),
+    (b'{"text": "a", "top_k": 1}', "unknown field 'top_k'"),
 ])
 def test_summarize_bad_decoding_options_are_400(summ_server, body, message):
   status, answer = _call(summ_server.url + "/summarize", data=body)

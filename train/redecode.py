@@ -3,7 +3,8 @@ same evaluators and lead baselines as its own final evaluation, a new report.
 
   python -m train.redecode --workdir=runs/summ_plain_english --out=runs/summ_pe_beam4 \
       --beam=4 --min_new=14 [--no_repeat_ngram_size=4 --repetition_penalty=1.2 \
-      --length_penalty=1.0 --length_ratio=train --num_examples=-1]
+      --length_penalty=1.0 --length_ratio=train --samples=16 --temperature=0.7 --top_p=0.95 \
+      --num_examples=-1]
 
 Loads the run's best-validation state (else its newest checkpoint) through the inference API,
 reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
@@ -25,7 +26,7 @@ def _define_flags():
   # Only when run as a command: train.main (imported beside this module in tests) defines
   # --workdir too.
   global _WORKDIR, _OUT, _BEAM, _LENGTH_PENALTY, _NO_REPEAT, _REPETITION, _MIN_NEW
-  global _LENGTH_RATIO, _NUM_EXAMPLES
+  global _LENGTH_RATIO, _NUM_EXAMPLES, _SAMPLES, _TEMPERATURE, _TOP_P
   _WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization run.",
                                  required=True)
   _OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
@@ -38,6 +39,10 @@ def _define_flags():
   _MIN_NEW = flags.DEFINE_integer("min_new", None, "eval.decode.min_new.")
   _LENGTH_RATIO = flags.DEFINE_string("length_ratio", None,
                                       "eval.decode.length_ratio: a number (0: off) or 'train'.")
+  _SAMPLES = flags.DEFINE_integer("samples", None, "eval.decode.samples: MBR decoding over this "
+                                  "many sampled summaries and the greedy/beam one (0: off).")
+  _TEMPERATURE = flags.DEFINE_float("temperature", None, "eval.decode.temperature (MBR).")
+  _TOP_P = flags.DEFINE_float("top_p", None, "eval.decode.top_p (MBR).")
   _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
                                        "eval.num_examples: test examples (-1: all).")
 
@@ -93,7 +98,8 @@ def main(argv):
   sections = redecode(
       _WORKDIR.value, _OUT.value, beam=_BEAM.value, length_penalty=_LENGTH_PENALTY.value,
       no_repeat_ngram_size=_NO_REPEAT.value, repetition_penalty=_REPETITION.value,
-      min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, num_examples=_NUM_EXAMPLES.value)
+      min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, samples=_SAMPLES.value,
+      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, num_examples=_NUM_EXAMPLES.value)
   for name, metrics in sections.items():
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     logging.info("%s: %s", name, shown)
