@@ -421,3 +421,9 @@ def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
                     num_examples=4)
   report = (tmp_path / "mbr" / "report.md").read_text()
   assert "decoding: MBR over 2 samples (temperature 1.5, top_p 1.0) and the greedy summary" in report
+  # Settings are chosen on validation: those examples are scored, and the report says so.
+  redecode.redecode(str(tmp_path / "run"), str(tmp_path / "valid"), split="validation")
+  report = (tmp_path / "valid" / "report.md").read_text()
+  assert "scored split: validation (not test)" in report
+  scored = {json.loads(line)["id"] for line in open(tmp_path / "valid" / "test_predictions.jsonl")}
+  assert scored and not scored & {r["id"] for r in theirs}

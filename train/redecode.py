@@ -4,7 +4,7 @@ same evaluators and lead baselines as its own final evaluation, a new report.
   python -m train.redecode --workdir=runs/summ_plain_english --out=runs/summ_pe_beam4 \
       --beam=4 --min_new=14 [--no_repeat_ngram_size=4 --repetition_penalty=1.2 \
       --length_penalty=1.0 --length_ratio=train --samples=16 --temperature=0.7 --top_p=0.95 \
-      --num_examples=-1]
+      --num_examples=-1 --split=validation]
 
 Loads the run's best-validation state (else its newest checkpoint) through the inference API,
 reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
@@ -26,7 +26,7 @@ def _define_flags():
   # Only when run as a command: train.main (imported beside this module in tests) defines
   # --workdir too.
   global _WORKDIR, _OUT, _BEAM, _LENGTH_PENALTY, _NO_REPEAT, _REPETITION, _MIN_NEW
-  global _LENGTH_RATIO, _NUM_EXAMPLES, _SAMPLES, _TEMPERATURE, _TOP_P
+  global _LENGTH_RATIO, _NUM_EXAMPLES, _SAMPLES, _TEMPERATURE, _TOP_P, _SPLIT
   _WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization run.",
                                  required=True)
   _OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
@@ -43,6 +43,9 @@ def _define_flags():
                                   "many sampled summaries and the greedy/beam one (0: off).")
   _TEMPERATURE = flags.DEFINE_float("temperature", None, "eval.decode.temperature (MBR).")
   _TOP_P = flags.DEFINE_float("top_p", None, "eval.decode.top_p (MBR).")
+  _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
+                             "Which split to score: choose decoding settings on validation, "
+                             "then report test once.")
   _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
                                        "eval.num_examples: test examples (-1: all).")
 
@@ -68,9 +71,14 @@ def overridden_config(run_config: dict, num_examples: int | None = None,
   return config
 
 
-def redecode(workdir: str, out: str, num_examples: int | None = None, **decode) -> dict:
+def redecode(workdir: str, out: str, num_examples: int | None = None, split: str = "test",
+             **decode) -> dict:
   """The test evaluation of the run at `workdir` with `decode` over its eval.decode (and
-  `num_examples` test examples, None: the run's) -> `out`."""
+  `num_examples` test examples, None: the run's) -> `out`. split="validation" scores the
+  run's validation examples instead (the report and test_predictions.jsonl say so), so that
+  decoding settings are chosen without looking at the test split."""
+  if split not in ("test", "validation"):
+    raise config_check.ConfigError(f"--split={split!r}: expected 'test' or 'validation'")
   run = loading.open_run(workdir, prefer_best=True)
   if run.kind != "summarize":
     raise config_check.ConfigError(f"--workdir={workdir} is a {run.kind!r} run; re-decoding "
@@ -81,6 +89,12 @@ def redecode(workdir: str, out: str, num_examples: int | None = None, **decode) 
   splits = examples_lib.load_splits(config.data, build.task_kind(config),
                                     config.model.num_classes)
   decoding, facts = final_eval.decode_options(config, loaded, splits.get("train", []))
+  if split == "validation":
+    if not splits.get("validation"):
+      raise config_check.ConfigError(f"--split=validation: the run at {workdir} has no "
+                                     "validation examples (config.data.validation_fraction)")
+    splits = {**splits, "test": splits["validation"]}
+    facts["scored split"] = "validation (not test)"
   os.makedirs(out, exist_ok=True)
   writer = metrics_lib.MetricWriter(out)
   try:
@@ -99,7 +113,8 @@ def main(argv):
       _WORKDIR.value, _OUT.value, beam=_BEAM.value, length_penalty=_LENGTH_PENALTY.value,
       no_repeat_ngram_size=_NO_REPEAT.value, repetition_penalty=_REPETITION.value,
       min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, samples=_SAMPLES.value,
-      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, num_examples=_NUM_EXAMPLES.value)
+      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, num_examples=_NUM_EXAMPLES.value,
+      split=_SPLIT.value)
   for name, metrics in sections.items():
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     logging.info("%s: %s", name, shown)
