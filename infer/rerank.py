@@ -13,6 +13,7 @@ document, microseconds next to decoding.
 """
 import collections
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,31 +26,43 @@ def _ngrams(ids, n: int) -> collections.Counter:
   return collections.Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1))
 
 
+def _f1(ca: collections.Counter, cb: collections.Counter) -> float:
+  if not ca or not cb:
+    return 0.0
+  return 2.0 * sum((ca & cb).values()) / (ca.total() + cb.total())
+
+
 def ngram_f1(a, b, n: int) -> float:
   """F1 of the n-gram multisets of id sequences a and b (ROUGE-n F without a reference's
   priority: symmetric). 0 when either has no n-gram."""
-  ca, cb = _ngrams(a, n), _ngrams(b, n)
-  if not ca or not cb:
-    return 0.0
-  overlap = sum((ca & cb).values())
-  return 2.0 * overlap / (sum(ca.values()) + sum(cb.values()))
+  return _f1(_ngrams(a, n), _ngrams(b, n))
+
+
+def _profile(ids) -> tuple:
+  return _ngrams(ids, 1), _ngrams(ids, 2)
+
+
+def _agreement(pa: tuple, pb: tuple) -> float:
+  return 0.5 * (_f1(pa[0], pb[0]) + _f1(pa[1], pb[1]))
 
 
 def agreement(a, b) -> float:
   """The utility MBR maximises: (unigram F1 + bigram F1) / 2, as ROUGE-1/2 would score a
   against b."""
-  return 0.5 * (ngram_f1(a, b, 1) + ngram_f1(a, b, 2))
+  return _agreement(_profile(a), _profile(b))
 
 
 def mbr_index(candidates: list) -> int:
   """The candidate with the highest mean agreement with the others (ties: the first, so the
-  deterministic candidate, placed first, wins a tie)."""
+  deterministic candidate, placed first, wins a tie). Each candidate's n-grams are counted
+  once, not once per pair."""
   if len(candidates) == 1:
     return 0
+  profiles = [_profile(c) for c in candidates]
   scores = np.zeros((len(candidates), len(candidates)))
   for i in range(len(candidates)):
     for j in range(i + 1, len(candidates)):
-      scores[i, j] = scores[j, i] = agreement(candidates[i], candidates[j])
+      scores[i, j] = scores[j, i] = _agreement(profiles[i], profiles[j])
   return int(np.argmax(scores.sum(axis=1)))
 
 
@@ -76,9 +89,14 @@ class Sampling:
   seed: int = 0
 
   def __post_init__(self):
-    problems = [(self.samples >= 0, f"samples={self.samples}: expected >= 0 (0: off)"),
-                (self.temperature > 0, f"temperature={self.temperature}: expected > 0"),
-                (0 < self.top_p <= 1, f"top_p={self.top_p}: expected (0, 1]")]
+    number = lambda v: (isinstance(v, (int, float, np.integer, np.floating))
+                        and not isinstance(v, bool) and math.isfinite(v))
+    problems = [(number(self.samples) and self.samples >= 0,
+                 f"samples={self.samples}: expected >= 0 (0: off)"),
+                (number(self.temperature) and self.temperature > 0,
+                 f"temperature={self.temperature}: expected > 0"),
+                (number(self.top_p) and 0 < self.top_p <= 1,
+                 f"top_p={self.top_p}: expected (0, 1]")]
     for ok, message in problems:
       if not ok:
         raise ValueError(message)
