@@ -46,6 +46,11 @@ _INPUTS = {
     # One padding token at the end of row 0 (padding runs break the local index assumption).
     "packed": _packed([[10, 15, 11], [3, 34]]),
     "prefix": masks.MaskInputs(prefix_len=jnp.array([5, 20], jnp.int32)),
+    # The summarizer's rows: `[bos] document [eos] summary` then padding (segment 0).
+    "prefix_padded": masks.MaskInputs(
+        prefix_len=jnp.array([5, 20], jnp.int32),
+        q_seg=jnp.asarray((np.arange(T)[None] < np.array([[30], [T]])).astype(np.int32)),
+        kv_seg=jnp.asarray((np.arange(T)[None] < np.array([[30], [T]])).astype(np.int32))),
 }
 _SPECS = {
     "nowindow": masks.MaskSpec(),
@@ -116,10 +121,28 @@ class KernelsMatchReferenceTest(parameterized.TestCase):
       ("flash_window_globals_packed_gqa_f32", "flash", "window_globals", "packed",
        jnp.float32, 2),
       ("flash_window_causal_gqa_f32", "flash", "window", "causal", jnp.float32, 2),
+      # Prefix-LM: row 1's prefix spans 3 key blocks, so early query blocks look ahead.
+      ("flash_prefix_gqa_f32", "flash", "nowindow", "prefix", jnp.float32, 2),
+      ("flash_prefix_padded_mha_f32", "flash", "nowindow", "prefix_padded", jnp.float32, 4),
+      ("flash_prefix_padded_mqa_bf16", "flash", "nowindow", "prefix_padded", jnp.bfloat16, 1),
+      ("blocked_prefix_padded_gqa_f32", "blocked", "nowindow", "prefix_padded", jnp.float32,
+       2),
       ("causal_blocks_causal_gqa_f32", "causal_blocks", "nowindow", "causal", jnp.float32, 2),
   )
   def test_matches_reference(self, kernel, spec, inputs, dtype, kv_heads):
     _check_vs_reference(kernel, _SPECS[spec], _INPUTS[inputs], dtype, kv_heads)
+
+
+def test_prefix_lm_takes_the_flash_path_only_with_index_positions():
+  """The summarizer's prefix mask runs the tiled kernel (the generic path was 2.5x slower at
+  4k); a prefix over explicit positions (packed rows) cannot use its index bound."""
+  spec = masks.MaskSpec()
+  assert flash.applies(spec, _INPUTS["prefix_padded"], T, T)
+  packed = _INPUTS["packed"]
+  with_positions = masks.MaskInputs(q_pos=packed.q_pos, kv_pos=packed.kv_pos,
+                                    prefix_len=jnp.array([5, 20], jnp.int32))
+  assert not flash.applies(spec, with_positions, T, T)
+  assert not flash.applies(masks.MaskSpec(causal=False), _INPUTS["prefix"], T, T)
 
 
 def test_window_masks_out_distant_keys_but_not_globals():

@@ -14,9 +14,14 @@ fresh 32 MiB temporary costs more to write than the exp over it, so larger block
 Masks: a plain causal mask is an iota compare fused into the score tile. Anything else
 (segments of packed rows, windows, globals) also evaluates masks.allowed on the tile and skips
 the tile's matmuls under `lax.cond` when nothing in it is allowed. Valid when every allowed
-key has index <= its query's index: a causal spec without a prefix, queries = keys (packed rows
-satisfy it, since positions only grow within a document). GQA: a key/value head's G query
-heads are stacked as G * block rows of one tile. Computes in float32 whatever the input dtype.
+key has index <= its query's index (packed rows satisfy it, since positions only grow within a
+document), or index < the row's prefix length (prefix-LM with positions 0..T-1: the
+summarizer's `[bos] document [eos] summary`). With a prefix, query block i visits key blocks
+0..max(i, last block holding a prefix key of any row): the data-dependent trip count is a
+while loop, the triangle above the prefix blocks is still never visited, and the
+summarizer's fwd+bwd no longer falls back to the generic blocked path (2.5x slower at 4k).
+GQA: a key/value head's G query heads are stacked as G * block rows of one tile. Computes in
+float32 whatever the input dtype.
 """
 import functools
 
@@ -30,7 +35,10 @@ _NEG = -1e30   # finite: exp(_NEG - finite) is exactly 0 and no inf - inf NaNs a
 
 
 def applies(spec: masks.MaskSpec, mask_inputs: masks.MaskInputs, q_len: int, kv_len: int) -> bool:
-  return spec.causal and mask_inputs.prefix_len is None and q_len == kv_len
+  mi = mask_inputs
+  # A prefix is index-based here only when positions are the indices (see the docstring).
+  index_prefix = mi.prefix_len is None or (mi.q_pos is None and mi.kv_pos is None)
+  return spec.causal and q_len == kv_len and index_prefix
 
 
 def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs, block: int):
@@ -56,6 +64,7 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs, bloc
             seg(mi.q_seg), seg(mi.kv_seg))
     meta = tuple(None if x is None else jnp.asarray(x).transpose(1, 0, 2)   # [n, B, bs]
                  for x in meta)
+    meta += (None if mi.prefix_len is None else mi.prefix_len.astype(jnp.int32),)   # [B]
   f32 = jnp.float32
   # Head-major blocks: qs [n, B, K, G * bs, D] (rows ordered (group, position)), ks/vs
   # [n, B, K, bs, D]; every product below is a plain batched matmul.
@@ -74,10 +83,20 @@ def _tile_ok(spec, g, meta, i, j, bs):
   cols = lax.broadcasted_iota(jnp.int32, (bs, bs), 1) + j * bs
   ok = (cols <= rows)[None]
   if meta is not None:
-    q_pos, kv_pos, q_seg, kv_seg = meta
+    q_pos, kv_pos, q_seg, kv_seg, prefix = meta
+    if prefix is not None:
+      ok = ok | (cols[None] < prefix[:, None, None])
     ok = ok & masks.allowed(spec, q_pos[i], kv_pos[j], None if q_seg is None else q_seg[i],
-                            None if kv_seg is None else kv_seg[j])
+                            None if kv_seg is None else kv_seg[j], prefix)
   return jnp.tile(ok, (1, g, 1))[:, None]
+
+
+def _key_blocks(meta, i, bs):
+  """How many key blocks query block i visits: 0..i, and every block with a prefix key."""
+  prefix = None if meta is None else meta[4]
+  if prefix is None:
+    return i + 1
+  return jnp.maximum(i + 1, (jnp.max(prefix) + bs - 1) // bs)
 
 
 def _forward(spec, g, qs, ks, vs, meta):
@@ -106,7 +125,7 @@ def _forward(spec, g, qs, ks, vs, meta):
 
     init = (jnp.full((b, kh, rows), _NEG), jnp.zeros((b, kh, rows)),
             jnp.zeros((b, kh, rows, d)))
-    m, l, acc = lax.fori_loop(0, i + 1, key_block, init)
+    m, l, acc = lax.fori_loop(0, _key_blocks(meta, i, bs), key_block, init)
     return acc / l[..., None], m + jnp.log(l)
 
   return lax.map(query_block, jnp.arange(n))
@@ -149,7 +168,8 @@ def _flash_bwd(spec, g, res, d_out):
         return compute(c)
       return lax.cond(ok.any(), compute, lambda c: c, c)
 
-    dq, dk, dv = lax.fori_loop(0, i + 1, key_block, (jnp.zeros_like(qi), dk, dv))
+    dq, dk, dv = lax.fori_loop(0, _key_blocks(meta, i, bs), key_block,
+                               (jnp.zeros_like(qi), dk, dv))
     return dq_all.at[i].set(dq * scale), dk, dv
 
   dq, dk, dv = lax.fori_loop(0, n, query_block,
