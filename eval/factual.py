@@ -31,8 +31,9 @@ those examples in `<metric>_count` and a bootstrap 95% CI):
 - repeats_4gram: 1 if the summary says a lower-cased word 4-gram twice (overlapping
   occurrences count), else 0 (every example): the mean is the share of summaries that repeat
   themselves, and `summaries_repeating_4gram` their number. Words here are the \w+ runs
-  (punctuation dropped), so this also catches repeats that eval.decode.no_repeat_ngram_size
-  (which bans repeated *token* n-grams) lets through when the same words tokenize differently.
+  (punctuation dropped). eval.decode.no_repeat_ngram_size bans n-grams of *tokens* (by word
+  class, punctuation left out: infer/decode.py TokenClasses), so this still catches a repeat
+  when the same words tokenize into different pieces.
 """
 import re
 

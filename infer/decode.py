@@ -12,18 +12,25 @@ cached keys causality kept hidden until then.
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+_NON_WORD = re.compile(r"\W+")
+
+
 # --- decoding controls ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenClasses:
   """Token id -> the id of its word class (ids[t]), for a no-repeat ban over words rather
-  than token ids: "The" and " the" are different tokens but one word. Hashable by content
-  (hash computed once), so a Controls holding it stays a cheap static jit argument."""
+  than token ids: "The" and " the" are different tokens but one word. SKIP (-1): a token of
+  punctuation or space only, which is no word at all: n-grams are compared over the words
+  with these left out, as the evaluator counts repeated \\w+ word n-grams ("the court, held
+  that" repeats "the court held that"). Hashable by content (hash computed once), so a
+  Controls holding it stays a cheap static jit argument."""
   ids: tuple
 
   def __post_init__(self):
@@ -37,14 +44,20 @@ class TokenClasses:
                              and self.ids == other.ids)
 
 
+SKIP = -1   # TokenClasses id of punctuation / space-only tokens: left out of word n-grams
+
+
 def token_classes(tokenizer) -> TokenClasses:
-  """Each token's class: the first id whose text, decoded alone, case-folded and stripped of
-  spaces (sentencepiece's and byte-level BPE's word-start markers), is the same. Tokens that
-  decode to nothing (control ids) keep their own class."""
+  """Each token's class: the first id whose word characters (\\w, what the evaluator's words
+  are made of), decoded alone and case-folded, are the same; so spaces (sentencepiece's and
+  byte-level BPE's word-start markers) and attached punctuation ("court," = "court") do not
+  count. A token with text but no word character is SKIP; tokens that decode to nothing
+  (control ids) keep their own class."""
   first, ids = {}, []
   for t in range(tokenizer.vocab_size):
-    word = tokenizer.decode([t]).strip().casefold()
-    ids.append(first.setdefault(word, t) if word else t)
+    text = tokenizer.decode([t])
+    word = _NON_WORD.sub("", text).casefold()
+    ids.append(first.setdefault(word, t) if word else (SKIP if text else t))
   return TokenClasses(tuple(ids))
 
 
@@ -127,21 +140,29 @@ def _generated_mask(history, count, vocab: int):
 
 def _ngram_bans(history, count, n: int, vocab: int, classes: TokenClasses | None = None):
   """[R, vocab] bool: the tokens that would complete an n-gram already among each row's first
-  `count` generated tokens (history [R, M]), all windows compared at once. With `classes`,
-  n-grams are compared over word classes and every token of a completing class is banned."""
+  `count` generated tokens (history [R, M]; count a scalar or [R]), all windows compared at
+  once. With `classes`, n-grams are compared over word classes with SKIP tokens left out,
+  every token of a completing class is banned, and a SKIP token never is."""
+  rows, m = history.shape
   if classes is not None:
     # Ids past the tokenizer's vocabulary (a model's padded embedding rows) are their own class.
     ids = np.asarray(classes.ids[:vocab], np.int32)
     cls = jnp.asarray(np.concatenate([ids, np.arange(len(ids), vocab, dtype=np.int32)]))
-    by_class = _ngram_bans(cls[history], count, n, vocab)   # [R, class id] bans
-    return jnp.take(by_class, cls, axis=1)
-  rows, m = history.shape
+    words = cls[history]
+    # Each row's words, punctuation left out, moved to the front in order (a stable compaction).
+    keep = (words != SKIP) & (jnp.arange(m) < count)
+    dest = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, m)
+    compact = jnp.zeros_like(words).at[jnp.arange(rows)[:, None], dest].set(words, mode="drop")
+    by_class = _ngram_bans(compact, keep.sum(1), n, vocab)   # [R, class id] bans
+    return jnp.take(by_class, jnp.maximum(cls, 0), axis=1) & (cls != SKIP)
   w = m - n + 1                                           # n-gram windows in the buffer
   if w <= 0:
     return jnp.zeros((rows, vocab), bool)
+  count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows,))[:, None]   # [R, 1]
   if n > 1:
     # The row's last n - 1 tokens against the first n - 1 of every window.
-    last = jax.lax.dynamic_slice_in_dim(history, count - (n - 1), n - 1, axis=1)
+    last = jnp.take_along_axis(history, jnp.clip(count - (n - 1) + jnp.arange(n - 1), 0, m - 1),
+                               axis=1)
     windows = history[:, jnp.arange(w)[:, None] + jnp.arange(n - 1)[None]]   # [R, w, n - 1]
     match = jnp.all(windows == last[:, None, :], axis=-1)
   else:                                                   # unigrams: every generated token

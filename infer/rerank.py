@@ -107,9 +107,11 @@ def choose(deterministic, drawn, eos_id: int, classes: decode.TokenClasses | Non
   its samples (drawn[b, s]); each candidate's tokens up to eos, compared over `classes`
   when given. Returns (the chosen token lists, the chosen candidate's index per document:
   0 = the deterministic one)."""
-  # Ids past the tokenizer's vocabulary (the model's may be padded) are their own class.
+  # Ids past the tokenizer's vocabulary (the model's may be padded) are their own class;
+  # punctuation (decode.SKIP) is no word, as in ROUGE's tokenizer.
   size = 0 if classes is None else len(classes.ids)
-  word = lambda ids: [classes.ids[t] if t < size else t for t in ids]
+  word = lambda ids: [c for c in (classes.ids[t] if t < size else t for t in ids)
+                      if c != decode.SKIP]
   chosen, picks = [], []
   for b in range(len(deterministic)):
     rows = [decode.strip(deterministic[b], eos_id)] + [decode.strip(r, eos_id) for r in drawn[b]]

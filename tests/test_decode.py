@@ -351,7 +351,8 @@ def test_length_limit_and_learned_ratio():
 # --- word-level n-gram bans (TokenClasses) ---------------------------------------------------
 class _PieceTokenizer:
   """decode([t]) of a fixed piece list, like sentencepiece's ("▁The" -> "The")."""
-  pieces = ["", "", "The", "the", " the", "court", " Court", "held", "x"]
+  pieces = ["", "", "The", "the", " the", "court", " Court", "held", "x", ",", " .", "court,",
+            " "]
   vocab_size = len(pieces)
 
   def decode(self, ids):
@@ -363,6 +364,8 @@ def test_token_classes_fold_case_and_word_start_spaces():
   assert classes[2] == classes[3] == classes[4] == 2          # The / the / " the"
   assert classes[5] == classes[6] == 5 and classes[7] == 7    # court / " Court"; held
   assert classes[0] == 0 and classes[1] == 1                  # empty pieces stay themselves
+  # Punctuation / space alone is no word; attached to a word it does not change the word.
+  assert classes[9] == classes[10] == classes[12] == decode.SKIP and classes[11] == 5
   again = decode.token_classes(_PieceTokenizer())
   assert again == decode.token_classes(_PieceTokenizer()) and hash(again) == hash(
       decode.TokenClasses(classes))
@@ -387,6 +390,34 @@ def test_class_level_bans_equal_token_bans_over_the_classes(n):
     want = np.stack([_reference_controls(logits[r], ids[history[r, :count]], plain, eos)
                      for r in range(rows)])
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want[:, ids]), err_msg=f"{count}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_bans_skip_punctuation_as_the_evaluators_words_do(n):
+  """A class ban equals the reference ban over the row's words (SKIP tokens left out of the
+  history), and never bans a SKIP token: "the court , held" then "the court held" is a repeat."""
+  rng = np.random.default_rng(3)
+  rows, vocab, max_new, eos = 4, 16, 12, 3
+  ids = np.arange(vocab)
+  ids[8:12] = ids[4:8]                        # 8..11 share 4..7's classes
+  ids[12:] = decode.SKIP                      # 12..15: punctuation
+  classes = decode.TokenClasses(tuple(int(i) for i in ids))
+  history = rng.integers(4, 16, (rows, max_new)).astype(np.int32)
+  logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
+  controls = decode.Controls(no_repeat_ngram_size=n, ngram_classes=classes)
+  plain = decode.Controls(no_repeat_ngram_size=n)
+  for count in range(max_new + 1):
+    got = np.isinf(np.asarray(decode.apply_controls(logits, controls, history, count, eos)))
+    for r in range(rows):
+      words = [ids[t] for t in history[r, :count] if ids[t] != decode.SKIP]
+      want = np.isinf(_reference_controls(logits[r], words, plain, eos))
+      np.testing.assert_array_equal(got[r], np.where(ids == decode.SKIP, False, want[ids]),
+                                    err_msg=f"row {r} count {count}")
+  # The case the evaluator caught: a comma inside the first occurrence.
+  the, court, held, comma = 4, 5, 6, 12
+  row = np.array([[the, court, comma, held, 7, the, court, 0]], np.int32)
+  bans = np.asarray(decode._ngram_bans(row, 7, 3, vocab, classes))[0]
+  assert bans[held] and bans[held + 4] and not bans[comma] and not bans[7]
 
 
 def test_classes_shorter_than_the_models_vocabulary_leave_the_rest_alone():
