@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.label_field = "label"            # classify: integer class id in [0, model.num_classes)
   c.data.summary_field = "summary"        # summarize: the target text
   c.data.max_examples = -1                # train examples used (seeded choice); -1 = all
+  c.data.max_validation_examples = -1     # validation examples used (seeded choice); -1 = all
   c.data.truncation = "head"              # head | head_tail (keep the start and the end)
   c.data.target_len = 128                 # summarize: summary tokens kept (rest of seq_len: doc)
 

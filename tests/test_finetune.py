@@ -427,3 +427,43 @@ def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
   assert "scored split: validation (not test)" in report
   scored = {json.loads(line)["id"] for line in open(tmp_path / "valid" / "test_predictions.jsonl")}
   assert scored and not scored & {r["id"] for r in theirs}
+
+
+def test_validation_hooks_decode_once_for_all_evaluators():
+  """ROUGE and the factual proxies score one decode per validation (it decoded twice)."""
+  from train import final_eval
+
+  class CountingSummarizer:
+    kind, calls = "summarize", 0
+
+    def summarize(self, texts, params, batch_size, **options):
+      self.calls += 1
+      return [" ".join(t.split()[:3]) for t in texts]
+
+  examples = [examples_lib.Example(f"d{i}", f"the court held that clause {i} applies here",
+                                   f"the court held clause {i}", "f.jsonl") for i in range(5)]
+  cfg = legal_summ_finetune.get_config("tiny")
+  loaded = CountingSummarizer()
+  hooks = final_eval.validation_hooks(cfg, loaded, {"validation": examples}, lambda p: p)
+  assert sorted(hooks) == ["factual", "rouge"]
+  params, newer = {"w": np.ones(2)}, {"w": np.ones(2)}
+  first = {name: hook(params) for name, hook in hooks.items()}
+  assert loaded.calls == 1 and 0 < first["rouge"]["rouge1"] <= 1
+  hooks["rouge"](newer)                    # the next validation's params: decoded again
+  assert loaded.calls == 2
+
+
+def test_max_validation_examples_keeps_a_fixed_subset_and_leaves_train_alone(tmp_path):
+  path = str(tmp_path / "pairs.jsonl")
+  _summary_file(path, n=200)
+  cfg = legal_summ_finetune.get_config("tiny")
+  cfg.data.train_file = path
+  every = examples_lib.load_splits(cfg.data, "summarize", 0)
+  cfg.data.max_validation_examples = 10
+  fewer = examples_lib.load_splits(cfg.data, "summarize", 0)
+  again = examples_lib.load_splits(cfg.data, "summarize", 0)
+  ids = lambda split: [e.id for e in split]
+  assert len(every["validation"]) > 10 and len(fewer["validation"]) == 10
+  assert set(ids(fewer["validation"])) < set(ids(every["validation"]))
+  assert ids(fewer["validation"]) == ids(again["validation"])
+  assert ids(fewer["train"]) == ids(every["train"]) and ids(fewer["test"]) == ids(every["test"])

@@ -98,11 +98,19 @@ def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params,
   valid = splits["validation"]
   if loaded.kind == "summarize":
     valid = valid[:VALIDATION_DECODES]
+  # The evaluators of one validation score the same predictions: decode (or classify) once
+  # per params, not once per evaluator (ROUGE + factual decoded every summary twice).
+  last = {"params": None, "records": None}
+
+  def records_for(params):
+    if last["params"] is not params:
+      last.update(params=params, records=_records(loaded, select_params(params), valid,
+                                                  config.eval.batch_size, decoding))
+    return last["records"]
 
   def hook(name):
     def run_on(params):
-      records = _records(loaded, select_params(params), valid, config.eval.batch_size,
-                         decoding)
+      records = records_for(params)
       metrics = EVALUATORS[name].evaluate(records, config.eval)
       return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     return run_on

@@ -7,7 +7,8 @@ Field names come from the config (`data.text_field`, `data.label_field`, `data.s
 The validation split is held out from the train data by a hash of each example's id (its `id`
 field, else `<file name>:<line>`, or `<tfds name>:<split>:<index>`), so it never changes
 between runs or machines; `data.max_examples` keeps a seeded subset of the train split (e.g. the
-10k-example IMDB variant).
+10k-example IMDB variant), `data.max_validation_examples` one of the validation split (4k-token
+judgments: a validation over all 351 costs minutes).
 
 Rows are fixed-length (`data.seq_len`), right-padded with id 0:
   classify:   [bos] text [eos]                     mask = 1 on real tokens
@@ -99,10 +100,14 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
     every = [e for e in every if corpus_lib.hash_unit(e.id, "test") >= data_cfg.test_fraction]
   for ex in every:
     splits[corpus_lib.split_of(ex.id, data_cfg.validation_fraction)].append(ex)
-  if data_cfg.max_examples > 0 and len(splits["train"]) > data_cfg.max_examples:
-    keep = sorted(splits["train"], key=lambda e: corpus_lib.hash_unit(e.id, "max_examples"))
-    keep = set(e.id for e in keep[:data_cfg.max_examples])
-    splits["train"] = [e for e in splits["train"] if e.id in keep]
+  # (split, config key, hash salt: at most 16 bytes)
+  for split, key, salt in (("train", "max_examples", "max_examples"),
+                           ("validation", "max_validation_examples", "max_validation")):
+    limit = data_cfg.get(key, -1)   # runs recorded before max_validation_examples lack it
+    if limit > 0 and len(splits[split]) > limit:
+      keep = sorted(splits[split], key=lambda e: corpus_lib.hash_unit(e.id, salt))
+      keep = set(e.id for e in keep[:limit])
+      splits[split] = [e for e in splits[split] if e.id in keep]
   if data_cfg.test_file:
     splits["test"] = read_examples(data_cfg.test_file, task, data_cfg, "data.test_file")
   for name, examples in splits.items():
