@@ -420,7 +420,8 @@ def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
   redecode.redecode(str(tmp_path / "run"), str(tmp_path / "mbr"), samples=2, temperature=1.5,
                     num_examples=4)
   report = (tmp_path / "mbr" / "report.md").read_text()
-  assert "decoding: MBR over 2 samples (temperature 1.5, top_p 1.0) and the greedy summary" in report
+  assert ("decoding: MBR over 2 samples (temperature 1.5, top_p 1.0) and the greedy summary: "
+          "no_repeat_ngram_size=4\n" in report), report
   # Settings are chosen on validation: those examples are scored, and the report says so.
   redecode.redecode(str(tmp_path / "run"), str(tmp_path / "valid"), split="validation")
   report = (tmp_path / "valid" / "report.md").read_text()

@@ -61,8 +61,10 @@ def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple
     logging.info("summary length ratio learned on %d train pairs: %.4f", len(pairs),
                  options["length_ratio"])
   options["length_ratio"] = float(options["length_ratio"])
+  # MBR's sampling settings are spelled out in its description below, not listed again.
+  described = ("samples", "temperature", "top_p") if options["samples"] else ()
   changed = [f"{k}={round(v, 4) if isinstance(v, float) else v}"
-             for k, v in options.items() if v != DECODE_DEFAULTS[k]]
+             for k, v in options.items() if v != DECODE_DEFAULTS[k] and k not in described]
   how = ("beam search" if options["beam"] > 1 else "greedy") + (
       " (length_ratio learned on the train split)" if learned else "")
   if options["samples"]:
