@@ -373,38 +373,15 @@ def test_token_classes_fold_case_and_word_start_spaces():
     decode.Controls(ngram_classes=(0, 1))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_class_level_bans_equal_token_bans_over_the_classes(n):
-  rng = np.random.default_rng(1)
-  rows, vocab, max_new, eos = 3, 16, 10, 3
-  ids = np.arange(vocab)
-  ids[8:] = ids[8:] - 4                       # tokens 8..15 share the classes of 4..11
-  classes = decode.TokenClasses(tuple(int(i) for i in ids))
-  history = rng.integers(4, 12, (rows, max_new)).astype(np.int32)
+def _assert_class_bans_match_reference(ids, history, n: int, seed: int):
+  """apply_controls with TokenClasses(ids) bans what the reference bans over each row's class
+  ids with SKIP tokens left out (a token is banned when its class completes a class n-gram),
+  at every count; SKIP tokens are never banned."""
+  rng = np.random.default_rng(seed)
+  (rows, max_new), vocab, eos = history.shape, len(ids), 3
   logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
-  controls = decode.Controls(no_repeat_ngram_size=n, ngram_classes=classes)
-  plain = decode.Controls(no_repeat_ngram_size=n)
-  for count in range(max_new + 1):
-    got = np.asarray(decode.apply_controls(logits, controls, history, count, eos))
-    # The reference over class ids: a token is banned when its class completes a class n-gram.
-    want = np.stack([_reference_controls(logits[r], ids[history[r, :count]], plain, eos)
-                     for r in range(rows)])
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want[:, ids]), err_msg=f"{count}")
-
-
-@pytest.mark.parametrize("n", [1, 2, 4])
-def test_bans_skip_punctuation_as_the_evaluators_words_do(n):
-  """A class ban equals the reference ban over the row's words (SKIP tokens left out of the
-  history), and never bans a SKIP token: "the court , held" then "the court held" is a repeat."""
-  rng = np.random.default_rng(3)
-  rows, vocab, max_new, eos = 4, 16, 12, 3
-  ids = np.arange(vocab)
-  ids[8:12] = ids[4:8]                        # 8..11 share 4..7's classes
-  ids[12:] = decode.SKIP                      # 12..15: punctuation
-  classes = decode.TokenClasses(tuple(int(i) for i in ids))
-  history = rng.integers(4, 16, (rows, max_new)).astype(np.int32)
-  logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
-  controls = decode.Controls(no_repeat_ngram_size=n, ngram_classes=classes)
+  controls = decode.Controls(no_repeat_ngram_size=n,
+                             ngram_classes=decode.TokenClasses(tuple(int(i) for i in ids)))
   plain = decode.Controls(no_repeat_ngram_size=n)
   for count in range(max_new + 1):
     got = np.isinf(np.asarray(decode.apply_controls(logits, controls, history, count, eos)))
@@ -413,6 +390,27 @@ def test_bans_skip_punctuation_as_the_evaluators_words_do(n):
       want = np.isinf(_reference_controls(logits[r], words, plain, eos))
       np.testing.assert_array_equal(got[r], np.where(ids == decode.SKIP, False, want[ids]),
                                     err_msg=f"row {r} count {count}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_class_level_bans_equal_token_bans_over_the_classes(n):
+  ids = np.arange(16)
+  ids[8:] = ids[8:] - 4                       # tokens 8..15 share the classes of 4..11
+  history = np.random.default_rng(1).integers(4, 12, (3, 10)).astype(np.int32)
+  _assert_class_bans_match_reference(ids, history, n, seed=1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_bans_skip_punctuation_as_the_evaluators_words_do(n):
+  """A class ban equals the reference ban over the row's words (SKIP tokens left out of the
+  history), and never bans a SKIP token: "the court , held" then "the court held" is a repeat."""
+  vocab = 16
+  ids = np.arange(vocab)
+  ids[8:12] = ids[4:8]                        # 8..11 share 4..7's classes
+  ids[12:] = decode.SKIP                      # 12..15: punctuation
+  history = np.random.default_rng(3).integers(4, 16, (4, 12)).astype(np.int32)
+  _assert_class_bans_match_reference(ids, history, n, seed=3)
+  classes = decode.TokenClasses(tuple(int(i) for i in ids))
   # The case the evaluator caught: a comma inside the first occurrence.
   the, court, held, comma = 4, 5, 6, 12
   row = np.array([[the, court, comma, held, 7, the, court, 0]], np.int32)
