@@ -31,9 +31,9 @@ those examples in `<metric>_count` and a bootstrap 95% CI):
 - repeats_4gram: 1 if the summary says a lower-cased word 4-gram twice (overlapping
   occurrences count), else 0 (every example): the mean is the share of summaries that repeat
   themselves, and `summaries_repeating_4gram` their number. Words here are the \w+ runs
-  (punctuation dropped). eval.decode.no_repeat_ngram_size bans n-grams of *tokens* (by word
-  class, punctuation left out: infer/decode.py TokenClasses), so this still catches a repeat
-  when the same words tokenize into different pieces.
+  (punctuation dropped). eval.decode.no_repeat_ngram_size bans n-grams of the same words, each
+  assembled from its pieces (infer/word_ngrams.py), so a repeat counted here comes from where
+  the two differ: a hash collision, or a piece like "n't" that holds two \w+ runs.
 """
 import re
 

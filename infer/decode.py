@@ -12,53 +12,12 @@ cached keys causality kept hidden until then.
 import dataclasses
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-_NON_WORD = re.compile(r"\W+")
-
-
-# --- decoding controls ------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, eq=False)
-class TokenClasses:
-  """Token id -> the id of its word class (ids[t]), for a no-repeat ban over words rather
-  than token ids: "The" and " the" are different tokens but one word. SKIP (-1): a token of
-  punctuation or space only, which is no word at all: n-grams are compared over the words
-  with these left out, as the evaluator counts repeated \\w+ word n-grams ("the court, held
-  that" repeats "the court held that"). Hashable by content (hash computed once), so a
-  Controls holding it stays a cheap static jit argument."""
-  ids: tuple
-
-  def __post_init__(self):
-    object.__setattr__(self, "_hash", hash(self.ids))
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return self is other or (isinstance(other, TokenClasses) and self._hash == other._hash
-                             and self.ids == other.ids)
-
-
-SKIP = -1   # TokenClasses id of punctuation / space-only tokens: left out of word n-grams
-
-
-def token_classes(tokenizer) -> TokenClasses:
-  """Each token's class: the first id whose word characters (\\w, what the evaluator's words
-  are made of), decoded alone and case-folded, are the same; so spaces (sentencepiece's and
-  byte-level BPE's word-start markers) and attached punctuation ("court," = "court") do not
-  count. A token with text but no word character is SKIP; tokens that decode to nothing
-  (control ids) keep their own class."""
-  first, ids = {}, []
-  for t in range(tokenizer.vocab_size):
-    text = tokenizer.decode([t])
-    word = _NON_WORD.sub("", text).casefold()
-    ids.append(first.setdefault(word, t) if word else (SKIP if text else t))
-  return TokenClasses(tuple(ids))
+from infer import word_ngrams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +34,10 @@ class Controls:
     has already generated (again not the prompt) becomes logit / p if positive, else logit * p;
     p > 1 discourages repeats. Beam search applies it to the log-probabilities (HF does too).
   min_new: eos is banned until the row has generated this many tokens.
-  ngram_classes (TokenClasses or None): compare n-grams over these word classes instead of
-    token ids, so "The court held" after "the court held" is a repeat too; LoadedModel sets
-    it from its tokenizer whenever no_repeat_ngram_size is on.
+  ngram_words (word_ngrams.WordPieces or None): compare n-grams over words assembled from
+    pieces instead of token ids, so "The court held" after "the court held" is a repeat too,
+    however "held" is spelled; LoadedModel sets it from its tokenizer whenever
+    no_repeat_ngram_size is on.
   """
   temperature: float = 0.0
   top_k: int = 0
@@ -85,16 +45,16 @@ class Controls:
   no_repeat_ngram_size: int = 0
   repetition_penalty: float = 1.0
   min_new: int = 0
-  ngram_classes: TokenClasses | None = None
+  ngram_words: word_ngrams.WordPieces | None = None
 
   def __post_init__(self):
     # One type per field, so Controls(temperature=1) and Controls(temperature=1.0) are equal -
     # and one entry of jit's cache.
-    if not (self.ngram_classes is None or isinstance(self.ngram_classes, TokenClasses)):
-      raise TypeError(f"Controls.ngram_classes: expected TokenClasses or None, got "
-                      f"{type(self.ngram_classes).__name__}")
+    if not (self.ngram_words is None or isinstance(self.ngram_words, word_ngrams.WordPieces)):
+      raise TypeError(f"Controls.ngram_words: expected word_ngrams.WordPieces or None, got "
+                      f"{type(self.ngram_words).__name__}")
     for field in dataclasses.fields(self):
-      if field.name == "ngram_classes":
+      if field.name == "ngram_words":
         continue
       value = getattr(self, field.name)
       if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -138,39 +98,14 @@ def _generated_mask(history, count, vocab: int):
   return jnp.zeros((history.shape[0], vocab), bool).at[rows, ids].set(True, mode="drop")
 
 
-def _ngram_bans(history, count, n: int, vocab: int, classes: TokenClasses | None = None):
+def _ngram_bans(history, count, n: int, vocab: int,
+                words: word_ngrams.WordPieces | None = None):
   """[R, vocab] bool: the tokens that would complete an n-gram already among each row's first
   `count` generated tokens (history [R, M]; count a scalar or [R]), all windows compared at
-  once. With `classes`, n-grams are compared over word classes with SKIP tokens left out,
-  every token of a completing class is banned, and a SKIP token never is."""
-  rows, m = history.shape
-  if classes is not None:
-    # Ids past the tokenizer's vocabulary (a model's padded embedding rows) are their own class.
-    ids = np.asarray(classes.ids[:vocab], np.int32)
-    cls = jnp.asarray(np.concatenate([ids, np.arange(len(ids), vocab, dtype=np.int32)]))
-    words = cls[history]
-    # Each row's words, punctuation left out, moved to the front in order (a stable compaction).
-    keep = (words != SKIP) & (jnp.arange(m) < count)
-    dest = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, m)
-    compact = jnp.zeros_like(words).at[jnp.arange(rows)[:, None], dest].set(words, mode="drop")
-    by_class = _ngram_bans(compact, keep.sum(1), n, vocab)   # [R, class id] bans
-    return jnp.take(by_class, jnp.maximum(cls, 0), axis=1) & (cls != SKIP)
-  w = m - n + 1                                           # n-gram windows in the buffer
-  if w <= 0:
-    return jnp.zeros((rows, vocab), bool)
-  count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows,))[:, None]   # [R, 1]
-  if n > 1:
-    # The row's last n - 1 tokens against the first n - 1 of every window.
-    last = jnp.take_along_axis(history, jnp.clip(count - (n - 1) + jnp.arange(n - 1), 0, m - 1),
-                               axis=1)
-    windows = history[:, jnp.arange(w)[:, None] + jnp.arange(n - 1)[None]]   # [R, w, n - 1]
-    match = jnp.all(windows == last[:, None, :], axis=-1)
-  else:                                                   # unigrams: every generated token
-    match = jnp.ones((rows, w), bool)
-  hit = match & (jnp.arange(w) <= count - n)              # windows wholly generated
-  completes = jnp.where(hit, history[:, n - 1:], vocab)  # each window's n-th token
-  return jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], completes].set(
-      True, mode="drop")
+  once: n-grams of token ids, or with `words` of words assembled from pieces."""
+  if words is not None:
+    return word_ngrams.bans(history, count, n, vocab, words)
+  return word_ngrams.token_bans(history, count, n, vocab)
 
 
 def apply_controls(logits, controls: Controls, history, count, eos_id: int, limit=None):
@@ -191,7 +126,7 @@ def apply_controls(logits, controls: Controls, history, count, eos_id: int, limi
                        jnp.where(logits > 0, logits / p, logits * p), logits)
   if controls.no_repeat_ngram_size:
     logits = jnp.where(_ngram_bans(history, count, controls.no_repeat_ngram_size, vocab,
-                                   controls.ngram_classes), -jnp.inf, logits)
+                                   controls.ngram_words), -jnp.inf, logits)
   is_eos = jnp.arange(vocab) == eos_id
   if controls.min_new:
     logits = jnp.where(is_eos & (count < controls.min_new), -jnp.inf, logits)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import decode, lora, quantize, rerank
+from infer import decode, lora, quantize, rerank, word_ngrams
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
@@ -152,7 +152,7 @@ class LoadedModel:
   step: int
   quantization: str = "none"
   mesh: jax.sharding.Mesh | None = None   # where params live; batches are split over it
-  _ngram_classes: object = dataclasses.field(default=None, repr=False, compare=False)
+  _ngram_words: object = dataclasses.field(default=None, repr=False, compare=False)
 
   @classmethod
   def from_run(cls, run: Run, mesh=None) -> "LoadedModel":
@@ -213,14 +213,15 @@ class LoadedModel:
     return np.concatenate(out)
 
   # --- generation ------------------------------------------------------------------------------
-  def ngram_classes(self, no_repeat_ngram_size: int) -> "decode.TokenClasses | None":
-    """The tokenizer's word classes when an n-gram ban is on (computed once): bans compare
-    words ("The" = " the"), not token ids; so does MBR's agreement (ngram_classes(1))."""
+  def ngram_words(self, no_repeat_ngram_size: int) -> "word_ngrams.WordPieces | None":
+    """How the tokenizer's pieces make words, when an n-gram ban is on (computed once): bans
+    compare words ("The" = " the" = " T" + "he"), not token ids; so does MBR's agreement
+    (ngram_words(1))."""
     if not no_repeat_ngram_size:
       return None
-    if self._ngram_classes is None:
-      self._ngram_classes = decode.token_classes(self.tokenizer)
-    return self._ngram_classes
+    if self._ngram_words is None:
+      self._ngram_words = word_ngrams.word_pieces(self.tokenizer)
+    return self._ngram_words
 
   def summarize(self, texts: list[str], max_new: int | None = None, params=None,
                 batch_size: int | None = None, *, beam: int = 0, length_penalty: float = 1.0,
@@ -242,7 +243,7 @@ class LoadedModel:
     tok = self.tokenizer
     controls = decode.Controls(no_repeat_ngram_size=no_repeat_ngram_size,
                                repetition_penalty=repetition_penalty, min_new=min_new,
-                               ngram_classes=self.ngram_classes(no_repeat_ngram_size))
+                               ngram_words=self.ngram_words(no_repeat_ngram_size))
     out = []
     for n, chunk in self._chunks(texts, batch_size):
       tokens, prompt_len = decode.encode_prompts(tok, chunk, self.config.data.seq_len, max_new,
@@ -259,7 +260,7 @@ class LoadedModel:
       if sampling.samples:
         rows, _ = rerank.mbr_decode(self.model, params, tokens, prompt_len, ids, sampling,
                                     max_new=max_new, eos_id=tok.eos_id, controls=controls,
-                                    limit=limit, classes=self.ngram_classes(1))
+                                    limit=limit, words=self.ngram_words(1))
       else:
         rows = [decode.strip(row, tok.eos_id) for row in np.asarray(ids)]
       out += [tok.decode(row) for row in rows[:n]]
@@ -305,7 +306,7 @@ class LoadedModel:
     controls = decode.Controls(temperature=temperature, top_k=top_k, top_p=top_p,
                                no_repeat_ngram_size=no_repeat_ngram_size,
                                repetition_penalty=repetition_penalty, min_new=min_new,
-                               ngram_classes=self.ngram_classes(no_repeat_ngram_size))
+                               ngram_words=self.ngram_words(no_repeat_ngram_size))
     if beam > 1:
       ids = decode.beam_search(self.model, self.params, tokens, prompt_len, beam=beam,
                                max_new=max_new, eos_id=tok.eos_id, length_penalty=length_penalty,
@@ -336,7 +337,7 @@ class LoadedModel:
         self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed), max_new=max_new,
         eos_id=tok.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
         no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-        min_new=min_new, ngram_classes=self.ngram_classes(no_repeat_ngram_size))
+        min_new=min_new, ngram_words=self.ngram_words(no_repeat_ngram_size))
     for block in chunks:
       pieces = []
       for i, row in enumerate(block):

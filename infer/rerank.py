@@ -7,8 +7,8 @@ most with all the others: the consensus, a reference-free estimate of the candid
 highest expected ROUGE (Kumar & Byrne, 2004; Freitag et al., 2022; Suzgun et al., 2022).
 
 The agreement ("utility") is ROUGE's own: the mean of unigram and bigram F1, counted over
-token ids (or word classes, so "The" and " the" are one word), on the host in numpy after
-one batched, compiled sampling call - the re-ranking itself is N^2 small set overlaps per
+token ids (or words assembled from pieces, so "The" and " the" are one word), on the host in
+numpy after one batched, compiled sampling call - the re-ranking itself is N^2 small set overlaps per
 document, microseconds next to decoding.
 """
 import collections
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer import decode
+from infer import word_ngrams
 
 
 def _ngrams(ids, n: int) -> collections.Counter:
@@ -102,20 +103,17 @@ class Sampling:
         raise ValueError(message)
 
 
-def choose(deterministic, drawn, eos_id: int, classes: decode.TokenClasses | None = None):
+def choose(deterministic, drawn, eos_id: int, words: word_ngrams.WordPieces | None = None):
   """Per document, the MBR choice among its deterministic ids (deterministic[b], first) and
-  its samples (drawn[b, s]); each candidate's tokens up to eos, compared over `classes`
-  when given. Returns (the chosen token lists, the chosen candidate's index per document:
-  0 = the deterministic one)."""
-  # Ids past the tokenizer's vocabulary (the model's may be padded) are their own class;
-  # punctuation (decode.SKIP) is no word, as in ROUGE's tokenizer.
-  size = 0 if classes is None else len(classes.ids)
-  word = lambda ids: [c for c in (classes.ids[t] if t < size else t for t in ids)
-                      if c != decode.SKIP]
+  its samples (drawn[b, s]); each candidate's tokens up to eos, compared as the words `words`
+  assembles (punctuation is no word, as in ROUGE's tokenizer) when given, else as token ids.
+  Returns (the chosen token lists, the chosen candidate's index per document: 0 = the
+  deterministic one)."""
+  word = (lambda ids: list(ids)) if words is None else words.words
   chosen, picks = [], []
   for b in range(len(deterministic)):
     rows = [decode.strip(deterministic[b], eos_id)] + [decode.strip(r, eos_id) for r in drawn[b]]
-    pick = mbr_index([word(list(r)) for r in rows])
+    pick = mbr_index([word(r) for r in rows])
     chosen.append(list(rows[pick]))
     picks.append(pick)
   return chosen, picks
@@ -123,11 +121,11 @@ def choose(deterministic, drawn, eos_id: int, classes: decode.TokenClasses | Non
 
 def mbr_decode(model, params, tokens, prompt_len, deterministic, sampling: Sampling, *,
                max_new: int, eos_id: int, controls: decode.Controls, limit=None,
-               classes: decode.TokenClasses | None = None):
+               words: word_ngrams.WordPieces | None = None):
   """`choose` over `deterministic` ([B, max_new] ids) and `sampling.samples` summaries drawn
   per document under `controls` (its no-repeat, repetition and length settings kept)."""
   drawn = sample(model, params, tokens, prompt_len, jax.random.PRNGKey(sampling.seed),
                  samples=sampling.samples, max_new=max_new, eos_id=eos_id, limit=limit,
                  controls=dataclasses.replace(controls, temperature=sampling.temperature,
                                               top_p=sampling.top_p))
-  return choose(np.asarray(deterministic), drawn, eos_id, classes)
+  return choose(np.asarray(deterministic), drawn, eos_id, words)

@@ -94,6 +94,19 @@ def replace_cfg(cfg: ModelConfig, **changes) -> ModelConfig:
   return dataclasses.replace(cfg, **changes)
 
 
+class PieceTokenizer:
+  """A fixed piece list decoded like sentencepiece: a piece's leading space is its word-start
+  marker, dropped at the start of the text (decode of " the" alone is "the")."""
+
+  def __init__(self, pieces):
+    self.pieces = list(pieces)
+    self.vocab_size = len(self.pieces)
+
+  def decode(self, ids):
+    text = "".join(self.pieces[i] for i in ids)
+    return text[1:] if text.startswith(" ") else text
+
+
 # ---- End-to-end runs of `python -m train.main` in subprocesses, on a tiny generated corpus.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer import decode
+from infer import decode, word_ngrams
 from model.transformer import Transformer
 from tests import helpers
 
@@ -348,91 +348,19 @@ def test_length_limit_and_learned_ratio():
     decode.fit_length_ratio([0], [4])
 
 
-# --- word-level n-gram bans (TokenClasses) ---------------------------------------------------
-class _PieceTokenizer:
-  """decode([t]) of a fixed piece list, like sentencepiece's ("▁The" -> "The")."""
-  pieces = ["", "", "The", "the", " the", "court", " Court", "held", "x", ",", " .", "court,",
-            " "]
-  vocab_size = len(pieces)
-
-  def decode(self, ids):
-    return "".join(self.pieces[i] for i in ids)
-
-
-def test_token_classes_fold_case_and_word_start_spaces():
-  classes = decode.token_classes(_PieceTokenizer()).ids
-  assert classes[2] == classes[3] == classes[4] == 2          # The / the / " the"
-  assert classes[5] == classes[6] == 5 and classes[7] == 7    # court / " Court"; held
-  assert classes[0] == 0 and classes[1] == 1                  # empty pieces stay themselves
-  # Punctuation / space alone is no word; attached to a word it does not change the word.
-  assert classes[9] == classes[10] == classes[12] == decode.SKIP and classes[11] == 5
-  again = decode.token_classes(_PieceTokenizer())
-  assert again == decode.token_classes(_PieceTokenizer()) and hash(again) == hash(
-      decode.TokenClasses(classes))
-  with pytest.raises(TypeError, match="ngram_classes"):
-    decode.Controls(ngram_classes=(0, 1))
-
-
-def _assert_class_bans_match_reference(ids, history, n: int, seed: int):
-  """apply_controls with TokenClasses(ids) bans what the reference bans over each row's class
-  ids with SKIP tokens left out (a token is banned when its class completes a class n-gram),
-  at every count; SKIP tokens are never banned."""
-  rng = np.random.default_rng(seed)
-  (rows, max_new), vocab, eos = history.shape, len(ids), 3
-  logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
-  controls = decode.Controls(no_repeat_ngram_size=n,
-                             ngram_classes=decode.TokenClasses(tuple(int(i) for i in ids)))
-  plain = decode.Controls(no_repeat_ngram_size=n)
-  for count in range(max_new + 1):
-    got = np.isinf(np.asarray(decode.apply_controls(logits, controls, history, count, eos)))
-    for r in range(rows):
-      words = [ids[t] for t in history[r, :count] if ids[t] != decode.SKIP]
-      want = np.isinf(_reference_controls(logits[r], words, plain, eos))
-      np.testing.assert_array_equal(got[r], np.where(ids == decode.SKIP, False, want[ids]),
-                                    err_msg=f"row {r} count {count}")
-
-
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_class_level_bans_equal_token_bans_over_the_classes(n):
-  ids = np.arange(16)
-  ids[8:] = ids[8:] - 4                       # tokens 8..15 share the classes of 4..11
-  history = np.random.default_rng(1).integers(4, 12, (3, 10)).astype(np.int32)
-  _assert_class_bans_match_reference(ids, history, n, seed=1)
-
-
-@pytest.mark.parametrize("n", [1, 2, 4])
-def test_bans_skip_punctuation_as_the_evaluators_words_do(n):
-  """A class ban equals the reference ban over the row's words (SKIP tokens left out of the
-  history), and never bans a SKIP token: "the court , held" then "the court held" is a repeat."""
-  vocab = 16
-  ids = np.arange(vocab)
-  ids[8:12] = ids[4:8]                        # 8..11 share 4..7's classes
-  ids[12:] = decode.SKIP                      # 12..15: punctuation
-  history = np.random.default_rng(3).integers(4, 16, (4, 12)).astype(np.int32)
-  _assert_class_bans_match_reference(ids, history, n, seed=3)
-  classes = decode.TokenClasses(tuple(int(i) for i in ids))
-  # The case the evaluator caught: a comma inside the first occurrence.
-  the, court, held, comma = 4, 5, 6, 12
-  row = np.array([[the, court, comma, held, 7, the, court, 0]], np.int32)
-  bans = np.asarray(decode._ngram_bans(row, 7, 3, vocab, classes))[0]
-  assert bans[held] and bans[held + 4] and not bans[comma] and not bans[7]
-
-
-def test_classes_shorter_than_the_models_vocabulary_leave_the_rest_alone():
-  # A tokenizer of 6 ids under a model of 8 logits (padded embedding rows): ids 6, 7 are their
-  # own classes; 0 and 1 share one.
-  classes = decode.TokenClasses((0, 0, 2, 3, 4, 5))
-  history = np.array([[1, 6, 0, 7]], np.int32)
-  bans = decode._ngram_bans(history, 3, 2, 8, classes)      # last token 0 ~ 1, then came 6
-  np.testing.assert_array_equal(np.asarray(bans)[0], [0, 0, 0, 0, 0, 0, 1, 0])
-
-
-def test_greedy_with_word_classes_repeats_no_class_ngram():
+# --- word-level n-gram bans (infer/word_ngrams.py; its own tests in test_word_ngrams.py) -----
+def test_greedy_with_word_pieces_repeats_no_word_ngram():
+  """The looping model under a ban over words spelled by 1-3 pieces each (the 64 ids: a word
+  start or a continuation of one of 16 letters): no word bigram twice, however spelled."""
   model, params = _one_layer()
   tokens, prompt_len, raw = _looping_greedy()
-  ids = np.arange(64) % 16                    # 4 tokens per class
-  classes = decode.TokenClasses(tuple(int(i) for i in ids))
+  letters = "abcdefghijklmnop"
+  tok = helpers.PieceTokenizer([(" " if t % 2 else "") + letters[t % 16] for t in range(64)])
+  words = word_ngrams.word_pieces(tok)
+  assert any(_repeats(words.words(row), 2, -1) for row in raw)
   out = np.asarray(decode.greedy(model, params, tokens, prompt_len, max_new=10, eos_id=-1,
-                                 no_repeat_ngram_size=2, ngram_classes=classes))
+                                 no_repeat_ngram_size=2, ngram_words=words))
   for row in out:
-    assert not _repeats(list(ids[row]), 2, -1), ids[row]
+    assert not _repeats(words.words(row), 2, -1), tok.decode(row)
+  with pytest.raises(TypeError, match="ngram_words"):
+    decode.Controls(ngram_words=(0, 1))
