@@ -87,13 +87,14 @@ class WordPieces:
     return words
 
   def arrays(self, vocab: int):
-    """The fields as numpy arrays over a model's `vocab` logits: ids past the tokenizer (a
-    model's padded embedding rows) are skip."""
+    """(hashes, lengths, BASE**lengths, joins, ends, skip) as numpy arrays over a model's
+    `vocab` logits: ids past the tokenizer (a model's padded embedding rows) are skip."""
     extra = max(vocab - len(self), 0)
     pad = lambda field, value, dtype: np.concatenate(
         [np.asarray(field[:vocab], dtype), np.full(extra, value, dtype)])
+    scales = [pow(_BASE, n, _MOD) for n in self.lengths]
     return (pad(self.hashes, 0, np.uint32), pad(self.lengths, 0, np.uint32),
-            pad(self.joins, False, bool), pad(self.ends, True, bool),
+            pad(scales, 1, np.uint32), pad(self.joins, False, bool), pad(self.ends, True, bool),
             pad(self.skip, True, bool))
 
 
@@ -155,7 +156,7 @@ def bans(history, count, n: int, vocab: int, pieces: WordPieces):
   """[R, vocab] bool: the tokens that would complete a word n-gram already among each row's
   first `count` generated tokens (history [R, M]; count a scalar or [R])."""
   rows, m = history.shape
-  hashes, lengths, joins, ends, skip = (jnp.asarray(a) for a in pieces.arrays(vocab))
+  hashes, lengths, scales, joins, ends, skip = (jnp.asarray(a) for a in pieces.arrays(vocab))
   count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows,))
   tok = jnp.clip(history, 0, vocab - 1)
   in_word = ~skip[tok] & (jnp.arange(m) < count[:, None])
@@ -175,7 +176,7 @@ def bans(history, count, n: int, vocab: int, pieces: WordPieces):
   last_open = jnp.take_along_axis(open_after, jnp.clip(count - 1, 0, m - 1)[:, None], axis=1)[:, 0]
   last_open &= count > 0
   current = jnp.take_along_axis(words, jnp.clip(num_words - 1, 0, m - 1)[:, None], axis=1)
-  extended = current * jnp.power(jnp.uint32(_BASE), lengths)[None] + hashes[None]
+  extended = current * scales[None] + hashes[None]
   banned_extension = _member(extended, *_followers(words, num_words - 1, n))
   banned_start = _member(jnp.broadcast_to(hashes, (rows, vocab)), *_followers(words, num_words, n))
   extends = joins[None] & last_open[:, None]
