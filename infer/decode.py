@@ -98,16 +98,6 @@ def _generated_mask(history, count, vocab: int):
   return jnp.zeros((history.shape[0], vocab), bool).at[rows, ids].set(True, mode="drop")
 
 
-def _ngram_bans(history, count, n: int, vocab: int,
-                words: word_ngrams.WordPieces | None = None):
-  """[R, vocab] bool: the tokens that would complete an n-gram already among each row's first
-  `count` generated tokens (history [R, M]; count a scalar or [R]), all windows compared at
-  once: n-grams of token ids, or with `words` of words assembled from pieces."""
-  if words is not None:
-    return word_ngrams.bans(history, count, n, vocab, words)
-  return word_ngrams.token_bans(history, count, n, vocab)
-
-
 def apply_controls(logits, controls: Controls, history, count, eos_id: int, limit=None):
   """A step's logits (or log-probabilities) [R, vocab] for choosing each row's generated token
   number `count` (0-based), with `controls` applied: repetition penalty and no-repeat n-grams
@@ -125,8 +115,8 @@ def apply_controls(logits, controls: Controls, history, count, eos_id: int, limi
     logits = jnp.where(_generated_mask(history, count, vocab),
                        jnp.where(logits > 0, logits / p, logits * p), logits)
   if controls.no_repeat_ngram_size:
-    logits = jnp.where(_ngram_bans(history, count, controls.no_repeat_ngram_size, vocab,
-                                   controls.ngram_words), -jnp.inf, logits)
+    logits = jnp.where(word_ngrams.bans(history, count, controls.no_repeat_ngram_size, vocab,
+                                        controls.ngram_words), -jnp.inf, logits)
   is_eos = jnp.arange(vocab) == eos_id
   if controls.min_new:
     logits = jnp.where(is_eos & (count < controls.min_new), -jnp.inf, logits)

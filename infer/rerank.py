@@ -8,8 +8,8 @@ highest expected ROUGE (Kumar & Byrne, 2004; Freitag et al., 2022; Suzgun et al.
 
 The agreement ("utility") is ROUGE's own: the mean of unigram and bigram F1, counted over
 token ids (or words assembled from pieces, so "The" and " the" are one word), on the host in
-numpy after one batched, compiled sampling call - the re-ranking itself is N^2 small set overlaps per
-document, microseconds next to decoding.
+numpy after one batched, compiled sampling call - the re-ranking itself is N^2 small set
+overlaps per document, microseconds next to decoding.
 """
 import collections
 import dataclasses

@@ -143,7 +143,7 @@ def _member(candidates, followers, count):
   return (found == candidates) & (at < count[:, None])
 
 
-def token_bans(history, count, n: int, vocab: int):
+def _token_bans(history, count, n: int, vocab: int):
   """[R, vocab] bool: the tokens that would complete an n-gram of token ids already among each
   row's first `count` generated tokens (history [R, M]; count a scalar or [R])."""
   rows = history.shape[0]
@@ -152,9 +152,12 @@ def token_bans(history, count, n: int, vocab: int):
   return _member(ids, *_followers(history.astype(jnp.uint32), count, n))
 
 
-def bans(history, count, n: int, vocab: int, pieces: WordPieces):
-  """[R, vocab] bool: the tokens that would complete a word n-gram already among each row's
-  first `count` generated tokens (history [R, M]; count a scalar or [R])."""
+def bans(history, count, n: int, vocab: int, pieces: WordPieces | None = None):
+  """[R, vocab] bool: the tokens that would complete an n-gram already among each row's first
+  `count` generated tokens (history [R, M]; count a scalar or [R]): n-grams of the words
+  `pieces` assembles, or of token ids without it."""
+  if pieces is None:
+    return _token_bans(history, count, n, vocab)
   rows, m = history.shape
   hashes, lengths, scales, joins, ends, skip = (jnp.asarray(a) for a in pieces.arrays(vocab))
   count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows,))
