@@ -40,7 +40,6 @@ distinct set of options. Standard library only.
 """
 import collections
 import contextlib
-import dataclasses
 import http.server
 import json
 import signal
@@ -53,157 +52,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from infer import batching
 from infer import decode
 from infer import inputs as inputs_lib
+from infer import request_parsing as parsing
 from model import log_setup
-
-
-class RequestError(Exception):
-  """A request the server refuses: an HTTP status and the message sent back."""
-
-  def __init__(self, status: int, message: str, headers: dict | None = None):
-    super().__init__(message)
-    self.status, self.headers = status, headers or {}
-
-
-class ModelError(RuntimeError):
-  """The model failed on the batch that held a request's texts (the Batcher logged why)."""
-
-
-# --- batching -------------------------------------------------------------------------------
-@dataclasses.dataclass(eq=False)
-class _Job:
-  texts: list
-  arrived: float = dataclasses.field(default_factory=time.monotonic)
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  results: list | None = None
-  error: Exception | None = None
-
-
-class Batcher:
-  """Runs `predict(texts) -> one result per text` on one worker thread, over the texts of as
-  many queued requests as fit in `max_batch`."""
-
-  def __init__(self, predict, max_batch: int, max_wait_s: float):
-    self._predict, self._max_batch, self._max_wait_s = predict, max_batch, max_wait_s
-    self._queue = collections.deque()
-    self._cond = threading.Condition()
-    self._closed = False
-    self._counts = {"requests": 0, "texts": 0, "batches": 0, "failed_batches": 0}
-    self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
-    self._thread.start()
-
-  def submit(self, texts: list) -> list:
-    """Blocks until `texts` were run; returns their results (ModelError if the model failed)."""
-    if not 1 <= len(texts) <= self._max_batch:
-      raise ValueError(f"a request holds 1..{self._max_batch} texts, not {len(texts)}")
-    job = _Job(texts)
-    with self._cond:
-      if self._closed:
-        raise RuntimeError("the server is shutting down")
-      self._queue.append(job)
-      self._cond.notify()
-    job.done.wait()
-    if job.error is not None:
-      raise ModelError(f"the model failed: {type(job.error).__name__}: {job.error}")
-    return job.results
-
-  def counts(self) -> dict:
-    """Requests, texts and batches run so far (and batches the model failed on)."""
-    with self._cond:
-      return dict(self._counts)
-
-  def close(self):
-    """Runs what is queued, then stops the worker."""
-    with self._cond:
-      self._closed = True
-      self._cond.notify()
-    self._thread.join()
-
-  def _take(self) -> list[_Job]:
-    """The next batch of jobs, oldest first; [] once closed and drained."""
-    with self._cond:
-      while not self._queue and not self._closed:
-        self._cond.wait()
-      deadline = self._queue[0].arrived + self._max_wait_s if self._queue else 0
-      while (not self._closed and sum(len(j.texts) for j in self._queue) < self._max_batch
-             and time.monotonic() < deadline):
-        self._cond.wait(deadline - time.monotonic())
-      jobs, count = [], 0
-      while self._queue and count + len(self._queue[0].texts) <= self._max_batch:
-        jobs.append(self._queue.popleft())
-        count += len(jobs[-1].texts)
-      return jobs
-
-  def _work(self):
-    while jobs := self._take():
-      texts = [t for job in jobs for t in job.texts]
-      try:
-        results = self._predict(texts)
-      except Exception as e:   # each request of the batch reports it; the worker carries on
-        logging.exception("the model failed on a batch of %d texts", len(texts))
-        for job in jobs:
-          job.error = e
-      else:
-        for job in jobs:
-          job.results, results = results[:len(job.texts)], results[len(job.texts):]
-      with self._cond:
-        self._counts["requests"] += len(jobs)
-        self._counts["texts"] += len(texts)
-        self._counts["batches"] += 1
-        self._counts["failed_batches"] += int(jobs[0].error is not None)
-      for job in jobs:
-        job.done.set()
-
-
-def batch_sizes(max_batch: int) -> list[int]:
-  """The padded batch sizes: powers of two below max_batch, and max_batch."""
-  return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
-
-
-# --- requests -------------------------------------------------------------------------------
-def parse_body(raw: bytes) -> dict:
-  """The request's JSON object, or a RequestError naming what is wrong with the body."""
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise RequestError(415, f"the request body is not UTF-8 (byte {e.start})") from None
-  if not text.strip():
-    raise RequestError(400, "the request body is empty; expected a JSON object")
-  try:
-    return inputs_lib.json_object(text)
-  except inputs_lib.InputError as e:
-    raise RequestError(400, str(e)) from None
-
-
-def parse_texts(body: dict, max_batch: int, max_chars: int) -> tuple[list[str], bool]:
-  """(texts, whether the request sent one "text" rather than a "texts" list), checked."""
-  expected = 'expected "text" (a string) or "texts" (an array of strings)'
-  unknown = sorted(set(body) - {"text", "texts"})
-  if unknown:
-    raise RequestError(400, f"unknown field {unknown[0]!r}; {expected}")
-  if ("text" in body) == ("texts" in body):
-    raise RequestError(400, f"{expected}, exactly one of them")
-  single = "text" in body
-  texts = [body["text"]] if single else body["texts"]
-  if not isinstance(texts, list):
-    raise RequestError(400, '"texts" must be an array of strings, got '
-                       f"{inputs_lib.json_type(texts)}")
-  if not texts:
-    raise RequestError(400, '"texts" is empty')
-  if len(texts) > max_batch:
-    raise RequestError(413, f'"texts" has {len(texts)} entries; the limit is {max_batch} '
-                       "(--max_batch)")
-  for i, text in enumerate(texts):
-    name = '"text"' if single else f'"texts"[{i}]'
-    if not isinstance(text, str):
-      raise RequestError(400, f"{name} must be a string, got {inputs_lib.json_type(text)}")
-    if not text.strip():
-      raise RequestError(400, f"{name} is empty")
-    if len(text) > max_chars:
-      raise RequestError(413, f"{name} has {len(text)} characters; the limit is {max_chars} "
-                         "(--max_chars)")
-  return [t.strip() for t in texts], single
 
 
 def _predict_endpoint(kind: str):
@@ -211,124 +64,26 @@ def _predict_endpoint(kind: str):
     server = handler.server
     if server.loaded.kind != kind:
       use = "/generate" if server.batcher is None else f"/{server.loaded.kind}"
-      raise RequestError(400, f"this server runs a {server.loaded.kind} model: use "
-                         f"{use}, not /{kind}")
+      raise parsing.RequestError(400, f"this server runs a {server.loaded.kind} model: use "
+                                 f"{use}, not /{kind}")
     body = handler.read_json()
     if kind == "summarize":
-      texts, single, options = parse_summarize(body, server.max_batch, server.max_chars,
-                                               server.max_new)
+      texts, single, options = parsing.parse_summarize(body, server.max_batch,
+                                                       server.max_chars, server.max_new)
     else:
-      (texts, single), options = parse_texts(body, server.max_batch, server.max_chars), ()
+      texts, single = parsing.parse_texts(body, server.max_batch, server.max_chars)
+      options = ()
     results = server.batcher.submit([(t, options) for t in texts])
     return results[0] if single else {key: [r[key] for r in results] for key in results[0]}
   return endpoint
 
 
-# The decoding controls a request may set (LoadedModel.summarize / generate keywords; off by
-# default), and the most beams one may ask for.
-DECODING_OPTIONS = ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty",
-                    "min_new")
-SUMMARIZE_OPTIONS = DECODING_OPTIONS + ("length_ratio", "samples", "temperature", "top_p",
-                                          "seed")
-MAX_SAMPLES = 32     # MBR candidates per document in one request
-GENERATE_OPTIONS = ("max_new", "temperature", "top_k", "top_p", "seed", "stop") + DECODING_OPTIONS
-MAX_BEAM = 8
-
-
-def _option(body: dict, key: str, default, kind, ok, expected: str):
-  """body[key] (default if absent); a 400 naming the key and `expected` unless it is a `kind`
-  (never a boolean) that passes `ok`."""
-  value = body.get(key, default)
-  if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
-    raise RequestError(400, f'"{key}" must be {expected}, got {json.dumps(value)}')
-  return value
-
-
-def parse_decoding(body: dict, max_new: int) -> dict:
-  """A request's decoding controls for texts of at most max_new tokens, checked."""
-  beam = _option(body, "beam", 0, int, lambda v: v == 0 or 2 <= v <= MAX_BEAM,
-                 f"0 (off) or an integer in 2..{MAX_BEAM}")
-  length_penalty = float(_option(body, "length_penalty", 1.0, (int, float),
-                                 lambda v: -10 <= v <= 10, "a number in [-10, 10]"))
-  if not beam and length_penalty != 1.0:
-    raise RequestError(400, '"length_penalty" applies to beam search only: set "beam" too')
-  return dict(
-      beam=beam, length_penalty=length_penalty,
-      no_repeat_ngram_size=_option(body, "no_repeat_ngram_size", 0, int,
-                                   lambda v: 0 <= v <= max_new,
-                                   f"an integer in 0..{max_new} (0: off)"),
-      repetition_penalty=float(_option(body, "repetition_penalty", 1.0, (int, float),
-                                       lambda v: 0 < v <= 10, "a number in (0, 10] (1: off)")),
-      min_new=_option(body, "min_new", 0, int, lambda v: 0 <= v <= max_new,
-                      f"an integer in 0..{max_new}"))
-
-
-def parse_summarize(body: dict, max_batch: int, max_chars: int,
-                    max_new: int) -> tuple[list[str], bool, tuple]:
-  """(texts, whether one "text" was sent, decoding options as a hashable tuple), checked."""
-  texts, single = parse_texts({k: v for k, v in body.items() if k not in SUMMARIZE_OPTIONS},
-                              max_batch, max_chars)
-  options = parse_decoding(body, max_new)
-  options["length_ratio"] = float(_option(
-      body, "length_ratio", 0.0, (int, float), lambda v: 0 <= v <= 10,
-      "a number in [0, 10] (0: off; else summary tokens per document token)"))
-  # MBR decoding (infer/rerank.py): the consensus of "samples" sampled summaries.
-  options["samples"] = _option(body, "samples", 0, int, lambda v: 0 <= v <= MAX_SAMPLES,
-                               f"an integer in 0..{MAX_SAMPLES} (0: off)")
-  options["temperature"] = float(_option(body, "temperature", 1.0, (int, float),
-                                         lambda v: 0 < v <= 10, "a number in (0, 10]"))
-  options["top_p"] = float(_option(body, "top_p", 1.0, (int, float), lambda v: 0 < v <= 1,
-                                   "a number in (0, 1]"))
-  options["seed"] = _option(body, "seed", 0, int, lambda v: 0 <= v < 2**31,
-                            "an integer in [0, 2^31)")
-  if not options["samples"] and any(k in body for k in ("temperature", "top_p", "seed")):
-    raise RequestError(400, '"temperature", "top_p" and "seed" apply to MBR sampling only: '
-                       'set "samples" too')
-  return texts, single, tuple(sorted(options.items()))
-
-
-def parse_generate(body: dict, max_batch: int, max_chars: int, max_new: int,
-                   vocab_size: int) -> tuple[list[str], bool, tuple]:
-  """(prompts, whether one "prompt" was sent, options as a hashable tuple of (name, value)
-  pairs: LoadedModel.generate's keywords, max_new included), checked."""
-  texts = {k: v for k, v in body.items() if k not in GENERATE_OPTIONS}
-  renamed = {("text" if k == "prompt" else "texts" if k == "prompts" else k): v
-             for k, v in texts.items()}
-  try:
-    prompts, single = parse_texts(renamed, max_batch, max_chars)
-  except RequestError as e:
-    message = str(e).replace('"texts"', '"prompts"').replace('"text"', '"prompt"')
-    raise RequestError(e.status, message) from None
-  n = _option(body, "max_new", max_new, int, lambda v: 1 <= v <= max_new,
-              f"an integer in 1..{max_new} (--generate_max_new)")
-  temperature = float(_option(body, "temperature", 0.0, (int, float), lambda v: 0 <= v <= 10,
-                              "a number in [0, 10] (0: greedy)"))
-  top_k = _option(body, "top_k", 0, int, lambda v: 0 <= v <= vocab_size,
-                  f"an integer in 0..{vocab_size} (0: off)")
-  top_p = float(_option(body, "top_p", 1.0, (int, float), lambda v: 0 < v <= 1,
-                        "a number in (0, 1]"))
-  seed = _option(body, "seed", 0, int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
-  stop = body.get("stop", [])
-  stop = [stop] if isinstance(stop, str) else stop
-  if (not isinstance(stop, list) or len(stop) > 16 or
-      not all(isinstance(x, str) and 0 < len(x) <= 256 for x in stop)):
-    raise RequestError(400, '"stop" must be a string or a list of at most 16 non-empty '
-                       "strings of at most 256 characters")
-  decoding = parse_decoding(body, n)
-  if decoding["beam"] and (temperature or top_k or top_p != 1.0):
-    raise RequestError(400, 'beam search is deterministic: drop "temperature", "top_k" and '
-                       '"top_p" (or "beam")')
-  options = dict(max_new=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                 stop=tuple(stop), **decoding)
-  return prompts, single, tuple(sorted(options.items()))
-
-
 def _generate_endpoint(handler) -> dict:
   server = handler.server
   if server.generator is None:
-    raise RequestError(400, f"this server runs a {server.loaded.kind} model, which has no "
-                       f"language-model head: use /{server.loaded.kind}")
-  prompts, single, options = parse_generate(
+    raise parsing.RequestError(400, f"this server runs a {server.loaded.kind} model, which has "
+                               f"no language-model head: use /{server.loaded.kind}")
+  prompts, single, options = parsing.parse_generate(
       handler.read_json(), server.max_batch, server.max_chars, server.generate_max_new,
       server.loaded.config.data.vocab_size)
   texts = server.generator.submit([(p, options) for p in prompts])
@@ -351,14 +106,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     headers, self._body_read = {}, False
     try:
       if path not in _ROUTES:
-        raise RequestError(404, f"unknown path {path}; expected one of {sorted(_ROUTES)}")
+        raise parsing.RequestError(404, f"unknown path {path}; expected one of "
+                                   f"{sorted(_ROUTES)}")
       method, endpoint = _ROUTES[path]
       if self.command != method and (self.command, method) != ("HEAD", "GET"):
-        raise RequestError(405, f"{path} takes {method}, not {self.command}", {"Allow": method})
+        raise parsing.RequestError(405, f"{path} takes {method}, not {self.command}",
+                                   {"Allow": method})
       status, payload = 200, endpoint(self)
-    except RequestError as e:
+    except parsing.RequestError as e:
       status, payload, headers = e.status, {"error": str(e)}, e.headers
-    except ModelError as e:
+    except batching.ModelError as e:
       status, payload = 500, {"error": str(e)}
     except Exception as e:
       logging.exception("%s %s failed", self.command, path)
@@ -370,19 +127,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def read_json(self) -> dict:
     length = self.headers.get("Content-Length")
     if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-      raise RequestError(411, "a Content-Length header is required")
+      raise parsing.RequestError(411, "a Content-Length header is required")
     if not length.isdigit():
-      raise RequestError(400, f"bad Content-Length {length!r}")
+      raise parsing.RequestError(400, f"bad Content-Length {length!r}")
     limit = self.server.max_body_bytes
     if int(length) > limit:
-      raise RequestError(413, f"the request body has {length} bytes; the limit is {limit} "
-                         "(--max_batch texts of --max_chars characters)")
+      raise parsing.RequestError(413, f"the request body has {length} bytes; the limit is "
+                                 f"{limit} (--max_batch texts of --max_chars characters)")
     self._body_read = True
     try:
       raw = self.rfile.read(int(length))
     except TimeoutError:
-      raise RequestError(408, "timed out reading the request body") from None
-    return parse_body(raw)
+      raise parsing.RequestError(408, "timed out reading the request body") from None
+    return parsing.parse_body(raw)
 
   def _drain_body(self):
     """Reads a request body left unread (if of an allowed size): closing a socket with unread
@@ -428,9 +185,9 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     # most 12 bytes a character: a surrogate pair as \uXXXX\uXXXX), and some room.
     self.max_body_bytes = max_batch * max_chars * 12 + (64 << 10)
     self.num_params = sum(x.size for x in jax.tree.leaves(loaded.params))
-    self.batcher = (Batcher(self._predict, max_batch, max_wait_ms / 1e3)
+    self.batcher = (batching.Batcher(self._predict, max_batch, max_wait_ms / 1e3)
                     if loaded.kind in ("classify", "summarize") else None)
-    self.generator = (Batcher(self._generate, max_batch, max_wait_ms / 1e3)
+    self.generator = (batching.Batcher(self._generate, max_batch, max_wait_ms / 1e3)
                       if generate_max_new else None)
 
   def _by_options(self, items: list[tuple], run) -> list:
@@ -516,7 +273,7 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
     max_new = loaded.check_max_new(max_new) if loaded.kind != "pretrain" else None
   except ValueError as e:
     raise inputs_lib.InputError(f"--{e}") from None
-  sizes = batch_sizes(max_batch)
+  sizes = batching.batch_sizes(max_batch)
   t0 = time.perf_counter()
   logging.info("compiling the model for batches of %s texts", sizes)
   count = loaded.warm_up(sizes, max_new) if loaded.kind != "pretrain" else 0

@@ -26,7 +26,7 @@ import pytest
 from configs import legal_summ_finetune
 from helpers import REPO, _sentiment_config, _summary_file, numpy_params
 from helpers import call as _call, serving as _serving
-from infer import decode, inputs, loading, serve
+from infer import batching, decode, inputs, loading, serve
 from infer import main as batch_lib
 from train import run as run_lib
 
@@ -146,7 +146,7 @@ def test_batcher_fills_batches_in_arrival_order():
     started.set()
     release.wait()
     return [t.upper() for t in texts]
-  batcher = serve.Batcher(predict, max_batch=4, max_wait_s=0.0)
+  batcher = batching.Batcher(predict, max_batch=4, max_wait_s=0.0)
   results = {}
 
   def submit(name, texts):
