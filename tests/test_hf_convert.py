@@ -256,8 +256,8 @@ def test_encoder_classifier_matches_transformers(family, tmp_path):
   loaded = loading.LoadedModel.from_workdir(str(tmp_path / "run"))
   assert loaded.kind == "classify"
   # A run fine-tuned or distilled from it (no imported_from record) exports as the family too.
-  from train import hf_families
-  assert hf_families.export_family(dict(run.meta["config"]["model"])) == family
+  from train import hf_export
+  assert hf_export.export_family(dict(run.meta["config"]["model"])) == family
   texts = [TEXT[:60], "naïve café 東京", TEXT[40:90].upper(), "x"]   # each fits in 64 ids
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   batch = hf_tok(texts, padding=True, return_tensors="pt")
@@ -292,10 +292,10 @@ def test_decoder_classifier_matches_transformers(family, tmp_path):
   _round_trip(tmp_path, params, transformers.AutoModelForSequenceClassification, hf_model,
               {"input_ids": torch.tensor(ids)})
   # A classifier fine-tuned with this codebase's mean pooling has no transformers equivalent.
-  from train import hf_families
+  from train import hf_export
   m = dict(loading.open_run(str(tmp_path / "run")).meta["config"]["model"], pooling="mean")
-  with pytest.raises(hf_families.ConvertError, match="pooling=last"):
-    hf_families.check_exportable(family, m)
+  with pytest.raises(hf_export.ConvertError, match="pooling=last"):
+    hf_export.check_exportable(family, m)
 
 
 def _strings(n: int) -> list[str]:

@@ -49,6 +49,7 @@ from model import tokenizer as tokenizer_lib
 from model import config as model_config_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
+from train import hf_export
 from train import hf_families as families
 from train import safetensors_reader
 from train.hf_families import ConvertError
@@ -288,8 +289,8 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   m = {**{k: getattr(defaults, k) for k in model_config_lib._OPTIONAL}, **m}
   m["num_classes"] = defaults.num_classes if kind == "classify" else 0
   imported = run.meta.get("imported_from", {}).get("family")
-  family = imported or families.export_family(m)
-  families.check_exportable(family, m)
+  family = imported or hf_export.export_family(m)
+  hf_export.check_exportable(family, m)
   vocab = run.meta["config"]["data"]["vocab_size"]
   m["vocab_size"] = vocab
   model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
@@ -314,7 +315,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
     tok = tokenizer_lib.load_tokenizer(run.meta["tokenizer_path"])
     extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id":
              getattr(tok, "_id", lambda k: tok.pad_id)("pad_token")}
-    cfg = families.hf_config(family, m, vocab, extra, run.meta.get("labels"))
+    cfg = hf_export.hf_config(family, m, vocab, extra, run.meta.get("labels"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(cfg, f, indent=2)
     if family in families.DECODERS and not m["num_classes"]:   # it generates
