@@ -169,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_examples = -1            # test examples scored; -1 = all
   c.eval.batch_size = 32
   c.eval.decode_len = 128             # summarize: decoding length cap (tokens)
-  # How summaries are decoded at validation and test (infer/decode.py Controls); every default
+  # How summaries are decoded at validation and test (infer/decode_controls.py Controls); every default
   # is off, and all off is greedy decoding. The controls act on the summary's own tokens, never
   # the document's (copying a source phrase stays allowed).
   c.eval.decode = ml_collections.ConfigDict()

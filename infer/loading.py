@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import decode, lora, quantize, rerank, word_ngrams
+from infer import decode, decode_controls, lora, quantize, rerank, word_ngrams
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
@@ -230,7 +230,7 @@ class LoadedModel:
                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """Summaries (KV cache), each document framed and truncated like training, `batch_size`
     documents per call: greedy, or beam search with `beam` > 1 beams (scores divided by
-    length ** length_penalty). The decoding controls (infer/decode.py Controls; all off by
+    length ** length_penalty). The decoding controls (infer/decode_controls.py Controls; all off by
     default) act on the summary's own tokens, never the document's: no_repeat_ngram_size,
     repetition_penalty, min_new (eos banned before that many tokens). length_ratio > 0 caps
     each summary at ceil(length_ratio * the document's tokens), clipped to
@@ -241,14 +241,14 @@ class LoadedModel:
     max_new = max_new or self.config.eval.decode_len
     params = self.params if params is None else params
     tok = self.tokenizer
-    controls = decode.Controls(no_repeat_ngram_size=no_repeat_ngram_size,
+    controls = decode_controls.Controls(no_repeat_ngram_size=no_repeat_ngram_size,
                                repetition_penalty=repetition_penalty, min_new=min_new,
                                ngram_words=self.ngram_words(no_repeat_ngram_size))
     out = []
     for n, chunk in self._chunks(texts, batch_size):
       tokens, prompt_len = decode.encode_prompts(tok, chunk, self.config.data.seq_len, max_new,
                                                  self.config.data.truncation)
-      limit = (decode.length_limit(self.count_tokens(chunk), length_ratio, min_new, max_new)
+      limit = (decode_controls.length_limit(self.count_tokens(chunk), length_ratio, min_new, max_new)
                if length_ratio > 0 else None)
       if beam > 1:
         ids = decode.beam_search(self.model, params, tokens, prompt_len, beam=beam,
@@ -274,7 +274,7 @@ class LoadedModel:
   def fit_length_ratio(self, documents: list[str], summaries: list[str]) -> float:
     """The median summary / document token ratio over (document, summary) pairs, e.g. a
     train split's: the `length_ratio` that sizes each summary to its document."""
-    return decode.fit_length_ratio(self.count_tokens(documents), self.count_tokens(summaries))
+    return decode_controls.fit_length_ratio(self.count_tokens(documents), self.count_tokens(summaries))
 
   def encode_for_generate(self, prompts: list[str], max_new: int):
     """(tokens, prompt_len): `[bos] text` prompts (each text's head kept) packed with room for
@@ -300,10 +300,10 @@ class LoadedModel:
     LM, a summarizer): greedy at temperature 0, else sampled; `beam` > 1: beam search (sum of
     log-probabilities / length ** length_penalty). Each prompt is `[bos] text`, its head kept;
     each text ends before eos and before the first of the `stop` strings. The decoding
-    controls (decode.Controls, off by default) act on the generated tokens only."""
+    controls (decode_controls.Controls, off by default) act on the generated tokens only."""
     tok = self.tokenizer
     tokens, prompt_len = self.encode_for_generate(prompts, max_new)
-    controls = decode.Controls(temperature=temperature, top_k=top_k, top_p=top_p,
+    controls = decode_controls.Controls(temperature=temperature, top_k=top_k, top_p=top_p,
                                no_repeat_ngram_size=no_repeat_ngram_size,
                                repetition_penalty=repetition_penalty, min_new=min_new,
                                ngram_words=self.ngram_words(no_repeat_ngram_size))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer import decode
+from infer import decode, decode_controls
 from infer import word_ngrams
 
 
@@ -68,7 +68,7 @@ def mbr_index(candidates: list) -> int:
 
 
 def sample(model, params, tokens, prompt_len, rng, *, samples: int, max_new: int, eos_id: int,
-           controls: decode.Controls, limit=None) -> np.ndarray:
+           controls: decode_controls.Controls, limit=None) -> np.ndarray:
   """[B, samples, max_new] sampled continuations of each of the B prompts (one compiled call
   over B * samples rows; `controls` must sample, i.e. temperature > 0)."""
   if not controls.samples:
@@ -120,7 +120,7 @@ def choose(deterministic, drawn, eos_id: int, words: word_ngrams.WordPieces | No
 
 
 def mbr_decode(model, params, tokens, prompt_len, deterministic, sampling: Sampling, *,
-               max_new: int, eos_id: int, controls: decode.Controls, limit=None,
+               max_new: int, eos_id: int, controls: decode_controls.Controls, limit=None,
                words: word_ngrams.WordPieces | None = None):
   """`choose` over `deterministic` ([B, max_new] ids) and `sampling.samples` summaries drawn
   per document under `controls` (its no-repeat, repetition and length settings kept)."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer import decode, word_ngrams
+from infer import decode, decode_controls, word_ngrams
 from model.transformer import Transformer
 from tests import helpers
 
@@ -85,10 +85,10 @@ def test_sampling_with_top_k_1_is_greedy_and_temperature_changes_samples():
 def test_filter_logits_top_k_and_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()
-  assert kept(decode.filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
+  assert kept(decode_controls.filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
   # Nucleus 0.7: 0.5 < 0.7 so the second token is needed; 0.8 >= 0.7 stops there.
-  assert kept(decode.filter_logits(logits, 1.0, top_p=0.7)) == [True, True, False, False]
-  assert kept(decode.filter_logits(logits, 1.0, top_p=0.9)) == [True, True, True, False]
+  assert kept(decode_controls.filter_logits(logits, 1.0, top_p=0.7)) == [True, True, False, False]
+  assert kept(decode_controls.filter_logits(logits, 1.0, top_p=0.9)) == [True, True, True, False]
 
 
 def test_beam_of_one_is_greedy():
@@ -182,9 +182,9 @@ def _repeats(row, n: int, eos_id: int) -> bool:
 
 
 @pytest.mark.parametrize("controls", [
-    decode.Controls(no_repeat_ngram_size=1),
-    decode.Controls(no_repeat_ngram_size=3, repetition_penalty=1.5, min_new=4),
-    decode.Controls(no_repeat_ngram_size=2, repetition_penalty=0.7),
+    decode_controls.Controls(no_repeat_ngram_size=1),
+    decode_controls.Controls(no_repeat_ngram_size=3, repetition_penalty=1.5, min_new=4),
+    decode_controls.Controls(no_repeat_ngram_size=2, repetition_penalty=0.7),
 ])
 def test_apply_controls_matches_the_reference_processors(controls):
   rng = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def test_apply_controls_matches_the_reference_processors(controls):
   history = rng.integers(4, 7, (rows, max_new)).astype(np.int32)
   logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
   limit = np.array([12, 5, 0, 8], np.int32)
-  apply = jax.jit(decode.apply_controls, static_argnames=("controls", "eos_id"))
+  apply = jax.jit(decode_controls.apply_controls, static_argnames=("controls", "eos_id"))
   for count in range(max_new + 1):
     got = np.asarray(apply(logits, controls=controls, history=history, count=count, eos_id=eos,
                            limit=limit))
@@ -202,7 +202,7 @@ def test_apply_controls_matches_the_reference_processors(controls):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"count={count}")
     np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"count={count}")
   # Everything off: the logits themselves, untouched.
-  assert decode.apply_controls(logits, decode.Controls(), history, 3, eos) is logits
+  assert decode_controls.apply_controls(logits, decode_controls.Controls(), history, 3, eos) is logits
 
 
 def _one_layer():
@@ -282,7 +282,7 @@ def _eos_controls_limit():
   """Every control on, and per-row limits; eos is the token row 0 would start with, so that
   min_new has something to ban."""
   return (int(_looping_greedy()[2][0, 0]),
-          decode.Controls(no_repeat_ngram_size=2, repetition_penalty=1.5, min_new=3),
+          decode_controls.Controls(no_repeat_ngram_size=2, repetition_penalty=1.5, min_new=3),
           np.array([10, 4, 7], np.int32))
 
 
@@ -329,23 +329,23 @@ def test_generate_chunks_equals_generate_with_controls():
 
 
 def test_controls_are_checked_and_hash_alike():
-  assert decode.Controls(temperature=1, min_new=2.0) == decode.Controls(temperature=1.0,
+  assert decode_controls.Controls(temperature=1, min_new=2.0) == decode_controls.Controls(temperature=1.0,
                                                                          min_new=2)
-  assert hash(decode.Controls(top_k=np.int64(3))) == hash(decode.Controls(top_k=3))
+  assert hash(decode_controls.Controls(top_k=np.int64(3))) == hash(decode_controls.Controls(top_k=3))
   for bad, message in [(dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1"),
                        (dict(repetition_penalty=0.0), "repetition_penalty=0.0: expected > 0"),
                        (dict(min_new=1.5), "min_new=1.5: expected an integer"),
                        (dict(top_p=0.0), "top_p=0.0")]:
     with pytest.raises(ValueError, match=re.escape(message)):
-      decode.Controls(**bad)
+      decode_controls.Controls(**bad)
 
 
 def test_length_limit_and_learned_ratio():
-  np.testing.assert_array_equal(decode.length_limit([30, 0, 5, 1000], 0.1, 2, 64), [3, 2, 2, 64])
-  np.testing.assert_array_equal(decode.length_limit([31, 10], 0.1, 0, 64), [4, 1])
-  assert decode.fit_length_ratio([100, 10, 50, 0], [10, 5, 10, 3]) == pytest.approx(0.2)
+  np.testing.assert_array_equal(decode_controls.length_limit([30, 0, 5, 1000], 0.1, 2, 64), [3, 2, 2, 64])
+  np.testing.assert_array_equal(decode_controls.length_limit([31, 10], 0.1, 0, 64), [4, 1])
+  assert decode_controls.fit_length_ratio([100, 10, 50, 0], [10, 5, 10, 3]) == pytest.approx(0.2)
   with pytest.raises(ValueError, match="no pair"):
-    decode.fit_length_ratio([0], [4])
+    decode_controls.fit_length_ratio([0], [4])
 
 
 # --- word-level n-gram bans (infer/word_ngrams.py; its own tests in test_word_ngrams.py) -----
@@ -363,4 +363,4 @@ def test_greedy_with_word_pieces_repeats_no_word_ngram():
   for row in out:
     assert not _repeats(words.words(row), 2, -1), tok.decode(row)
   with pytest.raises(TypeError, match="ngram_words"):
-    decode.Controls(ngram_words=(0, 1))
+    decode_controls.Controls(ngram_words=(0, 1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from infer import decode, rerank
+from infer import decode, decode_controls, rerank
 from model.transformer import Transformer
 from tests import helpers
 
@@ -56,7 +56,7 @@ def _prompts():
 def test_samples_are_seeded_per_document_and_follow_the_controls():
   model, params = _model()
   tokens, prompt_len = _prompts()
-  hot = decode.Controls(temperature=2.0)
+  hot = decode_controls.Controls(temperature=2.0)
   draw = lambda seed, controls=hot: rerank.sample(
       model, params, tokens, prompt_len, jax.random.PRNGKey(seed), samples=3, max_new=8,
       eos_id=3, controls=controls)
@@ -75,7 +75,7 @@ def test_samples_are_seeded_per_document_and_follow_the_controls():
     kept = decode.strip(row, 3)
     assert len(set(kept)) == len(kept)
   with pytest.raises(ValueError, match="temperature > 0"):
-    draw(0, decode.Controls())
+    draw(0, decode_controls.Controls())
 
 
 def test_mbr_decode_returns_the_argmax_candidate_and_greedy_when_samples_are_greedy():
@@ -84,9 +84,9 @@ def test_mbr_decode_returns_the_argmax_candidate_and_greedy_when_samples_are_gre
   greedy = np.asarray(decode.greedy(model, params, tokens, prompt_len, max_new=8, eos_id=3))
   hot = rerank.Sampling(samples=4, temperature=2.0, seed=2)
   chosen, picks = rerank.mbr_decode(model, params, tokens, prompt_len, greedy, hot, max_new=8,
-                                    eos_id=3, controls=decode.Controls())
+                                    eos_id=3, controls=decode_controls.Controls())
   drawn = rerank.sample(model, params, tokens, prompt_len, jax.random.PRNGKey(2), samples=4,
-                        max_new=8, eos_id=3, controls=decode.Controls(temperature=2.0))
+                        max_new=8, eos_id=3, controls=decode_controls.Controls(temperature=2.0))
   for b in range(2):
     rows = [decode.strip(greedy[b], 3)] + [decode.strip(r, 3) for r in drawn[b]]
     assert picks[b] == rerank.mbr_index(rows)
@@ -94,7 +94,7 @@ def test_mbr_decode_returns_the_argmax_candidate_and_greedy_when_samples_are_gre
   # At a near-zero temperature every sample is the greedy summary: MBR returns it.
   cold = rerank.Sampling(samples=3, temperature=1e-4)
   chosen, picks = rerank.mbr_decode(model, params, tokens, prompt_len, greedy, cold, max_new=8,
-                                    eos_id=3, controls=decode.Controls())
+                                    eos_id=3, controls=decode_controls.Controls())
   assert picks == [0, 0]
   assert chosen == [list(decode.strip(row, 3)) for row in greedy]
 
