@@ -248,8 +248,8 @@ class LoadedModel:
     for n, chunk in self._chunks(texts, batch_size):
       tokens, prompt_len = decode.encode_prompts(tok, chunk, self.config.data.seq_len, max_new,
                                                  self.config.data.truncation)
-      limit = (decode_controls.length_limit(self.count_tokens(chunk), length_ratio, min_new, max_new)
-               if length_ratio > 0 else None)
+      limit = (decode_controls.length_limit(self.count_tokens(chunk), length_ratio, min_new,
+                                            max_new) if length_ratio > 0 else None)
       if beam > 1:
         ids = decode.beam_search(self.model, params, tokens, prompt_len, beam=beam,
                                  max_new=max_new, eos_id=tok.eos_id,
@@ -274,7 +274,8 @@ class LoadedModel:
   def fit_length_ratio(self, documents: list[str], summaries: list[str]) -> float:
     """The median summary / document token ratio over (document, summary) pairs, e.g. a
     train split's: the `length_ratio` that sizes each summary to its document."""
-    return decode_controls.fit_length_ratio(self.count_tokens(documents), self.count_tokens(summaries))
+    return decode_controls.fit_length_ratio(self.count_tokens(documents),
+                                            self.count_tokens(summaries))
 
   def encode_for_generate(self, prompts: list[str], max_new: int):
     """(tokens, prompt_len): `[bos] text` prompts (each text's head kept) packed with room for

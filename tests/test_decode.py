@@ -5,7 +5,6 @@ tokens (against `greedy_recompute`, a forward pass per token) are compared, for 
 different lengths in one batch, prefix-LM masking and every attention kind that supports it.
 """
 import functools
-import re
 
 import chex
 import jax
@@ -16,6 +15,7 @@ import pytest
 from infer import decode, decode_controls, word_ngrams
 from model.transformer import Transformer
 from tests import helpers
+from tests.test_decode_controls import reference_controls
 
 
 def _model(kind):
@@ -82,15 +82,6 @@ def test_sampling_with_top_k_1_is_greedy_and_temperature_changes_samples():
   assert not np.array_equal(np.asarray(hot[0]), np.asarray(hot[1]))
 
 
-def test_filter_logits_top_k_and_nucleus():
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()
-  assert kept(decode_controls.filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
-  # Nucleus 0.7: 0.5 < 0.7 so the second token is needed; 0.8 >= 0.7 stops there.
-  assert kept(decode_controls.filter_logits(logits, 1.0, top_p=0.7)) == [True, True, False, False]
-  assert kept(decode_controls.filter_logits(logits, 1.0, top_p=0.9)) == [True, True, True, False]
-
-
 def test_beam_of_one_is_greedy():
   model, params = _model("blocked")
   rng = np.random.default_rng(4)
@@ -148,61 +139,12 @@ def test_causal_lm_continuation_matches_recomputation(kind):
     chex.assert_shape(v["cache"]["block_0"]["attn"]["cached_key"], (3, 6, 2, 8))
 
 
-# --- decoding controls -----------------------------------------------------------------------
-def _reference_controls(logits, generated, controls, eos_id, limit=None):
-  """numpy, step by step, Hugging Face's logits processors in HF's order over one row's
-  generated tokens: RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor,
-  MinNewTokensLengthLogitsProcessor, then the length limit (only eos, at 0: ForcedEOS)."""
-  scores = np.array(logits, np.float32)
-  g = [int(t) for t in generated]
-  p = controls.repetition_penalty
-  if p != 1.0:
-    for t in set(g):
-      scores[t] = scores[t] / p if scores[t] > 0 else scores[t] * p
-  n = controls.no_repeat_ngram_size
-  if n and len(g) + 1 >= n:                 # HF: nothing banned while cur_len + 1 < n
-    ngrams = {}
-    for i in range(len(g) - n + 1):
-      ngrams.setdefault(tuple(g[i:i + n - 1]), []).append(g[i + n - 1])
-    for t in ngrams.get(tuple(g[len(g) - n + 1:]), []):
-      scores[t] = -np.inf
-  if len(g) < controls.min_new:
-    scores[eos_id] = -np.inf
-  if limit is not None and len(g) >= limit:
-    scores[:] = -np.inf
-    scores[eos_id] = 0.0
-  return scores
-
-
+# --- decoding controls inside the decoders (on their own: test_decode_controls.py) ------------
 def _repeats(row, n: int, eos_id: int) -> bool:
   """Whether a generated row (up to eos) holds some n-gram twice."""
   row = decode.strip(row, eos_id)
   grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
   return len(grams) != len(set(grams))
-
-
-@pytest.mark.parametrize("controls", [
-    decode_controls.Controls(no_repeat_ngram_size=1),
-    decode_controls.Controls(no_repeat_ngram_size=3, repetition_penalty=1.5, min_new=4),
-    decode_controls.Controls(no_repeat_ngram_size=2, repetition_penalty=0.7),
-])
-def test_apply_controls_matches_the_reference_processors(controls):
-  rng = np.random.default_rng(0)
-  rows, vocab, max_new, eos = 4, 16, 12, 3
-  # Few distinct tokens, so that n-grams recur; logits of both signs.
-  history = rng.integers(4, 7, (rows, max_new)).astype(np.int32)
-  logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
-  limit = np.array([12, 5, 0, 8], np.int32)
-  apply = jax.jit(decode_controls.apply_controls, static_argnames=("controls", "eos_id"))
-  for count in range(max_new + 1):
-    got = np.asarray(apply(logits, controls=controls, history=history, count=count, eos_id=eos,
-                           limit=limit))
-    want = np.stack([_reference_controls(logits[r], history[r, :count], controls, eos, limit[r])
-                     for r in range(rows)])
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"count={count}")
-    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"count={count}")
-  # Everything off: the logits themselves, untouched.
-  assert decode_controls.apply_controls(logits, decode_controls.Controls(), history, 3, eos) is logits
 
 
 def _one_layer():
@@ -303,7 +245,7 @@ def test_cached_decoding_with_controls_matches_full_forwards_and_reference_proce
   for s in range(max_new):
     logits = np.asarray(forward(buf, prompt_len + s))
     generated = [buf[r, prompt_len[r]:prompt_len[r] + s] for r in rows]
-    nxt = np.array([np.argmax(_reference_controls(logits[r], generated[r], controls, eos,
+    nxt = np.array([np.argmax(reference_controls(logits[r], generated[r], controls, eos,
                                                   limit[r])) for r in rows])
     want[:, s] = np.where(done, eos, nxt)
     done |= nxt == eos
@@ -328,26 +270,6 @@ def test_generate_chunks_equals_generate_with_controls():
   np.testing.assert_array_equal(np.concatenate(chunks, axis=1), np.asarray(whole))
 
 
-def test_controls_are_checked_and_hash_alike():
-  assert decode_controls.Controls(temperature=1, min_new=2.0) == decode_controls.Controls(temperature=1.0,
-                                                                         min_new=2)
-  assert hash(decode_controls.Controls(top_k=np.int64(3))) == hash(decode_controls.Controls(top_k=3))
-  for bad, message in [(dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1"),
-                       (dict(repetition_penalty=0.0), "repetition_penalty=0.0: expected > 0"),
-                       (dict(min_new=1.5), "min_new=1.5: expected an integer"),
-                       (dict(top_p=0.0), "top_p=0.0")]:
-    with pytest.raises(ValueError, match=re.escape(message)):
-      decode_controls.Controls(**bad)
-
-
-def test_length_limit_and_learned_ratio():
-  np.testing.assert_array_equal(decode_controls.length_limit([30, 0, 5, 1000], 0.1, 2, 64), [3, 2, 2, 64])
-  np.testing.assert_array_equal(decode_controls.length_limit([31, 10], 0.1, 0, 64), [4, 1])
-  assert decode_controls.fit_length_ratio([100, 10, 50, 0], [10, 5, 10, 3]) == pytest.approx(0.2)
-  with pytest.raises(ValueError, match="no pair"):
-    decode_controls.fit_length_ratio([0], [4])
-
-
 # --- word-level n-gram bans (infer/word_ngrams.py; its own tests in test_word_ngrams.py) -----
 def test_greedy_with_word_pieces_repeats_no_word_ngram():
   """The looping model under a ban over words spelled by 1-3 pieces each (the 64 ids: a word
@@ -362,5 +284,3 @@ def test_greedy_with_word_pieces_repeats_no_word_ngram():
                                  no_repeat_ngram_size=2, ngram_words=words))
   for row in out:
     assert not _repeats(words.words(row), 2, -1), tok.decode(row)
-  with pytest.raises(TypeError, match="ngram_words"):
-    decode_controls.Controls(ngram_words=(0, 1))
