@@ -261,6 +261,13 @@ def pack_prompts(prompts: list[list[int]], max_new: int, bucket: int = 64):
   return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
+def prompt_lengths(budget: int, max_new: int, shortest: int = 1) -> list[int]:
+  """Every buffer length `pack_prompts` gives prompts of `shortest` .. `budget` tokens: the
+  shapes to compile ahead of traffic."""
+  return sorted({pack_prompts([[0] * n], max_new)[0].shape[1]
+                 for n in range(shortest, budget + 1)})
+
+
 def encode_prompts(tokenizer, texts: list[str], seq_len: int, max_new: int, how: str):
   """pack_prompts of `[bos] text [eos]` prompts, each text cut (`how`) to leave max_new of the
   model's seq_len for the summary: how training framed documents, so how every caller decodes."""

@@ -400,9 +400,7 @@ class LoadedModel:
         self.classify(["warm-up"] * size)
       return len(sizes)
     # Prompts are [bos] document [eos]: 2 .. seq_len - max_new tokens, in pack_prompts' buckets.
-    budget = self.config.data.seq_len - max_new
-    lengths = sorted({decode.pack_prompts([[0] * n], max_new)[0].shape[1]
-                      for n in range(2, budget + 1)})
+    lengths = decode.prompt_lengths(self.config.data.seq_len - max_new, max_new, shortest=2)
     for size in sizes:
       for length in lengths:
         decode.greedy(self.model, self.params, np.zeros((size, length), np.int32),

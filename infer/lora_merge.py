@@ -69,10 +69,6 @@ def write_adapters(workdir: str, out: str) -> loading.Run:
   return run
 
 
-def _size(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
-
-
 def main(argv):
   log_setup.quiet_libraries()
   if len(argv) > 1:
@@ -92,7 +88,7 @@ def main(argv):
     raise
   what = "adapters" if f.adapters_only else "merged run"
   print(f"{f.workdir} (step {run.step}, LoRA rank {run.lora.rank}) -> {f.out}: {what}, "
-        f"{_size(out) / 2**20:.2f} MiB on disk (the LoRA run: {_size(run.workdir) / 2**20:.2f} "
+        f"{checkpoint_lib.folder_bytes(out) / 2**20:.2f} MiB on disk (the LoRA run: {checkpoint_lib.folder_bytes(run.workdir) / 2**20:.2f} "
         "MiB)")
 
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import qwix
 
+from model import checkpoint as checkpoint_lib
 from model import log_setup
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -236,11 +237,6 @@ def load(path: str):
   return qmodel, _from_plain(plain, abstract), meta
 
 
-def _folder_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
-
-
 def main(argv):
   """Writes a quantized run: <out>/quantized/ (params + meta, which keeps the source run's
   record: config, tokenizer, step), so infer.main, infer.serve and the benchmarks load <out>
@@ -273,7 +269,7 @@ def main(argv):
   before, after = param_bytes(loaded.params), param_bytes(qparams)
   print(f"{f.workdir} (step {loaded.step}, {loaded.kind}) -> {f.out} [{f.mode}]")
   print(f"params in memory: {mib(before)} -> {mib(after)} ({before / after:.2f}x smaller); "
-        f"on disk: {mib(_folder_bytes(out))}")
+        f"on disk: {mib(checkpoint_lib.folder_bytes(out))}")
   if f.mode not in ("f32", "bf16"):
     k_before, k_after = kernel_bytes(loaded.params, qparams)
     print(f"  of which quantized kernels: {mib(k_before)} -> {mib(k_after)} "

@@ -290,9 +290,7 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
 
 def warm_up_generate(loaded, sizes: list[int], max_new: int) -> int:
   """Compiles greedy generation of max_new tokens for every batch size and prompt bucket."""
-  budget = loaded.config.data.seq_len - max_new
-  lengths = sorted({decode.pack_prompts([[0] * n], max_new)[0].shape[1]
-                    for n in range(1, budget + 1)})
+  lengths = decode.prompt_lengths(loaded.config.data.seq_len - max_new, max_new)
   for size in sizes:
     for length in lengths:
       decode.generate(loaded.model, loaded.params, np.zeros((size, length), np.int32),

@@ -271,6 +271,12 @@ class Checkpointer:
     self.manager.close()
 
 
+def folder_bytes(path: str) -> int:
+  """Bytes of every file below `path` (a checkpoint's size on disk, as the CLIs report it)."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
 def split_step_path(path: str) -> tuple[str, int | None]:
   """(workdir, step) of `path`: a run's workdir or its checkpoints folder (step None: the run
   decides), or one checkpoint, <workdir>/checkpoints/<step> (a learning curve fine-tunes from
