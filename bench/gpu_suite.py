@@ -131,20 +131,10 @@ def train_section(table, shapes, device):
 
 
 # --- attention equality ---------------------------------------------------------------------
-def _packed_inputs(batch, length, rng):
-  """Segment ids and restarting positions: 1-4 documents per row."""
-  seg = np.zeros((batch, length), np.int32)
-  pos = np.zeros((batch, length), np.int32)
-  for row in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, length), rng.integers(1, 4), replace=False))
-    for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, length])):
-      seg[row, lo:hi], pos[row, lo:hi] = doc + 1, np.arange(hi - lo)
-  return seg, pos
-
-
 def attention_check(kernel, kind, packed, implementation, shapes, device, seed=0):
   """(forward error, gradient error) of `kernel` against the reference, both relative to the
   reference's largest magnitude; bf16 inputs, the reference in float32."""
+  from bench.step_time import packed_layout
   from model.attention import masks, reference
   b, t, h, kv, d = shapes.attn
   rng = np.random.default_rng(seed)
@@ -152,7 +142,8 @@ def attention_check(kernel, kind, packed, implementation, shapes, device, seed=0
                 for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)))
   spec = masks.MaskSpec(causal=True, window=shapes.window if kind == "local" else None)
   if packed:
-    seg, pos = (jnp.asarray(x) for x in _packed_inputs(b, t, rng))
+    # 2-4 documents in every row, so each row has a document boundary to mask.
+    seg, pos = (jnp.asarray(x) for x in packed_layout(rng, b, t, min_docs=2))
     mi = masks.MaskInputs(q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg)
   else:
     mi = masks.MaskInputs()

@@ -62,18 +62,26 @@ def _define_flags():
                                 "least (--warmup untimed calls come first).")
 
 
+def packed_layout(rng, batch: int, length: int, min_docs: int = 1, max_docs: int = 4):
+  """(segment_ids, positions) [batch, length] int32 of rows packed with min_docs..max_docs
+  documents at random cut points, each document's positions restarting at 0."""
+  seg = np.zeros((batch, length), np.int32)
+  pos = np.zeros((batch, length), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, length), rng.integers(min_docs - 1, max_docs),
+                              replace=False))
+    for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, length])):
+      seg[row, lo:hi], pos[row, lo:hi] = doc + 1, np.arange(hi - lo)
+  return seg, pos
+
+
 def make_batch(config, packed: bool, seed: int = 0) -> dict:
   """Random tokens [B, T]; packed: 1-4 documents per row, their positions restarting at 0."""
   rng = np.random.default_rng(seed)
   b, t = config.data.batch_size, config.data.seq_len
   batch = {"tokens": rng.integers(0, config.data.vocab_size, (b, t), dtype=np.int32)}
   if packed:
-    seg = np.zeros((b, t), np.int32)
-    pos = np.zeros((b, t), np.int32)
-    for row in range(b):
-      cuts = np.sort(rng.choice(np.arange(1, t), rng.integers(0, 4), replace=False))
-      for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t])):
-        seg[row, lo:hi], pos[row, lo:hi] = doc + 1, np.arange(hi - lo)
+    seg, pos = packed_layout(rng, b, t)
     batch.update(segment_ids=seg, positions=pos)
   return batch
 
