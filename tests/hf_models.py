@@ -42,19 +42,14 @@ def train_tokenizer(out: str, style: str):
 
 
 def train_encoder_tokenizer(out: str, family: str):
-  """A BERT WordPiece (uncased, [CLS] text [SEP]) or RoBERTa byte-level BPE (<s> text </s>)
-  vocabulary trained here, saved by transformers' own tokenizer class as a download has it
+  """A BERT WordPiece (uncased, [CLS] text [SEP]; built from TEXT) or RoBERTa byte-level BPE
+  (<s> text </s>; trained here) vocabulary, saved by transformers' own tokenizer class as a download has it
   (tokenizer.json built by transformers from the vocabulary, tokenizer_config.json)."""
-  from tokenizers import models, normalizers, pre_tokenizers, trainers
+  from tokenizers import models, pre_tokenizers, trainers
   corpus = [TEXT * 3, TEXT.lower(), TEXT.upper()] * 20
   if family in ("bert", "distilbert"):
-    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(
-        vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     cls = transformers.DistilBertTokenizer if family == "distilbert" else transformers.BertTokenizer
-    cls(vocab=tok.get_vocab()).save_pretrained(out)
+    cls(vocab=_wordpiece_vocab(TEXT)).save_pretrained(out)
     return
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,6 +59,20 @@ def train_encoder_tokenizer(out: str, family: str):
   tok.model.save(out)
   transformers.RobertaTokenizer(vocab=f"{out}/vocab.json", merges=f"{out}/merges.txt"
                                 ).save_pretrained(out)
+
+
+def _wordpiece_vocab(text: str) -> dict[str, int]:
+  """A BERT vocabulary built, not trained: the special tokens, every character of the uncased,
+  accent-stripped text alone and as a "##" continuation, then its whole words, each group
+  sorted. WordPieceTrainer breaks frequency ties in hash order, so its vocabulary (and every
+  id, hence the models' embeddings rows) changed from one process to the next."""
+  from tokenizers import normalizers, pre_tokenizers
+  normalized = normalizers.BertNormalizer(lowercase=True).normalize_str(text)
+  words = sorted({w for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(normalized)})
+  chars = sorted({c for w in words for c in w})
+  tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
+            *(w for w in words if len(w) > 1)]
+  return {t: i for i, t in enumerate(list(dict.fromkeys(tokens))[:VOCAB])}
 
 
 def encoder_config(family: str, num_labels: int = 2, layers: int = 2):
