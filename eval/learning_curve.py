@@ -11,6 +11,13 @@ newest step moves while the pre-training goes on. Its y value is the test accura
 bootstrap CI, recomputed by eval.classification from the run's test_predictions.jsonl; the
 TF-IDF + logistic regression baseline its report measured on the same test split is drawn
 as a line. Prints (and with --md writes) the Markdown table the README shows.
+
+Workdirs rarely outlive the machine they ran on, so a curve is kept as data: --save_points
+writes every point as a line of JSON (docs/imdb_self_curve.jsonl), and --points reads such
+files back, so a later session extends the curve with a new run rather than re-running the old:
+
+  python -m eval.learning_curve --points=docs/imdb_self_curve.jsonl --runs=runs/curve_4500 \
+      --save_points=docs/imdb_self_curve.jsonl --out=docs/imdb_self_curve.png
 """
 import json
 import os
@@ -62,6 +69,45 @@ def point(run: str, bootstrap: int) -> dict:
           "validation_loss": best.get("loss"), "validation_accuracy": best.get("accuracy")}
 
 
+POINT_KEYS = ("run", "step", "tokens", "accuracy", "accuracy_ci", "macro_f1", "count", "tfidf",
+              "validation_loss", "validation_accuracy")
+
+
+def read_points(path: str) -> list[dict]:
+  """Points saved by --save_points; a line without one of POINT_KEYS is refused by name (other
+  keys, e.g. a "note" on where a point was measured, are kept)."""
+  points = common.read_jsonl(path)
+  for i, p in enumerate(points, 1):
+    missing = [k for k in POINT_KEYS if k not in p]
+    if missing:
+      raise common.EvalError(f"{path}:{i}: a curve point needs {', '.join(missing)} "
+                             f"(expected the keys {', '.join(POINT_KEYS)})")
+  return points
+
+
+def merge(saved: list[dict], measured: list[dict]) -> list[dict]:
+  """All points by pre-training tokens; a run measured now replaces a saved point of the same
+  run name (its last path component)."""
+  name = lambda p: os.path.basename(p["run"].rstrip("/"))
+  fresh = {name(p) for p in measured}
+  return sorted([p for p in saved if name(p) not in fresh] + measured, key=lambda p: p["tokens"])
+
+
+def curve(runs: list[str], point_files: list[str], bootstrap: int,
+          save_to: str | None = None) -> list[dict]:
+  """The points of `runs` and of the saved `point_files`, merged; with `save_to`, all of them
+  written there for the next extension of the curve."""
+  if not (runs or point_files):
+    raise common.EvalError("nothing to draw: give --runs (fine-tuning workdirs) and/or --points "
+                           "(saved curve points)")
+  saved = [p for path in point_files for p in read_points(path)]
+  points = merge(saved, [point(r, bootstrap) for r in runs])
+  if save_to:
+    with open(save_to, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(p) + "\n" for p in points)   # with any note a saved point has
+  return points
+
+
 def table(points: list[dict]) -> str:
   lines = ["| pre-training tokens | step | test accuracy [95% CI] | macro F1 | validation "
            "loss / accuracy | TF-IDF + LR | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -100,7 +146,7 @@ def plot(points: list[dict], out: str, title: str) -> None:
 def main(argv):
   del argv
   fl = flags.FLAGS
-  points = sorted((point(r, fl.bootstrap) for r in fl.runs), key=lambda p: p["tokens"])
+  points = curve(fl.runs or [], fl.points or [], fl.bootstrap, fl.save_points)
   text = table(points)
   print(text)
   if fl.md:
@@ -113,9 +159,12 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_list("runs", None, "Finished fine-tuning workdirs, one per curve point.")
+  flags.DEFINE_list("points", None, "JSONL files of points saved by --save_points (runs that "
+                    "may no longer exist); a run in --runs replaces a saved point of its name.")
+  flags.DEFINE_string("save_points", None, "Write every point (saved and measured) here, one "
+                      "JSON line each, to extend the curve later.")
   flags.DEFINE_string("out", None, "Write the plot here (.png).")
   flags.DEFINE_string("md", None, "Also write the Markdown table here.")
   flags.DEFINE_string("title", "accuracy vs pre-training tokens", "The plot's title.")
   flags.DEFINE_integer("bootstrap", 1000, "Resamples for the accuracy CIs.")
-  flags.mark_flag_as_required("runs")
   common.run_app(main)

@@ -84,6 +84,20 @@ def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
   learning_curve.plot(points, str(tmp_path / "curve.png"), "t")
   assert (tmp_path / "curve.png").stat().st_size > 1000
 
+  # Saved points come back equal; a run measured again replaces its saved point, by name.
+  saved = tmp_path / "curve.jsonl"
+  learning_curve.curve([str(tuned), scratch], [], 200, save_to=str(saved))
+  restored = learning_curve.curve([], [str(saved)], 0)
+  assert [(p["step"], p["run"]) for p in restored] == [(0, scratch), (2, str(tuned))]
+  chex.assert_trees_all_close(restored[1]["accuracy_ci"], list(points[0]["accuracy_ci"]))
+  again = dict(points[1], run="elsewhere/run", accuracy=0.5)
+  merged = learning_curve.merge(restored, [again])
+  assert [(p["run"], p["accuracy"]) for p in merged] == [("elsewhere/run", 0.5),
+                                                          (str(tuned), restored[1]["accuracy"])]
+  saved.write_text(json.dumps({"run": "x", "step": 1}) + "\n")
+  with pytest.raises(eval_common.EvalError, match=r"curve.jsonl:1: a curve point needs tokens"):
+    learning_curve.read_points(str(saved))
+
   config["train"]["init_from"] = str(pretrain)
   (tuned / "config.json").write_text(json.dumps(config))
   with pytest.raises(eval_common.EvalError, match="is a workdir.*checkpoints/<step>"):
