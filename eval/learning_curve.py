@@ -85,12 +85,18 @@ def read_points(path: str) -> list[dict]:
   return points
 
 
+def run_name(p: dict) -> str:
+  """A point's run by its last path component: how the table names it and how a run measured
+  now is matched with its saved point."""
+  return os.path.basename(p["run"].rstrip("/"))
+
+
 def merge(saved: list[dict], measured: list[dict]) -> list[dict]:
   """All points by pre-training tokens; a run measured now replaces a saved point of the same
-  run name (its last path component)."""
-  name = lambda p: os.path.basename(p["run"].rstrip("/"))
-  fresh = {name(p) for p in measured}
-  return sorted([p for p in saved if name(p) not in fresh] + measured, key=lambda p: p["tokens"])
+  run name."""
+  fresh = {run_name(p) for p in measured}
+  return sorted([p for p in saved if run_name(p) not in fresh] + measured,
+                key=lambda p: p["tokens"])
 
 
 def curve(runs: list[str], point_files: list[str], bootstrap: int,
@@ -118,7 +124,7 @@ def table(points: list[dict]) -> str:
     tfidf = "" if p["tfidf"] is None else f"{p['tfidf']:.4f}"
     lines.append(f"| {p['tokens'] / 1e6:.1f}M | {p['step']} | {p['accuracy']:.4f} "
                  f"[{low:.4f}, {high:.4f}] | {p['macro_f1']:.4f} | {val} | {tfidf} | "
-                 f"{os.path.basename(p['run'].rstrip('/'))} |")
+                 f"{run_name(p)} |")
   return "\n".join(lines)
 
 

@@ -43,14 +43,15 @@ def train_tokenizer(out: str, style: str):
 
 def train_encoder_tokenizer(out: str, family: str):
   """A BERT WordPiece (uncased, [CLS] text [SEP]; built from TEXT) or RoBERTa byte-level BPE
-  (<s> text </s>; trained here) vocabulary, saved by transformers' own tokenizer class as a download has it
-  (tokenizer.json built by transformers from the vocabulary, tokenizer_config.json)."""
+  (<s> text </s>; trained here) vocabulary, saved by transformers' own tokenizer class as a
+  download has it (tokenizer.json built by transformers from the vocabulary,
+  tokenizer_config.json)."""
   from tokenizers import models, pre_tokenizers, trainers
-  corpus = [TEXT * 3, TEXT.lower(), TEXT.upper()] * 20
   if family in ("bert", "distilbert"):
     cls = transformers.DistilBertTokenizer if family == "distilbert" else transformers.BertTokenizer
     cls(vocab=_wordpiece_vocab(TEXT)).save_pretrained(out)
     return
+  corpus = [TEXT * 3, TEXT.lower(), TEXT.upper()] * 20
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.train_from_iterator(corpus, trainers.BpeTrainer(
