@@ -74,7 +74,7 @@ def _imdb_self_curve(config):
   # One point of the accuracy-vs-pre-training-tokens curve (eval/learning_curve.py): the same
   # fine-tune for every kept step of legal_pretrain.py:imdb_self, pass one with
   # --config.train.init_from=runs/imdb_self/checkpoints/<step>. One epoch of 256-token
-  # head+tail rows (742 steps, ~15 min on 2 cores) instead of imdb_self's three at 512: a
+  # head+tail rows (742 steps, ~10-15 min on 2 cores) instead of imdb_self's two at 512: a
   # curve is several fine-tunes, and what it compares is the checkpoints, not the fine-tune.
   config.train.num_epochs = 1.0
 
