@@ -1,5 +1,5 @@
-r"""Test accuracy against pre-training tokens: the learning curve of classifiers fine-tuned from
-the kept steps of one pre-training run (and, at 0 tokens, from scratch).
+r"""Test accuracy against pre-training tokens: the learning curves of classifiers fine-tuned from
+the kept steps of pre-training runs (and, at 0 tokens, from scratch), one curve per model shape.
 
   python -m eval.learning_curve --runs=runs/curve_scratch,runs/curve_500,runs/curve_2000 \
       --out=docs/imdb_self_curve.png
@@ -10,7 +10,9 @@ data.batch_size x data.seq_len tokens (no init_from: 0). A bare workdir is refus
 newest step moves while the pre-training goes on. Its y value is the test accuracy with a 95%
 bootstrap CI, recomputed by eval.classification from the run's test_predictions.jsonl; the
 TF-IDF + logistic regression baseline its report measured on the same test split is drawn
-as a line. Prints (and with --md writes) the Markdown table the README shows.
+as a line. Points are grouped into curves by the fine-tuned model's shape (layers x d_model,
+which a fine-tune adopts from its LM), so a wider LM's points draw a second curve beside the
+first: the width comparison at equal tokens. Prints (and with --md writes) the Markdown table the README shows.
 
 Workdirs rarely outlive the machine they ran on, so a curve is kept as data: --save_points
 writes every point as a line of JSON (docs/imdb_self_curve.jsonl), and --points reads such
@@ -51,6 +53,12 @@ def pretraining(config: dict, run: str) -> tuple[int, int]:
   return step, step * data["batch_size"] * data["seq_len"]
 
 
+def model_shape(config: dict) -> str:
+  """The curve a run belongs to: its model's depth and width."""
+  model = config["model"]
+  return f"{model['num_layers']} layers x d_model {model['d_model']}"
+
+
 def point(run: str, bootstrap: int) -> dict:
   """One fine-tuning run's row: pre-training it started from, test and validation results."""
   config = _read_json(os.path.join(run, "config.json"), "a fine-tuning run's config.json")
@@ -66,11 +74,12 @@ def point(run: str, bootstrap: int) -> dict:
   return {"run": run, "step": step, "tokens": tokens, "accuracy": test["accuracy"],
           "accuracy_ci": test["accuracy" + report.CI_SUFFIX], "macro_f1": test["macro_f1"],
           "count": test["count"], "tfidf": tfidf[-1] if tfidf else None,
-          "validation_loss": best.get("loss"), "validation_accuracy": best.get("accuracy")}
+          "validation_loss": best.get("loss"), "validation_accuracy": best.get("accuracy"),
+          "model": model_shape(config)}
 
 
 POINT_KEYS = ("run", "step", "tokens", "accuracy", "accuracy_ci", "macro_f1", "count", "tfidf",
-              "validation_loss", "validation_accuracy")
+              "validation_loss", "validation_accuracy", "model")
 
 
 def read_points(path: str) -> list[dict]:
@@ -92,11 +101,11 @@ def run_name(p: dict) -> str:
 
 
 def merge(saved: list[dict], measured: list[dict]) -> list[dict]:
-  """All points by pre-training tokens; a run measured now replaces a saved point of the same
-  run name."""
+  """All points by model shape, then pre-training tokens; a run measured now replaces a saved
+  point of the same run name."""
   fresh = {run_name(p) for p in measured}
   return sorted([p for p in saved if run_name(p) not in fresh] + measured,
-                key=lambda p: p["tokens"])
+                key=lambda p: (p["model"], p["tokens"]))
 
 
 def curve(runs: list[str], point_files: list[str], bootstrap: int,
@@ -115,14 +124,15 @@ def curve(runs: list[str], point_files: list[str], bootstrap: int,
 
 
 def table(points: list[dict]) -> str:
-  lines = ["| pre-training tokens | step | test accuracy [95% CI] | macro F1 | validation "
-           "loss / accuracy | TF-IDF + LR | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| model | pre-training tokens | step | test accuracy [95% CI] | macro F1 | validation "
+           "loss / accuracy | TF-IDF + LR | run |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for p in points:
     low, high = p["accuracy_ci"]
     val = ("" if p["validation_loss"] is None else
            f"{p['validation_loss']:.4f} / {p['validation_accuracy']:.4f}")
     tfidf = "" if p["tfidf"] is None else f"{p['tfidf']:.4f}"
-    lines.append(f"| {p['tokens'] / 1e6:.1f}M | {p['step']} | {p['accuracy']:.4f} "
+    lines.append(f"| {p['model']} | {p['tokens'] / 1e6:.1f}M | {p['step']} | {p['accuracy']:.4f} "
                  f"[{low:.4f}, {high:.4f}] | {p['macro_f1']:.4f} | {val} | {tfidf} | "
                  f"{run_name(p)} |")
   return "\n".join(lines)
@@ -133,11 +143,13 @@ def plot(points: list[dict], out: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  xs = [p["tokens"] / 1e6 for p in points]
-  ys = [p["accuracy"] for p in points]
-  errors = [[y - p["accuracy_ci"][0] for y, p in zip(ys, points)],
-            [p["accuracy_ci"][1] - y for y, p in zip(ys, points)]]
-  ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, label="fine-tuned (95% CI)")
+  for shape in sorted({p["model"] for p in points}):
+    curve_points = sorted((p for p in points if p["model"] == shape), key=lambda p: p["tokens"])
+    xs = [p["tokens"] / 1e6 for p in curve_points]
+    ys = [p["accuracy"] for p in curve_points]
+    errors = [[y - p["accuracy_ci"][0] for y, p in zip(ys, curve_points)],
+              [p["accuracy_ci"][1] - y for y, p in zip(ys, curve_points)]]
+    ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, label=f"{shape} (95% CI)")
   baselines = [p["tfidf"] for p in points if p["tfidf"] is not None]
   if baselines:
     ax.axhline(baselines[-1], color="gray", ls="--", label=f"TF-IDF + LR ({baselines[-1]:.3f})")

@@ -79,9 +79,15 @@ def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
     assert p["tfidf"] == pytest.approx(
         result["test"]["baseline: tf-idf + logistic regression"]["accuracy"])
     assert p["validation_loss"] > 0 and 0.5 < p["validation_accuracy"] <= 1
+  shape = f"{config['model']['num_layers']} layers x d_model {config['model']['d_model']}"
+  assert [p["model"] for p in points] == [shape, shape]
   text = learning_curve.table(sorted(points, key=lambda p: p["tokens"]))
-  assert text.splitlines()[2].startswith("| 0.0M | 0 |") and "| 2 |" in text.splitlines()[3]
-  learning_curve.plot(points, str(tmp_path / "curve.png"), "t")
+  assert text.splitlines()[2].startswith(f"| {shape} | 0.0M | 0 |")
+  assert "| 2 |" in text.splitlines()[3]
+  # A wider LM's point is a second curve: grouped apart from the first, and drawn as its own line.
+  wide = dict(points[0], run="wide", model="1 layers x d_model 999")
+  assert [p["run"] for p in learning_curve.merge(points, [wide])] == ["wide", scratch, str(tuned)]
+  learning_curve.plot(points + [wide], str(tmp_path / "curve.png"), "t")
   assert (tmp_path / "curve.png").stat().st_size > 1000
 
   # Saved points come back equal; a run measured again replaces its saved point, by name.
