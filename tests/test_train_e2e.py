@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from train.metrics import format_eta
+
 from helpers import (NUM_STEPS, REPO, base_args, checkpoint_steps, env, losses, run_main,
                      start_and_interrupt)
 
@@ -167,6 +169,11 @@ def test_rerunning_a_finished_run_says_so_and_validates_again(reference_run, tmp
   again = [r for r in rows if r["split"] == "validation" and r["step"] == NUM_STEPS]
   assert len(again) == 2 and again[0]["loss"] == again[1]["loss"] == before[NUM_STEPS]
   assert checkpoint_steps(workdir) == checkpoint_steps(reference_run)
+  # Nothing trained, so the run's training time is the one its last checkpoint recorded.
+  meta = json.loads((workdir / "checkpoints" / str(NUM_STEPS) / "meta" / "metadata").read_text())
+  expected = f"{format_eta(meta['wall_s'])} ({meta['wall_s']:.1f} s, step {NUM_STEPS})"
+  assert f"training time, all sessions of this run: {expected}" in result.stderr, \
+      result.stderr[-3000:]
 
 
 def base_args_for(workdir, reference_workdir):

@@ -125,7 +125,7 @@ def run(p: LoopParts) -> dict:
 
   # --- loop ----------------------------------------------------------------------------------
   state = p.state
-  step = int(jax.device_get(state.step))
+  step = first_step = int(jax.device_get(state.step))
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   progress = metrics_lib.Progress(step, num_steps, tokens_per_step,
                                   p.flops_per_token * tokens_per_step, p.peak_flops_total,
@@ -220,4 +220,6 @@ def run(p: LoopParts) -> dict:
       p.best_checkpointer.wait()
   return {"step": step, "state": state, "validation": last_eval, "best": best,
           "preempted": preemption.requested, "stopped_early": stop_early,
-          "wall_s": progress.wall_s()}
+          # A finished run started again trains nothing: its training time stays the one its
+          # checkpoint recorded, not that plus this session's re-validation.
+          "wall_s": progress.wall_s() if step > first_step else p.wall_s}
