@@ -13,10 +13,11 @@ already measures with (nothing here has its own model or step):
              and compiled memory of `blocked` next to `full` (cuDNN) and `full` with XLA's dense
              kernel; then the longest sequence (8k, 16k, 32k, 64k) whose real train step compiles
              within the device's memory and runs at the 1.4B shape with `blocked` attention;
-  inference  a model served through infer/loading.py (--student=WORKDIR: any run, e.g. the
-             distilled student; without it a randomly initialised model of configs/
-             bench_step.py:cpu's shape) as f32 / bf16 / int8 (infer/quantize.py) at batch 1 and
-             32 (bench/latency.measure), on the GPU and the CPU, and KV-cache decode tokens/s.
+  inference  (bench/gpu_inference.py) a model served through infer/loading.py
+             (--student=WORKDIR: any run, e.g. the distilled student; without it a randomly
+             initialised model of configs/bench_step.py:cpu's shape) as f32 / bf16 / int8
+             (infer/quantize.py) at batch 1 and 32 (bench/latency.measure), on the GPU and the
+             CPU, and KV-cache decode tokens/s.
 
 Where no GPU exists it prints one line and exits 0. `--platform=cpu --tiny` runs every section
 on tiny shapes on the CPU: the tests do, so everything except the device itself is tested. A
@@ -24,7 +25,6 @@ time budget (--budget_s, default 420 s) skips what would not finish in time, wit
 """
 import dataclasses
 import functools
-import math
 import sys
 import time
 import traceback
@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MiB = 2.0 ** 20
+from bench import gpu_inference, gpu_table
+
 FWD_TOL, GRAD_TOL = 2e-2, 4e-2   # bf16 inputs: max |err| / max |reference|
 
 _FLAGS = {}
@@ -73,43 +74,6 @@ class Shapes:
 GPU = Shapes("gpu", 5, 3, (2, 2048, 16, 8, 128), 512, 128, (8192, 16384, 32768), (16, 128),
              (8192, 16384, 32768, 65536), "cpu", 512, 128, 128)
 TINY = Shapes("tiny", 1, 1, (1, 32, 2, 1, 8), 8, 8, (32,), (2, 8), (32, 64), "tiny", 16, 4, 4)
-
-
-class Table:
-  """The suite's one Markdown table: section | case | ms | throughput | memory | result."""
-  HEADER = ("section", "case", "ms", "throughput", "memory MiB", "result")
-
-  def __init__(self):
-    self.rows = []
-
-  def add(self, section, case, ms=None, throughput="", memory=None, result=""):
-    self.rows.append((section, case, "" if ms is None else f"{ms:.2f}", throughput,
-                      "" if memory is None else f"{memory / MiB:.0f}", result))
-
-  def markdown(self) -> str:
-    lines = ["| " + " | ".join(self.HEADER) + " |", "|" + " --- |" * len(self.HEADER)]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in self.rows]
-    return "\n".join(lines)
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text[:160]}"
-
-
-def _is_oom(e: BaseException) -> bool:
-  return any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
-
-
-def _compiled_bytes(compiled) -> float | None:
-  from bench import latency
-  mem = latency.xla_memory(compiled)
-  return None if mem is None else float(mem["total"])
-
-
-def _device_limit(device) -> float | None:
-  stats = device.memory_stats() if device.platform == "gpu" else None
-  return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
 # --- train ----------------------------------------------------------------------------------
@@ -197,7 +161,7 @@ def attention_section(table, shapes, device, kernels=None):
         try:
           fwd, grad = attention_check(kernel, kind, packed, impl, shapes, device)
         except Exception as e:  # pylint: disable=broad-except
-          table.add("attention", case, result=f"not supported: {_one_line(e)}")
+          table.add("attention", case, result=f"not supported: {gpu_table.one_line(e)}")
           continue
         ok = fwd <= FWD_TOL and grad <= GRAD_TOL
         all_ok &= ok
@@ -207,16 +171,6 @@ def attention_section(table, shapes, device, kernels=None):
 
 
 # --- blocked vs full, long sequences --------------------------------------------------------
-def _time(fn, args, iters=3):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
-
-
 def attention_long(kind, implementation, length, shapes, device):
   """(ms, compiled bytes) of attention fwd + bwd at `length`, batch 1; ms None if it would not
   fit the device."""
@@ -230,11 +184,11 @@ def attention_long(kind, implementation, length, shapes, device):
                           argnums=(0, 1, 2)))
   x = jax.device_put(jnp.ones((1, length, heads, dim), jnp.bfloat16) * 0.01, device)
   compiled = grad.lower(x, x, x).compile()
-  nbytes = _compiled_bytes(compiled)
-  limit = _device_limit(device)
+  nbytes = gpu_table.compiled_bytes(compiled)
+  limit = gpu_table.device_limit(device)
   if limit is not None and nbytes is not None and nbytes > limit:
     return None, nbytes
-  return _time(compiled, (x, x, x)), nbytes
+  return gpu_table.time_ms(compiled, (x, x, x)), nbytes
 
 
 def blocked_section(table, shapes, device, deadline):
@@ -252,7 +206,8 @@ def blocked_section(table, shapes, device, deadline):
         table.add("blocked", case, ms, f"{length / ms * 1e3:,.0f} tokens/s" if ms else "",
                   nbytes, result)
       except Exception as e:  # pylint: disable=broad-except
-        table.add("blocked", case, result="OOM" if _is_oom(e) else _one_line(e))
+        table.add("blocked", case,
+                  result="OOM" if gpu_table.is_oom(e) else gpu_table.one_line(e))
   longest_trainable(table, shapes, device, deadline)
 
 
@@ -278,11 +233,13 @@ def longest_trainable(table, shapes, device, deadline):
       runner.run(2)
       ms = 1e3 * float(np.median(runner.times))
       table.add("blocked", case, ms, f"{length / ms * 1e3:,.0f} tokens/s",
-                _compiled_bytes(runner.compiled), f"trains (loss {runner.losses[-1]:.3f})")
+                gpu_table.compiled_bytes(runner.compiled),
+                f"trains (loss {runner.losses[-1]:.3f})")
       best = length
       del runner
     except Exception as e:  # pylint: disable=broad-except
-      table.add("blocked", case, result="OOM" if _is_oom(e) else _one_line(e))
+      table.add("blocked", case,
+                result="OOM" if gpu_table.is_oom(e) else gpu_table.one_line(e))
       break
   table.add("blocked", f"longest sequence that trains at bench_step:{shapes.bench_preset}'s "
             "shape (blocked)", result=str(best) if best else "none of those tried")
@@ -291,82 +248,6 @@ def longest_trainable(table, shapes, device, deadline):
 def _one_device_mesh(config, device):
   from model import sharding as sharding_lib
   return sharding_lib.make_mesh(config.mesh, [device])
-
-
-# --- inference ------------------------------------------------------------------------------
-def _serving_model(student, shapes):
-  """(label, float model, float32 params, task, seq_len) of --student or a random-init model."""
-  from bench import latency
-  from model.config import ModelConfig
-  from model.transformer import Transformer
-  if student:
-    from infer import loading
-    loaded = loading.LoadedModel.from_workdir(student, what="--student")
-    if loaded.quantization != "none":
-      raise ValueError(f"--student={student} is a quantized run; give the float run it was "
-                       "made from (the suite quantizes it itself)")
-    task = "classify" if loaded.kind == "classify" else "lm"
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params)
-    return (f"{student} (step {loaded.step})", loaded.model, params, task,
-            min(loaded.config.data.seq_len, shapes.serve_seq))
-  from configs import bench_step
-  config = bench_step.get_config(shapes.serve_preset)
-  model = Transformer(ModelConfig.from_config(config.model, config.data.vocab_size))
-  params = jax.tree.map(np.asarray, latency._init_params(model, 0))  # pylint: disable=protected-access
-  return (f"random init, bench_step:{shapes.serve_preset} shape", model, params, "lm",
-          min(config.data.seq_len, shapes.serve_seq))
-
-
-def inference_section(table, shapes, devices, student, deadline):
-  from bench import latency
-  from infer import decode, quantize
-  label, model, params, task, seq_len = _serving_model(student, shapes)
-  vocab = model.cfg.vocab_size
-  rng = np.random.default_rng(0)
-  sample = np.ones((1, 8), np.int32)
-  table.add("inference", f"model: {label}, {latency.model_size(params)['params'] / 1e6:.1f}M "
-            f"params, {task}, seq {seq_len}")
-  for mode in ("f32", "bf16", "int8_weight_only"):
-    qmodel, qparams = quantize.quantize(model, params, mode, sample)
-    fn = latency.forward_fn(qmodel, task)
-    for device in devices:
-      if time.monotonic() > deadline:
-        table.add("inference", f"{mode} on {device.platform}", result="skipped: time budget")
-        continue
-      try:
-        res = latency.measure(fn, lambda b: (qparams, rng.integers(0, vocab, (b, seq_len),
-                                                                  np.int32)),
-                              batch_sizes=(1, 32), warmup=2, iters=10, seq_len=seq_len,
-                              device=device)
-      except Exception as e:  # pylint: disable=broad-except
-        table.add("inference", f"{mode} on {device.platform}", result=_one_line(e))
-        continue
-      for batch, r in res.items():
-        x = r["xla_bytes"]
-        table.add("inference", f"{mode} forward, batch {batch}, {device.platform}", r["p50_ms"],
-                  f"{r['examples_per_s']:,.1f} examples/s", None if x is None else x["total"],
-                  f"p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
-    if mode == "int8_weight_only":
-      continue
-    for batch in (1, 32):
-      case = (f"{mode} KV-cache greedy decode, batch {batch}, prompt {shapes.decode_prompt} + "
-              f"{shapes.decode_new} new, {devices[0].platform}")
-      if time.monotonic() > deadline:
-        table.add("inference", case, result="skipped: time budget")
-        continue
-      try:
-        total = shapes.decode_prompt + shapes.decode_new
-        tokens = jax.device_put(rng.integers(1, vocab, (batch, total), np.int32), devices[0])
-        prompt_len = jax.device_put(np.full((batch,), shapes.decode_prompt, np.int32),
-                                    devices[0])
-        step = jax.jit(functools.partial(decode.greedy, qmodel, max_new=shapes.decode_new,
-                                         eos_id=-1, prefix_lm=False))
-        args = (jax.device_put(qparams, devices[0]), tokens, prompt_len)
-        ms = _time(step, args)
-        table.add("inference", case, ms,
-                  f"{batch * shapes.decode_new / ms * 1e3:,.0f} new tokens/s")
-      except Exception as e:  # pylint: disable=broad-except
-        table.add("inference", case, result=_one_line(e))
 
 
 # --- the suite ------------------------------------------------------------------------------
@@ -380,15 +261,16 @@ def find_device(platform: str):
 
 
 def run_suite(platform="gpu", tiny=False, sections=("train", "attention", "blocked", "inference"),
-              student=None, budget_s=420.0) -> tuple[Table, dict]:
+              student=None, budget_s=420.0) -> tuple[gpu_table.Table, dict]:
   shapes = TINY if tiny else GPU
   device = find_device(platform)
   if device is None:
     raise RuntimeError(f"no {platform} device")
   start = time.monotonic()
   deadline = start + budget_s
-  table, info = Table(), {"device": f"{device.platform} {device.device_kind}",
-                          "shapes": "tiny" if tiny else "gpu", "jax": jax.__version__}
+  table = gpu_table.Table()
+  info = {"device": f"{device.platform} {device.device_kind}",
+          "shapes": "tiny" if tiny else "gpu", "jax": jax.__version__}
   serve_devices = [device] + ([d for d in [find_device("cpu")] if d] if platform != "cpu" else [])
   for section in sections:
     t0 = time.monotonic()
@@ -403,18 +285,18 @@ def run_suite(platform="gpu", tiny=False, sections=("train", "attention", "block
       elif section == "blocked":
         blocked_section(table, shapes, device, deadline)
       elif section == "inference":
-        inference_section(table, shapes, serve_devices, student, deadline)
+        gpu_inference.inference_section(table, shapes, serve_devices, student, deadline)
       else:
         raise ValueError(f"unknown section {section!r}")
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc(file=sys.stderr)
-      table.add(section, "(section failed)", result=_one_line(e))
+      table.add(section, "(section failed)", result=gpu_table.one_line(e))
     info[f"{section}_s"] = time.monotonic() - t0
   info["total_s"] = time.monotonic() - start
   return table, info
 
 
-def report(table: Table, info: dict) -> str:
+def report(table: gpu_table.Table, info: dict) -> str:
   head = (f"GPU suite on {info['device']} ({info['shapes']} shapes, jax {info['jax']}), "
           f"{info['total_s']:.0f} s; " +
           ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in info.items()

@@ -7,7 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bench import gpu_suite
+from bench import gpu_suite, gpu_table
 from model import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,7 @@ def _cases(table, section):
 
 def test_attention_rows_equal_and_a_wrong_kernel_fails():
   cpu = jax.devices("cpu")[0]
-  table = gpu_suite.Table()
+  table = gpu_table.Table()
   assert gpu_suite.attention_section(table, gpu_suite.TINY, cpu)
   rows = _cases(table, "attention")
   assert len(rows) == 4   # full / local x unpacked / packed, implementation auto on CPU
@@ -32,7 +32,7 @@ def test_attention_rows_equal_and_a_wrong_kernel_fails():
   def grads_wrong(q, k, v, **kw):   # same forward, gradient scaled
     out = full(q, k, v, **kw)
     return out + (0.2 * out - jax.lax.stop_gradient(0.2 * out))
-  bad = gpu_suite.Table()
+  bad = gpu_table.Table()
   assert not gpu_suite.attention_section(
       bad, gpu_suite.TINY, cpu, kernels={"full": off_by_two_percent, "local": grads_wrong})
   results = [r[5] for r in bad.rows]

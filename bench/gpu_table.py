@@ -1,0 +1,57 @@
+"""The GPU suite's result table and the measuring helpers its sections share (bench/gpu_suite.py,
+bench/gpu_inference.py): one Markdown row per case, errors as one line, timings as a median."""
+import time
+
+import jax
+import numpy as np
+
+MiB = 2.0 ** 20
+
+
+class Table:
+  """The suite's one Markdown table: section | case | ms | throughput | memory | result."""
+  HEADER = ("section", "case", "ms", "throughput", "memory MiB", "result")
+
+  def __init__(self):
+    self.rows = []
+
+  def add(self, section, case, ms=None, throughput="", memory=None, result=""):
+    self.rows.append((section, case, "" if ms is None else f"{ms:.2f}", throughput,
+                      "" if memory is None else f"{memory / MiB:.0f}", result))
+
+  def markdown(self) -> str:
+    lines = ["| " + " | ".join(self.HEADER) + " |", "|" + " --- |" * len(self.HEADER)]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in self.rows]
+    return "\n".join(lines)
+
+
+def one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:160]}"
+
+
+def is_oom(e: BaseException) -> bool:
+  return any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
+
+
+def compiled_bytes(compiled) -> float | None:
+  from bench import latency
+  mem = latency.xla_memory(compiled)
+  return None if mem is None else float(mem["total"])
+
+
+def device_limit(device) -> float | None:
+  stats = device.memory_stats() if device.platform == "gpu" else None
+  return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def time_ms(fn, args, iters=3) -> float:
+  """Median milliseconds of `iters` calls of fn(*args), after one untimed call (compile)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
