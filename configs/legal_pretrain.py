@@ -120,7 +120,7 @@ def _imdb_self(config):
 
 
 def _imdb_self_wide(config):
-  # imdb_self at twice the width (d_model 256, 8 heads, MLP 1024; ~5.2M params against 2.1M),
+  # imdb_self at twice the width (d_model 256, 8 heads, MLP 1024; 6.29M params against 2.10M),
   # everything else equal - data, tokenizer size, lr, and the 4,500-step schedule (36.9M tokens)
   # the README's imdb_self run used - so its learning-curve points compare with that run's at
   # equal tokens and equal schedule position: the width ablation that the issue-16 sentiment
