@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from model import checkpoint as checkpoint_lib
 from train.metrics import format_eta
 
 from helpers import (NUM_STEPS, REPO, base_args, checkpoint_steps, env, losses, run_main,
@@ -170,7 +171,8 @@ def test_rerunning_a_finished_run_says_so_and_validates_again(reference_run, tmp
   assert len(again) == 2 and again[0]["loss"] == again[1]["loss"] == before[NUM_STEPS]
   assert checkpoint_steps(workdir) == checkpoint_steps(reference_run)
   # Nothing trained, so the run's training time is the one its last checkpoint recorded.
-  meta = json.loads((workdir / "checkpoints" / str(NUM_STEPS) / "meta" / "metadata").read_text())
+  meta = checkpoint_lib.Checkpointer(str(workdir), every=NUM_STEPS, keep=NUM_STEPS,
+                                     async_save=False).restore_meta(NUM_STEPS)
   expected = f"{format_eta(meta['wall_s'])} ({meta['wall_s']:.1f} s, step {NUM_STEPS})"
   assert f"training time, all sessions of this run: {expected}" in result.stderr, \
       result.stderr[-3000:]
