@@ -173,7 +173,7 @@ def test_rerunning_a_finished_run_says_so_and_validates_again(reference_run, tmp
   # Nothing trained, so the run's training time is the one its last checkpoint recorded.
   meta = checkpoint_lib.Checkpointer(str(workdir), every=NUM_STEPS, keep=NUM_STEPS,
                                      async_save=False).restore_meta(NUM_STEPS)
-  expected = f"{format_eta(meta['wall_s'])} ({meta['wall_s']:.1f} s, step {NUM_STEPS})"
+  expected = f"{format_eta(meta['wall_s'])} ({meta['wall_s']:.3f} s, step {NUM_STEPS})"
   assert f"training time, all sessions of this run: {expected}" in result.stderr, \
       result.stderr[-3000:]
 

@@ -164,7 +164,7 @@ def train(config, workdir: str) -> dict:
         best=evaluation and evaluation.best,
         eval_hooks=evaluation.hooks(pc) if evaluation else {},
         wall_s=(resumed_meta or {}).get("wall_s", 0.0)))
-    logging.info("training time, all sessions of this run: %s (%.1f s, step %d)",
+    logging.info("training time, all sessions of this run: %s (%.3f s, step %d)",
                  metrics_lib.format_eta(result["wall_s"]), result["wall_s"], result["step"])
 
     # --- the final evaluation (fine-tuning) ------------------------------------------------------
