@@ -33,6 +33,7 @@ def test_preset_passes_the_config_checks(name, preset):
 
 @pytest.mark.parametrize("name, preset", [("legal_pretrain", "imdb_self"),
                                           ("legal_pretrain", "imdb_self_wide"),
+                                          ("legal_pretrain", "imdb_self_wide512"),
                                           ("legal_pretrain", "in_abs_lm"),
                                           ("legal_pretrain", "imdb_lm")])
 def test_pretraining_presets_read_no_test_split(name, preset):
