@@ -1,7 +1,5 @@
 """The GPU suite's result table and the measuring helpers its sections share (bench/gpu_suite.py,
 bench/gpu_inference.py): one Markdown row per case, errors as one line, timings as a median."""
-import time
-
 import jax
 import numpy as np
 
@@ -47,11 +45,5 @@ def device_limit(device) -> float | None:
 
 def time_ms(fn, args, iters=3) -> float:
   """Median milliseconds of `iters` calls of fn(*args), after one untimed call (compile)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
-
+  from bench import latency
+  return 1e3 * float(np.median(latency.call_seconds(fn, args, iters=iters)))

@@ -93,6 +93,20 @@ def _peak_rss_bytes():
     return None
 
 
+def call_seconds(fn, args, *, iters: int, warmup: int = 1, min_seconds: float = 0.0) -> list:
+  """Wall seconds of each timed call of fn(*args), each blocked on until its result is ready:
+  `warmup` untimed calls first (compile, caches), then at least `iters` calls lasting at least
+  `min_seconds` in all. The one timing loop every benchmark here shares."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  while len(times) < iters or sum(times) < min_seconds:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
 def _measure_one(apply_fn, args, batch, *, warmup, iters, min_seconds, seq_len, device) -> dict:
   jax.block_until_ready(args)
   # After a reset, VmHWM itself is the baseline (the same counter the peak is read from).
@@ -101,14 +115,7 @@ def _measure_one(apply_fn, args, batch, *, warmup, iters, min_seconds, seq_len, 
   t0 = time.perf_counter()
   compiled = jax.jit(apply_fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times, total = [], 0.0
-  while len(times) < iters or total < min_seconds:
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-    total += times[-1]
+  times = call_seconds(compiled, args, iters=iters, warmup=warmup, min_seconds=min_seconds)
   peak = _peak_rss_bytes()
   stats = device.memory_stats()   # None on CPU
   ms = 1e3 * np.asarray(times)

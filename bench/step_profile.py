@@ -21,7 +21,6 @@ parts' rate is spending its time outside the matmuls.
 """
 import json
 import statistics
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import step_time
+from bench import latency, step_time
 from model import attention as attention_lib
 from model import layers
 from model import sharding as sharding_lib
@@ -57,13 +56,7 @@ def time_compiled(fn, args, repeats: int, options=None) -> tuple[float, float]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", float("nan")))
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), flops
+  return statistics.median(latency.call_seconds(compiled, args, iters=repeats)), flops
 
 
 def _grad_of_sum(apply):
