@@ -10,16 +10,23 @@ class Table:
   """The suite's one Markdown table: section | case | ms | throughput | memory | result."""
   HEADER = ("section", "case", "ms", "throughput", "memory MiB", "result")
 
-  def __init__(self):
+  def __init__(self, echo=None):
     self.rows = []
+    self.echo = echo   # called with each row's Markdown line as it is added
 
   def add(self, section, case, ms=None, throughput="", memory=None, result=""):
     self.rows.append((section, case, "" if ms is None else f"{ms:.2f}", throughput,
                       "" if memory is None else f"{memory / MiB:.0f}", result))
+    if self.echo:
+      self.echo(self._line(self.rows[-1]))
+
+  @staticmethod
+  def _line(row) -> str:
+    return "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
 
   def markdown(self) -> str:
     lines = ["| " + " | ".join(self.HEADER) + " |", "|" + " --- |" * len(self.HEADER)]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in self.rows]
+    lines += [self._line(row) for row in self.rows]
     return "\n".join(lines)
 
 

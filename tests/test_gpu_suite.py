@@ -54,6 +54,9 @@ def test_tiny_suite_on_cpu_writes_one_table(tmp_path):
   assert lines[2] == "| section | case | ms | throughput | memory MiB | result |"
   body = [line for line in lines[4:] if line.startswith("| ")]
   assert all(line.count(" | ") == 5 for line in body), body
+  # every row also went to stderr as it was measured (kept when an outer timeout kills the run)
+  echoed = [line for line in res.stderr.splitlines() if line.startswith("| ")]
+  assert echoed == body, (echoed, body)
   def rows(section):
     return [line for line in body if line.startswith(f"| {section} |")]
   train = rows("train")
