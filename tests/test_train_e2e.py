@@ -44,6 +44,23 @@ def test_uninterrupted_run_learns(reference_run):
   for name in ("config.json", "metrics.jsonl"):
     assert os.path.exists(os.path.join(reference_run, name))
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(reference_run / "tb"))
+  with open(reference_run / "metrics.jsonl") as f:
+    waits = [r["input_wait_frac"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert len(waits) == NUM_STEPS and all(0.0 <= w <= 1.0 for w in waits), waits
+
+
+def test_progress_reports_the_share_of_time_spent_waiting_for_input(monkeypatch):
+  from train import metrics
+  now = [100.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  progress = metrics.Progress(0, 100, tokens_per_step=10, flops_per_step=1.0, peak_flops=1.0)
+  progress.waited_for_input(1.5)
+  progress.waited_for_input(1.0)
+  now[0] = 110.0
+  first = progress.update(10)
+  assert first["input_wait_frac"] == pytest.approx(0.25) and first["step_time_s"] == 1.0
+  now[0] = 120.0
+  assert progress.update(20)["input_wait_frac"] == 0.0    # each interval counts afresh
 
 
 @pytest.mark.parametrize("sig", [

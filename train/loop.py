@@ -188,7 +188,10 @@ def run(p: LoopParts) -> dict:
       # started again: its final validation once more.
       last_eval = run_eval(step)
     while step < num_steps:
-      batch = to_global(next(p.train_iter), batch_sharding)
+      t_input = time.perf_counter()
+      host_batch = next(p.train_iter)
+      progress.waited_for_input(time.perf_counter() - t_input)
+      batch = to_global(host_batch, batch_sharding)
       # A mixture's tokens per source so far (this process's batches), logged with the step.
       sources = dict(getattr(p.train_iter, "source_tokens", None) or {})
       state, dev_metrics = train_step(state, batch)

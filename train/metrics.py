@@ -120,7 +120,8 @@ class MetricWriter:
 
 
 class Progress:
-  """Steps/s, tokens/s, MFU and ETA over the last logging interval.
+  """Steps/s, tokens/s, MFU, ETA and the share of time spent waiting for input, over the last
+  logging interval.
 
   Tokens are input positions (batch x seq_len, padding included, as MFU counts them), so
   pre-training and classification report the same kind of number."""
@@ -136,6 +137,12 @@ class Progress:
     self.last_step, self.last_time = start_step, time.perf_counter()
     self.started, self.wall_s_before = self.last_time, wall_s_before
     self.first = True
+    self.input_wait_s = 0.0   # time blocked on the input pipeline since the last update
+
+  def waited_for_input(self, seconds: float):
+    """Counts time the loop spent blocked on the next batch: near 0 means the pipeline keeps
+    ahead of the step; a large share means the step waits for data (add workers/prefetch)."""
+    self.input_wait_s += seconds
 
   def wall_s(self) -> float:
     return self.wall_s_before + time.perf_counter() - self.started
@@ -145,7 +152,9 @@ class Progress:
     steps, dt = step - self.last_step, max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     out = {"step_time_s": dt / max(steps, 1), "tokens_per_s": self.tokens_per_step * steps / dt,
-           "mfu": self.flops_per_step * steps / dt / self.peak, "wall_s": self.wall_s()}
+           "mfu": self.flops_per_step * steps / dt / self.peak, "wall_s": self.wall_s(),
+           "input_wait_frac": min(self.input_wait_s / dt, 1.0)}
+    self.input_wait_s = 0.0
     # The first interval includes compilation: no ETA from it (and none written).
     if not self.first:
       out["eta_s"] = out["step_time_s"] * (self.num_steps - step)
@@ -161,6 +170,6 @@ def format_eta(seconds: float | None) -> str:
 
 
 def log_progress(step: int, num_steps: int, loss: float, prog: dict):
-  logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ms/step  MFU %.1f%%  ETA %s",
-               step, num_steps, loss, prog["tokens_per_s"], 1e3 * prog["step_time_s"],
-               100 * prog["mfu"], format_eta(prog.get("eta_s")))
+  logging.info("step %d/%d  loss %.4f  %.0f tok/s  %.1f ms/step  MFU %.1f%%  input wait %.0f%%  "
+               "ETA %s", step, num_steps, loss, prog["tokens_per_s"], 1e3 * prog["step_time_s"],
+               100 * prog["mfu"], 100 * prog["input_wait_frac"], format_eta(prog.get("eta_s")))
