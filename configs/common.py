@@ -169,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_examples = -1            # test examples scored; -1 = all
   c.eval.batch_size = 32
   c.eval.decode_len = 128             # summarize: decoding length cap (tokens)
+  # classify: 0 = a long text is truncated as in training; S > 0 = it is also read whole in
+  # row-long windows S ids apart and its rows' log-probabilities averaged (infer/classifier_rows.py)
+  c.eval.window_stride = 0
   # How summaries are decoded at validation and test (infer/decode_controls.py Controls); every default
   # is off, and all off is greedy decoding. The controls act on the summary's own tokens, never
   # the document's (copying a source phrase stays allowed).

@@ -34,11 +34,14 @@ def json_object(text: str) -> dict:
   return value
 
 
-def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False):
-  """(LoadedModel, max_new) for --workdir / --max_new: a run that predicts (a classifier or a
-  summarizer, float or quantized), with a summary length that fits it; with allow_lm also a
-  pre-trained language model (max_new None: it only generates)."""
+def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False,
+                   window_stride: int | None = None):
+  """(LoadedModel, max_new) for --workdir / --max_new / --window_stride: a run that predicts (a
+  classifier or a summarizer, float or quantized), with a summary length that fits it; with
+  allow_lm also a pre-trained language model (max_new None: it only generates)."""
   loaded = loading.LoadedModel.from_workdir(workdir)
+  if window_stride is not None:
+    _set_window_stride(loaded, workdir, window_stride)
   if allow_lm and loaded.kind == "pretrain":
     if max_new:
       raise InputError(f"--max_new={max_new} sets a summary length; a language model "
@@ -53,12 +56,29 @@ def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False):
     raise InputError(f"--{e}") from None
 
 
+def _set_window_stride(loaded: loading.LoadedModel, workdir: str, stride: int):
+  """A classifier's eval.window_stride for this process (infer/classifier_rows.py)."""
+  if loaded.kind != "classify":
+    raise InputError(f"--window_stride applies to classifiers; --workdir={workdir} holds a "
+                     f"{loaded.kind!r} run")
+  width = loaded.config.data.seq_len - loaded.tokenizer.frame_len
+  if not 0 <= stride <= width:
+    raise InputError(f"--window_stride={stride}: expected 0 (off) .. {width} (the run's "
+                     "data.seq_len less bos/eos)")
+  with loaded.config.unlocked():
+    loaded.config.eval.window_stride = stride
+
+
 def define_model_flags():
-  """--workdir and --max_new, shared by batch inference and the server."""
+  """--workdir, --max_new and --window_stride, shared by batch inference and the server."""
   flags.DEFINE_string("workdir", None, "A run's directory: a training run (its best state if "
                       "kept) or a quantized copy from infer.quantize.", required=True)
   flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
                        "eval.decode_len).", lower_bound=1)
+  flags.DEFINE_integer("window_stride", None, "Classifiers: a text longer than a row is also "
+                       "read whole, in row-long windows this many tokens apart, and its rows' "
+                       "log-probabilities averaged (0: truncated as in training; default: the "
+                       "run's eval.window_stride).", lower_bound=0)
 
 
 def friendly_errors(main):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import decode, decode_controls, lora, quantize, rerank, word_ngrams
+from infer import classifier_rows, decode, decode_controls, lora, quantize, rerank, word_ngrams
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
@@ -178,13 +178,9 @@ class LoadedModel:
   def encode_for_classify(self, texts: list[str], seq_len: int | None = None) -> dict:
     """Right-padded [B, seq_len] rows, framed and truncated like training (data.truncation)."""
     seq_len = seq_len or self.config.data.seq_len
-    tokens = np.zeros((len(texts), seq_len), np.int32)
-    mask = np.zeros((len(texts), seq_len), np.int32)
-    for i, text in enumerate(texts):
-      ids = self.tokenizer.encode_framed(text, seq_len, self.config.data.truncation)
-      tokens[i, :len(ids)] = ids
-      mask[i, :len(ids)] = 1   # by length, as in training: id 0 is a real token in HF vocabularies
-    return {"tokens": tokens, "mask": mask}
+    how = self.config.data.truncation
+    return classifier_rows.pad_rows(
+        [self.tokenizer.encode_framed(t, seq_len, how) for t in texts], seq_len)
 
   def _place(self, rows: np.ndarray):
     """A batch of rows on the model's mesh, split over its batch axes (as is without a mesh)."""
@@ -192,25 +188,37 @@ class LoadedModel:
       return rows
     return jax.device_put(rows, sharding_lib.batch_sharding(self.mesh))
 
-  def _chunks(self, texts: list[str], batch_size: int | None):
-    """`texts` in chunks of batch_size, each padded to batch_size rows with its first text
-    (one compiled shape); a chunk of everything without a batch_size."""
+  def _chunks(self, texts: list, batch_size: int | None):
+    """`texts` (or id rows) in chunks of batch_size, each padded to batch_size with its first
+    item (one compiled shape); a chunk of everything without a batch_size."""
     size = batch_size or max(len(texts), 1)
     for start in range(0, len(texts), size):
       chunk = texts[start:start + size]
       yield len(chunk), chunk + chunk[:1] * (size - len(chunk) if batch_size else 0)
 
-  def classify(self, texts: list[str], params=None, batch_size: int | None = None
-               ) -> np.ndarray:
-    """Class probabilities [len(texts), num_classes], `batch_size` texts per call."""
+  def classify(self, texts: list[str], params=None, batch_size: int | None = None,
+               window_stride: int | None = None) -> np.ndarray:
+    """Class probabilities [len(texts), num_classes], `batch_size` rows per call. A text longer
+    than a row is truncated as in training; with window_stride > 0 (None: the run's
+    eval.window_stride) it is also read whole, in windows that many ids apart, and its rows'
+    log-probabilities averaged (infer/classifier_rows.py)."""
     params = self.params if params is None else params
+    stride = (self.config.eval.get("window_stride", 0) if window_stride is None
+              else window_stride)
+    seq_len = self.config.data.seq_len
+    rows, owners = classifier_rows.rows_for(self.tokenizer, texts, seq_len,
+                                            self.config.data.truncation, stride)
+    # Windows add rows; without a batch_size they still go in batches of len(texts) rows,
+    # so callers that pad `texts` to fixed sizes (the server) keep fixed compiled shapes.
+    size = batch_size or (len(texts) if stride else None)
     out = []
-    for n, chunk in self._chunks(texts, batch_size):
-      batch = self.encode_for_classify(chunk)
+    for n, chunk in self._chunks(rows, size):
+      batch = classifier_rows.pad_rows(chunk, seq_len)
       probs = classify_probs(self.model, params, self._place(batch["tokens"]),
                              self._place(batch["mask"]))
       out.append(np.asarray(jax.device_get(probs))[:n])
-    return np.concatenate(out)
+    probs = np.concatenate(out)
+    return classifier_rows.pool(probs, owners, len(texts)) if stride else probs
 
   # --- generation ------------------------------------------------------------------------------
   def ngram_words(self, no_repeat_ngram_size: int) -> "word_ngrams.WordPieces | None":

@@ -314,7 +314,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  loaded, max_new = inputs_lib.load_predictor(f.workdir, f.max_new, allow_lm=True)
+  loaded, max_new = inputs_lib.load_predictor(f.workdir, f.max_new, allow_lm=True,
+                                               window_stride=f.window_stride)
   server = make_server(loaded, f.host, f.port, max_batch=f.max_batch,
                        max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=max_new,
                        generate_max_new=f.generate_max_new)

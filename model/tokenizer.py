@@ -42,10 +42,19 @@ class TokenizerBase:
   def decode(self, ids) -> str:
     raise NotImplementedError
 
+  def frame(self, ids: list[int]) -> list[int]:
+    """`[bos] ids [eos]`: the framing of every classifier input and summarization prompt."""
+    return [self.bos_id] + list(ids) + [self.eos_id]
+
+  @property
+  def frame_len(self) -> int:
+    """How many ids `frame` adds."""
+    return len(self.frame([]))
+
   def encode_framed(self, text: str, max_len: int, how: str) -> list[int]:
     """`[bos] text [eos]` in at most max_len ids, the text cut by `truncate(..., how)`: a
     classifier input or a summarization prompt, the same in training and at inference."""
-    return [self.bos_id] + truncate(self.encode(text), max_len - 2, how) + [self.eos_id]
+    return self.frame(truncate(self.encode(text), max_len - self.frame_len, how))
 
   def _known_ids(self, ids) -> list[int]:
     n = self.vocab_size
@@ -188,12 +197,12 @@ class HFTokenizer(TokenizerBase):
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-  def encode_framed(self, text: str, max_len: int, how: str) -> list[int]:
+  def frame(self, ids: list[int]) -> list[int]:
     """As the base class, leaving out a frame token the family does not have (GPT-2 has only
     <|endoftext|>, used as both bos and eos)."""
     head = [self.bos_id] if self.bos_id is not None else []
     tail = [self.eos_id] if self.eos_id is not None else []
-    return head + truncate(self.encode(text), max_len - len(head) - len(tail), how) + tail
+    return head + list(ids) + tail
 
   def decode(self, ids) -> str:
     return self._tok.decode(self._known_ids(ids), skip_special_tokens=True)

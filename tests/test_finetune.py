@@ -110,6 +110,50 @@ def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
     learning_curve.point(str(tuned), bootstrap=0)
 
 
+def test_windows_read_long_texts_whole_as_a_per_row_reference_does(classifier_run, tmp_path):
+  from infer import classifier_rows
+  from train import config_check, redecode
+  root, _ = classifier_run
+  loaded = loading.LoadedModel.from_workdir(str(root / "run"))
+  seq_len, how = loaded.config.data.seq_len, loaded.config.data.truncation
+  reviews = [json.loads(line)["text"] for line in open(loaded.config.data.test_file)][:8]
+  long = " ".join(reviews)
+  assert len(loaded.tokenizer.encode(long)) > 2 * seq_len
+  assert all(len(loaded.tokenizer.encode(r)) <= seq_len - 2 for r in reviews[:3])
+  texts = reviews[:3] + [long]
+  plain = loaded.classify(texts)                 # the run's eval.window_stride: 0
+  chex.assert_trees_all_close(plain, loaded.classify(texts, window_stride=0))
+  windowed = loaded.classify(texts, window_stride=16)
+  chex.assert_shape(windowed, (4, 2))
+  chex.assert_trees_all_close(windowed[:3], plain[:3], rtol=1e-5)    # short: one row either way
+  # The long text: its rows one at a time through the model, log-probabilities averaged.
+  rows, _ = classifier_rows.rows_for(loaded.tokenizer, [long], seq_len, how, 16)
+  assert len(rows) >= 4
+  per_row = np.concatenate([np.asarray(loading.classify_probs(
+      loaded.model, loaded.params, **classifier_rows.pad_rows([r], seq_len))) for r in rows])
+  mean = np.log(per_row).mean(axis=0)
+  chex.assert_trees_all_close(windowed[3], np.exp(mean) / np.exp(mean).sum(), atol=1e-5)
+  assert abs(windowed[3, 1] - plain[3, 1]) > 1e-4     # reading it whole changed the answer
+  bad = sentiment_finetune.get_config("tiny")
+  bad.eval.window_stride = 63
+  with pytest.raises(ConfigError, match=re.escape("config.eval.window_stride=63: expected 0 (off) "
+                                                  ".. data.seq_len - 2 = 62")):
+    config_check.validate(bad, 1, 1)
+  chex.assert_trees_all_close(loaded.classify(texts, batch_size=3, window_stride=16), windowed,
+                              atol=1e-6)
+  # Chosen on validation: train.redecode re-scores the finished run with a stride.
+  sections = redecode.redecode(str(root / "run"), str(tmp_path / "w16"), window_stride=16,
+                               split="validation")
+  assert sections["model: classification"]["count"] > 0
+  report = (tmp_path / "w16" / "report.md").read_text()
+  assert "long texts: also read whole in windows 16 ids apart" in report
+  assert "scored split: validation (not test)" in report
+  with pytest.raises(ConfigError, match="decoding flags .'beam'. apply to summarizers"):
+    redecode.redecode(str(root / "run"), str(tmp_path / "bad"), beam=2)
+  with pytest.raises(ConfigError, match="--window_stride=63: expected 0 .off. .. 62"):
+    redecode.redecode(str(root / "run"), str(tmp_path / "bad"), window_stride=63)
+
+
 def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tmp_path):
   # A tiny LM pre-trained on the review texts, then a classifier started from it.
   lm = legal_pretrain.get_config("tiny")
@@ -329,10 +373,9 @@ def test_summary_loss_scores_only_summary_tokens():
   np.testing.assert_array_equal(np.asarray(targets[0, 3:6]), [20, 21, 3])
 
 
-class _Tok:
+class _Tok(tokenizer_lib.TokenizerBase):
   """Whitespace-separated integers are the ids; framing and truncation are the real ones."""
   bos_id, eos_id = 2, 3
-  encode_framed = tokenizer_lib.Tokenizer.encode_framed
 
   def encode(self, text):
     return [int(w) for w in text.split()]

@@ -417,6 +417,21 @@ def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifi
   assert summarizer.check_max_new(None) == summarizer.config.eval.decode_len
 
 
+def test_window_stride_flag_sets_how_a_classifier_reads_long_texts(classifier_dir, classifier,
+                                                                   summarizer_dir):
+  loaded, _ = inputs.load_predictor(str(classifier_dir), None, window_stride=8)
+  long = " ".join(TEXTS * 6)
+  assert len(loaded.tokenizer.encode(long)) > loaded.config.data.seq_len
+  np.testing.assert_allclose(loaded.predict([long], pad_to=2)[0]["probs"],
+                             classifier.classify([long], window_stride=8)[0], atol=1e-6)
+  assert not np.allclose(classifier.classify([long], window_stride=8),
+                         classifier.classify([long]), atol=1e-4)
+  with pytest.raises(inputs.InputError, match=r"--window_stride=63: expected 0 \(off\) \.\. 62"):
+    inputs.load_predictor(str(classifier_dir), None, window_stride=63)
+  with pytest.raises(inputs.InputError, match="--window_stride applies to classifiers"):
+    inputs.load_predictor(str(summarizer_dir), None, window_stride=8)
+
+
 def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir, sentiment_files,
                                                  tmp_path):
   from configs import inference_report as report_config

@@ -169,3 +169,35 @@ def test_sweep_points_are_runs_of_one_experiment():
   forwarded["tracking.experiment"] = "mine"
   assert sweep.tracking_overrides(base, forwarded, "/x/ablate", point) == (
       ("tracking.run_name", "kind=local"),)
+
+
+def test_metric_names_are_made_legal_for_tensorboard_and_trackers(tmp_path, caplog):
+  import struct
+  from tensorboardX.proto import event_pb2
+  from train import metrics
+
+  class Recorder:
+    logged = []
+
+    def log(self, step, scalars):
+      self.logged.append((step, scalars))
+
+  writer = metrics.MetricWriter(str(tmp_path), trackers=[Recorder()])
+  with caplog.at_level("WARNING"):
+    writer.write(3, "test/baseline/tf-idf_+_logistic_regression", {"accuracy": 0.9})
+  writer.close()
+  assert not [r for r in caplog.records if "illegal" in r.getMessage()]
+  tag = "test/baseline/tf-idf___logistic_regression/accuracy"
+  assert Recorder.logged == [(3, {tag: 0.9})]
+  (events_file,) = (tmp_path / "tb").iterdir()
+  raw, tags, pos = events_file.read_bytes(), [], 0
+  while pos < len(raw):      # TFRecords: length (u64), its crc, the Event, the Event's crc
+    (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+    event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+    tags += [v.tag for v in event.summary.value]
+    pos += 12 + length + 4
+  assert tags == [tag]
+  # The JSONL keeps the evaluator's own name (eval/learning_curve.py reads it).
+  record = json.loads((tmp_path / "metrics.jsonl").read_text())
+  assert record == {"step": 3, "split": "test/baseline/tf-idf_+_logistic_regression",
+                    "accuracy": 0.9}

@@ -60,6 +60,9 @@ def validate(config, num_devices: int, process_count: int):
       (config.task != "classify" or config.model.num_classes >= 2,
        f"config.task='classify' needs config.model.num_classes >= 2 (got "
        f"{config.model.num_classes})"),
+      (0 <= config.eval.get("window_stride", 0) <= d.seq_len - 2,
+       f"config.eval.window_stride={config.eval.get('window_stride', 0)}: expected 0 (off) .. "
+       f"data.seq_len - 2 = {d.seq_len - 2} (a row's text ids)"),
       (config.task != "summarize" or 1 <= d.target_len < d.seq_len - 2,
        f"config.data.target_len={d.target_len} must be in [1, seq_len - 2 = {d.seq_len - 2})"),
       (config.distill.init_student in ("none", "teacher_layers"),

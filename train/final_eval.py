@@ -74,13 +74,15 @@ def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple
 
 
 def _records(loaded: loading.LoadedModel, params, examples, batch_size: int,
-             decoding: dict | None = None) -> list[dict]:
-  """One record per example for the evaluators: class probabilities or a summary decoded
-  with `decoding` (decode_options), predicted through the inference API (batched, sharded
-  over the run's mesh)."""
+             decoding: dict | None = None, window_stride: int = 0) -> list[dict]:
+  """One record per example for the evaluators: class probabilities (long texts also read in
+  windows `window_stride` ids apart when > 0) or a summary decoded with `decoding`
+  (decode_options), predicted through the inference API (batched, sharded over the run's
+  mesh)."""
   texts = [e.text for e in examples]
   if loaded.kind == "classify":
-    probs = loaded.classify(texts, params, batch_size=batch_size)
+    probs = loaded.classify(texts, params, batch_size=batch_size,
+                            window_stride=window_stride)
     return [{"id": e.id, "label": int(e.target), "probs": p.tolist(), "text": e.text,
              "dataset": e.source} for e, p in zip(examples, probs)]
   summaries = loaded.summarize(texts, params=params, batch_size=batch_size, **(decoding or {}))
@@ -106,8 +108,9 @@ def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params,
 
   def records_for(params):
     if last["params"] is not params:
-      last.update(params=params, records=_records(loaded, select_params(params), valid,
-                                                  config.eval.batch_size, decoding))
+      last.update(params=params, records=_records(
+          loaded, select_params(params), valid, config.eval.batch_size, decoding,
+          config.eval.get("window_stride", 0)))
     return last["records"]
 
   def hook(name):
@@ -138,7 +141,8 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
   t0 = time.perf_counter()
   chosen = set(e.id for e in _subset(splits["test"], config.eval.num_examples))
   test = [e for e in splits["test"] if e.id in chosen]
-  records = _records(loaded, params, test, config.eval.batch_size, decoding)
+  records = _records(loaded, params, test, config.eval.batch_size, decoding,
+                     config.eval.get("window_stride", 0))
   with open(os.path.join(workdir, "test_predictions.jsonl"), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
@@ -174,6 +178,9 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     writer.write(step, "test/" + section.replace(": ", "/").replace(" ", "_"), scalars)
   facts.update({"test examples": len(records), "prediction seconds": round(predict_seconds, 1)})
+  if loaded.kind == "classify" and config.eval.get("window_stride", 0):
+    facts["long texts"] = (f"also read whole in windows {config.eval.window_stride} ids apart, "
+                           "rows' log-probabilities averaged (eval.window_stride)")
   path = report.write_report(os.path.join(workdir, "report.md"),
                              f"{config.task} run: {os.path.basename(workdir)}", sections,
                              notes=[f"{k}: {v}" for k, v in facts.items()])

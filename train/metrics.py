@@ -1,6 +1,7 @@
 """Run observability: TensorBoard events + metrics.jsonl, progress line with ETA, FLOPs and MFU."""
 import json
 import os
+import re
 import sys
 import time
 
@@ -72,6 +73,13 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def tag_name(name: str) -> str:
+  """`name` as TensorBoard and MLflow accept it: each character outside [\\w./-] becomes "_"
+  (what TensorBoard itself does, with a warning per scalar; MLflow rejects such keys). The JSONL
+  keeps the name as given ("test/baseline/tf-idf_+_logistic_regression")."""
+  return re.sub(r"[^\w./-]", "_", name)
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard and one JSON object per (step, prefix) to metrics.jsonl."""
 
@@ -89,11 +97,12 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    for k, v in scalars.items():
-      self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    tagged = {tag_name(f"{prefix}/{k}"): v for k, v in scalars.items()}
+    for tag, v in tagged.items():
+      self.tb.add_scalar(tag, v, step)
     self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
     self.jsonl.flush()
-    self._each_tracker("log", step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+    self._each_tracker("log", step, tagged)
 
   def _each_tracker(self, method: str, *args):
     """A tracker that fails (a store gone away) is dropped with a warning; training goes on."""

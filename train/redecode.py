@@ -1,15 +1,19 @@
-r"""Re-decode a finished summarization run with other decoding settings: same test examples,
-same evaluators and lead baselines as its own final evaluation, a new report.
+r"""Re-score a finished run with other inference settings - a summarizer's decoding, or how a
+classifier reads long texts: same test examples, same evaluators and baselines as its own final
+evaluation, a new report.
 
   python -m train.redecode --workdir=runs/summ_plain_english --out=runs/summ_pe_beam4 \
       --beam=4 --min_new=14 [--no_repeat_ngram_size=4 --repetition_penalty=1.2 \
       --length_penalty=1.0 --length_ratio=train --samples=16 --temperature=0.7 --top_p=0.95 \
       --num_examples=-1 --split=validation]
+  python -m train.redecode --workdir=runs/imdb_ft --out=runs/imdb_ft_w128 --window_stride=128 \
+      --split=validation
 
 Loads the run's best-validation state (else its newest checkpoint) through the inference API,
 reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
-the run's), and writes report.md, test_predictions.jsonl and metrics.jsonl to --out. Each
-decoding row of the README's summarization tables is one such command.
+the run's; --window_stride over a classifier's eval.window_stride), and writes report.md,
+test_predictions.jsonl and metrics.jsonl to --out. Each decoding row of the README's
+summarization tables is one such command.
 """
 import os
 
@@ -26,9 +30,9 @@ def _define_flags():
   # Only when run as a command: train.main (imported beside this module in tests) defines
   # --workdir too.
   global _WORKDIR, _OUT, _BEAM, _LENGTH_PENALTY, _NO_REPEAT, _REPETITION, _MIN_NEW
-  global _LENGTH_RATIO, _NUM_EXAMPLES, _SAMPLES, _TEMPERATURE, _TOP_P, _SPLIT
-  _WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization run.",
-                                 required=True)
+  global _LENGTH_RATIO, _NUM_EXAMPLES, _SAMPLES, _TEMPERATURE, _TOP_P, _SPLIT, _WINDOW_STRIDE
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization or classification "
+                                 "run.", required=True)
   _OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
   _BEAM = flags.DEFINE_integer("beam", None, "eval.decode.beam: 0/1 greedy, > 1 beams.")
   _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None, "eval.decode.length_penalty.")
@@ -43,6 +47,9 @@ def _define_flags():
                                   "many sampled summaries and the greedy/beam one (0: off).")
   _TEMPERATURE = flags.DEFINE_float("temperature", None, "eval.decode.temperature (MBR).")
   _TOP_P = flags.DEFINE_float("top_p", None, "eval.decode.top_p (MBR).")
+  _WINDOW_STRIDE = flags.DEFINE_integer(
+      "window_stride", None, "Classifiers: eval.window_stride, 0 = long texts truncated as in "
+      "training; S > 0 = also read whole in windows S ids apart (infer/classifier_rows.py).")
   _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
                              "Which split to score: choose decoding settings on validation, "
                              "then report test once.")
@@ -51,11 +58,14 @@ def _define_flags():
 
 
 def overridden_config(run_config: dict, num_examples: int | None = None,
-                      **decode) -> ml_collections.ConfigDict:
-  """The run's config with the given eval.decode keys and eval.num_examples (None: keep)."""
+                      window_stride: int | None = None, **decode) -> ml_collections.ConfigDict:
+  """The run's config with the given eval.decode keys, eval.num_examples and
+  eval.window_stride (None: keep)."""
   config = ml_collections.ConfigDict(run_config)
   if num_examples is not None:
     config.eval.num_examples = num_examples
+  if window_stride is not None:
+    config.eval.window_stride = window_stride
   # A run recorded before eval.decode existed decodes with all controls off. The recorded
   # JSON keeps no field types (length_ratio 0.0 reads back a float that "train" cannot
   # replace), so the section is rebuilt rather than assigned key by key.
@@ -72,23 +82,36 @@ def overridden_config(run_config: dict, num_examples: int | None = None,
 
 
 def redecode(workdir: str, out: str, num_examples: int | None = None, split: str = "test",
-             **decode) -> dict:
-  """The test evaluation of the run at `workdir` with `decode` over its eval.decode (and
-  `num_examples` test examples, None: the run's) -> `out`. split="validation" scores the
+             window_stride: int | None = None, **decode) -> dict:
+  """The test evaluation of the run at `workdir` with `decode` over its eval.decode (a
+  summarizer) or `window_stride` over its eval.window_stride (a classifier), and
+  `num_examples` test examples (None: the run's) -> `out`. split="validation" scores the
   run's validation examples instead (the report and test_predictions.jsonl say so), so that
   decoding settings are chosen without looking at the test split."""
   if split not in ("test", "validation"):
     raise config_check.ConfigError(f"--split={split!r}: expected 'test' or 'validation'")
   run = loading.open_run(workdir, prefer_best=True)
-  if run.kind != "summarize":
-    raise config_check.ConfigError(f"--workdir={workdir} is a {run.kind!r} run; re-decoding "
-                                   "needs a summarization run")
-  config = overridden_config(run.config.to_dict(), num_examples, **decode)
+  if run.kind not in ("summarize", "classify"):
+    raise config_check.ConfigError(f"--workdir={workdir} is a {run.kind!r} run; re-scoring "
+                                   "needs a summarization or classification run")
+  given = sorted(k for k, v in decode.items() if v is not None)
+  if run.kind == "classify" and given:
+    raise config_check.ConfigError(f"--workdir={workdir} is a classifier: decoding flags "
+                                   f"{given} apply to summarizers")
+  if run.kind == "summarize" and window_stride is not None:
+    raise config_check.ConfigError(f"--window_stride applies to classifiers; --workdir="
+                                   f"{workdir} is a summarizer")
+  seq_len = run.config.data.seq_len
+  if window_stride is not None and not 0 <= window_stride <= seq_len - 2:
+    raise config_check.ConfigError(f"--window_stride={window_stride}: expected 0 (off) .. "
+                                   f"{seq_len - 2} (the run's data.seq_len - 2)")
+  config = overridden_config(run.config.to_dict(), num_examples, window_stride, **decode)
   config_check.check_decode(config)
   loaded = loading.LoadedModel.from_run(run)
   splits = examples_lib.load_splits(config.data, build.task_kind(config),
                                     config.model.num_classes)
-  decoding, facts = final_eval.decode_options(config, loaded, splits.get("train", []))
+  decoding, facts = ({}, {}) if run.kind == "classify" else final_eval.decode_options(
+      config, loaded, splits.get("train", []))
   if split == "validation":
     if not splits.get("validation"):
       raise config_check.ConfigError(f"--split=validation: the run at {workdir} has no "
@@ -114,7 +137,7 @@ def main(argv):
       no_repeat_ngram_size=_NO_REPEAT.value, repetition_penalty=_REPETITION.value,
       min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, samples=_SAMPLES.value,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, num_examples=_NUM_EXAMPLES.value,
-      split=_SPLIT.value)
+      split=_SPLIT.value, window_stride=_WINDOW_STRIDE.value)
   for name, metrics in sections.items():
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     logging.info("%s: %s", name, shown)
