@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 from absl import app, flags, logging
 
@@ -27,9 +26,7 @@ from infer import loading
 from infer.inputs import (InputError, define_model_flags, friendly_errors, json_object,
                           load_predictor)
 from model import log_setup
-from train.metrics import format_eta
-
-PROGRESS_EVERY_S = 10.0
+from train.metrics import CountProgress
 
 
 # --- the files ------------------------------------------------------------------------------
@@ -69,7 +66,7 @@ def write_predictions(loaded: loading.LoadedModel, inputs: list[tuple[object, st
                       output: str, *, batch_size: int, max_new: int | None = None) -> None:
   """Predicts `inputs` in batches of `batch_size`, writing one JSON line per input in order."""
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  progress = _Progress(len(inputs))
+  progress = CountProgress(len(inputs), "texts")
   with open(output, "w", encoding="utf-8") as f:
     for start in range(0, len(inputs), batch_size):
       chunk = inputs[start:start + batch_size]
@@ -79,31 +76,6 @@ def write_predictions(loaded: loading.LoadedModel, inputs: list[tuple[object, st
       f.flush()
       progress.update(start + len(chunk))
   logging.info("wrote %d predictions to %s in %.1fs", len(inputs), output, progress.elapsed())
-
-
-class _Progress:
-  """A progress line every PROGRESS_EVERY_S; the rate (and ETA) leaves out the first batch,
-  which includes compilation."""
-
-  def __init__(self, total: int):
-    self.total = total
-    self.t0 = self.last_log = time.perf_counter()
-    self.first = None     # (done, time) after the first batch
-
-  def elapsed(self) -> float:
-    return time.perf_counter() - self.t0
-
-  def update(self, done: int):
-    now = time.perf_counter()
-    if self.first is None:
-      self.first = (done, now)
-      return
-    if now - self.last_log < PROGRESS_EVERY_S or done == self.total:
-      return
-    self.last_log = now
-    rate = (done - self.first[0]) / max(now - self.first[1], 1e-9)
-    logging.info("%d/%d texts (%.0f%%)  %.1f texts/s  ETA %s", done, self.total,
-                 100 * done / self.total, rate, format_eta((self.total - done) / rate))
 
 
 # --- the command line -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from helpers import REPO, _sentiment_config, _summary_file, numpy_params
 from helpers import call as _call, serving as _serving
 from infer import batching, decode, inputs, loading, serve
 from infer import main as batch_lib
+from train import metrics as metrics_lib
 from train import run as run_lib
 
 pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
@@ -322,7 +323,7 @@ def test_summaries_drop_ids_the_tokenizer_has_no_piece_for(summarizer, monkeypat
 
 # --- batch inference and the command lines -------------------------------------------------------
 def test_long_inputs_log_progress_with_an_eta(classifier, tmp_path, monkeypatch, caplog):
-  monkeypatch.setattr(batch_lib, "PROGRESS_EVERY_S", 0.0)
+  monkeypatch.setattr(metrics_lib.CountProgress, "every_s", 0.0)
   caplog.set_level(logging.INFO)
   inputs = [(i, TEXTS[i % len(TEXTS)]) for i in range(12)]
   batch_lib.write_predictions(classifier, inputs, str(tmp_path / "p.jsonl"), batch_size=4)
