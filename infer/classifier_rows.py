@@ -21,14 +21,20 @@ def window_starts(length: int, width: int, stride: int) -> list[int]:
   return list(range(0, length - width, stride)) + [length - width]
 
 
+def check_stride(stride: int, seq_len: int, tokenizer) -> None:
+  """ValueError unless 0 <= stride <= the text ids a row of seq_len holds (less framing)."""
+  width = seq_len - tokenizer.frame_len
+  if not 0 <= stride <= width:
+    raise ValueError(f"window_stride={stride}: expected 0 (off) .. {width} (a row's text ids)")
+
+
 def rows_for(tokenizer, texts: list[str], seq_len: int, how: str,
              stride: int) -> tuple[list[list[int]], np.ndarray]:
   """(framed id rows of at most seq_len ids, the index of the text each row reads): first
   each text truncated as in training, then (stride > 0) the windows of the texts that did not
   fit."""
+  check_stride(stride, seq_len, tokenizer)
   width = seq_len - tokenizer.frame_len
-  if stride < 0 or stride > width:
-    raise ValueError(f"window_stride={stride}: expected 0 (off) .. {width} (a row's text ids)")
   rows, owners = [], []
   for i, text in enumerate(texts):
     ids = tokenizer.encode(text)

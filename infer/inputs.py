@@ -5,7 +5,7 @@ import sys
 
 from absl import flags
 
-from infer import loading
+from infer import classifier_rows, loading
 from model.errors import DataError
 
 
@@ -61,10 +61,10 @@ def _set_window_stride(loaded: loading.LoadedModel, workdir: str, stride: int):
   if loaded.kind != "classify":
     raise InputError(f"--window_stride applies to classifiers; --workdir={workdir} holds a "
                      f"{loaded.kind!r} run")
-  width = loaded.config.data.seq_len - loaded.tokenizer.frame_len
-  if not 0 <= stride <= width:
-    raise InputError(f"--window_stride={stride}: expected 0 (off) .. {width} (the run's "
-                     "data.seq_len less bos/eos)")
+  try:
+    classifier_rows.check_stride(stride, loaded.config.data.seq_len, loaded.tokenizer)
+  except ValueError as e:
+    raise InputError(f"--{e}") from None
   with loaded.config.unlocked():
     loaded.config.eval.window_stride = stride
 

@@ -20,7 +20,7 @@ import os
 from absl import app, flags, logging
 import ml_collections
 
-from infer import loading
+from infer import classifier_rows, loading
 from model import log_setup
 from train import build, config_check, final_eval
 from train import metrics as metrics_lib
@@ -101,13 +101,14 @@ def redecode(workdir: str, out: str, num_examples: int | None = None, split: str
   if run.kind == "summarize" and window_stride is not None:
     raise config_check.ConfigError(f"--window_stride applies to classifiers; --workdir="
                                    f"{workdir} is a summarizer")
-  seq_len = run.config.data.seq_len
-  if window_stride is not None and not 0 <= window_stride <= seq_len - 2:
-    raise config_check.ConfigError(f"--window_stride={window_stride}: expected 0 (off) .. "
-                                   f"{seq_len - 2} (the run's data.seq_len - 2)")
   config = overridden_config(run.config.to_dict(), num_examples, window_stride, **decode)
   config_check.check_decode(config)
   loaded = loading.LoadedModel.from_run(run)
+  if window_stride is not None:
+    try:
+      classifier_rows.check_stride(window_stride, config.data.seq_len, loaded.tokenizer)
+    except ValueError as e:
+      raise config_check.ConfigError(f"--{e}") from None
   splits = examples_lib.load_splits(config.data, build.task_kind(config),
                                     config.model.num_classes)
   decoding, facts = ({}, {}) if run.kind == "classify" else final_eval.decode_options(
