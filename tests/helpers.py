@@ -2,7 +2,8 @@
 
 Model / sharding / checkpoint tests: tiny configs, meshes, batches. End-to-end tests: REPO, env,
 run_main, base_args (a tiny `python -m train.main` command line), losses / checkpoint_steps of a
-workdir, start_and_interrupt, write_corpus. Fine-tuning tests: _sentiment_config, _summary_file.
+workdir, start_and_interrupt, write_corpus. Fine-tuning tests: _sentiment_config, _summary_file,
+CharTokenizer (rows that read back exactly).
 
 Random initialisation through jax.random compiles slowly on small CPU machines, so tests that
 only need *some* parameter values fill the abstract (eval_shape'd) parameter tree with numpy
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 
 from configs import common, sentiment_finetune
 from model import sharding as sharding_lib
+from model import tokenizer as tokenizer_lib
 from model.config import ModelConfig
 
 # Tolerances used throughout, stated once.
@@ -236,6 +238,15 @@ def _sentiment_config(files, data_dir, **train):
   config.data.data_dir = str(data_dir)
   config.train.update(**train)
   return config
+
+
+class CharTokenizer(tokenizer_lib.TokenizerBase):
+  """One id per character (ord + 10) between bos 1 and eos 2, so rows can be read back
+  exactly."""
+  bos_id, eos_id = 1, 2
+
+  def encode(self, text):
+    return [ord(c) + 10 for c in text]
 
 
 def _summary_file(path, n=80, seed=0):

@@ -4,18 +4,10 @@ import chex
 import numpy as np
 import pytest
 
+from helpers import CharTokenizer
 from infer import classifier_rows
-from model import tokenizer as tokenizer_lib
 
-BOS, EOS = 1, 2
-
-
-class _CharTokenizer(tokenizer_lib.TokenizerBase):
-  """One id per character (ord + 10), so rows can be read back exactly."""
-  bos_id, eos_id = BOS, EOS
-
-  def encode(self, text):
-    return [ord(c) + 10 for c in text]
+BOS, EOS = CharTokenizer.bos_id, CharTokenizer.eos_id
 
 
 @pytest.mark.parametrize("length,width,stride", [(10, 4, 3), (10, 4, 4), (9, 4, 1), (100, 30, 7)])
@@ -32,7 +24,7 @@ def test_windows_cover_the_text_stride_apart_and_end_at_its_end(length, width, s
 
 
 def test_rows_are_the_training_row_then_framed_windows():
-  tok = _CharTokenizer()
+  tok = CharTokenizer()
   texts = ["abcdefghij", "xyz"]          # 10 ids and 3 ids; a row holds 6 = 4 + bos/eos
   rows, owners = classifier_rows.rows_for(tok, texts, 6, "head_tail", stride=3)
   ids = lambda s: [ord(c) + 10 for c in s]

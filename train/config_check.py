@@ -63,6 +63,12 @@ def validate(config, num_devices: int, process_count: int):
       (0 <= config.eval.get("window_stride", 0) <= d.seq_len - 2,
        f"config.eval.window_stride={config.eval.get('window_stride', 0)}: expected 0 (off) .. "
        f"data.seq_len - 2 = {d.seq_len - 2} (a row's text ids)"),
+      (0 <= d.get("train_window_stride", 0) <= d.seq_len - 2,
+       f"config.data.train_window_stride={d.get('train_window_stride', 0)}: expected 0 (off) "
+       f".. data.seq_len - 2 = {d.seq_len - 2} (a row's text ids)"),
+      (not d.get("train_window_stride", 0) or _student_task(config) == "classify",
+       f"config.data.train_window_stride={d.get('train_window_stride', 0)} applies to "
+       f"classifiers, not task {_student_task(config)!r}; set it to 0"),
       (config.task != "summarize" or 1 <= d.target_len < d.seq_len - 2,
        f"config.data.target_len={d.target_len} must be in [1, seq_len - 2 = {d.seq_len - 2})"),
       (config.distill.init_student in ("none", "teacher_layers"),

@@ -104,9 +104,12 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
   ident = {"data": examples_lib.fingerprint(config.data), "tokenizer": tokenizer.fingerprint,
            "max_examples": config.data.max_examples}
+  stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key
+  train_rows = _train_views(splits["train"], tokenizer, config.data, stride) if stride else (
+      rows["train"])
   train_iter = examples_lib.make_iterator(
-      rows["train"], config.data, split="train", shuffle=True, repeat=True, seed=config.seed,
-      process_index=pi, process_count=pc, identity=ident)
+      train_rows, config.data, split="train", shuffle=True, repeat=True, seed=config.seed,
+      process_index=pi, process_count=pc, identity=ident, views=bool(stride))
   # The whole validation split every time; processes with fewer rows pad with empty batches so
   # every process runs the same number of eval steps.
   num_batches = -(-len(rows["validation"]) // config.data.batch_size)
@@ -119,3 +122,16 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
                                     process_count=pc, identity=ident)
     return itertools.islice(itertools.chain(it, itertools.repeat(blank)), num_batches)
   return Inputs(tokenizer, train_iter, make_eval_iter, config.data.train_file, splits, rows)
+
+
+def _train_views(examples, tokenizer, data_cfg, stride: int) -> list[list[dict]]:
+  """Each train example's views (data.train_window_stride; examples.encode_views)."""
+  try:
+    views = [examples_lib.encode_views(e, tokenizer, data_cfg, stride) for e in examples]
+  except ValueError as e:   # the stride against this tokenizer's row width
+    raise ConfigError(f"config.data.train_{e}") from None
+  longer = sum(len(v) > 1 for v in views)
+  logging.info("train views (data.train_window_stride=%d): %d examples, %d longer than a row "
+               "read in %d windows besides their truncated rows", stride, len(views), longer,
+               sum(map(len, views)) - len(views))
+  return views
