@@ -99,17 +99,19 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   kind = build.task_kind(config)
   tokenizer = _finetune_tokenizer(config, sources, resumed_meta)
   splits = sources.splits
+  stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key
   rows = {name: [examples_lib.encode(e, tokenizer, kind, config.data) for e in exs]
-          for name, exs in splits.items()}
+          for name, exs in splits.items() if name != "train" or not stride}
+  if stride:   # each train example's first view is its `encode` row: tokenized once
+    train_views = _train_views(splits["train"], tokenizer, config.data, stride)
+    rows["train"] = [views[0] for views in train_views]
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
   ident = {"data": examples_lib.fingerprint(config.data), "tokenizer": tokenizer.fingerprint,
            "max_examples": config.data.max_examples}
-  stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key
-  train_rows = _train_views(splits["train"], tokenizer, config.data, stride) if stride else (
-      rows["train"])
   train_iter = examples_lib.make_iterator(
-      train_rows, config.data, split="train", shuffle=True, repeat=True, seed=config.seed,
-      process_index=pi, process_count=pc, identity=ident, views=bool(stride))
+      train_views if stride else rows["train"], config.data, split="train", shuffle=True,
+      repeat=True, seed=config.seed, process_index=pi, process_count=pc, identity=ident,
+      views=bool(stride))
   # The whole validation split every time; processes with fewer rows pad with empty batches so
   # every process runs the same number of eval steps.
   num_batches = -(-len(rows["validation"]) // config.data.batch_size)
