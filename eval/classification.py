@@ -84,12 +84,40 @@ def evaluate(records: list[dict], cfg) -> dict:
   out["ece"] = expected_calibration_error(probs.max(1), correct)
   # Not sklearn's log_loss: it clips at float64 eps (not 1e-12) and warns on float32 softmax
   # outputs whose sums are off by 1e-7, which the check in _arrays accepts.
-  p_true = probs[np.arange(len(labels)), labels]
-  out["nll"] = float(-np.log(np.maximum(p_true, 1e-12)).mean())
+  out["nll"] = float(_correct_and_nll(labels, probs)[1].mean())
   out["per_class"] = [
       {"class": c, "precision": float(precision[c]), "recall": float(recall[c]),
        "f1": float(f1[c]), "support": int(support[c])} for c in range(num_classes)]
   out["confusion_matrix"] = metrics.confusion_matrix(labels, predicted, labels=classes).tolist()
+  return out
+
+
+def _correct_and_nll(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  p_true = probs[np.arange(len(labels)), labels]
+  return probs.argmax(1) == labels, -np.log(np.maximum(p_true, 1e-12))
+
+
+def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
+  """The model's per-example correctness and log-loss minus the baseline's on the same
+  examples, averaged, with bootstrap CIs over examples: an accuracy interval above zero says
+  the model beats the baseline on this test set (two overlapping per-system CIs cannot say
+  either way). Also the discordant pairs (McNemar's table): examples only the model gets right
+  and only the baseline does."""
+  labels, probs = _arrays(records)
+  base_labels, base_probs = _arrays(baseline)
+  ids, base_ids = [r.get("id") for r in records], [b.get("id") for b in baseline]
+  if len(labels) != len(base_labels) or (labels != base_labels).any() or (
+      None not in ids and None not in base_ids and ids != base_ids):
+    raise common.EvalError(f"{NAME} paired difference: the {len(records)} records and the "
+                           f"{len(baseline)} baseline records are not the same examples in the "
+                           "same order (ids or labels differ)")
+  correct, nll = _correct_and_nll(labels, probs)
+  base_correct, base_nll = _correct_and_nll(base_labels, base_probs)
+  out = {"count": len(records)}
+  common.add_mean(out, "accuracy", correct.astype(np.float64) - base_correct, cfg)
+  common.add_mean(out, "nll", nll - base_nll, cfg)
+  out["model_only_correct"] = int((correct & ~base_correct).sum())
+  out["baseline_only_correct"] = int((base_correct & ~correct).sum())
   return out
 
 

@@ -82,7 +82,8 @@ def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
   over documents: an interval above zero says the model beats the baseline on this test set
   (overlapping per-system CIs cannot say either way)."""
   if [r.get("id") for r in records] != [b.get("id") for b in baseline]:
-    raise ValueError("paired_difference: the records and the baseline hold other documents")
+    raise common.EvalError("rouge paired difference: the records and the baseline hold other "
+                           "documents (ids differ)")
   ours = [_fmeasures(r["prediction"], r["reference"]) for r in records]
   theirs = [_fmeasures(b["prediction"], b["reference"]) for b in baseline]
   out = {"count": len(records)}

@@ -32,10 +32,11 @@ def _texts_and_labels(records: list[dict], text_field: str, label_field: str, wh
   return [r[text_field] for r in records], np.asarray([r[label_field] for r in records])
 
 
-def run(train_records: list[dict], test_records: list[dict], text_field: str = "text",
-        label_field: str = "label", seed: int = 0, cfg=None) -> dict:
-  """Fits on `train_records`, returns classification metrics on `test_records` plus
-  "train_seconds" (vectorising + fitting), "num_features" and "train_examples"."""
+def predict(train_records: list[dict], test_records: list[dict], text_field: str = "text",
+            label_field: str = "label", seed: int = 0) -> tuple[list[dict], dict]:
+  """Fits on `train_records`; returns (one {"label", "probs"[, "id"]} record per test record,
+  in order - what eval/classification.py scores - and {"train_seconds" (vectorising +
+  fitting), "num_features", "train_examples"})."""
   from sklearn.feature_extraction.text import TfidfVectorizer
   from sklearn.linear_model import LogisticRegression
   train_x, train_y = _texts_and_labels(train_records, text_field, label_field, "tfidf train")
@@ -55,9 +56,19 @@ def run(train_records: list[dict], test_records: list[dict], text_field: str = "
   probs = np.zeros((len(test_x), num_classes))
   probs[:, model.classes_] = model.predict_proba(vectorizer.transform(test_x))
   records = [{"label": int(y), "probs": p.tolist()} for y, p in zip(test_y, probs)]
+  for record, test in zip(records, test_records):
+    if "id" in test:   # lets a paired comparison check it holds the model's examples
+      record["id"] = test["id"]
+  return records, {"train_seconds": round(train_seconds, 2),
+                   "num_features": len(vectorizer.vocabulary_), "train_examples": len(train_x)}
+
+
+def run(train_records: list[dict], test_records: list[dict], text_field: str = "text",
+        label_field: str = "label", seed: int = 0, cfg=None) -> dict:
+  """predict's fit, scored: classification metrics on `test_records` plus its facts."""
+  records, facts = predict(train_records, test_records, text_field, label_field, seed)
   metrics = classification.evaluate(records, cfg if cfg is not None else common.eval_config())
-  metrics.update(train_seconds=round(train_seconds, 2), num_features=len(vectorizer.vocabulary_),
-                 train_examples=len(train_x))
+  metrics.update(facts)
   return metrics
 
 

@@ -44,6 +44,11 @@ def test_classifier_from_scratch_learns_and_writes_report(classifier_run):
   assert test["count"] == 64
   baseline = result["test"]["baseline: tf-idf + logistic regression"]
   assert baseline["accuracy"] > 0.85
+  # The model minus TF-IDF on the same reviews, one review at a time.
+  paired = result["test"]["paired: model minus tf-idf + logistic regression: classification"]
+  assert paired["count"] == 64
+  assert paired["accuracy"] == pytest.approx(test["accuracy"] - baseline["accuracy"])
+  assert paired["nll"] == pytest.approx(test["nll"] - baseline["nll"])
   report = (tmp_path / "run" / "report.md").read_text()
   assert f"{test['accuracy']:.3f}" in report and "tf-idf" in report
   # The best validation state is kept and used for the test evaluation.

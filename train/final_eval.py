@@ -171,8 +171,13 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
     sections[f"model: {name}"] = _evaluate(name, records, config.eval)
   if loaded.kind == "classify":
     train = [{"text": e.text, "label": int(e.target)} for e in splits["train"]]
-    sections["baseline: tf-idf + logistic regression"] = tfidf_baseline.run(
-        train, [{"text": r["text"], "label": r["label"]} for r in records])
+    base_records, base_facts = tfidf_baseline.predict(
+        train, [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in records])
+    sections["baseline: tf-idf + logistic regression"] = dict(
+        classification.evaluate(base_records, config.eval), **base_facts)
+    if "classification" in config.eval.evaluators:
+      sections["paired: model minus tf-idf + logistic regression: classification"] = (
+          classification.paired_difference(records, base_records, config.eval))
   if loaded.kind == "summarize" and "rouge" in config.eval.evaluators:
     baselines = rouge.lead_baselines(records)
     for base_name, base_records in baselines.items():
