@@ -5,9 +5,10 @@ r"""Two systems on the same test examples: per-example score differences with bo
 
 Why: two systems' own 95% CIs overlapping does not say they are level. Both read the same
 examples, so most of each one's sampling noise is shared; the CI of the mean per-example
-difference (each resample drawing the same examples for both) cancels it and is the test. Classifier predictions (records with "probs") give
-the accuracy and NLL differences and the discordant pairs (eval/classification.py);
-summaries (records with "prediction") the ROUGE differences (eval/rouge.py). Both files must
+difference (each resample drawing the same examples for both) cancels it and is the test.
+Classifier predictions (records with "probs") give the accuracy and NLL differences and the
+discordant pairs (eval/classification.py); summaries (records with "prediction") the ROUGE
+differences (eval/rouge.py). Both files must
 hold the same examples in the same order (checked by id, and by label for classifiers): e.g.
 one run re-scored with other inference settings (train.redecode), or two fine-tunes of one
 test set.
