@@ -112,9 +112,14 @@ def split_sentences(text: str) -> list[str]:
   return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
-def run_cli(evaluate, title: str) -> None:
-  """`python -m eval.<name> --records=... [--out=...] [--bootstrap=N]` for one evaluator."""
+def run_cli(evaluate, title: str, paired: bool = False) -> None:
+  """`python -m eval.<name> --records=... [--out=...] [--bootstrap=N]` for one evaluator,
+  `evaluate(records, cfg)`; with `paired`, also --baseline=... for `evaluate(records, baseline,
+  cfg)` (two systems on the same examples)."""
   flags.DEFINE_string("records", None, "Predictions: one JSON record per line (.jsonl[.gz]).")
+  if paired:
+    flags.DEFINE_string("baseline", None, "The other system's predictions on the same examples.")
+    flags.mark_flag_as_required("baseline")
   flags.DEFINE_string("out", None, "Also write the metrics here as JSON.")
   flags.DEFINE_integer("bootstrap", None, "Resamples for 95% CIs (default: config.eval's).")
   flags.mark_flag_as_required("records")
@@ -126,8 +131,12 @@ def run_cli(evaluate, title: str) -> None:
     cfg = eval_config()
     if fl.bootstrap is not None:
       cfg.bootstrap = fl.bootstrap
-    metrics = evaluate(read_jsonl(fl.records), cfg)
-    print_and_save(metrics, f"{title}: {fl.records}", fl.out)
+    records = read_jsonl(fl.records)
+    if paired:
+      metrics = evaluate(records, read_jsonl(fl.baseline), cfg)
+      print_and_save(metrics, f"{title}: {fl.records} minus {fl.baseline}", fl.out)
+    else:
+      print_and_save(evaluate(records, cfg), f"{title}: {fl.records}", fl.out)
 
   run_app(main)
 

@@ -8,13 +8,10 @@ examples, so most of each one's sampling noise is shared; the CI of the mean per
 difference (each resample drawing the same examples for both) cancels it and is the test.
 Classifier predictions (records with "probs") give the accuracy and NLL differences and the
 discordant pairs (eval/classification.py); summaries (records with "prediction") the ROUGE
-differences (eval/rouge.py). Both files must
-hold the same examples in the same order (checked by id, and by label for classifiers): e.g.
-one run re-scored with other inference settings (train.redecode), or two fine-tunes of one
-test set.
+differences (eval/rouge.py). Both files must hold the same examples in the same order (checked
+by id, and by label for classifiers): e.g. one run re-scored with other inference settings
+(train.redecode), or two fine-tunes of one test set.
 """
-from absl import app, flags
-
 from eval import classification, common, rouge
 
 
@@ -30,21 +27,5 @@ def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
                          f"'prediction' (a summarizer's); has {sorted(records[0])}")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  fl = flags.FLAGS
-  cfg = common.eval_config()
-  if fl.bootstrap is not None:
-    cfg.bootstrap = fl.bootstrap
-  metrics = paired_difference(common.read_jsonl(fl.records), common.read_jsonl(fl.baseline), cfg)
-  common.print_and_save(metrics, f"{fl.records} minus {fl.baseline}", fl.out)
-
-
 if __name__ == "__main__":
-  flags.DEFINE_string("records", None, "The system's predictions (.jsonl[.gz]).", required=True)
-  flags.DEFINE_string("baseline", None, "The other system's predictions on the same examples.",
-                      required=True)
-  flags.DEFINE_string("out", None, "Also write the differences here as JSON.")
-  flags.DEFINE_integer("bootstrap", None, "Resamples for 95% CIs (default: config.eval's).")
-  common.run_app(main)
+  common.run_cli(paired_difference, "paired", paired=True)
