@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import classifier_rows, decode, decode_controls, lora, quantize, rerank, word_ngrams
+from infer import (classifier_rows, decode, decode_controls, lora, quantize, rerank, stream_text,
+                   word_ngrams)
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
@@ -324,7 +325,7 @@ class LoadedModel:
       ids = decode.generate(self.model, self.params, tokens, prompt_len,
                             jax.random.PRNGKey(seed), max_new=max_new, eos_id=tok.eos_id,
                             controls=controls, prefix_lm=False)
-    return [cut_at_stop(tok.decode(decode.strip(row, tok.eos_id)), stop)[0]
+    return [stream_text.cut_at_stop(tok.decode(decode.strip(row, tok.eos_id)), stop)[0]
             for row in np.asarray(ids)]
 
   def generate_stream(self, prompts: list[str], max_new: int, *, temperature: float = 0.0,
@@ -334,36 +335,19 @@ class LoadedModel:
     """`generate` decoded `chunk` tokens at a time (decode.generate_chunks): yields, after each
     chunk, one string per prompt, the text that became final since the last yield (a possible
     start of a stop string and an incomplete UTF-8 character are held back until they are
-    settled). Joined, each row's pieces equal `generate`'s text. Stops decoding once every
-    row hit eos or a stop string."""
-    tok = self.tokenizer
+    settled: infer/stream_text.py). Joined, each row's pieces equal `generate`'s text. Stops
+    decoding once every row hit eos or a stop string."""
     tokens, prompt_len = self.encode_for_generate(prompts, max_new)
-    hold = max((len(s) for s in stop), default=1) - 1
-    ids = [[] for _ in prompts]
-    shown = [""] * len(prompts)
-    finished = [False] * len(prompts)
+    rows = stream_text.StreamedRows(len(prompts), self.tokenizer, max_new, stop)
     chunks = decode.generate_chunks(
         self.model, self.params, tokens, prompt_len, jax.random.PRNGKey(seed), max_new=max_new,
-        eos_id=tok.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
-        no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-        min_new=min_new, ngram_words=self.ngram_words(no_repeat_ngram_size))
+        eos_id=self.tokenizer.eos_id, chunk=chunk, temperature=temperature, top_k=top_k,
+        top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
+        repetition_penalty=repetition_penalty, min_new=min_new,
+        ngram_words=self.ngram_words(no_repeat_ngram_size))
     for block in chunks:
-      pieces = []
-      for i, row in enumerate(block):
-        if finished[i]:
-          pieces.append("")
-          continue
-        ids[i] += [int(t) for t in row]
-        text, stopped = cut_at_stop(tok.decode(decode.strip(ids[i], tok.eos_id)), stop)
-        finished[i] = stopped or tok.eos_id in ids[i] or len(ids[i]) >= max_new
-        if not finished[i]:
-          text = text[:max(len(text) - hold, 0)]
-          while text.endswith("\ufffd"):     # a character whose bytes are still coming
-            text = text[:-1]
-        pieces.append(text[len(shown[i]):] if text.startswith(shown[i]) else "")
-        shown[i] = max(shown[i], text, key=len) if text.startswith(shown[i]) else shown[i]
-      yield pieces
-      if all(finished):
+      yield rows.add(block)
+      if rows.all_finished:
         break
 
   def check_max_new(self, max_new: int | None) -> int | None:
@@ -415,12 +399,6 @@ class LoadedModel:
                       np.full(size, 2, np.int32), max_new=max_new,
                       eos_id=self.tokenizer.eos_id).block_until_ready()
     return len(sizes) * len(lengths)
-
-
-def cut_at_stop(text: str, stop) -> tuple[str, bool]:
-  """(text before the first occurrence of any of the `stop` strings, whether one occurred)."""
-  cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-  return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 # Class probabilities of any model that applies like the Transformer (a quantized one too).

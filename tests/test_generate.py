@@ -18,7 +18,7 @@ import pytest
 from configs import legal_pretrain
 from helpers import REPO, _sentiment_config, env, numpy_params
 from helpers import call as _call, serving as _serving
-from infer import loading
+from infer import loading, stream_text
 from train import run as run_lib
 
 pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
@@ -84,7 +84,7 @@ def test_stop_strings_cut_at_the_first_one(lm):
   joined = ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))]
   assert joined[row] == expected
   assert all(stop not in t for t in joined)
-  assert loading.cut_at_stop("a. b. c", (" c", ".")) == ("a", True)
+  assert stream_text.cut_at_stop("a. b. c", (" c", ".")) == ("a", True)
 
 
 def test_beam_search_text(lm):
