@@ -54,9 +54,12 @@ def pretraining(config: dict, run: str) -> tuple[int, int]:
 
 
 def model_shape(config: dict) -> str:
-  """The curve a run belongs to: its model's depth and width."""
+  """The curve a run belongs to: its model's depth and width, and whether its evaluation read
+  long reviews whole (eval.window_stride > 0), which moves test accuracy as much as tokens do."""
   model = config["model"]
-  return f"{model['num_layers']} layers x d_model {model['d_model']}"
+  stride = config.get("eval", {}).get("window_stride", 0)
+  return (f"{model['num_layers']} layers x d_model {model['d_model']}"
+          + (f", windows at stride {stride}" if stride else ""))
 
 
 def point(run: str, bootstrap: int) -> dict:
@@ -67,9 +70,15 @@ def point(run: str, bootstrap: int) -> dict:
       common.read_jsonl(os.path.join(run, "test_predictions.jsonl")),
       common.eval_config(bootstrap=bootstrap))
   rows = common.read_jsonl(os.path.join(run, "metrics.jsonl"))
-  # The state the test scored: the best validation loss (the loop keeps that one).
+  # The state the test scored: the best validation loss (the loop keeps that one). Its loss
+  # and accuracy as the test read them: on truncated rows, or with windows the evaluator's
+  # validation/classification row (nll, accuracy) at that step.
   best = min((r for r in rows if r["split"] == "validation"), key=lambda r: r["loss"],
              default={})
+  if config.get("eval", {}).get("window_stride", 0) and best:
+    windowed = [r for r in rows if r["split"] == "validation/classification"
+                and r["step"] == best["step"]]
+    best = {"loss": windowed[-1]["nll"], "accuracy": windowed[-1]["accuracy"]} if windowed else {}
   tfidf = [r["accuracy"] for r in rows if r["split"] == TFIDF_SPLIT]
   return {"run": run, "step": step, "tokens": tokens, "accuracy": test["accuracy"],
           "accuracy_ci": test["accuracy" + report.CI_SUFFIX], "macro_f1": test["macro_f1"],

@@ -89,6 +89,20 @@ def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
   text = learning_curve.table(sorted(points, key=lambda p: p["tokens"]))
   assert text.splitlines()[2].startswith(f"| {shape} | 0.0M | 0 |")
   assert "| 2 |" in text.splitlines()[3]
+  # Long reviews read whole at evaluation: a curve of its own, its validation the windowed one.
+  windowed = tmp_path / "windowed"
+  windowed.mkdir()
+  predictions = "test_predictions.jsonl"
+  (windowed / predictions).write_text((root / "run" / predictions).read_text())
+  rows = [json.loads(line) for line in (root / "run/metrics.jsonl").read_text().splitlines()]
+  best = min((r for r in rows if r["split"] == "validation"), key=lambda r: r["loss"])
+  rows.append({"step": best["step"], "split": "validation/classification", "nll": 0.125,
+               "accuracy": 0.75})
+  (windowed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (windowed / "config.json").write_text(json.dumps(dict(config, eval={"window_stride": 6})))
+  read_whole = learning_curve.point(str(windowed), bootstrap=20)
+  assert read_whole["model"] == shape + ", windows at stride 6"
+  assert (read_whole["validation_loss"], read_whole["validation_accuracy"]) == (0.125, 0.75)
   # A wider LM's point is a second curve: grouped apart from the first, and drawn as its own line.
   wide = dict(points[0], run="wide", model="1 layers x d_model 999")
   assert [p["run"] for p in learning_curve.merge(points, [wide])] == ["wide", scratch, str(tuned)]
