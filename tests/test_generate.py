@@ -87,6 +87,22 @@ def test_stop_strings_cut_at_the_first_one(lm):
   assert stream_text.cut_at_stop("a. b. c", (" c", ".")) == ("a", True)
 
 
+def test_streamed_rows_hold_back_unsettled_text():
+  """Byte-level ids (eos 0): a split UTF-8 character and a possible stop string's start wait
+  for the ids that settle them; a finished row yields nothing more."""
+  bytes_tok = types.SimpleNamespace(
+      eos_id=0, decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+  rows = stream_text.StreamedRows(1, bytes_tok, max_new=12)
+  e_acute = list("é".encode())                       # two bytes
+  assert rows.add([[ord("a"), e_acute[0]]]) == ["a"]
+  assert rows.add([[e_acute[1], ord("b")]]) == ["éb"]
+  assert rows.add([[0, ord("c")]]) == [""] and rows.all_finished and rows.shown == ["aéb"]
+  rows = stream_text.StreamedRows(1, bytes_tok, max_new=12, stop=("END",))   # holds 2 back
+  assert rows.add([list(b"xyE")]) == ["x"]
+  assert rows.add([list(b"NDz")]) == ["y"] and rows.all_finished
+  assert rows.add([list(b"qqq")]) == [""] and rows.shown == ["xy"]
+
+
 def test_beam_search_text(lm):
   beams = lm.generate(PROMPTS, 12, beam=3)
   assert len(beams) == len(PROMPTS) and all(isinstance(t, str) for t in beams)
