@@ -53,11 +53,16 @@ def pretraining(config: dict, run: str) -> tuple[int, int]:
   return step, step * data["batch_size"] * data["seq_len"]
 
 
+def window_stride(config: dict) -> int:
+  """The run's eval.window_stride: > 0 when its evaluation read long reviews whole."""
+  return config.get("eval", {}).get("window_stride", 0)
+
+
 def model_shape(config: dict) -> str:
   """The curve a run belongs to: its model's depth and width, and whether its evaluation read
   long reviews whole (eval.window_stride > 0), which moves test accuracy as much as tokens do."""
   model = config["model"]
-  stride = config.get("eval", {}).get("window_stride", 0)
+  stride = window_stride(config)
   return (f"{model['num_layers']} layers x d_model {model['d_model']}"
           + (f", windows at stride {stride}" if stride else ""))
 
@@ -75,7 +80,7 @@ def point(run: str, bootstrap: int) -> dict:
   # validation/classification row (nll, accuracy) at that step.
   best = min((r for r in rows if r["split"] == "validation"), key=lambda r: r["loss"],
              default={})
-  if config.get("eval", {}).get("window_stride", 0) and best:
+  if window_stride(config) and best:
     windowed = [r for r in rows if r["split"] == "validation/classification"
                 and r["step"] == best["step"]]
     best = {"loss": windowed[-1]["nll"], "accuracy": windowed[-1]["accuracy"]} if windowed else {}
