@@ -97,6 +97,36 @@ def _correct_and_nll(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray,
   return probs.argmax(1) == labels, -np.log(np.maximum(p_true, 1e-12))
 
 
+def _check_same_examples(records: list[dict], other: list[dict], what: str) -> None:
+  """Raises EvalError (starting with `what`) unless both lists hold the same examples in the
+  same order: same labels, and same ids where both have them (a baseline scored elsewhere may
+  carry none)."""
+  ids, other_ids = [r.get("id") for r in records], [r.get("id") for r in other]
+  if len(records) != len(other) or any(r["label"] != o["label"] for r, o in zip(records, other)) \
+      or (None not in ids and None not in other_ids and ids != other_ids):
+    raise common.EvalError(f"{what} are not the same examples in the same order (ids or labels "
+                           "differ)")
+
+
+def mean_probabilities(members: list[list[dict]], names: list[str]) -> list[dict]:
+  """An ensemble's records: member 0's records with "probs" replaced by the mean of every
+  member's class probabilities for that example. Why the probabilities' mean: it is the
+  usual rule for ensembles of fine-tunes, needs no weights to choose, and stays calibrated
+  when the members are. `names` (e.g. the files) are for the errors."""
+  if len(members) < 2 or len(names) != len(members):
+    raise common.EvalError(f"ensemble: {len(members)} members; expected >= 2, one name each")
+  probs = []
+  for name, records in zip(names, members):
+    probs.append(_arrays(records)[1])
+    _check_same_examples(records, members[0], f"ensemble: {name}'s {len(records)} records and "
+                         f"{names[0]}'s {len(members[0])}")
+    if probs[-1].shape != probs[0].shape:
+      raise common.EvalError(f"ensemble: {name} has {probs[-1].shape[1]} classes; "
+                             f"{names[0]} has {probs[0].shape[1]}")
+  mean = np.mean(probs, axis=0)
+  return [dict(r, probs=p.tolist()) for r, p in zip(members[0], mean)]
+
+
 def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
   """The model's per-example correctness and log-loss minus the baseline's on the same
   examples, averaged, with bootstrap CIs over examples: an accuracy interval above zero says
@@ -105,12 +135,8 @@ def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
   and only the baseline does."""
   labels, probs = _arrays(records)
   base_labels, base_probs = _arrays(baseline)
-  ids, base_ids = [r.get("id") for r in records], [b.get("id") for b in baseline]
-  if len(labels) != len(base_labels) or (labels != base_labels).any() or (
-      None not in ids and None not in base_ids and ids != base_ids):
-    raise common.EvalError(f"{NAME} paired difference: the {len(records)} records and the "
-                           f"{len(baseline)} baseline records are not the same examples in the "
-                           "same order (ids or labels differ)")
+  _check_same_examples(records, baseline, f"{NAME} paired difference: the {len(records)} "
+                       f"records and the {len(baseline)} baseline records")
   correct, nll = _correct_and_nll(labels, probs)
   base_correct, base_nll = _correct_and_nll(base_labels, base_probs)
   out = {"count": len(records)}

@@ -161,16 +161,30 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
   with open(os.path.join(workdir, "test_predictions.jsonl"), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
-  predict_seconds = time.perf_counter() - t0
+  facts["prediction seconds"] = round(time.perf_counter() - t0, 1)
+  if loaded.kind == "classify" and config.eval.get("window_stride", 0):
+    facts["long texts"] = (f"also read whole in windows {config.eval.window_stride} ids apart, "
+                           "rows' log-probabilities averaged (eval.window_stride)")
+  harness = (harness_sections(config, loaded, params)
+             if config.eval.harness_tasks and loaded.kind != "classify" else {})
+  return score(config, workdir, records, kind=loaded.kind, train_examples=splits.get("train", []),
+               writer=writer, step=step, facts=facts, extra_sections=harness)
 
+
+def score(config, workdir: str, records: list[dict], *, kind: str, train_examples, writer,
+          step: int, facts: dict, extra_sections: dict | None = None) -> dict:
+  """Test records (as _records makes them: a classifier's class probabilities or summaries)
+  -> every configured evaluator, the baselines fitted on `train_examples` and the paired
+  comparisons -> metrics.jsonl (test/...) and report.md; returns {section: metrics}. Also the
+  way in for predictions made elsewhere (an ensemble of runs, train/ensemble.py)."""
   sections = {}
   for name in config.eval.evaluators:
     if name not in EVALUATORS:
       raise ValueError(f"config.eval.evaluators: unknown {name!r}; expected some of "
                        f"{sorted(EVALUATORS)}")
     sections[f"model: {name}"] = _evaluate(name, records, config.eval)
-  if loaded.kind == "classify":
-    train = [{"text": e.text, "label": int(e.target)} for e in splits["train"]]
+  if kind == "classify":
+    train = [{"text": e.text, "label": int(e.target)} for e in train_examples]
     base_records, base_facts = tfidf_baseline.predict(
         train, [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in records])
     sections["baseline: tf-idf + logistic regression"] = dict(
@@ -178,29 +192,24 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
     if "classification" in config.eval.evaluators:
       sections["paired: model minus tf-idf + logistic regression: classification"] = (
           classification.paired_difference(records, base_records, config.eval))
-  if loaded.kind == "summarize" and "rouge" in config.eval.evaluators:
+  if kind == "summarize" and "rouge" in config.eval.evaluators:
     baselines = rouge.lead_baselines(records)
     for base_name, base_records in baselines.items():
       sections[f"baseline: {base_name}: rouge"] = _evaluate("rouge", base_records, config.eval)
     for base_name in ("lead-3", "lead-K"):   # lead-N knows the reference's length: no rival
       sections[f"paired: model minus {base_name}: rouge"] = rouge.paired_difference(
           records, baselines[base_name], config.eval)
-  if loaded.kind == "summarize" and config.eval.rubric_examples > 0:
+  if kind == "summarize" and config.eval.rubric_examples > 0:
     from eval import rubric
     sheet = rubric.export(records, os.path.join(workdir, "rubric_sheet.csv"),
                           config.eval.rubric_examples, config.seed)
     facts["human-evaluation sheet"] = sheet
-
-  if config.eval.harness_tasks and loaded.kind != "classify":
-    sections.update(harness_sections(config, loaded, params))
+  sections.update(extra_sections or {})
 
   for section, metrics in sections.items():
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     writer.write(step, "test/" + section.replace(": ", "/").replace(" ", "_"), scalars)
-  facts.update({"test examples": len(records), "prediction seconds": round(predict_seconds, 1)})
-  if loaded.kind == "classify" and config.eval.get("window_stride", 0):
-    facts["long texts"] = (f"also read whole in windows {config.eval.window_stride} ids apart, "
-                           "rows' log-probabilities averaged (eval.window_stride)")
+  facts["test examples"] = len(records)
   path = report.write_report(os.path.join(workdir, "report.md"),
                              f"{config.task} run: {os.path.basename(workdir)}", sections,
                              notes=[f"{k}: {v}" for k, v in facts.items()])

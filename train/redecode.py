@@ -147,4 +147,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(config_check.exit_on_user_error(main))

@@ -1,0 +1,120 @@
+"""Ensembles of classifiers (eval.classification.mean_probabilities, train/ensemble.py): the
+mean of the members' probabilities, scored as a run's test evaluation is, on test or on
+validation, and the checks that every member holds the same examples."""
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from eval import classification, common
+from helpers import _sentiment_config
+from train import ensemble
+from train.config_check import ConfigError
+from train.data import examples as examples_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _member(examples, seed):
+  """Records of a classifier right on ~75% of `examples`, as final_eval writes them."""
+  rng = np.random.default_rng(seed)
+  p_true = rng.uniform(0.25, 1.0, len(examples))
+  return [{"id": e.id, "label": int(e.target), "text": e.text, "dataset": e.source,
+           "probs": [p, 1 - p] if int(e.target) == 0 else [1 - p, p]}
+          for e, p in zip(examples, p_true)]
+
+
+def _write(directory, records):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "test_predictions.jsonl"), "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return str(directory)
+
+
+@pytest.fixture()
+def run_and_splits(sentiment_files, tmp_path):
+  """A run directory holding only config.json (what train.ensemble reads) and its splits."""
+  config = _sentiment_config(sentiment_files, tmp_path / "cache")
+  os.makedirs(tmp_path / "run")
+  (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())
+  splits = examples_lib.load_splits(config.data, "classify", config.model.num_classes)
+  return str(tmp_path / "run"), splits
+
+
+def test_mean_probabilities_averages_members_example_by_example():
+  records = [{"id": "a", "label": 0, "probs": [0.9, 0.1]},
+             {"id": "b", "label": 1, "probs": [0.6, 0.4]}]
+  other = [{"id": "a", "label": 0, "probs": [0.3, 0.7]},
+           {"id": "b", "label": 1, "probs": [0.2, 0.8]}]
+  mean = classification.mean_probabilities([records, other], ["x", "y"])
+  chex.assert_trees_all_close([m["probs"] for m in mean], [[0.6, 0.4], [0.4, 0.6]])
+  assert [m["id"] for m in mean] == ["a", "b"] and records[0]["probs"] == [0.9, 0.1]
+  # Each member was right once; together they are right on both.
+  assert classification.evaluate(mean, common.eval_config(bootstrap=0))["accuracy"] == 1.0
+  with pytest.raises(common.EvalError, match="y's 2 records and x's 2 are not the same"):
+    classification.mean_probabilities([records, other[::-1]], ["x", "y"])
+  three = [dict(r, probs=[0.5, 0.25, 0.25]) for r in other]
+  with pytest.raises(common.EvalError, match="y has 3 classes; x has 2"):
+    classification.mean_probabilities([records, three], ["x", "y"])
+  with pytest.raises(common.EvalError, match="expected >= 2"):
+    classification.mean_probabilities([records], ["x"])
+
+
+def test_ensemble_of_runs_is_scored_like_a_run_on_test_and_validation(run_and_splits, tmp_path):
+  run, splits = run_and_splits
+  members = [_write(tmp_path / f"m{i}", _member(splits["test"], i)) for i in range(3)]
+  sections = ensemble.ensemble(members, str(tmp_path / "ens"), config_from=run)
+
+  per_member = [[r["probs"] for r in common.read_jsonl(os.path.join(m, "test_predictions.jsonl"))]
+                for m in members]
+  written = common.read_jsonl(str(tmp_path / "ens" / "test_predictions.jsonl"))
+  mean = np.mean(per_member, axis=0)
+  chex.assert_trees_all_close(np.asarray([r["probs"] for r in written]), mean, rtol=1e-12)
+  labels = np.asarray([int(e.target) for e in splits["test"]])
+  model = sections["model: classification"]
+  assert model["count"] == len(splits["test"]) == 64
+  assert model["accuracy"] == pytest.approx((mean.argmax(1) == labels).mean())
+  # Three members right on ~75% each with independent errors: the mean is right more often.
+  accuracies = [(np.asarray(p).argmax(1) == labels).mean() for p in per_member]
+  assert model["accuracy"] > max(accuracies)
+  tfidf = sections["baseline: tf-idf + logistic regression"]
+  paired = sections["paired: model minus tf-idf + logistic regression: classification"]
+  assert paired["accuracy"] == pytest.approx(model["accuracy"] - tfidf["accuracy"])
+  assert tfidf["train_examples"] == len(splits["train"])
+  report = (tmp_path / "ens" / "report.md").read_text()
+  assert "members: " + ", ".join(members) in report and "scored split: test" in report
+  assert os.path.isfile(tmp_path / "ens" / "metrics.jsonl")
+
+  # Validation predictions (train.redecode --split=validation outputs) are scored as such.
+  val = [_write(tmp_path / f"v{i}", _member(splits["validation"], i)) for i in range(2)]
+  ensemble.ensemble(val, str(tmp_path / "ens_val"), config_from=run)
+  assert "scored split: validation (not test)" in (tmp_path / "ens_val" / "report.md").read_text()
+
+
+def test_ensemble_names_what_is_wrong(run_and_splits, tmp_path):
+  run, splits = run_and_splits
+  good = _write(tmp_path / "good", _member(splits["test"], 0))
+  with pytest.raises(ConfigError, match="expected at least two"):
+    ensemble.ensemble([good], str(tmp_path / "out"), config_from=run)
+  with pytest.raises(ConfigError, match="nowhere/test_predictions.jsonl: no such file"):
+    ensemble.ensemble([good, str(tmp_path / "nowhere")], str(tmp_path / "out"), config_from=run)
+  with pytest.raises(ConfigError, match="good/config.json: no such file; --config_from"):
+    ensemble.ensemble([good, good], str(tmp_path / "out"))
+  shuffled = _write(tmp_path / "shuffled", _member(splits["test"], 1)[::-1])
+  with pytest.raises(ConfigError, match="not the same examples in the same order"):
+    ensemble.ensemble([good, shuffled], str(tmp_path / "out"), config_from=run)
+  foreign = [dict(r, id="other:" + r["id"]) for r in _member(splits["test"], 2)]
+  a, b = _write(tmp_path / "fa", foreign), _write(tmp_path / "fb", foreign)
+  with pytest.raises(ConfigError, match="neither all in .* test split nor all in its validation"):
+    ensemble.ensemble([a, b], str(tmp_path / "out"), config_from=run)
+  # On the command line: one line naming the problem, exit code 2.
+  proc = subprocess.run([sys.executable, "-m", "train.ensemble", f"--members={good}",
+                         f"--out={tmp_path / 'out'}", f"--config_from={run}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --members=")

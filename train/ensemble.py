@@ -1,0 +1,113 @@
+r"""Several fine-tuned classifiers as one: the mean of their class probabilities, scored as a
+run's own test evaluation is (every evaluator, per slice, TF-IDF + LR beside it, paired).
+
+  python -m train.ensemble --members=runs/a,runs/b,runs/c --out=runs/abc
+  python -m train.ensemble --members=runs/a_val,runs/b_val --config_from=runs/a --out=runs/ab_val
+
+A member is a directory holding test_predictions.jsonl: a finished classification run, or a
+`train.redecode --out` (with `--split=validation`, so that whether to ensemble, and which runs,
+is decided on validation before the test split is scored). Every member must hold the same
+examples in the same order. The data - the train split the TF-IDF baseline is fitted on, and
+the splits the records are checked against - come from --config_from's config.json, by default
+the first member's. Which split was scored is read from the records' ids: all in the config's
+test split, or all in its validation split.
+
+Why: fine-tunes from other seeds or other pre-training checkpoints disagree on a few percent of
+examples; averaging them is the cheap gain left once one recipe has plateaued, at the cost of
+one forward pass per member at inference.
+"""
+import json
+import os
+
+from absl import app, flags, logging
+import ml_collections
+
+from eval import classification, common
+from model import log_setup
+from train import build, config_check, final_eval
+from train import metrics as metrics_lib
+from train.data import examples as examples_lib
+
+PREDICTIONS = "test_predictions.jsonl"
+
+
+def _run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise config_check.ConfigError(
+        f"{path}: no such file; --config_from must be a finished run's workdir (a "
+        "train.redecode --out has no config.json)")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _scored_split(records: list[dict], splits: dict, config_dir: str) -> str:
+  ids = {r["id"] for r in records}
+  for name in ("test", "validation"):
+    if ids <= {e.id for e in splits.get(name, [])}:
+      return name
+  raise config_check.ConfigError(
+      f"the members' {len(records)} records are neither all in {config_dir}'s test split nor "
+      "all in its validation split (config.data.test_file, train_file and "
+      "validation_fraction): were they scored on other data?")
+
+
+def ensemble(members: list[str], out: str, config_from: str | None = None) -> dict:
+  """The mean of `members`' class probabilities -> out/test_predictions.jsonl, metrics.jsonl
+  and report.md (train/final_eval.py's scoring); returns {section: metrics}."""
+  if len(members) < 2:
+    raise config_check.ConfigError(f"--members={','.join(members)}: expected at least two "
+                                   "directories")
+  paths = [os.path.join(m, PREDICTIONS) for m in members]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise config_check.ConfigError(
+          f"{path}: no such file; each --members entry must be a directory holding "
+          f"{PREDICTIONS} (a finished classification run or a train.redecode --out)")
+  config_dir = config_from or members[0]
+  config = _run_config(config_dir)
+  if build.task_kind(config) != "classify":
+    raise config_check.ConfigError(f"{config_dir} is a {build.task_kind(config)!r} run; an "
+                                   "ensemble averages classifiers' probabilities")
+  try:
+    records = classification.mean_probabilities([common.read_jsonl(p) for p in paths], paths)
+  except common.EvalError as e:
+    raise config_check.ConfigError(str(e)) from None
+  splits = examples_lib.load_splits(config.data, "classify", config.model.num_classes)
+  scored = _scored_split(records, splits, config_dir)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, PREDICTIONS), "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  facts = {"members": ", ".join(members),
+           "combination": "mean of the members' class probabilities",
+           "scored split": "test" if scored == "test" else "validation (not test)",
+           "train examples": len(splits["train"])}
+  writer = metrics_lib.MetricWriter(out)
+  try:
+    return final_eval.score(config, out, records, kind="classify",
+                            train_examples=splits["train"], writer=writer, step=0, facts=facts)
+  finally:
+    writer.close()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  log_setup.quiet_libraries()
+  fl = flags.FLAGS
+  sections = ensemble(fl.members, fl.out, fl.config_from)
+  for name, metrics in sections.items():
+    logging.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()
+                                  if isinstance(v, float)})
+  print(f"report: {os.path.join(fl.out, 'report.md')}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_list("members", None, "Directories holding test_predictions.jsonl: finished "
+                    "classification runs or train.redecode outputs, same examples and order.")
+  flags.DEFINE_string("out", None, "Where the ensemble's report goes (created).")
+  flags.DEFINE_string("config_from", None, "The run whose config.json names the data (default: "
+                      "the first member).")
+  flags.mark_flags_as_required(["members", "out"])
+  app.run(config_check.exit_on_user_error(main))
