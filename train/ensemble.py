@@ -19,13 +19,12 @@ one forward pass per member at inference.
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 import ml_collections
 
 from eval import classification, common
 from model import log_setup
 from train import build, config_check, final_eval
-from train import metrics as metrics_lib
 from train.data import examples as examples_lib
 
 PREDICTIONS = "test_predictions.jsonl"
@@ -83,12 +82,8 @@ def ensemble(members: list[str], out: str, config_from: str | None = None) -> di
            "combination": "mean of the members' class probabilities",
            "scored split": "test" if scored == "test" else "validation (not test)",
            "train examples": len(splits["train"])}
-  writer = metrics_lib.MetricWriter(out)
-  try:
-    return final_eval.score(config, out, records, kind="classify",
-                            train_examples=splits["train"], writer=writer, step=0, facts=facts)
-  finally:
-    writer.close()
+  return final_eval.score(config, out, records, kind="classify", train_examples=splits["train"],
+                          writer=None, step=0, facts=facts)
 
 
 def main(argv):
@@ -97,10 +92,7 @@ def main(argv):
   log_setup.quiet_libraries()
   fl = flags.FLAGS
   sections = ensemble(fl.members, fl.out, fl.config_from)
-  for name, metrics in sections.items():
-    logging.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()
-                                  if isinstance(v, float)})
-  print(f"report: {os.path.join(fl.out, 'report.md')}")
+  final_eval.log_sections(sections, fl.out)
 
 
 if __name__ == "__main__":

@@ -175,8 +175,8 @@ def score(config, workdir: str, records: list[dict], *, kind: str, train_example
           step: int, facts: dict, extra_sections: dict | None = None) -> dict:
   """Test records (as _records makes them: a classifier's class probabilities or summaries)
   -> every configured evaluator, the baselines fitted on `train_examples` and the paired
-  comparisons -> metrics.jsonl (test/...) and report.md; returns {section: metrics}. Also the
-  way in for predictions made elsewhere (an ensemble of runs, train/ensemble.py)."""
+  comparisons -> `writer` (None: a new one on `workdir`) under test/ and report.md; returns
+  {section: metrics}. Also the way in for predictions made elsewhere (train/ensemble.py)."""
   sections = {}
   for name in config.eval.evaluators:
     if name not in EVALUATORS:
@@ -206,15 +206,30 @@ def score(config, workdir: str, records: list[dict], *, kind: str, train_example
     facts["human-evaluation sheet"] = sheet
   sections.update(extra_sections or {})
 
-  for section, metrics in sections.items():
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    writer.write(step, "test/" + section.replace(": ", "/").replace(" ", "_"), scalars)
+  opened = writer is None   # a re-scoring command's: metrics.jsonl and TensorBoard in workdir
+  writer = metrics_lib.MetricWriter(workdir) if opened else writer
+  try:
+    for section, metrics in sections.items():
+      scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+      writer.write(step, "test/" + section.replace(": ", "/").replace(" ", "_"), scalars)
+  finally:
+    if opened:
+      writer.close()
   facts["test examples"] = len(records)
   path = report.write_report(os.path.join(workdir, "report.md"),
                              f"{config.task} run: {os.path.basename(workdir)}", sections,
                              notes=[f"{k}: {v}" for k, v in facts.items()])
   logging.info("test evaluation (%d examples) written to %s", len(records), path)
   return sections
+
+
+def log_sections(sections: dict, out: str) -> None:
+  """What a re-scoring command (train.redecode, train.ensemble) shows when done: each
+  section's float metrics, rounded, and where the report is."""
+  for name, metrics in sections.items():
+    logging.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()
+                                  if isinstance(v, float)})
+  print(f"report: {os.path.join(out, 'report.md')}")
 
 
 def harness_sections(config, loaded: loading.LoadedModel, params) -> dict:

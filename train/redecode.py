@@ -23,7 +23,6 @@ import ml_collections
 from infer import classifier_rows, loading
 from model import log_setup
 from train import build, config_check, final_eval
-from train import metrics as metrics_lib
 from train.data import examples as examples_lib
 
 def _define_flags():
@@ -120,13 +119,9 @@ def redecode(workdir: str, out: str, num_examples: int | None = None, split: str
     splits = {**splits, "test": splits["validation"]}
     facts["scored split"] = "validation (not test)"
   os.makedirs(out, exist_ok=True)
-  writer = metrics_lib.MetricWriter(out)
-  try:
-    return final_eval.run(config, out, loaded=loaded, params=loaded.params, splits=splits,
-                          writer=writer, step=run.step, decoding=decoding,
-                          facts={**facts, "re-decoded from": f"{run.workdir} (step {run.step})"})
-  finally:
-    writer.close()
+  return final_eval.run(config, out, loaded=loaded, params=loaded.params, splits=splits,
+                        writer=None, step=run.step, decoding=decoding,
+                        facts={**facts, "re-decoded from": f"{run.workdir} (step {run.step})"})
 
 
 def main(argv):
@@ -139,10 +134,7 @@ def main(argv):
       min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, samples=_SAMPLES.value,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, num_examples=_NUM_EXAMPLES.value,
       split=_SPLIT.value, window_stride=_WINDOW_STRIDE.value)
-  for name, metrics in sections.items():
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-    logging.info("%s: %s", name, shown)
-  print(f"report: {os.path.join(_OUT.value, 'report.md')}")
+  final_eval.log_sections(sections, _OUT.value)
 
 
 if __name__ == "__main__":
