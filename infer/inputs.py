@@ -35,10 +35,22 @@ def json_object(text: str) -> dict:
 
 
 def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False,
-                   window_stride: int | None = None):
+                   window_stride: int | None = None, allow_ensemble: bool = False):
   """(LoadedModel, max_new) for --workdir / --max_new / --window_stride: a run that predicts (a
   classifier or a summarizer, float or quantized), with a summary length that fits it; with
-  allow_lm also a pre-trained language model (max_new None: it only generates)."""
+  allow_lm also a pre-trained language model (max_new None: it only generates); with
+  allow_ensemble, comma-separated classifier runs give an infer/ensemble.py ClassifierEnsemble."""
+  workdirs = [w for w in workdir.split(",") if w]
+  if len(workdirs) > 1:
+    if not allow_ensemble:
+      raise InputError(f"--workdir={workdir}: this command runs one model; ensembles of "
+                       "classifiers are for batch inference (infer.main)")
+    from infer import ensemble
+    members = [load_predictor(w, max_new, window_stride=window_stride)[0] for w in workdirs]
+    try:
+      return ensemble.ClassifierEnsemble(members, workdirs), None
+    except ValueError as e:
+      raise InputError(f"--workdir: {e}") from None
   loaded = loading.LoadedModel.from_workdir(workdir)
   if window_stride is not None:
     _set_window_stride(loaded, workdir, window_stride)
@@ -72,7 +84,9 @@ def _set_window_stride(loaded: loading.LoadedModel, workdir: str, stride: int):
 def define_model_flags():
   """--workdir, --max_new and --window_stride, shared by batch inference and the server."""
   flags.DEFINE_string("workdir", None, "A run's directory: a training run (its best state if "
-                      "kept) or a quantized copy from infer.quantize.", required=True)
+                      "kept) or a quantized copy from infer.quantize. infer.main also takes "
+                      "several classifier runs, comma-separated: their probabilities averaged.",
+                      required=True)
   flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
                        "eval.decode_len).", lower_bound=1)
   flags.DEFINE_integer("window_stride", None, "Classifiers: a text longer than a row is also "

@@ -1,6 +1,7 @@
 r"""Batch inference from a run's checkpoint: a JSONL file of texts in, one prediction per line out.
 
   python -m infer.main --workdir=runs/imdb_ft --input=reviews.jsonl.gz --output=preds.jsonl
+  python -m infer.main --workdir=runs/ft_a,runs/ft_b ...   # classifiers averaged: ensemble.py
 
 The run decides what is predicted: a classifier writes {"id", "probs", "label"} per line, a
 summarizer {"id", "summary"} (greedy, at most --max_new tokens). Ids are the input's `id` field,
@@ -85,7 +86,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   inputs = read_inputs(f.input, f.text_field)
-  loaded, max_new = load_predictor(f.workdir, f.max_new, window_stride=f.window_stride)
+  loaded, max_new = load_predictor(f.workdir, f.max_new, window_stride=f.window_stride,
+                                   allow_ensemble=True)
   logging.info("%s model (step %d) from %s: %d texts", loaded.kind, loaded.step, f.workdir,
                len(inputs))
   write_predictions(loaded, inputs, f.output, batch_size=f.batch_size, max_new=max_new)

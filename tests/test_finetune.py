@@ -173,6 +173,36 @@ def test_windows_read_long_texts_whole_as_a_per_row_reference_does(classifier_ru
     redecode.redecode(str(root / "run"), str(tmp_path / "bad"), window_stride=63)
 
 
+def test_classifier_runs_averaged_at_inference(classifier_run):
+  import types
+  from infer import ensemble
+  from infer import inputs as inputs_lib
+  root, _ = classifier_run
+  run = str(root / "run")
+  plain, windowed = loading.LoadedModel.from_workdir(run), loading.LoadedModel.from_workdir(run)
+  with windowed.config.unlocked():
+    windowed.config.eval.window_stride = 16
+  reviews = [json.loads(line)["text"] for line in open(plain.config.data.test_file)][:8]
+  texts = reviews[:3] + [" ".join(reviews)]     # the last is read in windows by one member
+  both = ensemble.ClassifierEnsemble([plain, windowed], [run, run + "@16"])
+  expected = (np.asarray(plain.classify(texts)) + np.asarray(windowed.classify(texts))) / 2
+  assert np.abs(expected[3] - np.asarray(plain.classify(texts))[3]).max() > 1e-5
+  results = both.predict(texts, pad_to=8)
+  chex.assert_trees_all_close(np.asarray([r["probs"] for r in results]), expected, atol=1e-6)
+  assert [r["label"] for r in results] == expected.argmax(1).tolist()
+  # From the command line's --workdir: comma-separated runs, in batch inference only.
+  loaded, max_new = inputs_lib.load_predictor(f"{run},{run}", None, window_stride=16,
+                                              allow_ensemble=True)
+  assert isinstance(loaded, ensemble.ClassifierEnsemble) and max_new is None
+  chex.assert_trees_all_close(loaded.classify(texts), np.asarray(windowed.classify(texts)),
+                              atol=1e-6)
+  with pytest.raises(inputs_lib.InputError, match="runs one model; ensembles of classifiers"):
+    inputs_lib.load_predictor(f"{run},{run}", None)
+  summarizer = types.SimpleNamespace(kind="summarize")
+  with pytest.raises(ValueError, match="s holds a 'summarize' run; an ensemble averages"):
+    ensemble.ClassifierEnsemble([plain, summarizer], [run, "s"])
+
+
 def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tmp_path):
   # A tiny LM pre-trained on the review texts, then a classifier started from it.
   lm = legal_pretrain.get_config("tiny")

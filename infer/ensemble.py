@@ -1,0 +1,45 @@
+"""Several classifier runs as one predictor: the mean of their class probabilities.
+
+  python -m infer.main --workdir=runs/a,runs/b,runs/c --input=reviews.jsonl --output=preds.jsonl
+
+The rule train/ensemble.py scores from finished runs' test predictions (and eval.classification
+.mean_probabilities computes), here at inference: each member predicts the batch through its own
+LoadedModel (its tokenizer, window stride, quantization), then the probabilities are averaged.
+Costs one forward pass per member; on IMDB four fine-tunes averaged were the first model above
+TF-IDF (README, "IMDB self-pre-training").
+"""
+import numpy as np
+
+from infer import loading
+
+
+class ClassifierEnsemble:
+  """What batch inference needs of a LoadedModel (kind, step, predict) for averaged classifiers."""
+  kind = "classify"
+
+  def __init__(self, members: list[loading.LoadedModel], workdirs: list[str]):
+    if len(members) < 2 or len(workdirs) != len(members):
+      raise ValueError(f"an ensemble needs >= 2 members, one workdir each; got {len(members)}")
+    for member, workdir in zip(members, workdirs):
+      if member.kind != "classify":
+        raise ValueError(f"{workdir} holds a {member.kind!r} run; an ensemble averages "
+                         "classifiers")
+      if member.config.model.num_classes != members[0].config.model.num_classes:
+        raise ValueError(f"{workdir} has {member.config.model.num_classes} classes; "
+                         f"{workdirs[0]} has {members[0].config.model.num_classes}")
+    self.members, self.workdirs = members, workdirs
+    # The newest member's step stands for the ensemble in logs; each member's is in `members`.
+    self.step = max(m.step for m in members)
+
+  def classify(self, texts: list[str], **options) -> np.ndarray:
+    """[len(texts), num_classes]: the members' class probabilities, averaged."""
+    return np.mean([np.asarray(m.classify(texts, **options)) for m in self.members], axis=0)
+
+  def predict(self, texts: list[str], *, max_new: int | None = None,
+              pad_to: int | None = None, **decoding) -> list[dict]:
+    """LoadedModel.predict's {"probs", "label"} per text, from the averaged probabilities."""
+    if max_new or decoding:
+      raise ValueError("an ensemble of classifiers does not decode")
+    padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
+    probs = self.classify(padded)[:len(texts)]
+    return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]
