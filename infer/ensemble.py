@@ -1,6 +1,7 @@
 """Several classifier runs as one predictor: the mean of their class probabilities.
 
   python -m infer.main --workdir=runs/a,runs/b,runs/c --input=reviews.jsonl --output=preds.jsonl
+  python -m infer.serve --workdir=runs/a,runs/b,runs/c --port=8000     # POST /classify
 
 The rule train/ensemble.py scores from finished runs' test predictions (and eval.classification
 .mean_probabilities computes), here at inference: each member predicts the batch through its own
@@ -14,7 +15,7 @@ from infer import loading
 
 
 class ClassifierEnsemble:
-  """What batch inference needs of a LoadedModel (kind, step, predict) for averaged classifiers."""
+  """What batch inference and the server use of a LoadedModel, for averaged classifiers."""
   kind = "classify"
 
   def __init__(self, members: list[loading.LoadedModel], workdirs: list[str]):
@@ -28,8 +29,18 @@ class ClassifierEnsemble:
         raise ValueError(f"{workdir} has {member.config.model.num_classes} classes; "
                          f"{workdirs[0]} has {members[0].config.model.num_classes}")
     self.members, self.workdirs = members, workdirs
-    # The newest member's step stands for the ensemble in logs; each member's is in `members`.
+    # What the server's /health shows: the newest member's step, the first member's config
+    # (sequence length, classes), every member's parameters.
     self.step = max(m.step for m in members)
+    self.config = members[0].config
+    self.params = [m.params for m in members]
+
+  def check_max_new(self, max_new: int | None) -> None:
+    return self.members[0].check_max_new(max_new)   # classifiers: None, or a clear error
+
+  def warm_up(self, sizes: list[int], max_new: int | None) -> int:
+    """Compiles every member for every batch size; returns how many shapes."""
+    return sum(m.warm_up(sizes, max_new) for m in self.members)
 
   def classify(self, texts: list[str], **options) -> np.ndarray:
     """[len(texts), num_classes]: the members' class probabilities, averaged."""

@@ -35,16 +35,13 @@ def json_object(text: str) -> dict:
 
 
 def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False,
-                   window_stride: int | None = None, allow_ensemble: bool = False):
+                   window_stride: int | None = None):
   """(LoadedModel, max_new) for --workdir / --max_new / --window_stride: a run that predicts (a
   classifier or a summarizer, float or quantized), with a summary length that fits it; with
-  allow_lm also a pre-trained language model (max_new None: it only generates); with
-  allow_ensemble, comma-separated classifier runs give an infer/ensemble.py ClassifierEnsemble."""
+  allow_lm also a pre-trained language model (max_new None: it only generates). Several
+  comma-separated classifier runs give an infer/ensemble.py ClassifierEnsemble."""
   workdirs = [w for w in workdir.split(",") if w]
   if len(workdirs) > 1:
-    if not allow_ensemble:
-      raise InputError(f"--workdir={workdir}: this command runs one model; ensembles of "
-                       "classifiers are for batch inference (infer.main)")
     from infer import ensemble
     members = [load_predictor(w, max_new, window_stride=window_stride)[0] for w in workdirs]
     try:
@@ -84,8 +81,8 @@ def _set_window_stride(loaded: loading.LoadedModel, workdir: str, stride: int):
 def define_model_flags():
   """--workdir, --max_new and --window_stride, shared by batch inference and the server."""
   flags.DEFINE_string("workdir", None, "A run's directory: a training run (its best state if "
-                      "kept) or a quantized copy from infer.quantize. infer.main also takes "
-                      "several classifier runs, comma-separated: their probabilities averaged.",
+                      "kept) or a quantized copy from infer.quantize; several classifier runs, "
+                      "comma-separated: their class probabilities averaged.",
                       required=True)
   flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
                        "eval.decode_len).", lower_bound=1)

@@ -86,8 +86,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   inputs = read_inputs(f.input, f.text_field)
-  loaded, max_new = load_predictor(f.workdir, f.max_new, window_stride=f.window_stride,
-                                   allow_ensemble=True)
+  loaded, max_new = load_predictor(f.workdir, f.max_new, window_stride=f.window_stride)
   logging.info("%s model (step %d) from %s: %d texts", loaded.kind, loaded.step, f.workdir,
                len(inputs))
   write_predictions(loaded, inputs, f.output, batch_size=f.batch_size, max_new=max_new)

@@ -190,14 +190,13 @@ def test_classifier_runs_averaged_at_inference(classifier_run):
   results = both.predict(texts, pad_to=8)
   chex.assert_trees_all_close(np.asarray([r["probs"] for r in results]), expected, atol=1e-6)
   assert [r["label"] for r in results] == expected.argmax(1).tolist()
-  # From the command line's --workdir: comma-separated runs, in batch inference only.
-  loaded, max_new = inputs_lib.load_predictor(f"{run},{run}", None, window_stride=16,
-                                              allow_ensemble=True)
+  # From the command line's --workdir (infer.main, infer.serve): comma-separated runs.
+  loaded, max_new = inputs_lib.load_predictor(f"{run},{run}", None, window_stride=16)
   assert isinstance(loaded, ensemble.ClassifierEnsemble) and max_new is None
   chex.assert_trees_all_close(loaded.classify(texts), np.asarray(windowed.classify(texts)),
                               atol=1e-6)
-  with pytest.raises(inputs_lib.InputError, match="runs one model; ensembles of classifiers"):
-    inputs_lib.load_predictor(f"{run},{run}", None)
+  with pytest.raises(inputs_lib.InputError, match="max_new=5: only summarizers generate"):
+    inputs_lib.load_predictor(f"{run},{run}", 5)
   summarizer = types.SimpleNamespace(kind="summarize")
   with pytest.raises(ValueError, match="s holds a 'summarize' run; an ensemble averages"):
     ensemble.ClassifierEnsemble([plain, summarizer], [run, "s"])

@@ -244,6 +244,24 @@ def test_health_describes_the_model(cls_server, classifier):
   assert info["batch_sizes"] == [1, 2, 4] and info["max_chars"] == MAX_CHARS
 
 
+def test_an_ensemble_of_classifiers_serves_their_mean(classifier):
+  from infer import ensemble
+  other = dataclasses.replace(classifier,
+                              params=jax.tree.map(lambda x: x * 1.5, classifier.params))
+  both = ensemble.ClassifierEnsemble([classifier, other], ["a", "b"])
+  expected = (np.asarray(classifier.classify(TEXTS[:3])) +
+              np.asarray(other.classify(TEXTS[:3]))) / 2
+  assert np.abs(expected - np.asarray(classifier.classify(TEXTS[:3]))).max() > 1e-4
+  with _serving(both, max_batch=MAX_BATCH) as server:
+    with _no_compilation():
+      status, answer = _call(server.url + "/classify", {"texts": TEXTS[:3]})
+    info = _call(server.url + "/health")[1]
+  assert status == 200
+  np.testing.assert_allclose(answer["probs"], expected, atol=1e-5)
+  assert answer["label"] == expected.argmax(-1).tolist()
+  assert info["params"] == 2 * sum(x.size for x in jax.tree.leaves(classifier.params))
+
+
 # --- summarization -------------------------------------------------------------------------------
 DOCS = ["the film story actor. scene plot music camera.", "ending director cast script."]
 
