@@ -118,3 +118,13 @@ def test_ensemble_names_what_is_wrong(run_and_splits, tmp_path):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --members=")
+
+
+def test_redecode_ends_a_missing_run_in_one_line(tmp_path):
+  """train.redecode shares train.ensemble's wrapper: a missing --workdir is one error line."""
+  proc = subprocess.run([sys.executable, "-m", "train.redecode", f"--workdir={tmp_path / 'nope'}",
+                         f"--out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir={tmp_path / 'nope'}: no such directory ({tmp_path / 'nope'})")

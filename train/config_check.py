@@ -12,14 +12,16 @@ class ConfigError(ValueError):
 
 
 def exit_on_user_error(main):
-  """`main(argv)` for absl's app.run with a ConfigError or DataError (a bad flag, file or
-  record, named in its message) ending in one line on stderr and exit code 2, not a traceback:
-  the re-scoring commands' (train.redecode, train.ensemble) counterpart of train.main's."""
+  """`main(argv)` for absl's app.run with a ConfigError, DataError or LoadError (a bad flag,
+  file, record or run directory, named in its message) ending in one line on stderr and exit
+  code 2, not a traceback: the re-scoring commands' (train.redecode, train.ensemble)
+  counterpart of train.main's."""
 
   def friendly(argv):
+    from infer.loading import LoadError   # here: importing the inference stack costs seconds
     try:
       main(argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, LoadError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   return friendly
