@@ -115,8 +115,8 @@ def mean_probabilities(members: list[list[dict]], names: list[str]) -> list[dict
   when the members are. `names` (e.g. the files) are for the errors."""
   if len(members) < 2 or len(names) != len(members):
     raise common.EvalError(f"ensemble: {len(members)} members; expected >= 2, one name each")
-  probs = []
-  for name, records in zip(names, members):
+  probs = [_arrays(members[0])[1]]
+  for name, records in zip(names[1:], members[1:]):
     probs.append(_arrays(records)[1])
     _check_same_examples(records, members[0], f"ensemble: {name}'s {len(records)} records and "
                          f"{names[0]}'s {len(members[0])}")

@@ -48,9 +48,10 @@ class ClassifierEnsemble:
 
   def predict(self, texts: list[str], *, max_new: int | None = None,
               pad_to: int | None = None, **decoding) -> list[dict]:
-    """LoadedModel.predict's {"probs", "label"} per text, from the averaged probabilities."""
+    """LoadedModel.predict's {"probs", "label"} per text (each member's, padded to `pad_to`
+    rows as it pads), from the members' averaged probabilities."""
     if max_new or decoding:
       raise ValueError("an ensemble of classifiers does not decode")
-    padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
-    probs = self.classify(padded)[:len(texts)]
+    probs = np.mean([[r["probs"] for r in m.predict(texts, pad_to=pad_to)]
+                     for m in self.members], axis=0)
     return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]

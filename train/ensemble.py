@@ -27,7 +27,7 @@ from model import log_setup
 from train import build, config_check, final_eval
 from train.data import examples as examples_lib
 
-PREDICTIONS = "test_predictions.jsonl"
+PREDICTIONS = final_eval.PREDICTIONS
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -75,9 +75,6 @@ def ensemble(members: list[str], out: str, config_from: str | None = None) -> di
   splits = examples_lib.load_splits(config.data, "classify", config.model.num_classes)
   scored = _scored_split(records, splits, config_dir)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, PREDICTIONS), "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
   facts = {"members": ", ".join(members),
            "combination": "mean of the members' class probabilities",
            "scored split": "test" if scored == "test" else "validation (not test)",

@@ -22,6 +22,8 @@ from train import metrics as metrics_lib
 from train.data import corpus as corpus_lib
 
 EVALUATORS = {m.NAME: m for m in (classification, rouge, factual)}
+# What a scored run leaves beside report.md: one record per test example.
+PREDICTIONS = "test_predictions.jsonl"
 
 
 def _subset(examples, n):
@@ -158,9 +160,6 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
   test = [e for e in splits["test"] if e.id in chosen]
   records = _records(loaded, params, test, config.eval.batch_size, decoding,
                      config.eval.get("window_stride", 0))
-  with open(os.path.join(workdir, "test_predictions.jsonl"), "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
   facts["prediction seconds"] = round(time.perf_counter() - t0, 1)
   if loaded.kind == "classify" and config.eval.get("window_stride", 0):
     facts["long texts"] = (f"also read whole in windows {config.eval.window_stride} ids apart, "
@@ -174,9 +173,13 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
 def score(config, workdir: str, records: list[dict], *, kind: str, train_examples, writer,
           step: int, facts: dict, extra_sections: dict | None = None) -> dict:
   """Test records (as _records makes them: a classifier's class probabilities or summaries)
-  -> every configured evaluator, the baselines fitted on `train_examples` and the paired
-  comparisons -> `writer` (None: a new one on `workdir`) under test/ and report.md; returns
-  {section: metrics}. Also the way in for predictions made elsewhere (train/ensemble.py)."""
+  -> workdir/PREDICTIONS (re-readable by every `python -m eval.<name>`), every configured
+  evaluator, the baselines fitted on `train_examples` and the paired comparisons -> `writer`
+  (None: a new one on `workdir`) under test/ and report.md; returns {section: metrics}. Also
+  the way in for predictions made elsewhere (train/ensemble.py)."""
+  with open(os.path.join(workdir, PREDICTIONS), "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
   sections = {}
   for name in config.eval.evaluators:
     if name not in EVALUATORS:
