@@ -7,7 +7,8 @@ The student adopts the teacher's tokenizer and vocabulary; its own architecture 
 the layers, started from the teacher's: `distill.init_student`).
 loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy on the labels;
 `distill.hidden_weight` adds token-relation matching.
-Presets: `imdb` (a 10k subset of the data of configs/sentiment_finetune.py:imdb, from
+Presets: `imdb_ensemble` (a student of the teachers' size, from the in-domain LM, taught by
+an ensemble of fine-tunes: distill.teacher=a,b,...), `imdb` (a 10k subset of the data of configs/sentiment_finetune.py:imdb, from
 $LEGAL_LM_DATA), `imdb_tfds` (the same recipe on the TFDS dataset imdb_reviews: see
 configs/sentiment_finetune.py:imdb_tfds), `tiny` (tests).
 """
@@ -35,9 +36,22 @@ def _imdb(config):
   config.train.num_epochs = 1.0
 
 
+def _imdb_ensemble(config):
+  # One student of the teachers' own size that learns from an ensemble of fine-tunes (README,
+  # "IMDB self-pre-training"): --config.distill.teacher=runs/a,runs/b,... and
+  # --config.train.init_from=<the in-domain LM checkpoint they were fine-tuned from>, whose
+  # architecture the student adopts. The teachers' recipe otherwise
+  # (sentiment_finetune.py:imdb_self_curve: one epoch of 256-token head+tail rows over all
+  # train reviews, their dropout, windows at stride 254 for long test reviews), so what differs
+  # from one of them is only what it learns from.
+  config.distill.init_student = "none"
+  config.train.num_epochs = 1.0
+  config.eval.window_stride = 254
+
+
 def _tiny(config):
   config.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
                       mlp_dim=64)
 
 
-PRESETS = {"imdb": _imdb, "imdb_tfds": _imdb, "tiny": _tiny}
+PRESETS = {"imdb": _imdb, "imdb_tfds": _imdb, "imdb_ensemble": _imdb_ensemble, "tiny": _tiny}

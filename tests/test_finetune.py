@@ -251,7 +251,8 @@ def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifie
   teacher = loading.open_run(str(teacher_dir), prefer_best=True)
   model, _, _, mesh = _parts(sentiment_finetune.get_config("tiny"))
   expected = loading.restore_params(teacher, model, mesh)
-  chex.assert_trees_all_equal(result["state"].params["teacher"], expected)
+  chex.assert_trees_all_equal(result["state"].params["teacher"],   # one teacher, stacked
+                              jax.tree.map(lambda x: x[None], expected))
   student = result["test"]["model: classification"]
   assert student["accuracy"] > 0.8, student
   # The report counts the student's parameters only.
@@ -277,7 +278,7 @@ def test_student_starts_from_teacher_layers():
   task = DistillTask(classify.ClassifyTask(model), dataclasses.replace(student_cfg, num_layers=3),
                      config.distill)
   state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
-  teacher = state.params["teacher"]
+  teacher = jax.tree.map(lambda x: x[0], state.params["teacher"])   # the one teacher
   student = finetune.init_student_from_teacher(state, 2, 3).params["student"]
   expected = {**{k: v for k, v in teacher.items() if not k.startswith("block_")},
               "block_0": teacher["block_0"], "block_1": teacher["block_2"]}

@@ -11,6 +11,7 @@ Before building, `resolve` finishes the config, validates it and freezes it, in 
   freeze    a FrozenConfigDict: what was validated is what runs (and what is saved).
 """
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -19,6 +20,7 @@ from absl import logging
 from infer import loading
 from infer import lora as lora_lib
 from model import sharding as sharding_lib
+from model import tokenizer as tokenizer_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import config_check, optim, tasks
@@ -51,7 +53,7 @@ def is_finetuning(config) -> bool:
 class Sources:
   """The other runs and data a resolved config was finished from."""
   pretrained: loading.Run | None = None   # train.init_from
-  teacher: loading.Run | None = None      # distill.teacher
+  teachers: list = dataclasses.field(default_factory=list)   # distill.teacher (loading.Run)
   splits: dict | None = None              # fine-tuning examples {split: [Example]}
 
 
@@ -66,6 +68,35 @@ def _open(path: str, key: str, prefer_best: bool = False) -> loading.Run:
   logging.info("config.%s: %s step %d (%.2fM params)", key, run.workdir, run.step,
                run.meta.get("params", 0) / 1e6)
   return run
+
+
+def teacher_workdirs(config) -> list[str]:
+  """distill.teacher's runs: one workdir, or several (an ensemble) separated by commas."""
+  return [w.strip() for w in config.distill.teacher.split(",") if w.strip()]
+
+
+# What the teachers of one distillation must share: they run as one stacked model.
+_TEACHER_KEYS = ARCHITECTURE_KEYS + ("num_classes", "pooling", "attention")
+
+
+def _check_same_teacher(first: loading.Run, other: loading.Run):
+  """`other` computes with `first`'s architecture and tokenizer, or a ConfigError naming both."""
+  a, b = first.meta["config"]["model"], other.meta["config"]["model"]
+  differ = [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in _TEACHER_KEYS if a.get(k) != b.get(k)]
+  if differ:
+    raise ConfigError(f"config.distill.teacher: {other.workdir} and {first.workdir} differ in "
+                      f"{'; '.join(differ)}; an ensemble of teachers shares one architecture")
+  if _tokenizer_fingerprint(first) != _tokenizer_fingerprint(other):
+    raise ConfigError(f"config.distill.teacher: {other.workdir}'s tokenizer "
+                      f"{other.meta['tokenizer_path']} differs from {first.workdir}'s "
+                      f"{first.meta['tokenizer_path']}; the teachers must read the same tokens")
+
+
+def _tokenizer_fingerprint(run: loading.Run) -> str:
+  path = run.meta["tokenizer_path"]
+  if not os.path.exists(path):
+    raise ConfigError(f"config.distill.teacher: {run.workdir}'s tokenizer {path} is missing")
+  return tokenizer_lib.load_tokenizer(path).fingerprint
 
 
 def _adopt(config, key: str, value, changed: list):
@@ -83,10 +114,14 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
   config = ml_collections.ConfigDict(config.to_dict())
   sources, changed = Sources(), []
   if config.task == "distill":
-    if not config.distill.teacher:
-      raise ConfigError("config.task='distill' needs config.distill.teacher (a run's workdir)")
-    sources.teacher = _open(config.distill.teacher, "distill.teacher", prefer_best=True)
-    teacher_config = sources.teacher.meta["config"]
+    workdirs = teacher_workdirs(config)
+    if not workdirs:
+      raise ConfigError("config.task='distill' needs config.distill.teacher (a run's workdir, "
+                        "or several separated by commas)")
+    sources.teachers = [_open(w, "distill.teacher", prefer_best=True) for w in workdirs]
+    for run in sources.teachers[1:]:
+      _check_same_teacher(sources.teachers[0], run)
+    teacher_config = sources.teachers[0].meta["config"]
     _adopt(config, "data.vocab_size", teacher_config["data"]["vocab_size"], changed)
     config.distill.teacher_model = ml_collections.ConfigDict(teacher_config["model"])
   if is_finetuning(config) and config.train.init_from:
@@ -141,7 +176,8 @@ def make_task(config, model):
     raise ConfigError("config.distill.teacher_model is unset: resolve the config (it is read "
                       "from the run config.distill.teacher names)")
   teacher_cfg = ModelConfig.from_config(config.distill.teacher_model, config.data.vocab_size)
-  return distill.DistillTask(base, teacher_cfg, config.distill)
+  return distill.DistillTask(base, teacher_cfg, config.distill,
+                             num_teachers=max(1, len(teacher_workdirs(config))))
 
 
 @dataclasses.dataclass

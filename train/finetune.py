@@ -3,12 +3,13 @@
 `train.init_from` names a finished run: the fine-tuning run has already adopted its
 architecture and tokenizer (train/build.py `finish`), and `load_backbone` replaces the fresh
 parameters wherever the trees match, so the new parts (the classifier head) keep their
-initialisation. Distillation restores the frozen teacher into the state's "teacher" half and can
-start the student from the teacher's blocks (`distill.init_student=teacher_layers`).
+initialisation. Distillation restores the frozen teacher(s) into the state's "teacher" half and can
+start the student from the (first) teacher's blocks (`distill.init_student=teacher_layers`).
 Runs are found and restored through infer/loading.py, like every other reader of a run.
 """
 import flax
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from infer import loading
@@ -39,10 +40,14 @@ def load_backbone(pretrained: loading.Run, state, mesh, student: bool = False):
   return state.replace(params=flax.traverse_util.unflatten_dict(params))
 
 
-def add_teacher(state, teacher: loading.Run, task, mesh):
-  """`state` with the frozen teacher's parameters restored into its "teacher" half."""
-  return state.replace(params={**state.params,
-                               "teacher": loading.restore_params(teacher, task.teacher, mesh)})
+def add_teachers(state, teachers: list[loading.Run], task, mesh):
+  """`state` with the frozen teachers' parameters restored into its "teacher" half, stacked on
+  a leading axis in distill.teacher's order (train/tasks/distill.py)."""
+  restored = [loading.restore_params(run, task.teacher, mesh) for run in teachers]
+  target = jax.tree.map(lambda a: a.sharding, state.params["teacher"])
+  stack = jax.jit(lambda *trees: jax.tree.map(lambda *x: jnp.stack(x), *trees),
+                  out_shardings=target)
+  return state.replace(params={**state.params, "teacher": stack(*restored)})
 
 
 def teacher_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
@@ -56,8 +61,10 @@ def teacher_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
 def init_student_from_teacher(state, student_layers: int, teacher_layers: int):
   """`state` with the student's parameters copied from the (restored) teacher's: every group
   but the blocks by name, block i from teacher block teacher_layer_map()[i]. Shapes must match:
-  the student may be shallower than the teacher, not narrower."""
-  student, teacher = state.params["student"], state.params["teacher"]
+  the student may be shallower than the teacher, not narrower. With several teachers, from the
+  first one distill.teacher names."""
+  student = state.params["student"]
+  teacher = jax.tree.map(lambda x: x[0], state.params["teacher"])
   layer_map = teacher_layer_map(student_layers, teacher_layers)
   source = {name: (f"block_{layer_map[int(name[6:])]}" if name.startswith("block_") else name)
             for name in student}

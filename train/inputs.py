@@ -36,7 +36,7 @@ def make(config, sources: build.Sources, resumed_meta: dict | None) -> Inputs:
   if build.is_finetuning(config):
     inputs = _finetune(config, sources, resumed_meta, pi, pc)
   else:
-    teacher_meta = sources.teacher.meta if sources.teacher else None
+    teacher_meta = sources.teachers[0].meta if sources.teachers else None
     inputs = _pretrain(config, resumed_meta or teacher_meta, pi, pc)
   # The embedding is sized by config (shardable, stable across corpora); a tokenizer trained on
   # a small corpus may have fewer pieces, never more.
@@ -85,7 +85,7 @@ def _pretrain(config, run_meta, pi: int, pc: int) -> Inputs:
 def _finetune_tokenizer(config, sources: build.Sources, resumed_meta):
   """The tokenizer of the run this one resumes, else of init_from (or the teacher), else one
   trained here on the train examples ("from scratch")."""
-  origin = sources.pretrained or sources.teacher
+  origin = sources.pretrained or (sources.teachers[0] if sources.teachers else None)
   if resumed_meta and resumed_meta.get("tokenizer_path"):
     return tokenizer_lib.load_tokenizer(resumed_meta["tokenizer_path"])
   if origin is not None:

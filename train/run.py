@@ -62,7 +62,7 @@ def _origin(config, sources: build.Sources) -> str:
 
 def _start_state(parts: build.Parts, sources: build.Sources, checkpointer, latest, train_iter):
   """The state the loop starts from: the checkpoint it resumes, else a fresh one with the
-  pre-trained backbone, the teacher and the student's teacher blocks restored into it."""
+  pre-trained backbone, the teachers and the student's teacher blocks restored into it."""
   if latest is not None:
     state, _ = checkpointer.restore(latest, parts.abstract_target(), train_iter)
     logging.info("resumed from step %d", int(jax.device_get(state.step)))
@@ -71,8 +71,8 @@ def _start_state(parts: build.Parts, sources: build.Sources, checkpointer, lates
   if sources.pretrained is not None:
     state = finetune.load_backbone(sources.pretrained, state, parts.mesh,
                                    student=parts.distilling)
-  if sources.teacher is not None:
-    state = finetune.add_teacher(state, sources.teacher, parts.task, parts.mesh)
+  if sources.teachers:
+    state = finetune.add_teachers(state, sources.teachers, parts.task, parts.mesh)
     if parts.config.distill.init_student == "teacher_layers":
       state = finetune.init_student_from_teacher(state, parts.config.model.num_layers,
                                                  parts.task.teacher.cfg.num_layers)

@@ -9,10 +9,18 @@ The KL is per example for a classifier and per scored token for an LM or summari
 token-to-token cosine-similarity matrices of the two models' final hidden states (as in
 MiniLM's relation distillation): it needs no projection between different widths.
 
+Several teachers (distill.teacher="runs/a,runs/b,..."; one architecture and tokenizer) teach
+as an ensemble: the teacher distribution is the mean of their tempered class/token
+probabilities - at T=1 exactly the rule train/ensemble.py and infer/ensemble.py score - and the
+relation target the mean of their similarity matrices. One student then carries what the
+ensemble knows at one forward pass per example (Hinton et al. 2015's "distilling an ensemble").
+
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
-the teacher is sharded by the same logical axis rules as the student and its logits are
-computed on the fly in the same jit'd step. It is frozen by stop_gradient (zero gradients) and
-excluded from weight decay (train/optim.py `frozen`); Adam's moments for it stay zero, which
+the teachers are sharded by the same logical axis rules as the student and their logits are
+computed on the fly in the same jit'd step. "teacher" holds every teacher stacked on a leading
+(unsharded) axis, one teacher too; they run one after another (lax.map), so activation memory
+is one teacher's whatever their number. They are frozen by stop_gradient (zero gradients) and
+excluded from weight decay (train/optim.py `frozen`); Adam's moments for them stay zero, which
 costs memory, not correctness.
 """
 import flax.linen as nn
@@ -27,10 +35,16 @@ from train.tasks.base import Task
 class StudentTeacher(nn.Module):
   student_cfg: ModelConfig
   teacher_cfg: ModelConfig
+  num_teachers: int = 1
 
   def setup(self):
     self.student = Transformer(self.student_cfg)
-    self.teacher = Transformer(self.teacher_cfg)
+    # Each teacher parameter gets a leading [num_teachers] axis, replicated (None) by the
+    # logical axis rules.
+    stacked = nn.vmap(Transformer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=None, axis_size=self.num_teachers,
+                      metadata_params={nn.PARTITION_NAME: None})
+    self.teacher = stacked(self.teacher_cfg)
 
   def __call__(self, tokens, **kwargs):
     """Both models' outputs (initialises both)."""
@@ -48,8 +62,8 @@ def _relation(hidden, valid):
 class DistillTask(Task):
   """`base`: the student's own task (classify, summarize or pretrain) on the student model."""
 
-  def __init__(self, base: Task, teacher_cfg: ModelConfig, distill_cfg):
-    super().__init__(StudentTeacher(base.model.cfg, teacher_cfg))
+  def __init__(self, base: Task, teacher_cfg: ModelConfig, distill_cfg, num_teachers: int = 1):
+    super().__init__(StudentTeacher(base.model.cfg, teacher_cfg, num_teachers))
     self.student = base.model
     self.teacher = Transformer(teacher_cfg)
     self.base = base
@@ -63,13 +77,16 @@ class DistillTask(Task):
     rngs = {"dropout": rng} if train else None
     s_logits, s_hidden = self.student.apply({"params": params["student"]}, tokens, rngs=rngs,
                                             **kwargs)
-    teacher = jax.lax.stop_gradient(params["teacher"])
-    t_logits, t_hidden = self.teacher.apply({"params": teacher}, tokens,
-                                            **{**kwargs, "deterministic": True})
+    teachers = jax.lax.stop_gradient(params["teacher"])
+    t_logits, t_hidden = jax.lax.map(   # [num_teachers, ...]
+        lambda p: self.teacher.apply({"params": p}, tokens, **{**kwargs, "deterministic": True}),
+        teachers)
     task_loss, sums = self.base.score(s_logits, batch, train)
     weights = self.base.weights(batch)
     t = self.temperature
-    t_logp = jax.nn.log_softmax(t_logits.astype(jnp.float32) / t)
+    # log of the teachers' mean tempered probabilities
+    t_logp = (jax.nn.logsumexp(jax.nn.log_softmax(t_logits.astype(jnp.float32) / t), axis=0)
+              - jnp.log(t_logits.shape[0]))
     s_logp = jax.nn.log_softmax(s_logits.astype(jnp.float32) / t)
     kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
     kd = jnp.sum(kl * weights) * t * t
@@ -79,7 +96,7 @@ class DistillTask(Task):
       # The rows' own mask where they have one (id 0 is a real token in HF vocabularies).
       valid = (batch["mask"] > 0 if "mask" in batch else tokens > 0).astype(jnp.float32)
       s_rel, pair = _relation(s_hidden, valid)
-      t_rel, _ = _relation(t_hidden, valid)
+      t_rel = jnp.mean(jax.vmap(lambda h: _relation(h, valid)[0])(t_hidden), axis=0)
       # Per row: mean squared difference over its valid pairs, weighted like the task.
       row = jnp.sum(jnp.square(s_rel - t_rel), axis=(1, 2)) / jnp.maximum(pair.sum((1, 2)), 1.0)
       row_weight = weights if weights.ndim == 1 else weights.sum(-1)
