@@ -156,7 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- distillation (task "distill"): a frozen teacher run teaches this config's model ------
   c.distill = ml_collections.ConfigDict()
-  c.distill.teacher = ""              # workdir of the teacher run (its best state if it has one)
+  # Workdir of the teacher run (its best state if it has one); several separated by commas (one
+  # architecture and tokenizer) teach as an ensemble: the mean of their tempered probabilities.
+  c.distill.teacher = ""
   c.distill.task = "classify"         # the student's own task: classify | summarize | pretrain
   c.distill.alpha = 0.5               # weight of the soft (teacher) loss; 1 - alpha: labels
   c.distill.temperature = 2.0         # softens both distributions; the KL is scaled by T^2

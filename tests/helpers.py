@@ -3,7 +3,7 @@
 Model / sharding / checkpoint tests: tiny configs, meshes, batches. End-to-end tests: REPO, env,
 run_main, base_args (a tiny `python -m train.main` command line), losses / checkpoint_steps of a
 workdir, start_and_interrupt, write_corpus. Fine-tuning tests: _sentiment_config, _summary_file,
-CharTokenizer (rows that read back exactly).
+CharTokenizer (rows that read back exactly), fine_tune_parts (the factory's model and task).
 
 Random initialisation through jax.random compiles slowly on small CPU machines, so tests that
 only need *some* parameter values fill the abstract (eval_shape'd) parameter tree with numpy
@@ -291,3 +291,13 @@ def call(url: str, payload=None, *, method=None, data: bytes | None = None):
       return response.status, json.load(response)
   except urllib.error.HTTPError as e:
     return e.code, json.load(e)
+
+
+def fine_tune_parts(config):
+  """(model, task, optimizer, mesh) from the factory, for a 10-step schedule."""
+  import ml_collections
+  from train import build
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.num_steps = 10
+  parts = build.build(config)
+  return parts.model, parts.task, parts.tx, parts.mesh

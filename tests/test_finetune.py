@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import legal_pretrain, legal_summ_finetune, sentiment_finetune
-from helpers import _sentiment_config, _summary_file, losses
+from helpers import _sentiment_config, _summary_file, fine_tune_parts, losses
 from infer import loading
 from train import build, finetune, optim
 from train import run as run_lib
@@ -233,76 +233,9 @@ def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tm
     build.resolve(config)
 
 
-def test_distilled_student_learns_from_frozen_teacher(sentiment_files, classifier_run, tmp_path):
-  from configs import sentiment_distill
-  teacher_dir = classifier_run[0] / "run"
-  config = sentiment_distill.get_config("tiny")
-  config.data.update(train_file=str(sentiment_files / "train.jsonl.gz"),
-                     test_file=str(sentiment_files / "test.jsonl"), data_dir=str(tmp_path))
-  config.distill.teacher = str(teacher_dir)
-  # One block of the teacher's width, started from its embedding, head and last block: the
-  # train step must donate the student's copies while the teacher's stay intact.
-  teacher_model = sentiment_finetune.get_config("tiny").model
-  config.model.update({k: teacher_model[k] for k in build.ARCHITECTURE_KEYS}, num_layers=1)
-  config.distill.init_student = "teacher_layers"
-  config.train.update(num_steps=60, eval_every=20, checkpoint_every=20)
-  result = run_lib.train(config, str(tmp_path / "student"))
-  # The teacher's parameters are the teacher run's best state, untouched by 60 updates.
-  teacher = loading.open_run(str(teacher_dir), prefer_best=True)
-  model, _, _, mesh = _parts(sentiment_finetune.get_config("tiny"))
-  expected = loading.restore_params(teacher, model, mesh)
-  chex.assert_trees_all_equal(result["state"].params["teacher"],   # one teacher, stacked
-                              jax.tree.map(lambda x: x[None], expected))
-  student = result["test"]["model: classification"]
-  assert student["accuracy"] > 0.8, student
-  # The report counts the student's parameters only.
-  student_params = state_lib.param_count(result["state"].params["student"])
-  assert f"parameters: {student_params}" in (tmp_path / "student" / "report.md").read_text()
-
-
-def test_teacher_layer_map_keeps_first_and_last():
-  assert finetune.teacher_layer_map(2, 4) == [0, 3]
-  assert finetune.teacher_layer_map(3, 6) == [0, 2, 5]   # round(2.5) = 2: banker's rounding
-  assert finetune.teacher_layer_map(1, 4) == [3]
-
-
-def test_student_starts_from_teacher_layers():
-  import dataclasses
-  from configs import sentiment_distill
-  from train.tasks import classify
-  from train.tasks.distill import DistillTask
-  config = sentiment_distill.get_config("tiny")
-  config.task = "classify"     # _parts builds the student and its own task
-  model, _, tx, mesh = _parts(config)
-  student_cfg = model.cfg
-  task = DistillTask(classify.ClassifyTask(model), dataclasses.replace(student_cfg, num_layers=3),
-                     config.distill)
-  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
-  teacher = jax.tree.map(lambda x: x[0], state.params["teacher"])   # the one teacher
-  student = finetune.init_student_from_teacher(state, 2, 3).params["student"]
-  expected = {**{k: v for k, v in teacher.items() if not k.startswith("block_")},
-              "block_0": teacher["block_0"], "block_1": teacher["block_2"]}
-  chex.assert_trees_all_equal(student, expected)
-  # A narrower student cannot take the teacher's blocks: a ConfigError naming the array.
-  wide = DistillTask(classify.ClassifyTask(model),
-                     dataclasses.replace(student_cfg, d_model=2 * student_cfg.d_model),
-                     config.distill)
-  state, _, _ = state_lib.create_state(wide.model, tx, wide.dummy_batch(1, 8), mesh, seed=0)
-  with pytest.raises(ConfigError, match=r"needs the teacher's width: student block_0"):
-    finetune.init_student_from_teacher(state, 2, 2)
-
-
-def _parts(config):
-  """(model, task, optimizer, mesh) from the factory, for a 10-step schedule."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.train.num_steps = 10
-  parts = build.build(config)
-  return parts.model, parts.task, parts.tx, parts.mesh
-
-
 def _lm_params(lm_config, workdir, step=None):
   from model import checkpoint as checkpoint_lib
-  model, task, tx, mesh = _parts(lm_config)
+  model, task, tx, mesh = fine_tune_parts(lm_config)
   abstract, shardings = state_lib.state_shardings(model, tx, task.dummy_batch(1, 8), mesh)
   ckpt = checkpoint_lib.Checkpointer(str(workdir), every=1, keep=5, async_save=False)
   state, _ = ckpt.restore(ckpt.latest_step() if step is None else step,
@@ -487,7 +420,7 @@ def test_lr_schedules(schedule):
 def test_nonfinite_update_is_skipped_not_applied():
   from train import step as step_lib
   config = sentiment_finetune.get_config("tiny")
-  model, task, tx, mesh = _parts(config)
+  model, task, tx, mesh = fine_tune_parts(config)
   state, _, _ = state_lib.create_state(model, tx, task.dummy_batch(1, 8), mesh, seed=0)
   params = jax.tree.map(np.array, state.params)   # writable host copies
   params["cls_head"]["kernel"][0, 0] = np.nan

@@ -1,0 +1,185 @@
+"""Distillation: a student learns from one frozen teacher or from an ensemble of them.
+
+A tiny classifier trained here is the teacher (two of its checkpoints make an ensemble); the
+loss of an ensemble is checked against a by-hand numpy computation of KL(mean of the teachers'
+tempered probabilities || student) and of the mean relation target.
+"""
+import dataclasses
+import types
+
+import chex
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from configs import sentiment_distill, sentiment_finetune
+from helpers import _sentiment_config, fine_tune_parts, losses
+from infer import loading
+from model import tokenizer as tokenizer_lib
+from model.transformer import Transformer
+from train import build, finetune
+from train import run as run_lib
+from train import state as state_lib
+from train.config_check import ConfigError
+from train.tasks import classify
+from train.tasks.distill import DistillTask
+
+pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
+
+
+@pytest.fixture(scope="module")
+def teacher_run(sentiment_files, tmp_path_factory):
+  """A tiny classifier trained from scratch (checkpoints 30 and 40 kept, and its best)."""
+  root = tmp_path_factory.mktemp("teacher")
+  config = _sentiment_config(sentiment_files, root / "cache", num_steps=40)
+  run_lib.train(config, str(root / "run"))
+  return root / "run"
+
+
+def _student_config(sentiment_files, tmp_path, teacher: str):
+  config = sentiment_distill.get_config("tiny")
+  config.data.update(train_file=str(sentiment_files / "train.jsonl.gz"),
+                     test_file=str(sentiment_files / "test.jsonl"), data_dir=str(tmp_path))
+  config.distill.teacher = teacher
+  return config
+
+
+def _restored(workdir):
+  """A run's parameters as the tiny teacher model holds them."""
+  model, _, _, mesh = fine_tune_parts(sentiment_finetune.get_config("tiny"))
+  return loading.restore_params(loading.open_run(str(workdir), prefer_best=True), model, mesh)
+
+
+def test_distilled_student_learns_from_frozen_teacher(sentiment_files, teacher_run, tmp_path):
+  config = _student_config(sentiment_files, tmp_path, str(teacher_run))
+  # One block of the teacher's width, started from its embedding, head and last block: the
+  # train step must donate the student's copies while the teacher's stay intact.
+  teacher_model = sentiment_finetune.get_config("tiny").model
+  config.model.update({k: teacher_model[k] for k in build.ARCHITECTURE_KEYS}, num_layers=1)
+  config.distill.init_student = "teacher_layers"
+  config.train.update(num_steps=60, eval_every=20, checkpoint_every=20)
+  result = run_lib.train(config, str(tmp_path / "student"))
+  # The teacher's parameters are the teacher run's best state, untouched by 60 updates.
+  chex.assert_trees_all_equal(result["state"].params["teacher"],   # one teacher, stacked
+                              jax.tree.map(lambda x: x[None], _restored(teacher_run)))
+  student = result["test"]["model: classification"]
+  assert student["accuracy"] > 0.8, student
+  # The report counts the student's parameters only.
+  student_params = state_lib.param_count(result["state"].params["student"])
+  assert f"parameters: {student_params}" in (tmp_path / "student" / "report.md").read_text()
+
+
+def test_an_ensemble_of_teachers_is_restored_in_order_and_teaches(sentiment_files, teacher_run,
+                                                                  tmp_path):
+  late, early = teacher_run / "checkpoints" / "40", teacher_run / "checkpoints" / "30"
+  config = _student_config(sentiment_files, tmp_path, f"{late}, {early}")
+  # One block started from the first teacher's (embedding, head, last block), as above.
+  teacher_model = sentiment_finetune.get_config("tiny").model
+  config.model.update({k: teacher_model[k] for k in build.ARCHITECTURE_KEYS}, num_layers=1)
+  config.distill.init_student = "teacher_layers"
+  config.train.update(num_steps=30, eval_every=15, checkpoint_every=30)
+  result = run_lib.train(config, str(tmp_path / "student"))
+  first, second = _restored(late), _restored(early)
+  assert not np.allclose(first["cls_head"]["kernel"], second["cls_head"]["kernel"])
+  chex.assert_trees_all_equal(result["state"].params["teacher"],
+                              jax.tree.map(lambda a, b: np.stack([a, b]), first, second))
+  student = result["test"]["model: classification"]
+  assert student["accuracy"] > 0.8, student
+  validation = losses(tmp_path / "student", "validation")
+  assert validation[30] < validation[0], validation
+
+
+def test_an_ensemble_teaches_its_mean_tempered_probabilities():
+  config = sentiment_distill.get_config("tiny")
+  config.task = "classify"     # fine_tune_parts builds the student and its own task
+  config.distill.update(temperature=2.0, hidden_weight=0.5)
+  model, _, tx, mesh = fine_tune_parts(config)
+  teacher_cfg = dataclasses.replace(model.cfg, num_layers=1)
+  task = DistillTask(classify.ClassifyTask(model), teacher_cfg, config.distill, num_teachers=2)
+  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  rng = np.random.default_rng(0)
+  mask = np.ones((4, 12), np.int32)
+  mask[3, 7:] = 0                           # a shorter review, right-padded
+  batch = {"tokens": rng.integers(3, 500, (4, 12)).astype(np.int32) * mask, "mask": mask,
+           "label": np.array([0, 1, 1, 0], np.int32)}
+  _, sums = task.loss(state.params, batch, jax.random.PRNGKey(0), train=False)
+
+  def run(module, params):
+    logits, hidden = module.apply({"params": params}, batch["tokens"], with_hidden=True,
+                                  pool_mask=batch["mask"] > 0)
+    return np.asarray(logits, np.float64), np.asarray(hidden, np.float64)
+
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+  def similarities(h):
+    h = h / np.sqrt((h * h).sum(-1, keepdims=True) + 1e-6)
+    pair = mask[:, :, None] * mask[:, None, :]
+    return np.einsum("btd,bsd->bts", h, h) * pair, pair
+
+  s_logits, s_hidden = run(model, state.params["student"])
+  teachers = [run(Transformer(teacher_cfg), jax.tree.map(lambda x: x[k], state.params["teacher"]))
+              for k in range(2)]
+  probs = [np.exp(log_softmax(logits / 2.0)) for logits, _ in teachers]
+  assert np.abs(probs[0] - probs[1]).max() > 1e-3     # two different teachers
+  mean = (probs[0] + probs[1]) / 2
+  kd = 4.0 * np.sum(mean * (np.log(mean) - log_softmax(s_logits / 2.0)))
+  np.testing.assert_allclose(sums["kd"], kd, rtol=2e-4)
+  target = (similarities(teachers[0][1])[0] + similarities(teachers[1][1])[0]) / 2
+  student_sim, pair = similarities(s_hidden)
+  relation = np.sum(np.square(student_sim - target).sum((1, 2)) / pair.sum((1, 2)))
+  np.testing.assert_allclose(sums["relation"], relation, rtol=2e-4)
+
+
+def _fake_run(workdir, tokenizer_path, **model):
+  base = sentiment_finetune.get_config("tiny").model.to_dict()
+  return types.SimpleNamespace(workdir=workdir, meta={"config": {"model": {**base, **model}},
+                                                      "tokenizer_path": str(tokenizer_path)})
+
+
+def test_teachers_must_share_architecture_and_tokenizer(teacher_run, tmp_path):
+  tokenizer = loading.open_run(str(teacher_run)).meta["tokenizer_path"]
+  a = _fake_run("runs/a", tokenizer)
+  build._check_same_teacher(a, _fake_run("runs/b", tokenizer, dropout_rate=0.3))  # training only
+  with pytest.raises(ConfigError, match=r"runs/b and runs/a differ in d_model 64 vs 96; .* one "
+                                        "architecture"):
+    build._check_same_teacher(a, _fake_run("runs/b", tokenizer, d_model=96))
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(["a contract between the parties", "the judgment was upheld"] * 50),
+      model_prefix=str(tmp_path / "other"), vocab_size=40, hard_vocab_limit=False,
+      pad_id=tokenizer_lib.PAD_ID, unk_id=tokenizer_lib.UNK_ID, bos_id=tokenizer_lib.BOS_ID,
+      eos_id=tokenizer_lib.EOS_ID, minloglevel=2)
+  with pytest.raises(ConfigError, match=r"runs/c's tokenizer .*other.model differs from runs/a's"):
+    build._check_same_teacher(a, _fake_run("runs/c", tmp_path / "other.model"))
+  with pytest.raises(ConfigError, match=r"runs/d's tokenizer .*missing.model is missing"):
+    build._check_same_teacher(a, _fake_run("runs/d", tmp_path / "missing.model"))
+
+
+def test_teacher_layer_map_keeps_first_and_last():
+  assert finetune.teacher_layer_map(2, 4) == [0, 3]
+  assert finetune.teacher_layer_map(3, 6) == [0, 2, 5]   # round(2.5) = 2: banker's rounding
+  assert finetune.teacher_layer_map(1, 4) == [3]
+
+
+def test_student_starts_from_teacher_layers():
+  config = sentiment_distill.get_config("tiny")
+  config.task = "classify"     # fine_tune_parts builds the student and its own task
+  model, _, tx, mesh = fine_tune_parts(config)
+  student_cfg = model.cfg
+  task = DistillTask(classify.ClassifyTask(model), dataclasses.replace(student_cfg, num_layers=3),
+                     config.distill)
+  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  teacher = jax.tree.map(lambda x: x[0], state.params["teacher"])   # the one teacher
+  student = finetune.init_student_from_teacher(state, 2, 3).params["student"]
+  expected = {**{k: v for k, v in teacher.items() if not k.startswith("block_")},
+              "block_0": teacher["block_0"], "block_1": teacher["block_2"]}
+  chex.assert_trees_all_equal(student, expected)
+  # A narrower student cannot take the teacher's blocks: a ConfigError naming the array.
+  wide = DistillTask(classify.ClassifyTask(model),
+                     dataclasses.replace(student_cfg, d_model=2 * student_cfg.d_model),
+                     config.distill)
+  state, _, _ = state_lib.create_state(wide.model, tx, wide.dummy_batch(1, 8), mesh, seed=0)
+  with pytest.raises(ConfigError, match=r"needs the teacher's width: student block_0"):
+    finetune.init_student_from_teacher(state, 2, 2)
