@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import gpu_inference, gpu_table
+from model import errors
 
 FWD_TOL, GRAD_TOL = 2e-2, 4e-2   # bf16 inputs: max |err| / max |reference|
 
@@ -336,4 +337,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -1,6 +1,5 @@
 """The GPU suite's result table and the measuring helpers its sections share (bench/gpu_suite.py,
 bench/gpu_inference.py): one Markdown row per case, errors as one line, timings as a median."""
-import jax
 import numpy as np
 
 MiB = 2.0 ** 20

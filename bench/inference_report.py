@@ -32,6 +32,7 @@ from bench import latency
 from eval import classification, common, report
 from infer import decode, quantize
 from infer.loading import LoadedModel, classify_probs
+from model import errors
 from model import log_setup
 
 _CONFIG = None   # defined by _define_flags when run as a command (train.main has --config too)
@@ -221,4 +222,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

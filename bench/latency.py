@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
+from model import errors
 from model.config import ModelConfig
 from model.transformer import Transformer
 from infer import loading
@@ -354,4 +355,4 @@ def _parse_flags(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(errors.exit_on_user_error(main), flags_parser=_parse_flags)

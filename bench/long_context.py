@@ -21,6 +21,8 @@ import threading
 
 from absl import app, flags
 
+from model import errors
+
 _KINDS = flags.DEFINE_list("kinds", ["full", "local", "blocked"], "Attention kernels to time.")
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096", "8192", "16384"],
                              "Sequence lengths.")
@@ -210,4 +212,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

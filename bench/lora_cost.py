@@ -15,6 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import sentiment_finetune
+from model import errors
 from model import log_setup
 from train import build
 
@@ -81,4 +82,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("shapes", "imdb_lm,d512", f"Comma-separated, from {sorted(SHAPES)}.")
   flags.DEFINE_integer("rank", 8, "LoRA rank.")
   flags.DEFINE_integer("steps", 5, "Timed steps (after one compiling step).")
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -30,6 +30,7 @@ import numpy as np
 
 from bench import latency, step_time
 from model import attention as attention_lib
+from model import errors
 from model import layers
 from model import sharding as sharding_lib
 from model.attention import masks
@@ -212,4 +213,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

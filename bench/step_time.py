@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bench import latency, reference_step
+from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from train import build
@@ -285,4 +286,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -24,6 +24,8 @@ import sys
 
 from absl import app, flags
 
+from model import errors
+
 GiB = 2 ** 30
 SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves
     "fsdp": dict(data=1, fsdp=-1, tensor=1),
@@ -172,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

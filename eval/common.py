@@ -17,16 +17,16 @@ import json
 import math
 import os
 import re
-import sys
 
 from absl import app, flags
 import numpy as np
 
 from configs import common as configs_common
 from eval import report
+from model import errors
 
 
-class EvalError(ValueError):
+class EvalError(errors.UserError):
   """Bad evaluator input; the message names the file, row or key at fault and what was expected."""
 
 
@@ -138,7 +138,7 @@ def run_cli(evaluate, title: str, paired: bool = False) -> None:
     else:
       print_and_save(evaluate(records, cfg), f"{title}: {fl.records}", fl.out)
 
-  run_app(main)
+  app.run(errors.exit_on_user_error(main))
 
 
 def print_and_save(metrics: dict, title: str, out: str | None) -> None:
@@ -147,16 +147,3 @@ def print_and_save(metrics: dict, title: str, out: str | None) -> None:
     with open(out, "w", encoding="utf-8") as f:
       json.dump(metrics, f, indent=2)
     print(f"wrote {out}")
-
-
-def run_app(main) -> None:
-  """absl app.run where bad input ends in one line on stderr and exit code 2."""
-
-  def friendly(argv):
-    try:
-      main(argv)
-    except EvalError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(friendly)

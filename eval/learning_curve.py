@@ -24,10 +24,11 @@ files back, so a later session extends the curve with a new run rather than re-r
 import json
 import os
 
-from absl import flags
+from absl import app, flags
 
 from eval import classification, common, report
 from model import checkpoint as checkpoint_lib
+from model import errors
 
 TFIDF_SPLIT = "test/baseline/tf-idf_+_logistic_regression"
 
@@ -199,4 +200,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("md", None, "Also write the Markdown table here.")
   flags.DEFINE_string("title", "accuracy vs pre-training tokens", "The plot's title.")
   flags.DEFINE_integer("bootstrap", 1000, "Resamples for the accuracy CIs.")
-  common.run_app(main)
+  app.run(errors.exit_on_user_error(main))

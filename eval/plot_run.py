@@ -9,6 +9,8 @@ import os
 
 from absl import app, flags
 
+from model import errors
+
 
 def read_metrics(path: str) -> dict:
   """{split: {step: row}}; a resumed run re-logs steps after its checkpoint: the last one wins."""
@@ -57,4 +59,4 @@ if __name__ == "__main__":
   # Defined here, not at import: train.main imports this module and has its own --workdir.
   flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

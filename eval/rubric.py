@@ -31,6 +31,7 @@ from absl import app, flags
 import numpy as np
 
 from eval import common
+from model import errors
 
 CRITERIA = ("factual_consistency", "conciseness")
 COLUMNS = ("example_id", "source_excerpt", "reference", "model_summary", "rater") + CRITERIA + (
@@ -226,4 +227,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "export: the sheet to write; report: also write JSON here.")
   flags.DEFINE_integer("n", 20, "export: examples to sample.")
   flags.DEFINE_integer("seed", 0, "export: sampling seed.")
-  common.run_app(main)
+  app.run(errors.exit_on_user_error(main))

@@ -17,6 +17,7 @@ from absl import app, flags
 import numpy as np
 
 from eval import classification, common
+from model import errors
 
 NAME = "tfidf_baseline"
 MAX_FEATURES = 200_000
@@ -92,4 +93,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "Seed of the --max_train sample and the classifier.")
   flags.DEFINE_string("out", None, "Also write the metrics here as JSON.")
   flags.mark_flags_as_required(["train", "test"])
-  common.run_app(main)
+  app.run(errors.exit_on_user_error(main))

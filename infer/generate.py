@@ -33,6 +33,7 @@ from absl import app, flags
 
 from infer import inputs as inputs_lib
 from infer import loading
+from model import errors
 from model import log_setup
 
 
@@ -161,4 +162,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("chunk", 8, "Tokens per compiled decoding call when streaming.",
                        lower_bound=1)
   flags.DEFINE_integer("batch_size", 8, "Prompts per call with --prompts_file.", lower_bound=1)
-  app.run(inputs_lib.friendly_errors(main))
+  app.run(errors.exit_on_user_error(main))

@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ from absl import logging
 from lm_eval.api.model import LM
 
 from infer import decode, loading
+from model import errors
 from model import sharding as sharding_lib
 
 
@@ -315,4 +315,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("max_length", 0, "Context window in tokens; 0 = the run's data.seq_len.")
   flags.DEFINE_integer("max_gen_toks", 256, "Default new-token cap of generation tasks.")
   flags.DEFINE_string("output", "", "JSON file for the scores and per-example samples.")
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

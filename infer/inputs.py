@@ -1,15 +1,15 @@
 """What the inference entry points share about their input: one error type for bad input,
-JSON parsing that says what is wrong, the model flags, and the one-line error wrapper."""
+JSON parsing that says what is wrong, the model flags (bad input ends in one line under
+model.errors.exit_on_user_error, like every command)."""
 import json
-import sys
 
 from absl import flags
 
 from infer import classifier_rows, loading
-from model.errors import DataError
+from model import errors
 
 
-class InputError(ValueError):
+class InputError(errors.UserError):
   """Bad command-line or request input; the message names the flag, file or file:line."""
 
 
@@ -90,14 +90,3 @@ def define_model_flags():
                        "read whole, in row-long windows this many tokens apart, and its rows' "
                        "log-probabilities averaged (0: truncated as in training; default: the "
                        "run's eval.window_stride).", lower_bound=0)
-
-
-def friendly_errors(main):
-  """Wraps an absl main: user errors end in one `error: ...` line and exit code 2."""
-  def wrapped(argv):
-    try:
-      main(argv)
-    except (InputError, loading.LoadError, DataError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  return wrapped

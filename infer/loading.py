@@ -22,6 +22,7 @@ import numpy as np
 from infer import (classifier_rows, decode, decode_controls, lora, quantize, rerank, stream_text,
                    word_ngrams)
 from model import checkpoint as checkpoint_lib
+from model import errors
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
 from model import transformer
@@ -31,7 +32,7 @@ from model.transformer import Transformer
 QUANTIZED_DIR = "quantized"   # inside a quantized run's workdir (infer/quantize.py writes it)
 
 
-class LoadError(ValueError):
+class LoadError(errors.UserError):
   """No usable run at a path; the message names the path (and the flag or key given)."""
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import qwix
 from qwix._src.utils import flax_util   # the module an intercepted op runs in (no public name)
 
+from model import errors
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -39,7 +40,7 @@ ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 TRAINED_GROUPS = ("cls_head", "cls_hidden")
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(errors.UserError):
   """A train.lora value that cannot work; the message names the key."""
 
 

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from infer import inputs as inputs_lib
 from infer import loading, lora
 from model import checkpoint as checkpoint_lib
+from model import errors
 from model import log_setup
 
 
@@ -98,4 +98,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "New folder for the merged run (or the adapters).",
                       required=True)
   flags.DEFINE_bool("adapters_only", False, "Write only the adapters and the task head.")
-  app.run(inputs_lib.friendly_errors(main))
+  app.run(errors.exit_on_user_error(main))

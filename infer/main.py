@@ -19,13 +19,13 @@ import gzip
 import json
 import os
 import pathlib
-import sys
 
 from absl import app, flags, logging
 
 from infer import loading
-from infer.inputs import (InputError, define_model_flags, friendly_errors, json_object,
+from infer.inputs import (InputError, define_model_flags, json_object,
                           load_predictor)
+from model import errors
 from model import log_setup
 from train.metrics import CountProgress
 
@@ -100,4 +100,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("output", None, "Where the predictions go (JSONL).", required=True)
   flags.DEFINE_string("text_field", "text", "Input field holding the text.")
   flags.DEFINE_integer("batch_size", 32, "Texts per model call.", lower_bound=1)
-  app.run(friendly_errors(main))
+  app.run(errors.exit_on_user_error(main))

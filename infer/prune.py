@@ -51,9 +51,9 @@ import numpy as np
 from eval import common as eval_common
 from infer import loading
 from model import checkpoint as checkpoint_lib
+from model import errors
 from model import log_setup
 from model.config import ModelConfig
-from model.transformer import Transformer
 
 CRITERIA = ("magnitude", "taylor", "random")
 
@@ -330,4 +330,4 @@ if __name__ == "__main__":
                       "data.train_file).")
   flags.DEFINE_integer("calibration_examples", 256, "taylor: examples sampled from it.")
   flags.DEFINE_integer("seed", 0, "Calibration sample and random-criterion seed.")
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 
 from absl import app, flags
 import flax
@@ -49,6 +48,7 @@ import orbax.checkpoint as ocp
 import qwix
 
 from model import checkpoint as checkpoint_lib
+from model import errors
 from model import log_setup
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -249,15 +249,11 @@ def main(argv):
   out = loading.resolve_path(f.out)
   if os.path.exists(out):
     raise app.UsageError(f"--out={f.out} exists; give a new folder")
-  try:
-    run = loading.open_run(f.workdir, prefer_best=True)
-    if run.quantization != "none":
-      raise loading.LoadError(f"--workdir={f.workdir} is already quantized "
-                              f"({run.quantization}); quantize the float run it came from")
-    loaded = loading.LoadedModel.from_run(run)
-  except loading.LoadError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run = loading.open_run(f.workdir, prefer_best=True)
+  if run.quantization != "none":
+    raise loading.LoadError(f"--workdir={f.workdir} is already quantized "
+                            f"({run.quantization}); quantize the float run it came from")
+  loaded = loading.LoadedModel.from_run(run)
   tokens = jnp.zeros((1, loaded.config.data.seq_len), jnp.int32)
   qmodel, qparams = quantize(loaded.model, loaded.params, f.mode, tokens)
   # The quantized run records the float run's metadata as its own (what it does, its
@@ -282,4 +278,4 @@ if __name__ == "__main__":
                       required=True)
   flags.DEFINE_enum("mode", "w8a8", list(MODES), "Quantization mode.")
   flags.DEFINE_string("out", None, "New folder for the quantized checkpoint.", required=True)
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -56,6 +56,7 @@ from infer import batching
 from infer import decode
 from infer import inputs as inputs_lib
 from infer import request_parsing as parsing
+from model import errors
 from model import log_setup
 
 
@@ -343,4 +344,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("generate_max_new", None, "POST /generate: the default and largest "
                        "max_new (models with a language-model head; default: min(64, "
                        "data.seq_len / 2)).", lower_bound=1)
-  app.run(inputs_lib.friendly_errors(main))
+  app.run(errors.exit_on_user_error(main))

@@ -26,6 +26,7 @@ from absl import app, flags
 
 from configs import platforms
 from launch import templates
+from model import errors
 from train import config_check
 from train import cli   # train.main's --config / --workdir flags and their parser
 from train.config_check import ConfigError
@@ -174,14 +175,10 @@ def main(argv):
     raise app.UsageError("expected one platform: python -m launch.cluster "
                          f"{{{','.join(templates.PLATFORMS)}}} --config=... --workdir=...")
   flag_values = flags.FLAGS
-  try:
-    job = make_job(argv[1], flag_values.config, sys.argv[1:], flag_values.workdir,
-                   _PRESET.value, name=_NAME.value, zone=_ZONE.value, project=_PROJECT.value,
-                   image=_IMAGE.value, pvc=_PVC.value, repo_dir=_REPO_DIR.value,
-                   python=_PYTHON.value, port=_PORT.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  job = make_job(argv[1], flag_values.config, sys.argv[1:], flag_values.workdir,
+                 _PRESET.value, name=_NAME.value, zone=_ZONE.value, project=_PROJECT.value,
+                 image=_IMAGE.value, pvc=_PVC.value, repo_dir=_REPO_DIR.value,
+                 python=_PYTHON.value, port=_PORT.value)
   command = write(job, _OUT_DIR.value or os.path.join("runs", "launch", job.name))
   print(f"wrote {command[-1]}\n{job.header(comment='')}")
   if not _SUBMIT.value:
@@ -192,4 +189,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(errors.exit_on_user_error(main), flags_parser=cli.parse_flags)

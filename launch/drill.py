@@ -21,6 +21,8 @@ import tempfile
 
 from absl import app, flags
 
+from model import errors
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_COVERED = "tests/test_drills.py"       # the drills no other test repeats (--fast)
 COVERED = "tests/test_train_e2e.py"        # tests that are also drills
@@ -138,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

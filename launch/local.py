@@ -18,6 +18,8 @@ import threading
 import portpicker
 from absl import app, flags
 
+from model import errors
+
 _NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 1, "Fake CPU devices per process.")
 _MODULE = flags.DEFINE_string("module", "train.main", "Python module each process runs.")
@@ -72,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

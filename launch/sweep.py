@@ -32,14 +32,16 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from model import errors
+
 RUN_RECORD = "sweep_run.json"   # command, exit code, wall time and peak RSS of the last run
 COLUMNS = ("name", "overrides", "status", "steps", "final_val_loss", "final_val_ppl",
            "best_val_loss", "best_val_ppl", "best_step", "tokens_per_s", "step_time_ms",
            "peak_rss_mib", "params", "wall_s")
 
 
-class SweepError(ValueError):
-  pass
+class SweepError(errors.UserError):
+  """A sweep spec that cannot expand; the message names the axis or key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,11 +292,7 @@ def main(argv):
   fl = flags.FLAGS
   logging.set_verbosity(logging.WARNING)   # Orbax's INFO chatter when reading checkpoint meta
   sweep = fl.config
-  try:
-    points = expand(sweep)
-  except SweepError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  points = expand(sweep)
   config_file = config_flags.get_config_filename(fl["config"]).split(":", 1)[0]
   spec = f"{config_file}:{sweep.preset}:base"
   forwarded = {k[len("base."):]: v for k, v in config_flags.get_override_values(fl["config"]).items()
@@ -341,4 +339,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

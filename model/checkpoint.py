@@ -29,8 +29,10 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
+from model import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.UserError):
   """No usable checkpoint, or one written for a different model; the message says which."""
 
 

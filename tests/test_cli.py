@@ -105,6 +105,33 @@ def test_missing_config_file_is_one_line():
       "such file or directory: 'configs/no_such_config.py'"]
 
 
+def test_every_commands_user_errors_end_in_one_line_with_their_exit_code(capsys):
+  """model.errors.exit_on_user_error wraps every command's main: each layer's error type is a
+  UserError (one line, exit 2; a diverged run 3); any other exception is a bug and propagates."""
+  from eval.common import EvalError
+  from infer.inputs import InputError
+  from infer.loading import LoadError
+  from infer.lora import LoraConfigError
+  from launch.sweep import SweepError
+  from model import errors
+  from model.checkpoint import CheckpointError
+  from train.config_check import ConfigError
+  from train.hf_families import ConvertError
+  from train.loop import NonFiniteLossError
+  from train.topologies import TopologyError
+  kinds = (errors.DataError, CheckpointError, ConfigError, ConvertError, TopologyError,
+           NonFiniteLossError, LoadError, InputError, LoraConfigError, EvalError, SweepError)
+  for kind in kinds:
+    def main(argv, kind=kind):
+      raise kind(f"{argv[0]}: what {kind.__name__} names")
+    with pytest.raises(SystemExit) as exit_info:
+      errors.exit_on_user_error(main)(["prog"])
+    assert exit_info.value.code == (3 if kind is NonFiniteLossError else 2), kind
+    assert capsys.readouterr().err == f"error: prog: what {kind.__name__} names\n"
+  with pytest.raises(KeyError):
+    errors.exit_on_user_error(lambda argv: {}["x"])(["prog"])
+
+
 # quiet logs
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from helpers import REPO, _sentiment_config, _summary_file, numpy_params
 from helpers import call as _call, serving as _serving
 from infer import batching, decode, inputs, loading, serve
 from infer import main as batch_lib
+from model import errors
 from train import metrics as metrics_lib
 from train import run as run_lib
 
@@ -400,7 +401,7 @@ def test_cli_writes_one_prediction_per_line(classifier_dir, classifier, tmp_path
 def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"text": "fine"}\n{"text": broken\n')
-  main = inputs.friendly_errors(lambda argv: batch_lib.read_inputs(str(path), "text"))
+  main = errors.exit_on_user_error(lambda argv: batch_lib.read_inputs(str(path), "text"))
   with pytest.raises(SystemExit) as exit_info:
     main(["infer.main"])
   assert exit_info.value.code == 2

@@ -1,30 +1,13 @@
 """Checks a run's config once, up front, so mistakes fail in seconds with the key's name."""
 import math
-import sys
 
+from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
-from model.errors import DataError
 
 
-class ConfigError(ValueError):
-  pass
-
-
-def exit_on_user_error(main):
-  """`main(argv)` for absl's app.run with a ConfigError, DataError or LoadError (a bad flag,
-  file, record or run directory, named in its message) ending in one line on stderr and exit
-  code 2, not a traceback: the re-scoring commands' (train.redecode, train.ensemble)
-  counterpart of train.main's."""
-
-  def friendly(argv):
-    from infer.loading import LoadError   # here: importing the inference stack costs seconds
-    try:
-      main(argv)
-    except (ConfigError, DataError, LoadError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  return friendly
+class ConfigError(errors.UserError):
+  """A config value that cannot work; the message names the key and what was expected."""
 
 
 def validate(config, num_devices: int, process_count: int):

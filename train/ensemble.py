@@ -23,6 +23,7 @@ from absl import app, flags
 import ml_collections
 
 from eval import classification, common
+from model import errors
 from model import log_setup
 from train import build, config_check, final_eval
 from train.data import examples as examples_lib
@@ -99,4 +100,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("config_from", None, "The run whose config.json names the data (default: "
                       "the first member).")
   flags.mark_flags_as_required(["members", "out"])
-  app.run(config_check.exit_on_user_error(main))
+  app.run(errors.exit_on_user_error(main))

@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from model import errors
+
 DECODERS = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 ENCODERS = ("bert", "roberta", "distilbert")
 FAMILIES = DECODERS + ENCODERS
@@ -31,7 +33,7 @@ _IGNORED = {"bert": ("cls.", "bert.embeddings.position_ids", "embeddings.positio
                            "distilbert.embeddings.position_ids", "embeddings.position_ids")}
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError):
   """One line naming what cannot be converted (family, tensor, shapes)."""
 
 

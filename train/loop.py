@@ -14,13 +14,15 @@ import jax
 import numpy as np
 from absl import logging
 
+from model import errors
 from model import sharding as sharding_lib
 from train import metrics as metrics_lib
 from train import step as step_lib
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """The loss diverged past what the step skips; the message says where and what to change."""
+  exit_code = 3
 
 
 @dataclasses.dataclass

@@ -11,10 +11,10 @@ Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (l
 or pass --distributed=on where the platform lets jax.distributed auto-detect (TPU pods, SLURM).
 """
 import os
-import sys
 
 from absl import app, flags, logging
 
+from model import errors
 from model import log_setup
 from train import cli
 
@@ -83,20 +83,6 @@ def main(argv):
   run.train(config, os.path.abspath(os.path.expanduser(_WORKDIR.value)))
 
 
-def _friendly_errors(argv):
-  """Known user errors end in one clear line (exit 2), not a traceback wall."""
-  from model.checkpoint import CheckpointError
-  from train.config_check import ConfigError
-  from model.errors import DataError
-  from train.loop import NonFiniteLossError
-  from train.topologies import TopologyError
-  try:
-    main(argv)
-  except (CheckpointError, ConfigError, DataError, NonFiniteLossError, TopologyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3 if isinstance(e, NonFiniteLossError) else 2)
-
-
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(_friendly_errors, flags_parser=cli.parse_flags)
+  app.run(errors.exit_on_user_error(main), flags_parser=cli.parse_flags)

@@ -17,10 +17,11 @@ summarization tables is one such command.
 """
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 import ml_collections
 
 from infer import classifier_rows, loading
+from model import errors
 from model import log_setup
 from train import build, config_check, final_eval
 from train.data import examples as examples_lib
@@ -139,4 +140,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(config_check.exit_on_user_error(main))
+  app.run(errors.exit_on_user_error(main))

@@ -14,6 +14,8 @@ import math
 import os
 import re
 
+from model import errors
+
 GiB = 2 ** 30
 REQUIREMENTS = "requirements-tpu.txt"
 
@@ -65,7 +67,7 @@ class Slice:
     return f"{self.chip.accelerator_prefix}-{n}"
 
 
-class TopologyError(ValueError):
+class TopologyError(errors.UserError):
   """A slice name that is not understood, or no libtpu to compile with (one line)."""
 
 

@@ -34,7 +34,6 @@ from absl import logging
 from infer import classifier_rows
 from train.data import corpus as corpus_lib
 from train.data import sources as sources_lib
-from model import tokenizer as tokenizer_lib
 from model.errors import DataError
 from train.data.pipeline import LMIterator
 
