@@ -2,7 +2,8 @@
 
 A tiny classifier trained here is the teacher (two of its checkpoints make an ensemble); the
 loss of an ensemble is checked against a by-hand numpy computation of KL(mean of the teachers'
-tempered probabilities || student) and of the mean relation target.
+tempered probabilities || student) and of the mean relation target, and on a 2x2x2 mesh of the
+8 fake devices against one device.
 """
 import dataclasses
 import types
@@ -132,6 +133,35 @@ def test_an_ensemble_teaches_its_mean_tempered_probabilities():
   relation = np.sum(np.square(student_sim - target).sum((1, 2)) / pair.sum((1, 2)))
   np.testing.assert_allclose(sums["relation"], relation, rtol=2e-4)
 
+
+def test_stacked_teachers_shard_like_the_student():
+  """On a 2x2x2 mesh of the 8 fake devices every teacher parameter keeps the student's layout
+  behind an unsharded teacher axis, and the loss is the one-device loss."""
+  import ml_collections
+  from model import sharding as sharding_lib
+  config = sentiment_distill.get_config("tiny")
+  config.task = "classify"
+  config.distill.hidden_weight = 0.5
+  model, _, tx, _ = fine_tune_parts(config)
+  task = DistillTask(classify.ClassifyTask(model), dataclasses.replace(model.cfg, num_layers=1),
+                     config.distill, num_teachers=3)
+  rng = np.random.default_rng(1)
+  batch = {"tokens": rng.integers(3, 500, (8, 16)).astype(np.int32),
+           "mask": np.ones((8, 16), np.int32), "label": rng.integers(0, 2, 8).astype(np.int32)}
+  sums = []
+  for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
+    mesh = sharding_lib.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"),
+                                                                     shape))), devices)
+    state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+    student, teacher = state.params["student"], state.params["teacher"]
+    kernel = teacher["block_0"]["attn"]["query"]["kernel"]
+    assert kernel.shape[0] == 3
+    assert tuple(kernel.sharding.spec) == (None, *student["block_0"]["attn"]["query"]["kernel"]
+                                           .sharding.spec)
+    step = jax.jit(lambda p, b: task.loss(p, b, jax.random.PRNGKey(0), train=False)[1])
+    sums.append(jax.device_get(step(state.params, batch)))
+  assert "tensor" in str(kernel.sharding.spec)     # really split on the 8-device mesh
+  chex.assert_trees_all_close(sums[0], sums[1], rtol=1e-5)
 
 def _fake_run(workdir, tokenizer_path, **model):
   base = sentiment_finetune.get_config("tiny").model.to_dict()

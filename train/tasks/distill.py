@@ -46,9 +46,9 @@ class StudentTeacher(nn.Module):
                       metadata_params={nn.PARTITION_NAME: None})
     self.teacher = stacked(self.teacher_cfg)
 
-  def __call__(self, tokens, **kwargs):
-    """Both models' outputs (initialises both)."""
-    return self.student(tokens, **kwargs), self.teacher(tokens, **kwargs)
+  def __call__(self, tokens):
+    """Both models' outputs: what initialises both (the loss applies each on its own)."""
+    return self.student(tokens), self.teacher(tokens)
 
 
 def _relation(hidden, valid):
