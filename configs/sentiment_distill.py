@@ -1,15 +1,20 @@
-"""Distil a fine-tuned sentiment classifier (the teacher) into a smaller, faster student.
+"""Distil a fine-tuned sentiment classifier (the teacher) into a smaller, faster student, or
+several (an ensemble) into one.
 
   python -m train.main --config=configs/sentiment_distill.py:imdb --workdir=runs/imdb_student \\
       --config.distill.teacher=runs/imdb_ft
+  python -m train.main --config=configs/sentiment_distill.py:imdb_ensemble \\
+      --workdir=runs/ens4_student --config.train.init_from=runs/wide4000/checkpoints/4000 \\
+      --config.distill.teacher=runs/ft_a,runs/ft_b,runs/ft_c,runs/ft_d
 
 The student adopts the teacher's tokenizer and vocabulary; its own architecture is below (half
 the layers, started from the teacher's: `distill.init_student`).
-loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy on the labels;
+loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy on the labels, where
+several teachers' distribution is the mean of their tempered probabilities;
 `distill.hidden_weight` adds token-relation matching.
-Presets: `imdb_ensemble` (a student of the teachers' size, from the in-domain LM, taught by
-an ensemble of fine-tunes: distill.teacher=a,b,...), `imdb` (a 10k subset of the data of configs/sentiment_finetune.py:imdb, from
-$LEGAL_LM_DATA), `imdb_tfds` (the same recipe on the TFDS dataset imdb_reviews: see
+Presets: `imdb_ensemble` (a student of the teachers' size, from the in-domain LM the teachers
+were fine-tuned from, taught by all of them), `imdb` (a 10k subset of the data of
+configs/sentiment_finetune.py:imdb, from $LEGAL_LM_DATA), `imdb_tfds` (the same recipe on the TFDS dataset imdb_reviews: see
 configs/sentiment_finetune.py:imdb_tfds), `tiny` (tests).
 """
 from configs import finetune_common, sentiment_finetune
