@@ -7,7 +7,6 @@ bars, and --verbosity=1 brings the library logs back. Plus model/log_setup.py's 
 import hook in-process.
 """
 import logging
-import os
 import pathlib
 import re
 import subprocess

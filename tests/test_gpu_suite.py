@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from bench import gpu_suite, gpu_table
 from model import attention
