@@ -18,10 +18,12 @@ ensemble knows at one forward pass per example (Hinton et al. 2015's "distilling
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
 the teachers are sharded by the same logical axis rules as the student and their logits are
 computed on the fly in the same jit'd step. "teacher" holds every teacher stacked on a leading
-(unsharded) axis, one teacher too; they run one after another (lax.map), so activation memory
-is one teacher's whatever their number. They are frozen by stop_gradient (zero gradients) and
-excluded from weight decay (train/optim.py `frozen`); Adam's moments for them stay zero, which
-costs memory, not correctness.
+(unsharded) axis, one teacher too; they run one after another (a scan into running sums), so
+memory holds one teacher's logits and activations whatever their number (a checkpoint written
+before the stacking, with one unstacked teacher, no longer resumes; its student still loads).
+They are frozen by stop_gradient (zero gradients) and excluded from weight decay
+(train/optim.py `frozen`); Adam's moments for them stay zero, which costs memory, not
+correctness.
 """
 import flax.linen as nn
 import jax
@@ -77,26 +79,20 @@ class DistillTask(Task):
     rngs = {"dropout": rng} if train else None
     s_logits, s_hidden = self.student.apply({"params": params["student"]}, tokens, rngs=rngs,
                                             **kwargs)
-    teachers = jax.lax.stop_gradient(params["teacher"])
-    t_logits, t_hidden = jax.lax.map(   # [num_teachers, ...]
-        lambda p: self.teacher.apply({"params": p}, tokens, **{**kwargs, "deterministic": True}),
-        teachers)
     task_loss, sums = self.base.score(s_logits, batch, train)
     weights = self.base.weights(batch)
     t = self.temperature
-    # log of the teachers' mean tempered probabilities
-    t_logp = (jax.nn.logsumexp(jax.nn.log_softmax(t_logits.astype(jnp.float32) / t), axis=0)
-              - jnp.log(t_logits.shape[0]))
+    # The rows' own mask where they have one (id 0 is a real token in HF vocabularies).
+    valid = (batch["mask"] > 0 if "mask" in batch else tokens > 0).astype(jnp.float32)
+    t_logp, t_rel = self._teachers(jax.lax.stop_gradient(params["teacher"]), tokens, kwargs,
+                                   valid, s_logits.shape)
     s_logp = jax.nn.log_softmax(s_logits.astype(jnp.float32) / t)
     kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
     kd = jnp.sum(kl * weights) * t * t
     total = self.alpha * kd + (1 - self.alpha) * task_loss
     sums = {**sums, "task_loss": task_loss, "kd": kd}
     if self.hidden_weight:
-      # The rows' own mask where they have one (id 0 is a real token in HF vocabularies).
-      valid = (batch["mask"] > 0 if "mask" in batch else tokens > 0).astype(jnp.float32)
       s_rel, pair = _relation(s_hidden, valid)
-      t_rel = jnp.mean(jax.vmap(lambda h: _relation(h, valid)[0])(t_hidden), axis=0)
       # Per row: mean squared difference over its valid pairs, weighted like the task.
       row = jnp.sum(jnp.square(s_rel - t_rel), axis=(1, 2)) / jnp.maximum(pair.sum((1, 2)), 1.0)
       row_weight = weights if weights.ndim == 1 else weights.sum(-1)
@@ -105,6 +101,27 @@ class DistillTask(Task):
       sums["relation"] = relation
     sums["loss"] = total
     return total, sums
+
+  def _teachers(self, teachers, tokens, kwargs, valid, logits_shape):
+    """(log of the teachers' mean tempered probabilities, their mean relation matrix or None).
+    One teacher at a time (a scan over the stacked axis) into running sums - a log-sum-exp for
+    the probabilities, stable where a probability underflows - so memory holds one teacher's
+    logits and activations whatever their number."""
+    def add(carry, p):
+      logp_sum, rel_sum = carry
+      logits, hidden = self.teacher.apply({"params": p}, tokens,
+                                          **{**kwargs, "deterministic": True})
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32) / self.temperature)
+      if self.hidden_weight:
+        rel_sum = rel_sum + _relation(hidden, valid)[0]
+      return (jnp.logaddexp(logp_sum, logp), rel_sum), None
+
+    count = jax.tree.leaves(teachers)[0].shape[0]
+    rows, length = tokens.shape[:2]
+    start = (jnp.full(logits_shape, -jnp.inf, jnp.float32),
+             jnp.zeros((rows, length, length), jnp.float32) if self.hidden_weight else None)
+    (logp_sum, rel_sum), _ = jax.lax.scan(add, start, teachers)
+    return logp_sum - jnp.log(count), None if rel_sum is None else rel_sum / count
 
   def student_params(self, params):
     return params["student"]
