@@ -2,8 +2,9 @@
 
 A tiny classifier trained here is the teacher (two of its checkpoints make an ensemble); the
 loss of an ensemble is checked against a by-hand numpy computation of KL(mean of the teachers'
-tempered probabilities || student) and of the mean relation target, and on a 2x2x2 mesh of the
-8 fake devices against one device.
+tempered probabilities || student) and of the mean relation target (per example for a
+classifier, per summary token for a summarizer), and on a 2x2x2 mesh of the 8 fake devices
+against one device.
 """
 import dataclasses
 import types
@@ -133,6 +134,39 @@ def test_an_ensemble_teaches_its_mean_tempered_probabilities():
   relation = np.sum(np.square(student_sim - target).sum((1, 2)) / pair.sum((1, 2)))
   np.testing.assert_allclose(sums["relation"], relation, rtol=2e-4)
 
+
+def test_an_ensemble_teaches_a_summarizer_token_by_token():
+  """Token-level KD: per scored summary token, KL(mean of three teachers' probabilities over
+  the vocabulary || student), weighted like the task's own loss (T = 1, legal_distill's)."""
+  from configs import legal_distill
+  from train.tasks import summarize
+  config = legal_distill.get_config("tiny")
+  config.task = "summarize"
+  model, _, tx, mesh = fine_tune_parts(config)
+  base = summarize.SummarizeTask(model)
+  teacher_cfg = dataclasses.replace(model.cfg, num_layers=1)
+  task = DistillTask(base, teacher_cfg, config.distill, num_teachers=3)
+  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  rng = np.random.default_rng(2)
+  mask = np.ones((3, 16), np.int32)
+  mask[2, 12:] = 0
+  batch = {"tokens": rng.integers(3, 200, (3, 16)).astype(np.int32) * mask, "mask": mask,
+           "prefix_len": np.array([6, 9, 4], np.int32)}
+  _, sums = task.loss(state.params, batch, jax.random.PRNGKey(0), train=False)
+  tokens, kwargs = base.inputs(batch)
+
+  def log_probs(module, params):
+    logits = np.asarray(module.apply({"params": params}, tokens, **kwargs), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+  mean = np.mean([np.exp(log_probs(Transformer(teacher_cfg),
+                                   jax.tree.map(lambda x: x[k], state.params["teacher"])))
+                  for k in range(3)], axis=0)
+  kl = np.sum(mean * (np.log(mean) - log_probs(model, state.params["student"])), axis=-1)
+  weights = np.asarray(base.weights(batch))
+  assert 0 < weights.sum() < weights.size          # only summary tokens are scored
+  np.testing.assert_allclose(sums["kd"], np.sum(kl * weights), rtol=2e-4)
 
 def test_stacked_teachers_shard_like_the_student():
   """On a 2x2x2 mesh of the 8 fake devices every teacher parameter keeps the student's layout
