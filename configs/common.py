@@ -166,6 +166,13 @@ def base_config() -> ml_collections.ConfigDict:
   # "teacher_layers": start the student from the teacher's embedding, head and evenly spaced
   # blocks (DistilBERT's recipe; needs the teacher's width); "none": random initialisation.
   c.distill.init_student = "none"
+  # A classifier's offline teacher, mixed into the networks' (train/data/soft_targets.py):
+  # "tfidf" (TF-IDF + logistic regression fitted here, out-of-fold on the train split) or a JSONL
+  # of {"id", "probs"} per train and validation example; "" = none. The teacher distribution is
+  # (1 - offline_weight) * the networks' mean + offline_weight * its tempered probabilities.
+  c.distill.offline_teacher = ""
+  c.distill.offline_weight = 0.5
+  c.distill.offline_folds = 5         # "tfidf": folds of the out-of-fold fits
 
   # --- evaluators run on data.test_file at the end (and on validation during training) --------
   c.eval = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ classifier, per summary token for a summarizer), and on a 2x2x2 mesh of the 8 fa
 against one device.
 """
 import dataclasses
+import json
 import types
 
 import chex
@@ -247,3 +248,102 @@ def test_student_starts_from_teacher_layers():
   state, _, _ = state_lib.create_state(wide.model, tx, wide.dummy_batch(1, 8), mesh, seed=0)
   with pytest.raises(ConfigError, match=r"needs the teacher's width: student block_0"):
     finetune.init_student_from_teacher(state, 2, 2)
+
+
+def test_an_offline_teacher_joins_the_mixture():
+  """With offline probabilities in the batch the target is (1 - w) * the networks' mean
+  tempered probabilities + w * the offline ones tempered the same way (T = 2, w = 0.25)."""
+  config = sentiment_distill.get_config("tiny")
+  config.task = "classify"
+  config.distill.update(temperature=2.0, offline_weight=0.25)
+  model, _, tx, mesh = fine_tune_parts(config)
+  teacher_cfg = dataclasses.replace(model.cfg, num_layers=1)
+  task = DistillTask(classify.ClassifyTask(model), teacher_cfg, config.distill, num_teachers=2)
+  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  rng = np.random.default_rng(3)
+  offline = np.array([[0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.5, 0.5]], np.float32)
+  batch = {"tokens": rng.integers(3, 500, (4, 12)).astype(np.int32),
+           "mask": np.ones((4, 12), np.int32), "label": np.array([0, 1, 0, 1], np.int32),
+           "teacher_probs": offline}
+  _, sums = task.loss(state.params, batch, jax.random.PRNGKey(0), train=False)
+
+  def tempered(logits):
+    z = np.exp((logits - logits.max(-1, keepdims=True)) / 2.0)
+    return z / z.sum(-1, keepdims=True)
+
+  def logits_of(module, params):
+    return np.asarray(module.apply({"params": params}, batch["tokens"],
+                                   pool_mask=batch["mask"] > 0), np.float64)
+
+  networks = np.mean([tempered(logits_of(Transformer(teacher_cfg),
+                                         jax.tree.map(lambda x: x[k], state.params["teacher"])))
+                      for k in range(2)], axis=0)
+  with np.errstate(divide="ignore"):
+    offline_tempered = tempered(np.log(offline.astype(np.float64)))   # p^(1/T), renormalised
+  target = 0.75 * networks + 0.25 * offline_tempered
+  student = tempered(logits_of(model, state.params["student"]))
+  kd = 4.0 * np.sum(target * (np.log(target) - np.log(student)))
+  np.testing.assert_allclose(sums["kd"], kd, rtol=2e-4)
+  without, _ = task.loss(state.params, {k: v for k, v in batch.items() if k != "teacher_probs"},
+                         jax.random.PRNGKey(0), train=False)
+  assert abs(float(without) - float(sums["loss"])) > 1e-3     # the offline teacher counts
+
+
+def test_tfidf_targets_are_out_of_fold(sentiment_files):
+  """A record's probabilities come from a fit that never saw it: flipping its label changes
+  every other fold's targets but not its own."""
+  from eval import tfidf_baseline
+  from eval.common import read_jsonl
+  records = read_jsonl(str(sentiment_files / "train.jsonl.gz"))[:120]
+  probs = tfidf_baseline.out_of_fold(records, folds=4)
+  assert probs.shape == (120, 2)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+  assert (probs.argmax(1) == [r["label"] for r in records]).mean() > 0.8
+  flipped = [dict(r) for r in records]
+  flipped[0]["label"] = 1 - flipped[0]["label"]
+  moved = np.abs(tfidf_baseline.out_of_fold(flipped, folds=4) - probs).max(1)
+  assert moved[0] == 0.0
+  assert (moved > 1e-6).sum() >= 60          # the three folds fitted with record 0 (90 records)
+
+
+def test_an_offline_teacher_file_must_cover_every_example(sentiment_files, tmp_path):
+  from model.errors import DataError
+  from train.data import examples as examples_lib, soft_targets
+  config = _student_config(sentiment_files, tmp_path, "unused")
+  splits = examples_lib.load_splits(config.data, "classify", 2)
+  path = tmp_path / "teacher.jsonl"
+  ids = [e.id for e in splits["train"] + splits["validation"]]
+  path.write_text("".join(json.dumps({"id": i, "probs": [3.0, 1.0]}) + "\n" for i in ids))
+  config.distill.offline_teacher = str(path)
+  targets = soft_targets.load(config.distill, splits, 2)
+  np.testing.assert_array_equal(targets[ids[0]], np.float32([0.75, 0.25]))   # normalised
+  path.write_text("".join(json.dumps({"id": i, "probs": [0.5, 0.5]}) + "\n" for i in ids[1:]))
+  with pytest.raises(DataError, match=f"no probabilities for 1 of .* {ids[0]!r}"):
+    soft_targets.load(config.distill, splits, 2)
+  path.write_text(json.dumps({"id": ids[0], "probs": [1.0]}) + "\n")
+  with pytest.raises(DataError, match=r"teacher.jsonl:1: expected 'probs' to be 2 non-negative"):
+    soft_targets.load(config.distill, splits, 2)
+
+
+def test_a_tfidf_teacher_rides_in_the_rows_and_teaches(sentiment_files, teacher_run, tmp_path):
+  """distill.offline_teacher=tfidf: every train and validation row carries its example's
+  out-of-fold probabilities, and a student learns from them plus the network."""
+  from train import inputs as inputs_lib
+  from train.data import soft_targets
+  config = _student_config(sentiment_files, tmp_path, str(teacher_run))
+  config.distill.update(offline_teacher="tfidf", offline_weight=0.5, offline_folds=3,
+                        init_student="teacher_layers")
+  teacher_model = sentiment_finetune.get_config("tiny").model
+  config.model.update({k: teacher_model[k] for k in build.ARCHITECTURE_KEYS}, num_layers=1)
+  config.train.update(num_steps=30, eval_every=15, checkpoint_every=30)
+  resolved, sources = build.resolve(config)
+  inputs = inputs_lib.make(resolved, sources, None)
+  targets = soft_targets.load(resolved.distill, inputs.splits, 2)
+  for split in ("train", "validation"):
+    for example, row in zip(inputs.splits[split], inputs.rows[split]):
+      np.testing.assert_array_equal(row["teacher_probs"], targets[example.id])
+  assert next(inputs.train_iter)["teacher_probs"].shape == (config.data.batch_size, 2)
+  result = run_lib.train(config, str(tmp_path / "student"))
+  assert result["test"]["model: classification"]["accuracy"] > 0.8
+  validation = losses(tmp_path / "student", "validation")
+  assert validation[30] < validation[0], validation

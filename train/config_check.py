@@ -74,6 +74,14 @@ def validate(config, num_devices: int, process_count: int):
       (config.distill.init_student in ("none", "teacher_layers"),
        f"config.distill.init_student={config.distill.init_student!r}; expected 'none' or "
        "'teacher_layers'"),
+      (not config.distill.get("offline_teacher") or (config.task == "distill"
+                                                     and config.distill.task == "classify"),
+       f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r} teaches a "
+       "classifier (task distill with distill.task=classify); set it to ''"),
+      (0 < config.distill.get("offline_weight", 0.5) <= 1,
+       f"config.distill.offline_weight={config.distill.get('offline_weight')} must be in (0, 1]"),
+      (config.distill.get("offline_folds", 5) >= 2,
+       f"config.distill.offline_folds={config.distill.get('offline_folds')} must be >= 2"),
       (config.train.early_stopping >= 0,
        f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
       (select_by == "loss" or (select_by.count("/") == 1 and

@@ -18,6 +18,7 @@ from train import build
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
 from train.data import pipeline
+from train.data import soft_targets
 from train.data import tokenizer_training
 
 
@@ -105,6 +106,8 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   if stride:   # each train example's first view is its `encode` row: tokenized once
     train_views = _train_views(splits["train"], tokenizer, config.data, stride)
     rows["train"] = [views[0] for views in train_views]
+  if config.task == "distill" and config.distill.get("offline_teacher"):
+    _add_offline_teacher(config, splits, rows, train_views if stride else None)
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
   ident = {"data": examples_lib.fingerprint(config.data), "tokenizer": tokenizer.fingerprint,
            "max_examples": config.data.max_examples}
@@ -124,6 +127,17 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
                                     process_count=pc, identity=ident)
     return itertools.islice(itertools.chain(it, itertools.repeat(blank)), num_batches)
   return Inputs(tokenizer, train_iter, make_eval_iter, config.data.train_file, splits, rows)
+
+
+def _add_offline_teacher(config, splits, rows, train_views):
+  """Each train row (every view of it) and validation row gets its example's offline-teacher
+  probabilities as `teacher_probs` (train/data/soft_targets.py; train/tasks/distill.py)."""
+  targets = soft_targets.load(config.distill, splits, config.model.num_classes)
+  for split in soft_targets.SPLITS:
+    per_example = train_views if split == "train" and train_views else rows[split]
+    for example, entry in zip(splits[split], per_example):
+      for row in entry if isinstance(entry, list) else [entry]:
+        row["teacher_probs"] = targets[example.id]
 
 
 def _train_views(examples, tokenizer, data_cfg, stride: int) -> list[list[dict]]:

@@ -12,7 +12,11 @@ MiniLM's relation distillation): it needs no projection between different widths
 Several teachers (distill.teacher="runs/a,runs/b,..."; one architecture and tokenizer) teach
 as an ensemble: the teacher distribution is the mean of their tempered class/token
 probabilities - at T=1 exactly the rule train/ensemble.py and infer/ensemble.py score - and the
-relation target the mean of their similarity matrices. One student then carries what the
+relation target the mean of their similarity matrices. A classifier may also have an offline
+teacher (distill.offline_teacher: probabilities per example, made before training, e.g. TF-IDF
++ logistic regression; train/data/soft_targets.py): the rows carry them as `teacher_probs`,
+tempered like the networks', and the target is (1 - w) * the networks' mean + w * theirs
+(w = distill.offline_weight). One student then carries what the
 ensemble knows at one forward pass per example (Hinton et al. 2015's "distilling an ensemble").
 
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
@@ -28,6 +32,7 @@ correctness.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -69,9 +74,18 @@ class DistillTask(Task):
     self.student = base.model
     self.teacher = Transformer(teacher_cfg)
     self.base = base
-    self.dummy_batch = base.dummy_batch
     d = distill_cfg
     self.alpha, self.temperature, self.hidden_weight = d.alpha, d.temperature, d.hidden_weight
+    # Runs recorded before the offline teacher lack its keys.
+    self.offline = bool(d.get("offline_teacher")) and base.model.cfg.num_classes > 0
+    self.offline_weight = d.get("offline_weight", 0.5)
+
+  def dummy_batch(self, batch_size: int, seq_len: int):
+    """The student task's batch, plus the offline teacher's probabilities if there is one."""
+    batch = self.base.dummy_batch(batch_size, seq_len)
+    if self.offline:
+      batch["teacher_probs"] = np.zeros((batch_size, self.student.cfg.num_classes), np.float32)
+    return batch
 
   def loss(self, params, batch, rng, train: bool):
     tokens, kwargs = self.base.inputs(batch)
@@ -86,6 +100,10 @@ class DistillTask(Task):
     valid = (batch["mask"] > 0 if "mask" in batch else tokens > 0).astype(jnp.float32)
     t_logp, t_rel = self._teachers(jax.lax.stop_gradient(params["teacher"]), tokens, kwargs,
                                    valid, s_logits.shape)
+    if "teacher_probs" in batch:   # an offline teacher's (train/data/soft_targets.py) joins in
+      offline = jax.nn.log_softmax(jnp.log(jnp.maximum(batch["teacher_probs"], 1e-12)) / t)
+      t_logp = jnp.logaddexp(jnp.log1p(-self.offline_weight) + t_logp,
+                             jnp.log(self.offline_weight) + offline)
     s_logp = jax.nn.log_softmax(s_logits.astype(jnp.float32) / t)
     kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
     kd = jnp.sum(kl * weights) * t * t

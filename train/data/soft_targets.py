@@ -1,0 +1,78 @@
+"""An offline teacher for distilling a classifier: class probabilities for each train and
+validation example, made before training instead of by a network inside the step.
+
+`distill.offline_teacher` is either
+  "tfidf"         TF-IDF + logistic regression (eval/tfidf_baseline.py) fitted here: each train
+                  example's probabilities come from a fit on the other `distill.offline_folds`
+                  folds of the train split (out-of-fold, so a target never echoes the example's
+                  own label), each validation example's from a fit on the whole train split;
+  a JSONL file    one {"id", "probs"} per example (e.g. another framework's model; a run's
+                  test_predictions.jsonl has this shape), covering every train and validation id.
+Why a bag-of-n-grams teacher at all: its errors differ from a transformer's, so mixed into an
+ensemble of fine-tunes it makes a better teacher than more fine-tunes would (README, "IMDB
+self-pre-training"), and it costs a minute of CPU instead of a forward pass per step.
+train/tasks/distill.py mixes these probabilities into the networks' (`distill.offline_weight`).
+"""
+import time
+
+import numpy as np
+from absl import logging
+
+from eval import tfidf_baseline
+from model.errors import DataError
+from train.data import sources as sources_lib
+
+SPLITS = ("train", "validation")
+
+
+def load(distill_cfg, splits: dict, num_classes: int) -> dict[str, np.ndarray]:
+  """{example id: float32 [num_classes] probabilities} for every train and validation example."""
+  source = distill_cfg.offline_teacher
+  if source == "tfidf":
+    return _tfidf(splits, num_classes, distill_cfg.offline_folds)
+  return _read(source, splits, num_classes)
+
+
+def _tfidf(splits: dict, num_classes: int, folds: int) -> dict[str, np.ndarray]:
+  start = time.perf_counter()
+  train = [{"id": e.id, "text": e.text, "label": int(e.target)} for e in splits["train"]]
+  validation = [{"id": e.id, "text": e.text, "label": int(e.target)}
+                for e in splits["validation"]]
+  train_probs = tfidf_baseline.out_of_fold(train, folds)
+  scored, _ = tfidf_baseline.predict(train, validation)
+  targets = {}
+  for records, probs in ((train, train_probs), (validation, [r["probs"] for r in scored])):
+    for record, p in zip(records, probs):
+      row = np.zeros(num_classes, np.float32)
+      row[:len(p)] = p
+      targets[record["id"]] = row
+  for name, records in (("train (out-of-fold)", train), ("validation", validation)):
+    hits = np.mean([targets[r["id"]].argmax() == r["label"] for r in records])
+    logging.info("offline teacher tf-idf: %s accuracy %.4f", name, hits)
+  logging.info("offline teacher tf-idf: %d folds fitted in %.0f s", folds,
+               time.perf_counter() - start)
+  return targets
+
+
+def _read(path: str, splits: dict, num_classes: int) -> dict[str, np.ndarray]:
+  key = "config.distill.offline_teacher"
+  targets = {}
+  for where, record in sources_lib.records(path, key, None, ("id", "probs"), ()):
+    if isinstance(record, DataError):
+      raise DataError(f"{where}: {record}")
+    try:
+      probs = np.asarray(record.get("probs"), np.float64)
+    except (TypeError, ValueError):   # not a list of numbers
+      probs = np.zeros(0)
+    if probs.shape != (num_classes,) or not np.all(np.isfinite(probs)) or (probs < 0).any() \
+        or probs.sum() <= 0:
+      raise DataError(f"{where}: expected 'probs' to be {num_classes} non-negative numbers "
+                      f"(config.model.num_classes), got {record.get('probs')!r}")
+    targets[str(record.get("id"))] = (probs / probs.sum()).astype(np.float32)
+  for split in SPLITS:
+    missing = [e.id for e in splits[split] if e.id not in targets]
+    if missing:
+      raise DataError(f"{path} ({key}) has no probabilities for {len(missing)} of the "
+                      f"{len(splits[split])} {split} examples, e.g. id {missing[0]!r}; it needs "
+                      f"one {{\"id\", \"probs\"}} line per train and validation example")
+  return targets
