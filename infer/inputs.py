@@ -40,7 +40,7 @@ def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False,
   classifier or a summarizer, float or quantized), with a summary length that fits it; with
   allow_lm also a pre-trained language model (max_new None: it only generates). Several
   comma-separated classifier runs give an infer/ensemble.py ClassifierEnsemble."""
-  workdirs = [w for w in workdir.split(",") if w]
+  workdirs = loading.split_workdirs(workdir)
   if len(workdirs) > 1:
     from infer import ensemble
     members = [load_predictor(w, max_new, window_stride=window_stride)[0] for w in workdirs]

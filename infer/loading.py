@@ -70,10 +70,22 @@ class Run:
     """The adapters a LoRA run trained (its checkpoint holds base + adapters), else None."""
     return lora.spec_of_run_config(self.meta["config"])
 
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    """The tokenizer the run recorded, or a LoadError if its file is gone."""
+    path = self.meta["tokenizer_path"]
+    if not os.path.exists(path):
+      raise LoadError(f"{self.workdir}: the run's tokenizer {path} is missing")
+    return tokenizer_lib.load_tokenizer(path)
+
   def model_config(self, **changes) -> ModelConfig:
     source = self.config
     cfg = ModelConfig.from_config(source.model, source.data.vocab_size)
     return dataclasses.replace(cfg, **changes)
+
+
+def split_workdirs(spec: str) -> list[str]:
+  """Several runs named in one flag or config value ("runs/a, runs/b"): commas, spaces ignored."""
+  return [w.strip() for w in spec.split(",") if w.strip()]
 
 
 def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -> Run:
@@ -158,16 +170,13 @@ class LoadedModel:
 
   @classmethod
   def from_run(cls, run: Run, mesh=None) -> "LoadedModel":
-    tokenizer_path = run.meta["tokenizer_path"]
-    if not os.path.exists(tokenizer_path):
-      raise LoadError(f"{run.workdir}: the run's tokenizer {tokenizer_path} is missing")
+    tokenizer = run.tokenizer()   # first: a missing file fails before the restore
     if run.quantization != "none":
       model, params, _ = quantize.load(os.path.join(run.workdir, QUANTIZED_DIR))
     else:
       # Inference (decoding, int8, LoRA merge, pruning, export) reads per-layer params.
       model = Transformer(run.model_config(scan_layers=False))
       params = restore_params(run, model, mesh)
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
     return cls(run.config, run.kind, model, params, tokenizer, run.step, run.quantization,
                None if run.quantization != "none" else mesh)
 

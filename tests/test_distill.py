@@ -8,7 +8,7 @@ against one device.
 """
 import dataclasses
 import json
-import types
+import re
 
 import chex
 import jax
@@ -200,8 +200,8 @@ def test_stacked_teachers_shard_like_the_student():
 
 def _fake_run(workdir, tokenizer_path, **model):
   base = sentiment_finetune.get_config("tiny").model.to_dict()
-  return types.SimpleNamespace(workdir=workdir, meta={"config": {"model": {**base, **model}},
-                                                      "tokenizer_path": str(tokenizer_path)})
+  return loading.Run(workdir, 0, {"config": {"model": {**base, **model}},
+                                  "tokenizer_path": str(tokenizer_path)}, checkpointer=None)
 
 
 def test_teachers_must_share_architecture_and_tokenizer(teacher_run, tmp_path):
@@ -218,7 +218,7 @@ def test_teachers_must_share_architecture_and_tokenizer(teacher_run, tmp_path):
       eos_id=tokenizer_lib.EOS_ID, minloglevel=2)
   with pytest.raises(ConfigError, match=r"runs/c's tokenizer .*other.model differs from runs/a's"):
     build._check_same_teacher(a, _fake_run("runs/c", tmp_path / "other.model"))
-  with pytest.raises(ConfigError, match=r"runs/d's tokenizer .*missing.model is missing"):
+  with pytest.raises(ConfigError, match=r"runs/d: the run's tokenizer .*missing.model is missing"):
     build._check_same_teacher(a, _fake_run("runs/d", tmp_path / "missing.model"))
 
 
@@ -304,6 +304,19 @@ def test_tfidf_targets_are_out_of_fold(sentiment_files):
   moved = np.abs(tfidf_baseline.out_of_fold(flipped, folds=4) - probs).max(1)
   assert moved[0] == 0.0
   assert (moved > 1e-6).sum() >= 60          # the three folds fitted with record 0 (90 records)
+
+
+@pytest.mark.parametrize("update, message", [
+    (dict(offline_weight=0.0), "config.distill.offline_weight=0.0 must be in (0, 1]"),
+    (dict(offline_folds=1), "config.distill.offline_folds=1 must be >= 2"),
+    (dict(task="summarize"), "config.distill.offline_teacher='tfidf' teaches a classifier"),
+])
+def test_offline_teacher_config_errors(update, message):
+  from train import config_check
+  config = sentiment_distill.get_config("tiny")
+  config.distill.update(offline_teacher="tfidf", **update)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_check.validate(config, 1, 1)
 
 
 def test_an_offline_teacher_file_must_cover_every_example(sentiment_files, tmp_path):

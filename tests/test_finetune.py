@@ -191,7 +191,7 @@ def test_classifier_runs_averaged_at_inference(classifier_run):
   chex.assert_trees_all_close(np.asarray([r["probs"] for r in results]), expected, atol=1e-6)
   assert [r["label"] for r in results] == expected.argmax(1).tolist()
   # From the command line's --workdir (infer.main, infer.serve): comma-separated runs.
-  loaded, max_new = inputs_lib.load_predictor(f"{run},{run}", None, window_stride=16)
+  loaded, max_new = inputs_lib.load_predictor(f"{run}, {run}", None, window_stride=16)
   assert isinstance(loaded, ensemble.ClassifierEnsemble) and max_new is None
   chex.assert_trees_all_close(loaded.classify(texts), np.asarray(windowed.classify(texts)),
                               atol=1e-6)

@@ -11,7 +11,6 @@ Before building, `resolve` finishes the config, validates it and freezes it, in 
   freeze    a FrozenConfigDict: what was validated is what runs (and what is saved).
 """
 import dataclasses
-import os
 
 import jax
 import ml_collections
@@ -20,7 +19,6 @@ from absl import logging
 from infer import loading
 from infer import lora as lora_lib
 from model import sharding as sharding_lib
-from model import tokenizer as tokenizer_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import config_check, optim, tasks
@@ -72,7 +70,7 @@ def _open(path: str, key: str, prefer_best: bool = False) -> loading.Run:
 
 def teacher_workdirs(config) -> list[str]:
   """distill.teacher's runs: one workdir, or several (an ensemble) separated by commas."""
-  return [w.strip() for w in config.distill.teacher.split(",") if w.strip()]
+  return loading.split_workdirs(config.distill.teacher)
 
 
 # What the teachers of one distillation must share: they run as one stacked model.
@@ -93,10 +91,10 @@ def _check_same_teacher(first: loading.Run, other: loading.Run):
 
 
 def _tokenizer_fingerprint(run: loading.Run) -> str:
-  path = run.meta["tokenizer_path"]
-  if not os.path.exists(path):
-    raise ConfigError(f"config.distill.teacher: {run.workdir}'s tokenizer {path} is missing")
-  return tokenizer_lib.load_tokenizer(path).fingerprint
+  try:
+    return run.tokenizer().fingerprint
+  except loading.LoadError as e:
+    raise ConfigError(f"config.distill.teacher: {e}") from None
 
 
 def _adopt(config, key: str, value, changed: list):

@@ -312,7 +312,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    tok = tokenizer_lib.load_tokenizer(run.meta["tokenizer_path"])
+    tok = run.tokenizer()
     extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id":
              getattr(tok, "_id", lambda k: tok.pad_id)("pad_token")}
     cfg = hf_export.hf_config(family, m, vocab, extra, run.meta.get("labels"))

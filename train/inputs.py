@@ -90,7 +90,7 @@ def _finetune_tokenizer(config, sources: build.Sources, resumed_meta):
   if resumed_meta and resumed_meta.get("tokenizer_path"):
     return tokenizer_lib.load_tokenizer(resumed_meta["tokenizer_path"])
   if origin is not None:
-    return tokenizer_lib.load_tokenizer(origin.meta["tokenizer_path"])
+    return origin.tokenizer()
   return tokenizer_training.train_tokenizer(
       config.data, examples_lib.TextSource(sources.splits["train"], build.task_kind(config)),
       examples_lib.fingerprint(config.data))
