@@ -93,14 +93,22 @@ def test_an_ensemble_of_teachers_is_restored_in_order_and_teaches(sentiment_file
   assert validation[30] < validation[0], validation
 
 
-def test_an_ensemble_teaches_its_mean_tempered_probabilities():
+def _classifier_with_two_teachers(**distill):
+  """(student, teachers' config, DistillTask, fresh one-device state): a tiny student
+  classifier and two different one-block teachers."""
   config = sentiment_distill.get_config("tiny")
   config.task = "classify"     # fine_tune_parts builds the student and its own task
-  config.distill.update(temperature=2.0, hidden_weight=0.5)
+  config.distill.update(distill)
   model, _, tx, mesh = fine_tune_parts(config)
   teacher_cfg = dataclasses.replace(model.cfg, num_layers=1)
   task = DistillTask(classify.ClassifyTask(model), teacher_cfg, config.distill, num_teachers=2)
   state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  return model, teacher_cfg, task, state
+
+
+def test_an_ensemble_teaches_its_mean_tempered_probabilities():
+  model, teacher_cfg, task, state = _classifier_with_two_teachers(temperature=2.0,
+                                                                  hidden_weight=0.5)
   rng = np.random.default_rng(0)
   mask = np.ones((4, 12), np.int32)
   mask[3, 7:] = 0                           # a shorter review, right-padded
@@ -253,13 +261,8 @@ def test_student_starts_from_teacher_layers():
 def test_an_offline_teacher_joins_the_mixture():
   """With offline probabilities in the batch the target is (1 - w) * the networks' mean
   tempered probabilities + w * the offline ones tempered the same way (T = 2, w = 0.25)."""
-  config = sentiment_distill.get_config("tiny")
-  config.task = "classify"
-  config.distill.update(temperature=2.0, offline_weight=0.25)
-  model, _, tx, mesh = fine_tune_parts(config)
-  teacher_cfg = dataclasses.replace(model.cfg, num_layers=1)
-  task = DistillTask(classify.ClassifyTask(model), teacher_cfg, config.distill, num_teachers=2)
-  state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
+  model, teacher_cfg, task, state = _classifier_with_two_teachers(temperature=2.0,
+                                                                  offline_weight=0.25)
   rng = np.random.default_rng(3)
   offline = np.array([[0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.5, 0.5]], np.float32)
   batch = {"tokens": rng.integers(3, 500, (4, 12)).astype(np.int32),
