@@ -14,8 +14,7 @@ several teachers' distribution is the mean of their tempered probabilities (mixe
 `distill.offline_teacher`, with an offline teacher's such as TF-IDF + logistic regression);
 `distill.hidden_weight` adds token-relation matching.
 Presets: `imdb_ensemble` (a student of the teachers' size, from the in-domain LM the teachers
-were fine-tuned from, taught by all of them), `imdb_ensemble_tfidf` (the same with TF-IDF +
-logistic regression as a fifth, offline teacher holding half the target), `imdb` (a 10k subset of the data of
+were fine-tuned from, taught by all of them), `imdb` (a 10k subset of the data of
 configs/sentiment_finetune.py:imdb, from $LEGAL_LM_DATA), `imdb_tfds` (the same recipe on the TFDS dataset imdb_reviews: see
 configs/sentiment_finetune.py:imdb_tfds), `tiny` (tests).
 """
@@ -56,19 +55,9 @@ def _imdb_ensemble(config):
   config.eval.window_stride = 254
 
 
-def _imdb_ensemble_tfidf(config):
-  # imdb_ensemble with TF-IDF + logistic regression as an offline teacher holding half of the
-  # target (out-of-fold on the train split; train/data/soft_targets.py): its errors differ from
-  # the fine-tunes', and half is the share at which the four fine-tunes' mean and TF-IDF's
-  # probabilities, averaged, scored best on validation (of 0.3-0.7; README).
-  _imdb_ensemble(config)
-  config.distill.update(offline_teacher="tfidf", offline_weight=0.5)
-
-
 def _tiny(config):
   config.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
                       mlp_dim=64)
 
 
-PRESETS = {"imdb": _imdb, "imdb_tfds": _imdb, "imdb_ensemble": _imdb_ensemble,
-           "imdb_ensemble_tfidf": _imdb_ensemble_tfidf, "tiny": _tiny}
+PRESETS = {"imdb": _imdb, "imdb_tfds": _imdb, "imdb_ensemble": _imdb_ensemble, "tiny": _tiny}
