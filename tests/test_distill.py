@@ -93,21 +93,21 @@ def test_an_ensemble_of_teachers_is_restored_in_order_and_teaches(sentiment_file
   assert validation[30] < validation[0], validation
 
 
-def _classifier_with_two_teachers(**distill):
+def _classifier_with_teachers(num_teachers: int = 2, **distill):
   """(student, teachers' config, DistillTask, fresh one-device state): a tiny student
-  classifier and two different one-block teachers."""
+  classifier and `num_teachers` different one-block teachers."""
   config = sentiment_distill.get_config("tiny")
   config.task = "classify"     # fine_tune_parts builds the student and its own task
   config.distill.update(distill)
   model, _, tx, mesh = fine_tune_parts(config)
   teacher_cfg = dataclasses.replace(model.cfg, num_layers=1)
-  task = DistillTask(classify.ClassifyTask(model), teacher_cfg, config.distill, num_teachers=2)
+  task = DistillTask(classify.ClassifyTask(model), teacher_cfg, config.distill, num_teachers)
   state, _, _ = state_lib.create_state(task.model, tx, task.dummy_batch(1, 8), mesh, seed=0)
   return model, teacher_cfg, task, state
 
 
 def test_an_ensemble_teaches_its_mean_tempered_probabilities():
-  model, teacher_cfg, task, state = _classifier_with_two_teachers(temperature=2.0,
+  model, teacher_cfg, task, state = _classifier_with_teachers(temperature=2.0,
                                                                   hidden_weight=0.5)
   rng = np.random.default_rng(0)
   mask = np.ones((4, 12), np.int32)
@@ -261,7 +261,7 @@ def test_student_starts_from_teacher_layers():
 def test_an_offline_teacher_joins_the_mixture():
   """With offline probabilities in the batch the target is (1 - w) * the networks' mean
   tempered probabilities + w * the offline ones tempered the same way (T = 2, w = 0.25)."""
-  model, teacher_cfg, task, state = _classifier_with_two_teachers(temperature=2.0,
+  model, teacher_cfg, task, state = _classifier_with_teachers(temperature=2.0,
                                                                   offline_weight=0.25)
   rng = np.random.default_rng(3)
   offline = np.array([[0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.5, 0.5]], np.float32)
@@ -290,6 +290,40 @@ def test_an_offline_teacher_joins_the_mixture():
   without, _ = task.loss(state.params, {k: v for k, v in batch.items() if k != "teacher_probs"},
                          jax.random.PRNGKey(0), train=False)
   assert abs(float(without) - float(sums["loss"])) > 1e-3     # the offline teacher counts
+
+
+def test_a_teachers_own_predictions_teach_offline_as_it_does_online(teacher_run, tmp_path):
+  """offline_weight = 1: a teacher's probabilities carried in the batch give the loss the
+  teacher gives in the step (T = 2), without running it (NaN teacher weights stay unread); and
+  train.redecode --split=train writes such probabilities for every train example."""
+  from train import redecode
+  from train.data import examples as examples_lib, soft_targets
+  model, teacher_cfg, task, state = _classifier_with_teachers(1, temperature=2.0,
+                                                              offline_weight=1.0)
+  rng = np.random.default_rng(4)
+  batch = {"tokens": rng.integers(3, 500, (4, 12)).astype(np.int32),
+           "mask": np.ones((4, 12), np.int32), "label": np.array([0, 1, 0, 1], np.int32)}
+  teacher = jax.tree.map(lambda x: x[0], state.params["teacher"])
+  logits = Transformer(teacher_cfg).apply({"params": teacher}, batch["tokens"],
+                                          pool_mask=batch["mask"] > 0)
+  _, online = task.loss(state.params, batch, jax.random.PRNGKey(0), train=False)
+  unread = {**state.params, "teacher": jax.tree.map(lambda x: x * np.nan, state.params["teacher"])}
+  _, offline = task.loss(unread, {**batch, "teacher_probs": jax.nn.softmax(logits)},
+                         jax.random.PRNGKey(0), train=False)
+  chex.assert_trees_all_close(offline, online, rtol=1e-5)
+
+  for split in ("train", "validation"):
+    redecode.redecode(str(teacher_run), str(tmp_path / split), split=split)
+  joined = tmp_path / "teacher.jsonl"
+  joined.write_text("".join((tmp_path / split / "test_predictions.jsonl").read_text()
+                            for split in ("train", "validation")))
+  config = loading.open_run(str(teacher_run)).config
+  config.distill.offline_teacher = str(joined)
+  splits = examples_lib.load_splits(config.data, "classify", 2)
+  targets = soft_targets.load(config.distill, splits, 2)
+  assert len(targets) == len(splits["train"]) + len(splits["validation"])
+  train_accuracy = np.mean([targets[e.id].argmax() == e.target for e in splits["train"]])
+  assert train_accuracy > 0.8, train_accuracy
 
 
 def test_tfidf_targets_are_out_of_fold(sentiment_files):

@@ -8,12 +8,17 @@ evaluation, a new report.
       --num_examples=-1 --split=validation]
   python -m train.redecode --workdir=runs/imdb_ft --out=runs/imdb_ft_w128 --window_stride=128 \
       --split=validation
+  python -m train.redecode --workdir=runs/imdb_ft --out=runs/imdb_ft_train --window_stride=0 \
+      --split=train      # a teacher's probabilities on the rows a student trains on
+
 
 Loads the run's best-validation state (else its newest checkpoint) through the inference API,
 reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
 the run's; --window_stride over a classifier's eval.window_stride), and writes report.md,
 test_predictions.jsonl and metrics.jsonl to --out. Each decoding row of the README's
-summarization tables is one such command.
+summarization tables is one such command. --split=train scores the train examples (the TF-IDF
+baseline beside it is then fitted on what it scores): with the validation split's, a classifier
+teacher's predictions to distil from offline (`distill.offline_teacher`, README "Distillation").
 """
 import os
 
@@ -25,6 +30,9 @@ from model import errors
 from model import log_setup
 from train import build, config_check, final_eval
 from train.data import examples as examples_lib
+
+SPLITS = ("test", "validation", "train")
+
 
 def _define_flags():
   # Only when run as a command: train.main (imported beside this module in tests) defines
@@ -50,9 +58,9 @@ def _define_flags():
   _WINDOW_STRIDE = flags.DEFINE_integer(
       "window_stride", None, "Classifiers: eval.window_stride, 0 = long texts truncated as in "
       "training; S > 0 = also read whole in windows S ids apart (infer/classifier_rows.py).")
-  _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
+  _SPLIT = flags.DEFINE_enum("split", "test", list(SPLITS),
                              "Which split to score: choose decoding settings on validation, "
-                             "then report test once.")
+                             "then report test once; train: a teacher's offline predictions.")
   _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
                                        "eval.num_examples: test examples (-1: all).")
 
@@ -87,9 +95,10 @@ def redecode(workdir: str, out: str, num_examples: int | None = None, split: str
   summarizer) or `window_stride` over its eval.window_stride (a classifier), and
   `num_examples` test examples (None: the run's) -> `out`. split="validation" scores the
   run's validation examples instead (the report and test_predictions.jsonl say so), so that
-  decoding settings are chosen without looking at the test split."""
-  if split not in ("test", "validation"):
-    raise config_check.ConfigError(f"--split={split!r}: expected 'test' or 'validation'")
+  decoding settings are chosen without looking at the test split; split="train" its train
+  examples."""
+  if split not in SPLITS:
+    raise config_check.ConfigError(f"--split={split!r}: expected one of {SPLITS}")
   run = loading.open_run(workdir, prefer_best=True)
   if run.kind not in ("summarize", "classify"):
     raise config_check.ConfigError(f"--workdir={workdir} is a {run.kind!r} run; re-scoring "
@@ -113,12 +122,12 @@ def redecode(workdir: str, out: str, num_examples: int | None = None, split: str
                                     config.model.num_classes)
   decoding, facts = ({}, {}) if run.kind == "classify" else final_eval.decode_options(
       config, loaded, splits.get("train", []))
-  if split == "validation":
-    if not splits.get("validation"):
-      raise config_check.ConfigError(f"--split=validation: the run at {workdir} has no "
-                                     "validation examples (config.data.validation_fraction)")
-    splits = {**splits, "test": splits["validation"]}
-    facts["scored split"] = "validation (not test)"
+  if split != "test":
+    if not splits.get(split):
+      raise config_check.ConfigError(f"--split={split}: the run at {workdir} has no {split} "
+                                     "examples (config.data.validation_fraction)")
+    splits = {**splits, "test": splits[split]}
+    facts["scored split"] = f"{split} (not test)"
   os.makedirs(out, exist_ok=True)
   return final_eval.run(config, out, loaded=loaded, params=loaded.params, splits=splits,
                         writer=None, step=run.step, decoding=decoding,

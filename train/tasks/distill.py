@@ -16,7 +16,11 @@ relation target the mean of their similarity matrices. A classifier may also hav
 teacher (distill.offline_teacher: probabilities per example, made before training, e.g. TF-IDF
 + logistic regression; train/data/soft_targets.py): the rows carry them as `teacher_probs`,
 tempered like the networks', and the target is (1 - w) * the networks' mean + w * theirs
-(w = distill.offline_weight). One student then carries what the
+(w = distill.offline_weight). At w = 1 (and no relation loss) the networks are not run: one
+teacher's own predictions on the train rows (`train.redecode --split=train`) then teach exactly
+as the online teacher would (tempering its probabilities is tempering its logits), without
+its forward pass in every step - for sweeping alpha and T. For several teachers the offline target is
+their mean probability tempered, not the mean of their tempered probabilities (equal at T = 1). One student then carries what the
 ensemble knows at one forward pass per example (Hinton et al. 2015's "distilling an ensemble").
 
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
@@ -98,12 +102,17 @@ class DistillTask(Task):
     t = self.temperature
     # The rows' own mask where they have one (id 0 is a real token in HF vocabularies).
     valid = (batch["mask"] > 0 if "mask" in batch else tokens > 0).astype(jnp.float32)
-    t_logp, t_rel = self._teachers(jax.lax.stop_gradient(params["teacher"]), tokens, kwargs,
-                                   valid, s_logits.shape)
-    if "teacher_probs" in batch:   # an offline teacher's (train/data/soft_targets.py) joins in
+    offline = None
+    if "teacher_probs" in batch:   # an offline teacher's (train/data/soft_targets.py)
       offline = jax.nn.log_softmax(jnp.log(jnp.maximum(batch["teacher_probs"], 1e-12)) / t)
-      t_logp = jnp.logaddexp(jnp.log1p(-self.offline_weight) + t_logp,
-                             jnp.log(self.offline_weight) + offline)
+    if offline is not None and self.offline_weight == 1 and not self.hidden_weight:
+      t_logp = offline   # the networks would get no weight: their forward passes are skipped
+    else:
+      t_logp, t_rel = self._teachers(jax.lax.stop_gradient(params["teacher"]), tokens, kwargs,
+                                     valid, s_logits.shape)
+      if offline is not None:
+        t_logp = jnp.logaddexp(jnp.log1p(-self.offline_weight) + t_logp,
+                               jnp.log(self.offline_weight) + offline)
     s_logp = jax.nn.log_softmax(s_logits.astype(jnp.float32) / t)
     kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
     kd = jnp.sum(kl * weights) * t * t
