@@ -314,6 +314,10 @@ def test_a_teachers_own_predictions_teach_offline_as_it_does_online(teacher_run,
 
   for split in ("train", "validation"):
     redecode.redecode(str(teacher_run), str(tmp_path / split), split=split)
+  # An ensemble of such predictions is scored as a train split (here one run twice).
+  from train import ensemble
+  ensemble.ensemble([str(tmp_path / "train")] * 2, str(tmp_path / "ens_train"), str(teacher_run))
+  assert "train (not test)" in (tmp_path / "ens_train" / "report.md").read_text()
   joined = tmp_path / "teacher.jsonl"
   joined.write_text("".join((tmp_path / split / "test_predictions.jsonl").read_text()
                             for split in ("train", "validation")))

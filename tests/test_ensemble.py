@@ -110,7 +110,7 @@ def test_ensemble_names_what_is_wrong(run_and_splits, tmp_path):
     ensemble.ensemble([good, shuffled], str(tmp_path / "out"), config_from=run)
   foreign = [dict(r, id="other:" + r["id"]) for r in _member(splits["test"], 2)]
   a, b = _write(tmp_path / "fa", foreign), _write(tmp_path / "fb", foreign)
-  with pytest.raises(ConfigError, match="neither all in .* test split nor all in its validation"):
+  with pytest.raises(ConfigError, match="not all in one of .* test, validation or train splits"):
     ensemble.ensemble([a, b], str(tmp_path / "out"), config_from=run)
   # On the command line: one line naming the problem, exit code 2.
   proc = subprocess.run([sys.executable, "-m", "train.ensemble", f"--members={good}",

@@ -10,7 +10,9 @@ is decided on validation before the test split is scored). Every member must hol
 examples in the same order. The data - the train split the TF-IDF baseline is fitted on, and
 the splits the records are checked against - come from --config_from's config.json, by default
 the first member's. Which split was scored is read from the records' ids: all in the config's
-test split, or all in its validation split.
+test split, its validation split, or its train split (`train.redecode --split=train`: an
+ensemble's probabilities on the train examples, to distil from offline -
+`distill.offline_teacher`).
 
 Why: fine-tunes from other seeds or other pre-training checkpoints disagree on a few percent of
 examples; averaging them is the cheap gain left once one recipe has plateaued, at the cost of
@@ -43,12 +45,12 @@ def _run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _scored_split(records: list[dict], splits: dict, config_dir: str) -> str:
   ids = {r["id"] for r in records}
-  for name in ("test", "validation"):
+  for name in ("test", "validation", "train"):
     if ids <= {e.id for e in splits.get(name, [])}:
       return name
   raise config_check.ConfigError(
-      f"the members' {len(records)} records are neither all in {config_dir}'s test split nor "
-      "all in its validation split (config.data.test_file, train_file and "
+      f"the members' {len(records)} records are not all in one of {config_dir}'s test, "
+      "validation or train splits (config.data.test_file, train_file and "
       "validation_fraction): were they scored on other data?")
 
 
@@ -78,7 +80,7 @@ def ensemble(members: list[str], out: str, config_from: str | None = None) -> di
   os.makedirs(out, exist_ok=True)
   facts = {"members": ", ".join(members),
            "combination": "mean of the members' class probabilities",
-           "scored split": "test" if scored == "test" else "validation (not test)",
+           "scored split": "test" if scored == "test" else f"{scored} (not test)",
            "train examples": len(splits["train"])}
   return final_eval.score(config, out, records, kind="classify", train_examples=splits["train"],
                           writer=None, step=0, facts=facts)
