@@ -11,7 +11,6 @@ evaluation, a new report.
   python -m train.redecode --workdir=runs/imdb_ft --out=runs/imdb_ft_train --window_stride=0 \
       --split=train      # a teacher's probabilities on the rows a student trains on
 
-
 Loads the run's best-validation state (else its newest checkpoint) through the inference API,
 reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
 the run's; --window_stride over a classifier's eval.window_stride), and writes report.md,
