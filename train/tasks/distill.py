@@ -12,16 +12,18 @@ MiniLM's relation distillation): it needs no projection between different widths
 Several teachers (distill.teacher="runs/a,runs/b,..."; one architecture and tokenizer) teach
 as an ensemble: the teacher distribution is the mean of their tempered class/token
 probabilities - at T=1 exactly the rule train/ensemble.py and infer/ensemble.py score - and the
-relation target the mean of their similarity matrices. A classifier may also have an offline
-teacher (distill.offline_teacher: probabilities per example, made before training, e.g. TF-IDF
-+ logistic regression; train/data/soft_targets.py): the rows carry them as `teacher_probs`,
-tempered like the networks', and the target is (1 - w) * the networks' mean + w * theirs
-(w = distill.offline_weight). At w = 1 (and no relation loss) the networks are not run: one
-teacher's own predictions on the train rows (`train.redecode --split=train`) then teach exactly
-as the online teacher would (tempering its probabilities is tempering its logits), without
-its forward pass in every step - for sweeping alpha and T. For several teachers the offline target is
-their mean probability tempered, not the mean of their tempered probabilities (equal at T = 1). One student then carries what the
+relation target the mean of their similarity matrices. One student then carries what the
 ensemble knows at one forward pass per example (Hinton et al. 2015's "distilling an ensemble").
+
+A classifier may also have an offline teacher (distill.offline_teacher: probabilities per
+example, made before training, e.g. TF-IDF + logistic regression; train/data/soft_targets.py):
+the rows carry them as `teacher_probs`, tempered like the networks', and the target is
+(1 - w) * the networks' mean + w * theirs (w = distill.offline_weight). At w = 1 (and no
+relation loss) the networks are not run: one teacher's own predictions on the train rows
+(`train.redecode --split=train`) then teach exactly as the online teacher would (tempering its
+probabilities is tempering its logits), without its forward pass in every step - for sweeping
+alpha and T. For several teachers the offline target is their mean probability tempered, not
+the mean of their tempered probabilities (equal at T = 1).
 
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
 the teachers are sharded by the same logical axis rules as the student and their logits are
