@@ -173,6 +173,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.offline_teacher = ""
   c.distill.offline_weight = 0.5
   c.distill.offline_folds = 5         # "tfidf": folds of the out-of-fold fits
+  # A classifier student's transfer set: unlabelled texts (a dataset as data.train_file names
+  # one, field data.text_field) that join the train rows and are taught by the teachers alone
+  # (an offline teacher's JSONL must cover them too); an epoch then covers them as well.
+  c.distill.transfer_file = ""
 
   # --- evaluators run on data.test_file at the end (and on validation during training) --------
   c.eval = ml_collections.ConfigDict()

@@ -401,3 +401,107 @@ def test_a_tfidf_teacher_rides_in_the_rows_and_teaches(sentiment_files, teacher_
   assert result["test"]["model: classification"]["accuracy"] > 0.8
   validation = losses(tmp_path / "student", "validation")
   assert validation[30] < validation[0], validation
+
+
+def test_unlabelled_rows_are_taught_by_the_teachers_alone():
+  """A row labelled -1 (a transfer text) scores no cross-entropy and no hit, but the KL to the
+  teachers covers it exactly as a labelled row."""
+  model, _, task, state = _classifier_with_teachers(temperature=2.0)
+  rng = np.random.default_rng(5)
+  batch = {"tokens": rng.integers(3, 500, (4, 12)).astype(np.int32),
+           "mask": np.ones((4, 12), np.int32), "label": np.array([0, 1, 0, 1], np.int32)}
+  unlabelled = {**batch, "label": np.array([0, 1, -1, -1], np.int32)}
+  _, sums = task.loss(state.params, batch, jax.random.PRNGKey(0), train=False)
+  _, part = task.loss(state.params, unlabelled, jax.random.PRNGKey(0), train=False)
+  np.testing.assert_allclose(part["kd"], sums["kd"], rtol=1e-6)
+  assert float(part["weight"]) == 4.0
+  logits = model.apply({"params": state.params["student"]}, batch["tokens"],
+                       pool_mask=batch["mask"] > 0)
+  nll = -np.asarray(jax.nn.log_softmax(logits))[[0, 1], [0, 1]]
+  np.testing.assert_allclose(part["task_loss"], nll.sum(), rtol=1e-5)
+  hits = (np.asarray(logits).argmax(-1)[:2] == [0, 1]).sum()
+  assert float(part["accuracy"]) == hits
+
+
+def _transfer_file(sentiment_files, path, extra: list[dict] = ()):
+  """Unlabelled texts (no label field): each train review said twice, under a new id."""
+  from eval.common import read_jsonl
+  records = [{"id": f"unlab/{i}", "text": r["text"] + " " + r["text"]}
+             for i, r in enumerate(read_jsonl(str(sentiment_files / "train.jsonl.gz")))]
+  path.write_text("".join(json.dumps(r) + "\n" for r in records + list(extra)))
+  return records
+
+
+def test_a_transfer_set_drops_texts_of_labelled_splits(sentiment_files, tmp_path):
+  from model.errors import DataError
+  from train.data import examples as examples_lib
+  config = _student_config(sentiment_files, tmp_path, "unused")
+  splits = examples_lib.load_splits(config.data, "classify", 2)
+  test, train = splits["test"][0], splits["train"][0]
+  path = tmp_path / "unlabelled.jsonl"
+  records = _transfer_file(sentiment_files, path, [{"id": "copy", "text": test.text},
+                                                   {"id": train.id, "text": "new words"}])
+  transfer = examples_lib.load_transfer(str(path), config.data, splits)
+  assert [e.id for e in transfer] == [r["id"] for r in records]   # the two clashes dropped
+  assert {e.target for e in transfer} == {examples_lib.UNLABELLED}
+  path.write_text(json.dumps({"id": "a", "text": test.text}) + "\n")
+  with pytest.raises(DataError, match="every text is also a labelled example"):
+    examples_lib.load_transfer(str(path), config.data, splits)
+  path.write_text(json.dumps({"id": "a", "body": "no text field"}) + "\n")
+  with pytest.raises(DataError, match=r"unlabelled.jsonl:1: .*'text'"):
+    examples_lib.load_transfer(str(path), config.data, splits)
+
+
+def test_a_student_learns_from_unlabelled_texts(sentiment_files, teacher_run, tmp_path):
+  """distill.transfer_file: its texts join the train rows (label -1, the offline teacher's
+  probabilities riding along), an epoch covers them, and a student taught by the offline
+  targets alone (alpha 1, offline_weight 1) learns; a file that misses a transfer id fails."""
+  from model.errors import DataError
+  from train import inputs as inputs_lib
+  config = _student_config(sentiment_files, tmp_path, str(teacher_run))
+  transfer = _transfer_file(sentiment_files, tmp_path / "unlabelled.jsonl")
+  resolved, sources = build.resolve(config)   # the splits, to write the teacher's file
+  train_label = {e.id: e.target for e in sources.splits["train"]}
+  label_of = {e.id: e.target for e in sources.splits["train"] + sources.splits["validation"]}
+  label_of.update({r["id"]: train_label[f"train.jsonl.gz:{i}"] for i, r in enumerate(transfer)
+                   if f"train.jsonl.gz:{i}" in train_label})
+  teacher = tmp_path / "teacher.jsonl"
+  teacher.write_text("".join(json.dumps({"id": i, "probs": [0.9, 0.1] if y == 0 else [0.1, 0.9]})
+                             + "\n" for i, y in label_of.items()))
+  config.distill.update(transfer_file=str(tmp_path / "unlabelled.jsonl"),
+                        offline_teacher=str(teacher), offline_weight=1.0, alpha=1.0)
+  config.train.update(num_epochs=1.0)
+  with pytest.raises(DataError, match=r"no probabilities for \d+ of the \d+ transfer examples"):
+    inputs_lib.make(*build.resolve(config), None)   # validation reviews' copies have none
+  kept = [r for r in transfer if r["id"] in label_of]
+  (tmp_path / "unlabelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+  resolved, sources = build.resolve(config)
+  assert len(sources.transfer) == len(kept)
+  batch = config.data.batch_size
+  assert resolved.train.num_steps == -(-(len(sources.splits["train"]) + len(kept)) // batch)
+  inputs = inputs_lib.make(resolved, sources, None)
+  seen = {"labelled": 0, "unlabelled": 0}
+  for _ in range(resolved.train.num_steps):
+    b = next(inputs.train_iter)
+    seen["unlabelled"] += int((b["label"] == -1).sum())
+    seen["labelled"] += int((b["label"] >= 0).sum())
+    np.testing.assert_allclose(b["teacher_probs"].max(-1), 0.9, rtol=1e-6)
+  assert seen["unlabelled"] >= len(kept) - batch and seen["labelled"] >= len(
+      sources.splits["train"]) - batch, seen
+  run_lib.train(config, str(tmp_path / "student"))
+  validation = losses(tmp_path / "student", "validation")
+  steps = sorted(validation)
+  assert validation[steps[-1]] < validation[steps[0]], validation
+
+
+@pytest.mark.parametrize("update, message", [
+    (dict(transfer_file="u.jsonl", task="summarize"),
+     "config.distill.transfer_file='u.jsonl' holds unlabelled texts for a classifier's student"),
+    (dict(offline_teacher="tfds:imdb_reviews:train"), "expected 'tfidf' or a JSONL file"),
+])
+def test_transfer_and_offline_source_config_errors(update, message):
+  from train import config_check
+  config = sentiment_distill.get_config("tiny")
+  config.distill.update(**update)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_check.validate(config, 1, 1)

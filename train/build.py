@@ -53,6 +53,7 @@ class Sources:
   pretrained: loading.Run | None = None   # train.init_from
   teachers: list = dataclasses.field(default_factory=list)   # distill.teacher (loading.Run)
   splits: dict | None = None              # fine-tuning examples {split: [Example]}
+  transfer: list = dataclasses.field(default_factory=list)  # distill.transfer_file's texts
 
 
 def _open(path: str, key: str, prefer_best: bool = False) -> loading.Run:
@@ -144,8 +145,15 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
   if is_finetuning(config):
     sources.splits = examples_lib.load_splits(config.data, task_kind(config),
                                               config.model.num_classes)
-    if config.train.num_epochs > 0:
-      epoch = -(-len(sources.splits["train"]) // config.data.batch_size)
+    if (config.task == "distill" and config.distill.task == "classify"
+        and config.distill.get("transfer_file")):   # config_check rejects it elsewhere
+      sources.transfer = examples_lib.load_transfer(config.distill.transfer_file, config.data,
+                                                    sources.splits)
+      logging.info("transfer set: %d unlabelled texts beside %d train examples",
+                   len(sources.transfer), len(sources.splits["train"]))
+    if config.train.num_epochs > 0:   # an epoch: every train example and transfer text once
+      rows = len(sources.splits["train"]) + len(sources.transfer)
+      epoch = -(-rows // config.data.batch_size)
       config.train.num_steps = max(1, round(config.train.num_epochs * epoch))
       config.train.eval_every = epoch
       logging.info("%g epochs of %d steps: num_steps=%d, validation every epoch",

@@ -4,6 +4,7 @@ import math
 from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
+from train.data import sources as sources_lib
 
 
 class ConfigError(errors.UserError):
@@ -78,6 +79,14 @@ def validate(config, num_devices: int, process_count: int):
                                                      and config.distill.task == "classify"),
        f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r} teaches a "
        "classifier (task distill with distill.task=classify); set it to ''"),
+      (not sources_lib.is_tfds(config.distill.get("offline_teacher", "")),
+       f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r}: expected "
+       "'tfidf' or a JSONL file of {\"id\", \"probs\"} lines, not a TFDS dataset"),
+      (not config.distill.get("transfer_file") or (config.task == "distill"
+                                                   and config.distill.task == "classify"),
+       f"config.distill.transfer_file={config.distill.get('transfer_file')!r} holds unlabelled "
+       "texts for a classifier's student (task distill with distill.task=classify); set it "
+       "to ''"),
       (0 < config.distill.get("offline_weight", 0.5) <= 1,
        f"config.distill.offline_weight={config.distill.get('offline_weight')} must be in (0, 1]"),
       (config.distill.get("offline_folds", 5) >= 2,

@@ -103,18 +103,29 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key
   rows = {name: [examples_lib.encode(e, tokenizer, kind, config.data) for e in exs]
           for name, exs in splits.items() if name != "train" or not stride}
+  # What the train iterator draws from, one entry per example: a row, or (stride > 0) the
+  # list of its views; distill.transfer_file's unlabelled texts after the train examples.
   if stride:   # each train example's first view is its `encode` row: tokenized once
     train_views = _train_views(splits["train"], tokenizer, config.data, stride)
     rows["train"] = [views[0] for views in train_views]
+    transfer = (_train_views(sources.transfer, tokenizer, config.data, stride)
+                if sources.transfer else [])
+    drawn = train_views + transfer
+  else:
+    transfer = [examples_lib.encode(e, tokenizer, kind, config.data) for e in sources.transfer]
+    drawn = [[row] for row in rows["train"] + transfer]
   if config.task == "distill" and config.distill.get("offline_teacher"):
-    _add_offline_teacher(config, splits, rows, train_views if stride else None)
+    _add_offline_teacher(config, splits, sources.transfer, rows, drawn)
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
   ident = {"data": examples_lib.fingerprint(config.data), "tokenizer": tokenizer.fingerprint,
-           "max_examples": config.data.max_examples}
+           "max_examples": config.data.max_examples,
+           **({"transfer": examples_lib.fingerprint(
+               config.data, config.distill.transfer_file, "distill.transfer_file")}
+              if sources.transfer else {})}
   train_iter = examples_lib.make_iterator(
-      train_views if stride else rows["train"], config.data, split="train", shuffle=True,
-      repeat=True, seed=config.seed, process_index=pi, process_count=pc, identity=ident,
-      views=bool(stride))
+      drawn if stride else [entry[0] for entry in drawn], config.data, split="train",
+      shuffle=True, repeat=True, seed=config.seed, process_index=pi, process_count=pc,
+      identity=ident, views=bool(stride))
   # The whole validation split every time; processes with fewer rows pad with empty batches so
   # every process runs the same number of eval steps.
   num_batches = -(-len(rows["validation"]) // config.data.batch_size)
@@ -129,15 +140,16 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   return Inputs(tokenizer, train_iter, make_eval_iter, config.data.train_file, splits, rows)
 
 
-def _add_offline_teacher(config, splits, rows, train_views):
-  """Each train row (every view of it) and validation row gets its example's offline-teacher
-  probabilities as `teacher_probs` (train/data/soft_targets.py; train/tasks/distill.py)."""
-  targets = soft_targets.load(config.distill, splits, config.model.num_classes)
-  for split in soft_targets.SPLITS:
-    per_example = train_views if split == "train" and train_views else rows[split]
-    for example, entry in zip(splits[split], per_example):
-      for row in entry if isinstance(entry, list) else [entry]:
-        row["teacher_probs"] = targets[example.id]
+def _add_offline_teacher(config, splits, transfer, rows, drawn):
+  """Every row the train iterator draws (`drawn`: each train example's, then each transfer
+  text's, views) and each validation row gets its example's offline-teacher probabilities as
+  `teacher_probs` (train/data/soft_targets.py; train/tasks/distill.py)."""
+  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer)
+  for example, views in zip(splits["train"] + transfer, drawn):
+    for row in views:
+      row["teacher_probs"] = targets[example.id]
+  for example, row in zip(splits["validation"], rows["validation"]):
+    row["teacher_probs"] = targets[example.id]
 
 
 def _train_views(examples, tokenizer, data_cfg, stride: int) -> list[list[dict]]:

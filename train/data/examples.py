@@ -38,6 +38,7 @@ from model.errors import DataError
 from train.data.pipeline import LMIterator
 
 TASK_FIELDS = {"classify": "label_field", "summarize": "summary_field"}
+UNLABELLED = -1    # the label of a classifier's unlabelled text (distill.transfer_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +49,18 @@ class Example:
   source: str              # file name, for slicing by source dataset
 
 
-def read_examples(path: str, task: str, data_cfg, key: str = "data.train_file") -> list[Example]:
+def read_examples(path: str, task: str, data_cfg, key: str = "data.train_file",
+                  labelled: bool = True) -> list[Example]:
   """Every example of one dataset (a JSONL/CSV/TSV file or tfds:<name>[:<split>]), checked; bad
   records fail (file:line) or are skipped per data.bad_lines. `key` names the config key in
-  errors."""
-  text_key, target_key = data_cfg.text_field, data_cfg[TASK_FIELDS[task]]
-  int_fields = (target_key,) if task == "classify" else ()
+  errors. Unlabelled texts (`labelled=False`, classifiers) get the label UNLABELLED."""
+  text_key = data_cfg.text_field
+  target_key = data_cfg[TASK_FIELDS[task]] if labelled else None
+  int_fields = (target_key,) if task == "classify" and labelled else ()
   examples, skipped = [], 0
   name = path if sources_lib.is_tfds(path) else os.path.basename(path)
-  for where, record in sources_lib.records(path, key, data_cfg, (text_key, target_key),
-                                           int_fields):
+  fields = (text_key, target_key) if labelled else (text_key,)
+  for where, record in sources_lib.records(path, key, data_cfg, fields, int_fields):
     try:
       if isinstance(record, DataError):
         raise record
@@ -71,15 +74,16 @@ def read_examples(path: str, task: str, data_cfg, key: str = "data.train_file") 
       continue
     examples.append(example)
   if not examples:
-    raise DataError(f"{path}: no examples with fields {text_key!r} and {target_key!r}")
+    raise DataError(f"{path}: no examples with fields {' and '.join(map(repr, fields))}")
   if skipped:
     logging.warning("%s: skipped %d bad lines of %d", path, skipped, skipped + len(examples))
   return examples
 
 
-def _to_example(record: dict, file_name: str, lineno: str, text_key: str, target_key: str,
+def _to_example(record: dict, file_name: str, lineno: str, text_key: str, target_key: str | None,
                 task: str) -> Example:
-  text, target = record.get(text_key), record.get(target_key)
+  text = record.get(text_key)
+  target = UNLABELLED if target_key is None else record.get(target_key)
   if not isinstance(text, str) or not text.strip():
     raise DataError(f"expected a non-empty string field {text_key!r} (data.text_field)")
   if task == "classify" and (isinstance(target, bool) or not isinstance(target, int)):
@@ -128,11 +132,39 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
   return splits
 
 
-def fingerprint(data_cfg) -> str:
+def load_transfer(path: str, data_cfg, splits: dict[str, list[Example]]) -> list[Example]:
+  """The unlabelled texts of `distill.transfer_file` (label UNLABELLED): more rows for a
+  classifier's student, taught by its teachers alone. A text sharing an id or its text with a
+  labelled example is dropped (logged per split): a test or validation text would leak into
+  what is scored, a train one is there already (IMDB's unlabelled reviews repeat 371 train
+  reviews word for word)."""
+  transfer = read_examples(path, "classify", data_cfg, "config.distill.transfer_file",
+                           labelled=False)
+  split_of = {}
+  for split, examples in splits.items():
+    for e in examples:
+      split_of[e.id] = split_of[e.text] = split
+  kept, dropped = [], {}
+  for e in transfer:
+    split = split_of.get(e.id) or split_of.get(e.text)
+    if split:
+      dropped.setdefault(split, []).append(e.id)
+    else:
+      kept.append(e)
+  for split, ids in dropped.items():
+    logging.warning("%s (config.distill.transfer_file): dropped %d texts that are also %s "
+                    "examples, e.g. %r", path, len(ids), split, ids[0])
+  if not kept:
+    raise DataError(f"{path} (config.distill.transfer_file): every text is also a labelled "
+                    "example; the transfer set must hold other texts")
+  return kept
+
+
+def fingerprint(data_cfg, spec: str | None = None, key: str = "data.train_file") -> str:
   """Names the fine-tuning data (file contents, or a TFDS dataset's version and split, + fields),
-  e.g. for its tokenizer."""
+  e.g. for its tokenizer: data.train_file's, or another dataset's (`spec`) read the same way."""
   h = hashlib.blake2b(digest_size=6)
-  sources_lib.fingerprint_update(h, data_cfg.train_file, "data.train_file", data_cfg)
+  sources_lib.fingerprint_update(h, spec or data_cfg.train_file, key, data_cfg)
   h.update(f"{data_cfg.text_field}|{data_cfg.summary_field}".encode())
   return "ft" + h.hexdigest()
 

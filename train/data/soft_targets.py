@@ -1,13 +1,16 @@
 """An offline teacher for distilling a classifier: class probabilities for each train and
-validation example, made before training instead of by a network inside the step.
+validation example (and each unlabelled text of distill.transfer_file), made before training
+instead of by a network inside the step.
 
 `distill.offline_teacher` is either
   "tfidf"         TF-IDF + logistic regression (eval/tfidf_baseline.py) fitted here: each train
                   example's probabilities come from a fit on the other `distill.offline_folds`
                   folds of the train split (out-of-fold, so a target never echoes the example's
-                  own label), each validation example's from a fit on the whole train split;
+                  own label), each validation example's and transfer text's from a fit on the
+                  whole train split;
   a JSONL file    one {"id", "probs"} per example (e.g. another framework's model; a run's
-                  test_predictions.jsonl has this shape), covering every train and validation id.
+                  test_predictions.jsonl and infer.main's output have this shape), covering
+                  every train, validation and transfer id.
 Why a bag-of-n-grams teacher at all: its errors differ from a transformer's (four IMDB
 fine-tunes' mean probabilities averaged with TF-IDF's score 0.914 on validation against 0.904
 without), at a minute of CPU instead of a forward pass per step. Measured, though, a student
@@ -28,23 +31,27 @@ from train.data import sources as sources_lib
 SPLITS = ("train", "validation")
 
 
-def load(distill_cfg, splits: dict, num_classes: int) -> dict[str, np.ndarray]:
-  """{example id: float32 [num_classes] probabilities} for every train and validation example."""
+def load(distill_cfg, splits: dict, num_classes: int,
+         transfer: list | None = None) -> dict[str, np.ndarray]:
+  """{example id: float32 [num_classes] probabilities} for every train and validation example
+  and every unlabelled text of the transfer set (distill.transfer_file)."""
   source = distill_cfg.offline_teacher
+  covered = {**{split: splits[split] for split in SPLITS}, "transfer": transfer or []}
   if source == "tfidf":
-    return _tfidf(splits, num_classes, distill_cfg.offline_folds)
-  return _read(source, splits, num_classes)
+    return _tfidf(covered, num_classes, distill_cfg.offline_folds)
+  return _read(source, covered, num_classes)
 
 
 def _tfidf(splits: dict, num_classes: int, folds: int) -> dict[str, np.ndarray]:
   start = time.perf_counter()
-  train = [{"id": e.id, "text": e.text, "label": int(e.target)} for e in splits["train"]]
-  validation = [{"id": e.id, "text": e.text, "label": int(e.target)}
-                for e in splits["validation"]]
+  train, validation, transfer = (
+      [{"id": e.id, "text": e.text, "label": max(int(e.target), 0)} for e in splits[name]]
+      for name in ("train", "validation", "transfer"))   # a transfer text's label is unused
   train_probs = tfidf_baseline.out_of_fold(train, folds)
-  scored, _ = tfidf_baseline.predict(train, validation)
+  scored, _ = tfidf_baseline.predict(train, validation + transfer)
   targets = {}
-  for records, probs in ((train, train_probs), (validation, [r["probs"] for r in scored])):
+  for records, probs in ((train, train_probs),
+                         (validation + transfer, [r["probs"] for r in scored])):
     for record, p in zip(records, probs):
       row = np.zeros(num_classes, np.float32)
       row[:len(p)] = p
@@ -72,10 +79,11 @@ def _read(path: str, splits: dict, num_classes: int) -> dict[str, np.ndarray]:
       raise DataError(f"{where}: expected 'probs' to be {num_classes} non-negative numbers "
                       f"(config.model.num_classes), got {record.get('probs')!r}")
     targets[str(record.get("id"))] = (probs / probs.sum()).astype(np.float32)
-  for split in SPLITS:
-    missing = [e.id for e in splits[split] if e.id not in targets]
+  for split, examples in splits.items():
+    missing = [e.id for e in examples if e.id not in targets]
     if missing:
       raise DataError(f"{path} ({key}) has no probabilities for {len(missing)} of the "
-                      f"{len(splits[split])} {split} examples, e.g. id {missing[0]!r}; it needs "
-                      f"one {{\"id\", \"probs\"}} line per train and validation example")
+                      f"{len(examples)} {split} examples, e.g. id {missing[0]!r}; it needs one "
+                      "{\"id\", \"probs\"} line per train and validation example (and "
+                      "transfer text: config.distill.transfer_file)")
   return targets

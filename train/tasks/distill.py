@@ -25,6 +25,11 @@ probabilities is tempering its logits), without its forward pass in every step -
 alpha and T. For several teachers the offline target is their mean probability tempered, not
 the mean of their tempered probabilities (equal at T = 1).
 
+A classifier's student may also learn from unlabelled texts (distill.transfer_file, Hinton et
+al.'s "transfer set"): they join the train rows labelled -1, where the task's cross-entropy
+and hits are zero (train/tasks/classify.py) and the KL to the teachers - online, or the offline
+teacher's probabilities for them - is the whole lesson.
+
 Teacher and student live in one parameter tree {"student", "teacher"} (`StudentTeacher`), so
 the teachers are sharded by the same logical axis rules as the student and their logits are
 computed on the fly in the same jit'd step. "teacher" holds every teacher stacked on a leading
