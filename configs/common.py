@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   # classify: > 0 trains on the windows eval.window_stride reads (train/data/examples.py)
   c.data.train_window_stride = 0
   c.data.target_len = 128                 # summarize: summary tokens kept (rest of seq_len: doc)
+  # summarize: with ratio > 0, train on gap-sentence pseudo-summaries of data.train_file's
+  # unlabelled texts (PEGASUS-style; train/data/gap_sentences.py says how they are made)
+  c.data.gap_sentences = ml_collections.ConfigDict(dict(
+      ratio=0.0, passage_words=150, mask="<mask>", lowercase=False))
 
   # --- model ----------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

@@ -10,6 +10,8 @@ Presets:
 - `in_abs`: Indian Supreme Court judgments -> headnotes (IN-Abs train/test).
 - `in_abs_4k`: the same at 4,096 tokens (3,072 of judgment, 1,024 of headnote), to start from
   `legal_pretrain.py:in_abs_lm` (legal text + IN-Abs train judgments at 4k).
+- `gap_sentences`: a PEGASUS-style start for `plain_english`: gap-sentence pseudo-summaries of
+  CUAD contract passages (train/data/gap_sentences.py); then `plain_english` from it.
 - `tiny`: tests (set the files).
 Both read local JSONL copies under $LEGAL_LM_DATA (default ../shared/data; no TFDS builder
 exists for either: README "Datasets: where they come from"); any JSONL or CSV/TSV file with
@@ -102,5 +104,21 @@ def _in_abs_4k(config):
   config.data.max_validation_examples = 96
 
 
+def _gap_sentences(config):
+  # A PEGASUS-style start for `plain_english` (issue 16): the same row shapes, trained on
+  # gap-sentence pseudo-summaries of CUAD contract passages (train/data/gap_sentences.py), so
+  # that the summarizer learns to read its document; then `plain_english` with
+  # train.init_from=<this run>. Contracts give ~27k passages of <= 150 words, lowercased like
+  # the plain-English pairs; no test split (the final evaluation is the plain-English run's).
+  _plain_english(config)
+  config.data.train_file = finetune_common.data_path(
+      "legal_pretrain_corpus/cuad_contracts.jsonl.gz")
+  config.data.gap_sentences.update(ratio=0.2, passage_words=150, lowercase=True)
+  config.data.validation_fraction = 0.02
+  config.data.test_fraction = 0.0
+  config.data.max_validation_examples = 128
+  config.train.update(num_epochs=0.0, num_steps=600, eval_every=100, checkpoint_every=100)
+
+
 PRESETS = {"plain_english": _plain_english, "in_abs": _in_abs, "in_abs_4k": _in_abs_4k,
-           "tiny": _tiny}
+           "gap_sentences": _gap_sentences, "tiny": _tiny}

@@ -23,6 +23,7 @@ def validate(config, num_devices: int, process_count: int):
     raise ConfigError(str(e)) from None
   d, t = config.data, config.train
   select_by = t.get("select_by", "loss")
+  gaps = d.get("gap_sentences", {"ratio": 0.0, "passage_words": 1})
   accum = config.optim.grad_accum_steps
   batch_shards = mesh["data"] * mesh["fsdp"]
   checks = [
@@ -70,6 +71,12 @@ def validate(config, num_devices: int, process_count: int):
       (not d.get("train_window_stride", 0) or _student_task(config) == "classify",
        f"config.data.train_window_stride={d.get('train_window_stride', 0)} applies to "
        f"classifiers, not task {_student_task(config)!r}; set it to 0"),
+      (0 <= gaps["ratio"] < 1 and gaps["passage_words"] >= 1,
+       f"config.data.gap_sentences: ratio={gaps['ratio']} must be in [0, 1) and passage_words="
+       f"{gaps['passage_words']} >= 1"),
+      (not gaps["ratio"] or config.task == "summarize",
+       f"config.data.gap_sentences.ratio={gaps['ratio']} makes pseudo-summaries for a summarizer "
+       f"(task summarize), not task {config.task!r}; set it to 0"),
       (config.task != "summarize" or 1 <= d.target_len < d.seq_len - 2,
        f"config.data.target_len={d.target_len} must be in [1, seq_len - 2 = {d.seq_len - 2})"),
       (config.distill.init_student in ("none", "teacher_layers"),

@@ -33,6 +33,7 @@ from absl import logging
 
 from infer import classifier_rows
 from train.data import corpus as corpus_lib
+from train.data import gap_sentences
 from train.data import sources as sources_lib
 from model.errors import DataError
 from train.data.pipeline import LMIterator
@@ -89,10 +90,10 @@ def _to_example(record: dict, file_name: str, lineno: str, text_key: str, target
   if task == "classify" and (isinstance(target, bool) or not isinstance(target, int)):
     raise DataError(f"expected an integer field {target_key!r} (data.label_field), got "
                     f"{target!r}")
-  if task == "summarize" and (not isinstance(target, str) or not target.strip()):
+  if task == "summarize" and target_key and (not isinstance(target, str) or not target.strip()):
     raise DataError(f"expected a non-empty string field {target_key!r} (data.summary_field)")
   doc_id = str(record.get("id", f"{file_name}:{lineno}"))
-  return Example(doc_id, text.strip(), target if task == "classify" else target.strip(),
+  return Example(doc_id, text.strip(), target.strip() if isinstance(target, str) else target,
                  str(record.get("source", file_name)))
 
 
@@ -102,7 +103,9 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
   if not data_cfg.train_file:
     raise DataError(f"config.data.train_file is empty: task {task!r} needs a dataset (a JSONL "
                     "or CSV file, or tfds:<name>:<split>)")
-  every = read_examples(data_cfg.train_file, task, data_cfg, "data.train_file")
+  pseudo = task == "summarize" and gap_sentences.enabled(data_cfg)
+  every = read_examples(data_cfg.train_file, task, data_cfg, "data.train_file",
+                        labelled=not pseudo)
   splits = {"train": [], "validation": []}
   if data_cfg.test_fraction > 0 and not data_cfg.test_file:
     splits["test"] = [e for e in every
@@ -110,6 +113,9 @@ def load_splits(data_cfg, task: str, num_classes: int = 0) -> dict[str, list[Exa
     every = [e for e in every if corpus_lib.hash_unit(e.id, "test") >= data_cfg.test_fraction]
   for ex in every:
     splits[corpus_lib.split_of(ex.id, data_cfg.validation_fraction)].append(ex)
+  if pseudo:   # split by document first, so that a document's passages share a split
+    splits = {name: gap_sentences.pseudo_pairs(docs, data_cfg.gap_sentences)
+              for name, docs in splits.items()}
   # (split, config key, hash salt: at most 16 bytes)
   for split, key, salt in (("train", "max_examples", "max_examples"),
                            ("validation", "max_validation_examples", "max_validation")):
@@ -166,6 +172,8 @@ def fingerprint(data_cfg, spec: str | None = None, key: str = "data.train_file")
   h = hashlib.blake2b(digest_size=6)
   sources_lib.fingerprint_update(h, spec or data_cfg.train_file, key, data_cfg)
   h.update(f"{data_cfg.text_field}|{data_cfg.summary_field}".encode())
+  if gap_sentences.enabled(data_cfg):
+    h.update(repr(sorted(data_cfg.gap_sentences.items())).encode())
   return "ft" + h.hexdigest()
 
 
