@@ -379,6 +379,32 @@ def test_an_offline_teacher_file_must_cover_every_example(sentiment_files, tmp_p
     soft_targets.load(config.distill, splits, 2)
 
 
+def test_tfidf_targets_are_cached_by_the_data_they_were_fitted_on(sentiment_files, tmp_path,
+                                                                  monkeypatch):
+  from eval import tfidf_baseline
+  from train.data import examples as examples_lib, soft_targets
+  config = _student_config(sentiment_files, tmp_path, "unused")
+  config.distill.update(offline_teacher="tfidf", offline_folds=3)
+  splits = examples_lib.load_splits(config.data, "classify", 2)
+  cache = str(tmp_path / "cache")
+  fitted = soft_targets.load(config.distill, splits, 2, cache_dir=cache)
+  fits = []
+  real_out_of_fold = tfidf_baseline.out_of_fold
+  monkeypatch.setattr(tfidf_baseline, "out_of_fold",
+                      lambda *a, **k: fits.append(1) or real_out_of_fold(*a, **k))
+  # The same data again (a resumed run): read back bit-identical, nothing refitted.
+  again = soft_targets.load(config.distill, splits, 2, cache_dir=cache)
+  assert not fits
+  chex.assert_trees_all_equal(again, fitted)
+  # One label changed: another file, fitted afresh.
+  first = splits["train"][0]
+  changed = dict(splits, train=[dataclasses.replace(first, target=1 - first.target),
+                                *splits["train"][1:]])
+  soft_targets.load(config.distill, changed, 2, cache_dir=cache)
+  assert fits == [1]
+  assert len(list((tmp_path / "cache" / "offline_teacher").glob("tfidf-*.npz"))) == 2
+
+
 def test_a_tfidf_teacher_rides_in_the_rows_and_teaches(sentiment_files, teacher_run, tmp_path):
   """distill.offline_teacher=tfidf: every train and validation row carries its example's
   out-of-fold probabilities, and a student learns from them plus the network."""

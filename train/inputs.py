@@ -144,7 +144,8 @@ def _add_offline_teacher(config, splits, transfer, rows, drawn):
   """Every row the train iterator draws (`drawn`: each train example's, then each transfer
   text's, views) and each validation row gets its example's offline-teacher probabilities as
   `teacher_probs` (train/data/soft_targets.py; train/tasks/distill.py)."""
-  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer)
+  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer,
+                             cache_dir=config.data.data_dir)
   for example, views in zip(splits["train"] + transfer, drawn):
     for row in views:
       row["teacher_probs"] = targets[example.id]

@@ -18,7 +18,12 @@ taught by that mixture scored below one taught by the fine-tunes alone (README, 
 self-pre-training"): on the train reviews its out-of-fold targets are right on 0.905 of them,
 a fine-tune's in-sample ones on 0.933.
 train/tasks/distill.py mixes these probabilities into the networks' (`distill.offline_weight`).
+The TF-IDF targets are kept under `cache_dir` (data.data_dir), named by a hash of every
+covered example (id, text, label) and the fold count: a resumed or repeated run reads them
+instead of refitting (77 s on IMDB's 25k reviews), and any change to the data refits.
 """
+import hashlib
+import os
 import time
 
 import numpy as np
@@ -31,15 +36,33 @@ from train.data import sources as sources_lib
 SPLITS = ("train", "validation")
 
 
-def load(distill_cfg, splits: dict, num_classes: int,
-         transfer: list | None = None) -> dict[str, np.ndarray]:
+def load(distill_cfg, splits: dict, num_classes: int, transfer: list | None = None,
+         cache_dir: str | None = None) -> dict[str, np.ndarray]:
   """{example id: float32 [num_classes] probabilities} for every train and validation example
   and every unlabelled text of the transfer set (distill.transfer_file)."""
   source = distill_cfg.offline_teacher
   covered = {**{split: splits[split] for split in SPLITS}, "transfer": transfer or []}
-  if source == "tfidf":
-    return _tfidf(covered, num_classes, distill_cfg.offline_folds)
-  return _read(source, covered, num_classes)
+  if source != "tfidf":
+    return _read(source, covered, num_classes)
+  folds = distill_cfg.offline_folds
+  if not cache_dir:
+    return _tfidf(covered, num_classes, folds)
+  h = hashlib.blake2b(f"{num_classes}|{folds}".encode(), digest_size=10)
+  for name, examples in covered.items():
+    for e in examples:
+      h.update(f"\0{name}\0{e.id}\0{e.target}\0{e.text}".encode())
+  path = os.path.join(os.path.expanduser(cache_dir), "offline_teacher",
+                      f"tfidf-{h.hexdigest()}.npz")
+  if os.path.exists(path):
+    with np.load(path) as saved:
+      logging.info("offline teacher tf-idf: read from %s (fitted on the same data before)", path)
+      return dict(zip(saved["ids"].tolist(), saved["probs"]))
+  targets = _tfidf(covered, num_classes, folds)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"   # written whole, then renamed: no half-read file
+  np.savez(tmp, ids=np.array(list(targets)), probs=np.stack(list(targets.values())))
+  os.replace(tmp, path)
+  return targets
 
 
 def _tfidf(splits: dict, num_classes: int, folds: int) -> dict[str, np.ndarray]:
