@@ -1,11 +1,12 @@
 """Gap-sentence pseudo-summaries: summarization pairs made from unlabelled documents.
 
 PEGASUS (Zhang et al., 2020) pre-trains a summarizer by removing a document's most "central"
-sentences and generating them from the rest; with a few hundred real pairs that start beat a
-plain LM start by a wide margin. Our plain-English summarizers, fine-tuned from an LM on 345
+sentences and generating them from the rest, and reports that such a start fine-tunes well
+from as few as 1,000 real pairs. Our plain-English summarizers, fine-tuned from an LM on 345
 pairs, ignore the document and write one generic sentence (README: "Collapse, not decoding, is
 the limit"); a start that has learnt to read its document before writing is the remedy tried
-here.
+here. Measured (README, "A wider, longer-trained LM and a gap-sentence start"): lower
+validation loss for both seeds, and with MBR decoding above lead-3 on test, within noise.
 
 With `data.gap_sentences.ratio` > 0 a summarize run reads `data.train_file` as unlabelled texts
 (field data.text_field; no summaries needed) and trains on pseudo-pairs instead:
