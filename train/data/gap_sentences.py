@@ -57,17 +57,12 @@ def centrality(sentences: list[str]) -> list[float]:
   """ROUGE-1 F1 (lowercased word unigrams, clipped counts) of each sentence against the rest."""
   counts = [collections.Counter(_WORD.findall(s.lower())) for s in sentences]
   total = sum(counts, collections.Counter())
-  total_len = sum(total.values())
+  total_len = total.total()
   scores = []
   for own in counts:
-    own_len = sum(own.values())
-    rest_len = total_len - own_len
     overlap = sum(min(c, total[w] - c) for w, c in own.items())
-    if not overlap:
-      scores.append(0.0)
-      continue
-    precision, recall = overlap / own_len, overlap / rest_len
-    scores.append(2 * precision * recall / (precision + recall))
+    # F1 = 2PR / (P + R) = 2 overlap / (own words + rest words) = 2 overlap / passage words
+    scores.append(2 * overlap / total_len if overlap else 0.0)
   return scores
 
 
