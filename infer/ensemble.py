@@ -1,17 +1,22 @@
-"""Several classifier runs as one predictor: the mean of their class probabilities.
+"""Several runs as one predictor: classifiers by the mean of their class probabilities,
+summarizers by the consensus of their summaries.
 
   python -m infer.main --workdir=runs/a,runs/b,runs/c --input=reviews.jsonl --output=preds.jsonl
   python -m infer.serve --workdir=runs/a,runs/b,runs/c --port=8000     # POST /classify
 
-The rule train/ensemble.py scores from finished runs' test predictions (and eval.classification
-.mean_probabilities computes), here at inference: each member predicts the batch through its own
-LoadedModel (its tokenizer, window stride, quantization), then the probabilities are averaged.
-Costs one forward pass per member; on IMDB four fine-tunes averaged were the first model above
-TF-IDF (README, "IMDB self-pre-training").
+The rules train/ensemble.py scores from finished runs' test predictions, here at inference: each
+member predicts the batch through its own LoadedModel (its tokenizer, window stride,
+quantization, decoding), then the probabilities are averaged, or, for summaries, the member's
+summary that agrees most with the others' is kept (`consensus`). Costs one forward pass (or one
+decode) per member; on IMDB four fine-tunes averaged were the first model above TF-IDF (README,
+"IMDB self-pre-training").
 """
+import re
+
 import numpy as np
 
 from infer import loading
+from infer import rerank
 
 
 class ClassifierEnsemble:
@@ -55,3 +60,59 @@ class ClassifierEnsemble:
     probs = np.mean([[r["probs"] for r in m.predict(texts, pad_to=pad_to)]
                      for m in self.members], axis=0)
     return [{"probs": p.tolist(), "label": int(p.argmax())} for p in probs]
+
+
+# rouge_score's default tokenizer: lowercase, runs of [a-z0-9] (punctuation is no word).
+_ROUGE_WORD = re.compile(r"[a-z0-9]+")
+
+
+def consensus(summaries: list[str]) -> int:
+  """The index of the summary with the highest mean agreement (infer/rerank.py: the mean of
+  unigram and bigram F1 over ROUGE's words) with the others: post-ensemble selection
+  (Kobayashi, 2018), MBR with the members' outputs as the candidates. It needs no weights and
+  no shared vocabulary, and keeps a summary one model wrote, so it stays fluent where averaging
+  token distributions across differently-trained members would not. Ties: the first."""
+  return rerank.mbr_index([_ROUGE_WORD.findall(s.lower()) for s in summaries])
+
+
+class SummarizerEnsemble:
+  """What batch inference and the server use of a LoadedModel, for summarizers combined by
+  `consensus`: each member summarizes with the same decoding options, one summary is kept."""
+  kind = "summarize"
+
+  def __init__(self, members: list[loading.LoadedModel], workdirs: list[str]):
+    # Two summaries agree with each other equally: consensus needs a third to break the tie.
+    if len(members) < 3 or len(workdirs) != len(members):
+      raise ValueError(f"an ensemble of summarizers needs >= 3 members, one workdir each (two "
+                       f"agree with each other equally); got {len(members)}")
+    for member, workdir in zip(members, workdirs):
+      if member.kind != "summarize":
+        raise ValueError(f"{workdir} holds a {member.kind!r} run; an ensemble of summarizers "
+                         "needs summarizers only")
+    self.members, self.workdirs = members, workdirs
+    self.step = max(m.step for m in members)
+    self.config = members[0].config
+    self.params = [m.params for m in members]
+
+  def check_max_new(self, max_new: int | None) -> int:
+    """The first member's summary length (its default when None), checked against every
+    member's sequence length."""
+    max_new = self.members[0].check_max_new(max_new)
+    for member in self.members[1:]:
+      member.check_max_new(max_new)
+    return max_new
+
+  def warm_up(self, sizes: list[int], max_new: int | None) -> int:
+    return sum(m.warm_up(sizes, max_new) for m in self.members)
+
+  def summarize(self, texts: list[str], max_new: int | None = None, **decoding) -> list[str]:
+    """LoadedModel.summarize's summaries (same arguments) from every member; per text the
+    consensus of the members' summaries."""
+    per_member = [m.summarize(texts, max_new, **decoding) for m in self.members]
+    return [row[consensus(list(row))] for row in zip(*per_member)]
+
+  def predict(self, texts: list[str], *, max_new: int | None = None,
+              pad_to: int | None = None, **decoding) -> list[dict]:
+    """LoadedModel.predict's {"summary"} per text (padded to `pad_to` rows as it pads)."""
+    padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
+    return [{"summary": s} for s in self.summarize(padded, max_new, **decoding)[:len(texts)]]

@@ -39,12 +39,16 @@ def load_predictor(workdir: str, max_new: int | None, allow_lm: bool = False,
   """(LoadedModel, max_new) for --workdir / --max_new / --window_stride: a run that predicts (a
   classifier or a summarizer, float or quantized), with a summary length that fits it; with
   allow_lm also a pre-trained language model (max_new None: it only generates). Several
-  comma-separated classifier runs give an infer/ensemble.py ClassifierEnsemble."""
+  comma-separated runs give an infer/ensemble.py ClassifierEnsemble (classifiers) or
+  SummarizerEnsemble (summarizers, >= 3)."""
   workdirs = loading.split_workdirs(workdir)
   if len(workdirs) > 1:
     from infer import ensemble
     members = [load_predictor(w, max_new, window_stride=window_stride)[0] for w in workdirs]
     try:
+      if members[0].kind == "summarize":
+        combined = ensemble.SummarizerEnsemble(members, workdirs)
+        return combined, combined.check_max_new(max_new)
       return ensemble.ClassifierEnsemble(members, workdirs), None
     except ValueError as e:
       raise InputError(f"--workdir: {e}") from None
@@ -81,8 +85,9 @@ def _set_window_stride(loaded: loading.LoadedModel, workdir: str, stride: int):
 def define_model_flags():
   """--workdir, --max_new and --window_stride, shared by batch inference and the server."""
   flags.DEFINE_string("workdir", None, "A run's directory: a training run (its best state if "
-                      "kept) or a quantized copy from infer.quantize; several classifier runs, "
-                      "comma-separated: their class probabilities averaged.",
+                      "kept) or a quantized copy from infer.quantize; several runs, comma-separated: "
+                      "classifiers' class probabilities averaged, or (3 or more) the "
+                      "summarizers' consensus summary (infer/ensemble.py).",
                       required=True)
   flags.DEFINE_integer("max_new", None, "Summarizers: tokens to generate (default: the run's "
                        "eval.decode_len).", lower_bound=1)

@@ -264,8 +264,8 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
   model head (generate_max_new: default min(64, data.seq_len / 2), at most data.seq_len - 2)."""
   if generate_max_new is None:
     generate_max_new = min(64, loaded.config.data.seq_len // 2)
-  if loaded.kind == "classify":
-    generate_max_new = 0
+  if loaded.kind == "classify" or not hasattr(loaded, "generate"):
+    generate_max_new = 0       # a classifier, or an ensemble: no one language model to continue
   elif not 1 <= generate_max_new <= loaded.config.data.seq_len - 2:
     raise inputs_lib.InputError(f"--generate_max_new={generate_max_new}: expected 1.."
                                 f"{loaded.config.data.seq_len - 2} (data.seq_len holds the "

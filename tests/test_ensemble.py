@@ -1,6 +1,7 @@
-"""Ensembles of classifiers (eval.classification.mean_probabilities, train/ensemble.py): the
-mean of the members' probabilities, scored as a run's test evaluation is, on test or on
-validation, and the checks that every member holds the same examples."""
+"""Ensembles (train/ensemble.py): classifiers by the mean of the members' probabilities
+(eval.classification.mean_probabilities), summarizers by the consensus of their summaries
+(infer.ensemble.consensus), scored as a run's test evaluation is, on test or on validation, and
+the checks that every member holds the same examples."""
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 from eval import classification, common
-from helpers import _sentiment_config
+from configs import legal_summ_finetune
+from helpers import _sentiment_config, _summary_file
+from infer import ensemble as infer_ensemble
 from train import ensemble
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
@@ -128,3 +131,69 @@ def test_redecode_ends_a_missing_run_in_one_line(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: --workdir={tmp_path / 'nope'}: no such directory ({tmp_path / 'nope'})")
+
+
+# --- summarizers ---------------------------------------------------------------------------------
+def test_consensus_keeps_the_summary_the_others_agree_with():
+  same = "The company may end your account."
+  # Case and punctuation are no words (ROUGE's tokenizer): the second and third agree fully.
+  assert infer_ensemble.consensus(["we sell your data", same, "the company MAY end your "
+                                   "account!"]) == 1
+  # Partial agreement: b shares words with both a and c, which share nothing with each other.
+  assert infer_ensemble.consensus(["alpha beta", "alpha beta gamma delta", "gamma delta"]) == 1
+  # Ties go to the first member; empty summaries agree with nothing.
+  assert infer_ensemble.consensus(["x y", "p q", "m n"]) == 0
+  assert infer_ensemble.consensus(["", "a b c", "a b c d"]) == 1
+
+
+@pytest.fixture()
+def summary_run(tmp_path):
+  """A summarizer run directory holding only config.json, and its test split."""
+  _summary_file(tmp_path / "pairs.jsonl", n=80)
+  config = legal_summ_finetune.get_config("tiny")
+  config.data.update(train_file=str(tmp_path / "pairs.jsonl"), data_dir=str(tmp_path / "cache"))
+  os.makedirs(tmp_path / "run")
+  (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())
+  splits = examples_lib.load_splits(config.data, "summarize", 0)
+  assert splits["test"], "the tiny preset holds out a test split"
+  return str(tmp_path / "run"), splits["test"]
+
+
+def _summaries(examples, make):
+  return [{"id": e.id, "prediction": make(i, e), "reference": e.target, "source": e.text}
+          for i, e in enumerate(examples)]
+
+
+def test_ensemble_of_summarizers_scores_their_consensus(summary_run, tmp_path):
+  run, test = summary_run
+  # Each member writes the reference except on every third document, where it writes its own
+  # wrong summary; no two are wrong on the same document, so the other two always outvote it.
+  members = [_summaries(test, lambda i, e, k=k: f"wrong{k} zz{k} qq{k}" if i % 3 == k
+                        else e.target) for k in range(3)]
+  dirs = [_write(tmp_path / f"s{k}", m) for k, m in enumerate(members)]
+  sections = ensemble.ensemble(dirs, str(tmp_path / "ens"), config_from=run)
+
+  written = common.read_jsonl(str(tmp_path / "ens" / "test_predictions.jsonl"))
+  # Member 0 wins every tie; where it is wrong, member 1 (the first of the two that agree).
+  expected = [1 if i % 3 == 0 else 0 for i in range(len(test))]
+  assert [r["member"] for r in written] == expected
+  assert [r["prediction"] for r in written] == [e.target for e in test]
+  assert [r["reference"] for r in written] == [e.target for e in test]
+  from eval import rouge
+  member_r1 = [rouge.evaluate(m, common.eval_config(bootstrap=0))["rouge1"] for m in members]
+  assert sections["model: rouge"]["rouge1"] == pytest.approx(1.0) and max(member_r1) < 0.75
+  for base in ("lead-3", "lead-K"):
+    assert f"paired: model minus {base}: rouge" in sections
+  report = (tmp_path / "ens" / "report.md").read_text()
+  assert "scored split: test" in report and "highest mean ROUGE-1/2 F1" in report
+  assert f"{expected.count(2)} from member 2" in report
+
+  # Two summarizers cannot outvote each other; members must hold the same documents.
+  with pytest.raises(ConfigError, match="2 summarizers: a consensus needs at least three"):
+    ensemble.ensemble(dirs[:2], str(tmp_path / "out"), config_from=run)
+  other = _write(tmp_path / "other", [dict(r, reference="x") for r in members[2]])
+  with pytest.raises(ConfigError, match="other/test_predictions.jsonl's .* not the same exam"):
+    ensemble.ensemble(dirs[:2] + [other], str(tmp_path / "out"), config_from=run)
+  bare = _write(tmp_path / "bare", [{"id": r["id"]} for r in members[2]])
+  with pytest.raises(ConfigError, match="record 0 has no 'prediction' field"):
+    ensemble.ensemble(dirs[:2] + [bare], str(tmp_path / "out"), config_from=run)

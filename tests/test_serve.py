@@ -26,7 +26,7 @@ import pytest
 from configs import legal_summ_finetune
 from helpers import REPO, _sentiment_config, _summary_file, numpy_params
 from helpers import call as _call, serving as _serving
-from infer import batching, decode, inputs, loading, serve
+from infer import batching, decode, inputs, loading
 from infer import main as batch_lib
 from model import errors
 from train import metrics as metrics_lib
@@ -297,6 +297,30 @@ def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, sum
   expected = [summarizer.summarize(DOCS, **options) for options in (greedy, beam, mbr)]
   assert answers == [(200, {"summary": summaries}) for summaries in expected]
   assert expected[0] != summarizer.summarize(DOCS)     # the options act (tests/test_decode.py)
+
+
+def test_an_ensemble_of_summarizers_serves_their_consensus(summarizer, summarizer_dir):
+  from infer import ensemble
+  other = dataclasses.replace(summarizer, params=jax.device_put(
+      numpy_params(summarizer.model, np.zeros((1, 8), np.int32), seed=7), jax.devices()[0]))
+  # The odd one first: the two identical members outvote it wherever it differs.
+  three = ensemble.SummarizerEnsemble([other, summarizer, summarizer], ["o", "a", "b"])
+  options = {"no_repeat_ngram_size": 2}
+  own, odd = summarizer.summarize(DOCS, **options), other.summarize(DOCS, **options)
+  assert own != odd, "the members must disagree for the test to choose"
+  with _serving(three, max_batch=2) as server:
+    with _no_compilation():
+      status, answer = _call(server.url + "/summarize", {"texts": DOCS, **options})
+    info = _call(server.url + "/health")[1]
+  assert (status, answer) == (200, {"summary": own})
+  assert info["endpoints"] == ["/summarize"] and info["max_new"] == summarizer.config.eval.decode_len
+  with pytest.raises(ValueError, match="needs >= 3 members"):
+    ensemble.SummarizerEnsemble([other, summarizer], ["o", "a"])
+  # From the command line's --workdir (infer.main, infer.serve): comma-separated runs.
+  loaded, max_new = inputs.load_predictor(",".join([summarizer_dir] * 3), 5)
+  assert isinstance(loaded, ensemble.SummarizerEnsemble) and max_new == 5
+  with pytest.raises(inputs.InputError, match="--workdir: an ensemble of summarizers needs >= 3"):
+    inputs.load_predictor(f"{summarizer_dir},{summarizer_dir}", None)
 
 
 @pytest.mark.parametrize("body, message", [

@@ -1,10 +1,13 @@
-r"""Several fine-tuned classifiers as one: the mean of their class probabilities, scored as a
-run's own test evaluation is (every evaluator, per slice, TF-IDF + LR beside it, paired).
+r"""Several fine-tuned runs as one, scored as a run's own test evaluation is (every evaluator,
+per slice, the baselines beside it, paired): classifiers by the mean of their class
+probabilities (TF-IDF + LR beside them), summarizers by the consensus of their summaries
+(infer/ensemble.py: per document the member's summary that agrees most with the others; lead-3
+and lead-K beside it).
 
   python -m train.ensemble --members=runs/a,runs/b,runs/c --out=runs/abc
   python -m train.ensemble --members=runs/a_val,runs/b_val --config_from=runs/a --out=runs/ab_val
 
-A member is a directory holding test_predictions.jsonl: a finished classification run, or a
+A member is a directory holding test_predictions.jsonl: a finished run, or a
 `train.redecode --out` (with `--split=validation`, so that whether to ensemble, and which runs,
 is decided on validation before the test split is scored). Every member must hold the same
 examples in the same order. The data - the train split the TF-IDF baseline is fitted on, and
@@ -15,8 +18,9 @@ ensemble's probabilities on the train examples, to distil from offline -
 `distill.offline_teacher`).
 
 Why: fine-tunes from other seeds or other pre-training checkpoints disagree on a few percent of
-examples; averaging them is the cheap gain left once one recipe has plateaued, at the cost of
-one forward pass per member at inference.
+examples (and small summarizers each fall back on their own generic summaries); combining them
+is the cheap gain left once one recipe has plateaued, at the cost of one forward pass (or one
+decode) per member at inference.
 """
 import json
 import os
@@ -25,6 +29,7 @@ from absl import app, flags
 import ml_collections
 
 from eval import classification, common
+from infer import ensemble as infer_ensemble
 from model import errors
 from model import log_setup
 from train import build, config_check, final_eval
@@ -55,8 +60,9 @@ def _scored_split(records: list[dict], splits: dict, config_dir: str) -> str:
 
 
 def ensemble(members: list[str], out: str, config_from: str | None = None) -> dict:
-  """The mean of `members`' class probabilities -> out/test_predictions.jsonl, metrics.jsonl
-  and report.md (train/final_eval.py's scoring); returns {section: metrics}."""
+  """`members`' predictions combined (classifiers: the mean of their class probabilities;
+  summarizers: their consensus summary) -> out/test_predictions.jsonl, metrics.jsonl and
+  report.md (train/final_eval.py's scoring); returns {section: metrics}."""
   if len(members) < 2:
     raise config_check.ConfigError(f"--members={','.join(members)}: expected at least two "
                                    "directories")
@@ -68,22 +74,53 @@ def ensemble(members: list[str], out: str, config_from: str | None = None) -> di
           f"{PREDICTIONS} (a finished classification run or a train.redecode --out)")
   config_dir = config_from or members[0]
   config = _run_config(config_dir)
-  if build.task_kind(config) != "classify":
-    raise config_check.ConfigError(f"{config_dir} is a {build.task_kind(config)!r} run; an "
-                                   "ensemble averages classifiers' probabilities")
-  try:
-    records = classification.mean_probabilities([common.read_jsonl(p) for p in paths], paths)
-  except common.EvalError as e:
-    raise config_check.ConfigError(str(e)) from None
-  splits = examples_lib.load_splits(config.data, "classify", config.model.num_classes)
+  kind = build.task_kind(config)
+  if kind not in ("classify", "summarize"):
+    raise config_check.ConfigError(f"{config_dir} is a {kind!r} run; an ensemble combines "
+                                   "classifiers or summarizers")
+  member_records = [common.read_jsonl(p) for p in paths]
+  if kind == "classify":
+    try:
+      records = classification.mean_probabilities(member_records, paths)
+    except common.EvalError as e:
+      raise config_check.ConfigError(str(e)) from None
+    facts = {"combination": "mean of the members' class probabilities"}
+  else:
+    records, facts = consensus_summaries(member_records, paths)
+  splits = examples_lib.load_splits(config.data, kind, config.model.num_classes)
   scored = _scored_split(records, splits, config_dir)
   os.makedirs(out, exist_ok=True)
-  facts = {"members": ", ".join(members),
-           "combination": "mean of the members' class probabilities",
+  facts = {"members": ", ".join(members), **facts,
            "scored split": "test" if scored == "test" else f"{scored} (not test)",
            "train examples": len(splits["train"])}
-  return final_eval.score(config, out, records, kind="classify", train_examples=splits["train"],
+  return final_eval.score(config, out, records, kind=kind, train_examples=splits["train"],
                           writer=None, step=0, facts=facts)
+
+
+def consensus_summaries(members: list[list[dict]], paths: list[str]) -> tuple[list, dict]:
+  """(records, facts): member 0's summary records with "prediction" replaced by the members'
+  consensus (infer.ensemble.consensus) and "member" the index of the member it came from;
+  facts say how often each member was chosen."""
+  if len(members) < 3:
+    raise config_check.ConfigError(f"{len(members)} summarizers: a consensus needs at least "
+                                   "three members (two agree with each other equally)")
+  for path, records in zip(paths, members):
+    try:
+      common.check_fields(records, {"id": str, "prediction": str, "reference": str}, path)
+    except common.EvalError as e:
+      raise config_check.ConfigError(str(e)) from None
+    if [(r["id"], r["reference"]) for r in records] != [(r["id"], r["reference"])
+                                                        for r in members[0]]:
+      raise config_check.ConfigError(f"{path}'s {len(records)} records and {paths[0]}'s "
+                                     f"{len(members[0])} are not the same examples in the same "
+                                     "order (ids or references differ)")
+  picks = [infer_ensemble.consensus([m[i]["prediction"] for m in members])
+           for i in range(len(members[0]))]
+  records = [dict(r, prediction=members[pick][i]["prediction"], member=pick)
+             for i, (r, pick) in enumerate(zip(members[0], picks))]
+  chosen = ", ".join(f"{picks.count(k)} from member {k}" for k in range(len(members)))
+  return records, {"combination": "per document the summary with the highest mean ROUGE-1/2 "
+                                  f"F1 against the other members' ({chosen})"}
 
 
 def main(argv):
@@ -97,7 +134,8 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_list("members", None, "Directories holding test_predictions.jsonl: finished "
-                    "classification runs or train.redecode outputs, same examples and order.")
+                    "classifier or summarizer runs (3 or more) or train.redecode outputs, same "
+                    "examples and order.")
   flags.DEFINE_string("out", None, "Where the ensemble's report goes (created).")
   flags.DEFINE_string("config_from", None, "The run whose config.json names the data (default: "
                       "the first member).")
