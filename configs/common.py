@@ -209,6 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.decode.samples = 0
   c.eval.decode.temperature = 1.0
   c.eval.decode.top_p = 1.0
+  # > 0: a candidate's support in its document (unigram + bigram precision) times this weight
+  # is added to its agreement with the others (infer/rerank.py mbr_index).
+  c.eval.decode.source_weight = 0.0
   c.eval.bootstrap = 1000             # resamples for 95% confidence intervals
   c.eval.length_buckets = (256, 1024, 4096)   # slice edges in words of the input text
   c.eval.slice_fields = ()            # record fields to slice by as well (e.g. "source")

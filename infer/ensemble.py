@@ -66,13 +66,18 @@ class ClassifierEnsemble:
 _ROUGE_WORD = re.compile(r"[a-z0-9]+")
 
 
-def consensus(summaries: list[str]) -> int:
+def _words(text: str) -> list[str]:
+  return _ROUGE_WORD.findall(text.lower())
+
+
+def consensus(summaries: list[str], source: str = "", source_weight: float = 0.0) -> int:
   """The index of the summary with the highest mean agreement (infer/rerank.py: the mean of
-  unigram and bigram F1 over ROUGE's words) with the others: post-ensemble selection
-  (Kobayashi, 2018), MBR with the members' outputs as the candidates. It needs no weights and
-  no shared vocabulary, and keeps a summary one model wrote, so it stays fluent where averaging
-  token distributions across differently-trained members would not. Ties: the first."""
-  return rerank.mbr_index([_ROUGE_WORD.findall(s.lower()) for s in summaries])
+  unigram and bigram F1 over ROUGE's words) with the others, plus source_weight times its
+  support in the document `source` (rerank.support): post-ensemble selection (Kobayashi,
+  2018), MBR with the members' outputs as the candidates. It needs no weights and no shared
+  vocabulary, and keeps a summary one model wrote, so it stays fluent where averaging token
+  distributions across differently-trained members would not. Ties: the first."""
+  return rerank.mbr_index([_words(s) for s in summaries], _words(source), source_weight)
 
 
 class SummarizerEnsemble:
@@ -107,9 +112,12 @@ class SummarizerEnsemble:
 
   def summarize(self, texts: list[str], max_new: int | None = None, **decoding) -> list[str]:
     """LoadedModel.summarize's summaries (same arguments) from every member; per text the
-    consensus of the members' summaries."""
+    consensus of the members' summaries, weighing support in the text by
+    decoding["source_weight"] as each member's MBR does."""
     per_member = [m.summarize(texts, max_new, **decoding) for m in self.members]
-    return [row[consensus(list(row))] for row in zip(*per_member)]
+    weight = decoding.get("source_weight", 0.0)
+    return [row[consensus(list(row), text, weight)]
+            for text, row in zip(texts, zip(*per_member))]
 
   def predict(self, texts: list[str], *, max_new: int | None = None,
               pad_to: int | None = None, **decoding) -> list[dict]:

@@ -246,7 +246,8 @@ class LoadedModel:
                 batch_size: int | None = None, *, beam: int = 0, length_penalty: float = 1.0,
                 no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
                 min_new: int = 0, length_ratio: float = 0.0, samples: int = 0,
-                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                source_weight: float = 0.0) -> list[str]:
     """Summaries (KV cache), each document framed and truncated like training, `batch_size`
     documents per call: greedy, or beam search with `beam` > 1 beams (scores divided by
     length ** length_penalty). The decoding controls (infer/decode_controls.py Controls; all off by
@@ -255,8 +256,9 @@ class LoadedModel:
     each summary at ceil(length_ratio * the document's tokens), clipped to
     [max(min_new, 1), max_new] (see `fit_length_ratio`). samples > 0: MBR decoding
     (infer/rerank.py), the consensus of that many summaries sampled at `temperature` / `top_p`
-    (PRNG `seed`) and the greedy / beam one, under the same controls."""
-    sampling = rerank.Sampling(samples, temperature, top_p, seed)
+    (PRNG `seed`) and the greedy / beam one, under the same controls; source_weight > 0 also
+    weighs each candidate's support in its document (rerank.mbr_index)."""
+    sampling = rerank.Sampling(samples, temperature, top_p, seed, source_weight)
     max_new = max_new or self.config.eval.decode_len
     params = self.params if params is None else params
     tok = self.tokenizer
@@ -277,9 +279,10 @@ class LoadedModel:
         ids = decode.greedy(self.model, params, tokens, prompt_len, max_new=max_new,
                             eos_id=tok.eos_id, controls=controls, limit=limit)
       if sampling.samples:
+        sources = [tok.encode(t) for t in chunk] if source_weight else None
         rows, _ = rerank.mbr_decode(self.model, params, tokens, prompt_len, ids, sampling,
                                     max_new=max_new, eos_id=tok.eos_id, controls=controls,
-                                    limit=limit, words=self.ngram_words(1))
+                                    limit=limit, words=self.ngram_words(1), sources=sources)
       else:
         rows = [decode.strip(row, tok.eos_id) for row in np.asarray(ids)]
       out += [tok.decode(row) for row in rows[:n]]

@@ -62,7 +62,7 @@ def parse_texts(body: dict, max_batch: int, max_chars: int) -> tuple[list[str], 
 DECODING_OPTIONS = ("beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty",
                     "min_new")
 SUMMARIZE_OPTIONS = DECODING_OPTIONS + ("length_ratio", "samples", "temperature", "top_p",
-                                          "seed")
+                                          "seed", "source_weight")
 MAX_SAMPLES = 32     # MBR candidates per document in one request
 GENERATE_OPTIONS = ("max_new", "temperature", "top_k", "top_p", "seed", "stop") + DECODING_OPTIONS
 MAX_BEAM = 8
@@ -114,9 +114,12 @@ def parse_summarize(body: dict, max_batch: int, max_chars: int,
                                    "a number in (0, 1]"))
   options["seed"] = _option(body, "seed", 0, int, lambda v: 0 <= v < 2**31,
                             "an integer in [0, 2^31)")
-  if not options["samples"] and any(k in body for k in ("temperature", "top_p", "seed")):
-    raise RequestError(400, '"temperature", "top_p" and "seed" apply to MBR sampling only: '
-                       'set "samples" too')
+  options["source_weight"] = float(_option(body, "source_weight", 0.0, (int, float),
+                                           lambda v: 0 <= v <= 100, "a number in [0, 100]"))
+  if not options["samples"] and any(k in body for k in ("temperature", "top_p", "seed",
+                                                         "source_weight")):
+    raise RequestError(400, '"temperature", "top_p", "seed" and "source_weight" apply to MBR '
+                       'sampling only: set "samples" too')
   return texts, single, tuple(sorted(options.items()))
 
 

@@ -10,6 +10,12 @@ The agreement ("utility") is ROUGE's own: the mean of unigram and bigram F1, cou
 token ids (or words assembled from pieces, so "The" and " the" are one word), on the host in
 numpy after one batched, compiled sampling call - the re-ranking itself is N^2 small set
 overlaps per document, microseconds next to decoding.
+
+`source_weight` > 0 adds the candidate's support in its document: the mean of its unigram and
+bigram precision against the document's words, times the weight. A small model's samples agree
+most on the generic summaries it falls back on ("you are responsible for your account"), which
+the document may not support at all; support favours the samples that say what this document
+says (the faithfulness re-ranking of e.g. Falke et al., 2019, with a lexical proxy).
 """
 import collections
 import dataclasses
@@ -53,10 +59,19 @@ def agreement(a, b) -> float:
   return _agreement(_profile(a), _profile(b))
 
 
-def mbr_index(candidates: list) -> int:
-  """The candidate with the highest mean agreement with the others (ties: the first, so the
-  deterministic candidate, placed first, wins a tie). Each candidate's n-grams are counted
-  once, not once per pair."""
+def support(candidate, source) -> float:
+  """How much of `candidate` its document `source` says: the mean of the candidate's unigram
+  and bigram precision against the source (0 for an empty candidate)."""
+  def precision(n):
+    ours = _ngrams(candidate, n)
+    return sum((ours & _ngrams(source, n)).values()) / ours.total() if ours else 0.0
+  return 0.5 * (precision(1) + precision(2))
+
+
+def mbr_index(candidates: list, source=None, source_weight: float = 0.0) -> int:
+  """The candidate with the highest mean agreement with the others, plus source_weight times
+  its `support` in `source` (ties: the first, so the deterministic candidate, placed first,
+  wins a tie). Each candidate's n-grams are counted once, not once per pair."""
   if len(candidates) == 1:
     return 0
   profiles = [_profile(c) for c in candidates]
@@ -64,7 +79,10 @@ def mbr_index(candidates: list) -> int:
   for i in range(len(candidates)):
     for j in range(i + 1, len(candidates)):
       scores[i, j] = scores[j, i] = _agreement(profiles[i], profiles[j])
-  return int(np.argmax(scores.sum(axis=1)))
+  utility = scores.sum(axis=1) / (len(candidates) - 1)
+  if source_weight:
+    utility = utility + source_weight * np.array([support(c, source) for c in candidates])
+  return int(np.argmax(utility))
 
 
 def sample(model, params, tokens, prompt_len, rng, *, samples: int, max_new: int, eos_id: int,
@@ -83,11 +101,13 @@ def sample(model, params, tokens, prompt_len, rng, *, samples: int, max_new: int
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """MBR decoding's settings: `samples` drawn summaries per document (0: off) at
-  `temperature`, restricted to the nucleus `top_p`, from PRNG `seed`."""
+  `temperature`, restricted to the nucleus `top_p`, from PRNG `seed`; `source_weight`: the
+  weight of a candidate's support in its document (0: agreement alone)."""
   samples: int = 0
   temperature: float = 1.0
   top_p: float = 1.0
   seed: int = 0
+  source_weight: float = 0.0
 
   def __post_init__(self):
     number = lambda v: (isinstance(v, (int, float, np.integer, np.floating))
@@ -97,23 +117,28 @@ class Sampling:
                 (number(self.temperature) and self.temperature > 0,
                  f"temperature={self.temperature}: expected > 0"),
                 (number(self.top_p) and 0 < self.top_p <= 1,
-                 f"top_p={self.top_p}: expected (0, 1]")]
+                 f"top_p={self.top_p}: expected (0, 1]"),
+                (number(self.source_weight) and self.source_weight >= 0,
+                 f"source_weight={self.source_weight}: expected >= 0 (0: off)")]
     for ok, message in problems:
       if not ok:
         raise ValueError(message)
 
 
-def choose(deterministic, drawn, eos_id: int, words: word_ngrams.WordPieces | None = None):
+def choose(deterministic, drawn, eos_id: int, words: word_ngrams.WordPieces | None = None,
+           sources=None, source_weight: float = 0.0):
   """Per document, the MBR choice among its deterministic ids (deterministic[b], first) and
   its samples (drawn[b, s]); each candidate's tokens up to eos, compared as the words `words`
-  assembles (punctuation is no word, as in ROUGE's tokenizer) when given, else as token ids.
+  assembles (punctuation is no word, as in ROUGE's tokenizer) when given, else as token ids;
+  with source_weight > 0 also against sources[b], the document's ids (`mbr_index`).
   Returns (the chosen token lists, the chosen candidate's index per document: 0 = the
   deterministic one)."""
   word = (lambda ids: list(ids)) if words is None else words.words
   chosen, picks = [], []
   for b in range(len(deterministic)):
     rows = [decode.strip(deterministic[b], eos_id)] + [decode.strip(r, eos_id) for r in drawn[b]]
-    pick = mbr_index([word(r) for r in rows])
+    source = word(sources[b]) if source_weight else None
+    pick = mbr_index([word(r) for r in rows], source, source_weight)
     chosen.append(list(rows[pick]))
     picks.append(pick)
   return chosen, picks
@@ -121,11 +146,12 @@ def choose(deterministic, drawn, eos_id: int, words: word_ngrams.WordPieces | No
 
 def mbr_decode(model, params, tokens, prompt_len, deterministic, sampling: Sampling, *,
                max_new: int, eos_id: int, controls: decode_controls.Controls, limit=None,
-               words: word_ngrams.WordPieces | None = None):
+               words: word_ngrams.WordPieces | None = None, sources=None):
   """`choose` over `deterministic` ([B, max_new] ids) and `sampling.samples` summaries drawn
-  per document under `controls` (its no-repeat, repetition and length settings kept)."""
+  per document under `controls` (its no-repeat, repetition and length settings kept);
+  `sources`: each document's ids, needed when sampling.source_weight > 0."""
   drawn = sample(model, params, tokens, prompt_len, jax.random.PRNGKey(sampling.seed),
                  samples=sampling.samples, max_new=max_new, eos_id=eos_id, limit=limit,
                  controls=dataclasses.replace(controls, temperature=sampling.temperature,
                                               top_p=sampling.top_p))
-  return choose(np.asarray(deterministic), drawn, eos_id, words)
+  return choose(np.asarray(deterministic), drawn, eos_id, words, sources, sampling.source_weight)

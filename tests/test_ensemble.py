@@ -144,6 +144,13 @@ def test_consensus_keeps_the_summary_the_others_agree_with():
   # Ties go to the first member; empty summaries agree with nothing.
   assert infer_ensemble.consensus(["x y", "p q", "m n"]) == 0
   assert infer_ensemble.consensus(["", "a b c", "a b c d"]) == 1
+  # Weighing support in the document: the summary the document says wins over the two that
+  # agree with each other (rerank.mbr_index's utility, over the same words).
+  three = ["you are responsible for your account", "you are responsible for the account",
+           "Fees are refunded within 30 days."]
+  document = "All fees are refunded within 30 days of cancellation."
+  assert infer_ensemble.consensus(three, document) == 0
+  assert infer_ensemble.consensus(three, document, source_weight=1.0) == 2
 
 
 @pytest.fixture()
@@ -187,6 +194,19 @@ def test_ensemble_of_summarizers_scores_their_consensus(summary_run, tmp_path):
   report = (tmp_path / "ens" / "report.md").read_text()
   assert "scored split: test" in report and "highest mean ROUGE-1/2 F1" in report
   assert f"{expected.count(2)} from member 2" in report
+
+  # Weighing support: members 1 and 2 agree on a summary the documents do not say; member 0
+  # copies each document's first sentence (the reference here) and wins once support counts.
+  generic = [_summaries(test, lambda i, e: "you may not sue the company")] * 2
+  copied = _write(tmp_path / "copied", _summaries(test, lambda i, e: e.target))
+  dirs2 = [copied] + [_write(tmp_path / f"g{k}", m) for k, m in enumerate(generic)]
+  ensemble.ensemble(dirs2, str(tmp_path / "plain"), config_from=run)
+  ensemble.ensemble(dirs2, str(tmp_path / "weighted"), config_from=run, source_weight=1.0)
+  read = lambda d: [r["member"] for r in common.read_jsonl(str(tmp_path / d /
+                                                              "test_predictions.jsonl"))]
+  assert set(read("plain")) == {1} and set(read("weighted")) == {0}
+  assert "plus 1.0 x its unigram/bigram precision" in (tmp_path / "weighted" /
+                                                       "report.md").read_text()
 
   # Two summarizers cannot outvote each other; members must hold the same documents.
   with pytest.raises(ConfigError, match="2 summarizers: a consensus needs at least three"):

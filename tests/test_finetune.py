@@ -316,7 +316,8 @@ def test_eval_decode_options_learn_the_length_ratio_and_are_checked():
       ("min_new", -1, "min_new=-1: expected 0..eval.decode_len=12"),
       ("samples", -1, "samples=-1: expected >= 0 (0: off)"),
       ("top_p", 0.0, "top_p=0.0: expected (0, 1]"),
-      ("temperature", 0.7, "temperature and top_p apply to MBR sampling only")]:
+      ("temperature", 0.7, "temperature, top_p and source_weight apply to MBR sampling only"),
+      ("source_weight", 1.0, "temperature, top_p and source_weight apply to MBR sampling only")]:
     bad = legal_summ_finetune.get_config("tiny")
     bad.eval.decode[key] = value
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -41,6 +41,31 @@ def test_mbr_picks_the_consensus_and_ties_go_to_the_first():
   assert rerank.mbr_index([[7]]) == 0
 
 
+def test_source_support_is_precision_against_the_document_and_can_outweigh_agreement():
+  source = [5, 6, 7, 8, 9]
+  # Unigrams 3 of 4 in the source, bigrams (5,6), (6,7) of 3: (0.75 + 2/3) / 2.
+  assert rerank.support([5, 6, 7, 1], source) == pytest.approx((0.75 + 2 / 3) / 2)
+  assert rerank.support([], source) == 0.0 and rerank.support([5, 6], source) == 1.0
+  generic = [[1, 2, 3], [1, 2, 3, 4], [1, 2, 4]]
+  faithful = [6, 7, 8]
+  # Mean agreements: 0.471, 0.486, 0.404 and 0 (the faithful one); support: 0, 0, 0 and 1.
+  assert rerank.mbr_index(generic + [faithful]) == 1
+  assert rerank.mbr_index(generic + [faithful], source, source_weight=0.0) == 1
+  # utility = mean agreement + weight x support: the faithful one wins above a weight of 0.486.
+  assert rerank.mbr_index(generic + [faithful], source, source_weight=0.48) == 1
+  assert rerank.mbr_index(generic + [faithful], source, source_weight=0.49) == 3
+
+
+def test_choose_weighs_each_documents_own_source():
+  deterministic = np.array([[1, 2, 3, 0], [1, 2, 3, 0]])
+  drawn = np.array([[[1, 2, 3, 0], [6, 7, 0, 0]], [[1, 2, 3, 0], [6, 7, 0, 0]]])
+  sources = [[6, 7, 8], [1, 2, 3]]
+  _, picks = rerank.choose(deterministic, drawn, eos_id=0, sources=sources, source_weight=2.0)
+  assert picks == [2, 0]    # document 0's source says [6, 7]; document 1's says [1, 2, 3]
+  _, picks = rerank.choose(deterministic, drawn, eos_id=0)
+  assert picks == [0, 0]
+
+
 def _model():
   cfg = helpers.tiny_model_cfg(attention_kind="full")
   model = Transformer(cfg)
@@ -102,7 +127,8 @@ def test_mbr_decode_returns_the_argmax_candidate_and_greedy_when_samples_are_gre
 @pytest.mark.parametrize("fields, message", [
     (dict(samples=-1), "samples=-1: expected >= 0"),
     (dict(temperature=0.0), "temperature=0.0: expected > 0"),
-    (dict(top_p=1.5), "top_p=1.5: expected (0, 1]")])
+    (dict(top_p=1.5), "top_p=1.5: expected (0, 1]"),
+    (dict(source_weight=-1.0), "source_weight=-1.0: expected >= 0")])
 def test_sampling_settings_are_checked(fields, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
     rerank.Sampling(**fields)

@@ -292,7 +292,7 @@ def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, sum
   beam = {"beam": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2}
   answers = [_call(summ_server.url + "/summarize", {"texts": DOCS, **options})
              for options in (greedy, beam)]
-  mbr = {"samples": 3, "temperature": 1.5, "seed": 4}
+  mbr = {"samples": 3, "temperature": 1.5, "seed": 4, "source_weight": 2.0}
   answers.append(_call(summ_server.url + "/summarize", {"texts": DOCS, **mbr}))
   expected = [summarizer.summarize(DOCS, **options) for options in (greedy, beam, mbr)]
   assert answers == [(200, {"summary": summaries}) for summaries in expected]
@@ -333,8 +333,11 @@ def test_an_ensemble_of_summarizers_serves_their_consensus(summarizer, summarize
     (b'{"text": "a", "length_ratio": -0.5}',
      '"length_ratio" must be a number in [0, 10] (0: off; else summary tokens per document '
      'token), got -0.5'),
-    (b'{"text": "a", "temperature": 1}', '"temperature", "top_p" and "seed" apply to MBR '
-                                         'sampling only: set "samples" too'),
+    (b'{"text": "a", "temperature": 1}', '"temperature", "top_p", "seed" and "source_weight" '
+                                         'apply to MBR sampling only: set "samples" too'),
+    (b'{"text": "a", "source_weight": 1}', 'apply to MBR sampling only'),
+    (b'{"text": "a", "samples": 2, "source_weight": -1}',
+     '"source_weight" must be a number in [0, 100], got -1'),
     (b'{"text": "a", "samples": 33}', '"samples" must be an integer in 0..32 (0: off), got 33'),
     (b'{"text": "a", "samples": 2, "temperature": 0}', '"temperature" must be a number in (0, 10]'),
     (b'{"text": "a", "top_k": 1}', "unknown field 'top_k'"),

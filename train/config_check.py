@@ -169,15 +169,17 @@ def check_decode(config):
        f"config.eval.decode.length_ratio={ratio!r}: expected 0 (off), a positive number (summary "
        "tokens per document token) or 'train' (learned on the train split)"),
       (cfg.get("samples", 0) or (cfg.get("temperature", 1.0) == 1.0 and
-                                 cfg.get("top_p", 1.0) == 1.0),
-       "config.eval.decode.temperature and top_p apply to MBR sampling only: set "
-       "config.eval.decode.samples > 0"),
+                                 cfg.get("top_p", 1.0) == 1.0 and
+                                 not cfg.get("source_weight", 0.0)),
+       "config.eval.decode.temperature, top_p and source_weight apply to MBR sampling only: "
+       "set config.eval.decode.samples > 0"),
   ]
   # MBR's settings, by the check LoadedModel.summarize applies (keys absent from runs
   # recorded before they existed: off).
   from infer import rerank   # as for LoRA: the decoder lives below train/
   try:
-    rerank.Sampling(cfg.get("samples", 0), cfg.get("temperature", 1.0), cfg.get("top_p", 1.0))
+    rerank.Sampling(cfg.get("samples", 0), cfg.get("temperature", 1.0), cfg.get("top_p", 1.0),
+                    source_weight=cfg.get("source_weight", 0.0))
   except ValueError as e:
     raise ConfigError(f"config.eval.decode.{e}") from None
   for ok, message in checks:

@@ -23,6 +23,7 @@ is the cheap gain left once one recipe has plateaued, at the cost of one forward
 decode) per member at inference.
 """
 import json
+import math
 import os
 
 from absl import app, flags
@@ -59,10 +60,12 @@ def _scored_split(records: list[dict], splits: dict, config_dir: str) -> str:
       "validation_fraction): were they scored on other data?")
 
 
-def ensemble(members: list[str], out: str, config_from: str | None = None) -> dict:
+def ensemble(members: list[str], out: str, config_from: str | None = None,
+             source_weight: float = 0.0) -> dict:
   """`members`' predictions combined (classifiers: the mean of their class probabilities;
-  summarizers: their consensus summary) -> out/test_predictions.jsonl, metrics.jsonl and
-  report.md (train/final_eval.py's scoring); returns {section: metrics}."""
+  summarizers: their consensus summary, each summary's support in its document weighted by
+  `source_weight`) -> out/test_predictions.jsonl, metrics.jsonl and report.md
+  (train/final_eval.py's scoring); returns {section: metrics}."""
   if len(members) < 2:
     raise config_check.ConfigError(f"--members={','.join(members)}: expected at least two "
                                    "directories")
@@ -80,13 +83,16 @@ def ensemble(members: list[str], out: str, config_from: str | None = None) -> di
                                    "classifiers or summarizers")
   member_records = [common.read_jsonl(p) for p in paths]
   if kind == "classify":
+    if source_weight:
+      raise config_check.ConfigError(f"--source_weight={source_weight} applies to summarizers; "
+                                     f"{config_dir} is a classifier")
     try:
       records = classification.mean_probabilities(member_records, paths)
     except common.EvalError as e:
       raise config_check.ConfigError(str(e)) from None
     facts = {"combination": "mean of the members' class probabilities"}
   else:
-    records, facts = consensus_summaries(member_records, paths)
+    records, facts = consensus_summaries(member_records, paths, source_weight)
   splits = examples_lib.load_splits(config.data, kind, config.model.num_classes)
   scored = _scored_split(records, splits, config_dir)
   os.makedirs(out, exist_ok=True)
@@ -97,16 +103,21 @@ def ensemble(members: list[str], out: str, config_from: str | None = None) -> di
                           writer=None, step=0, facts=facts)
 
 
-def consensus_summaries(members: list[list[dict]], paths: list[str]) -> tuple[list, dict]:
+def consensus_summaries(members: list[list[dict]], paths: list[str],
+                        source_weight: float = 0.0) -> tuple[list, dict]:
   """(records, facts): member 0's summary records with "prediction" replaced by the members'
-  consensus (infer.ensemble.consensus) and "member" the index of the member it came from;
-  facts say how often each member was chosen."""
+  consensus (infer.ensemble.consensus, weighing support in the "source" by `source_weight`)
+  and "member" the index of the member it came from; facts say how often each member was
+  chosen."""
+  if not (source_weight >= 0 and math.isfinite(source_weight)):
+    raise config_check.ConfigError(f"--source_weight={source_weight}: expected >= 0 (0: off)")
   if len(members) < 3:
     raise config_check.ConfigError(f"{len(members)} summarizers: a consensus needs at least "
                                    "three members (two agree with each other equally)")
   for path, records in zip(paths, members):
     try:
-      common.check_fields(records, {"id": str, "prediction": str, "reference": str}, path)
+      common.check_fields(records, {"id": str, "prediction": str, "reference": str,
+                                    "source": str}, path)
     except common.EvalError as e:
       raise config_check.ConfigError(str(e)) from None
     if [(r["id"], r["reference"]) for r in records] != [(r["id"], r["reference"])
@@ -114,13 +125,16 @@ def consensus_summaries(members: list[list[dict]], paths: list[str]) -> tuple[li
       raise config_check.ConfigError(f"{path}'s {len(records)} records and {paths[0]}'s "
                                      f"{len(members[0])} are not the same examples in the same "
                                      "order (ids or references differ)")
-  picks = [infer_ensemble.consensus([m[i]["prediction"] for m in members])
+  picks = [infer_ensemble.consensus([m[i]["prediction"] for m in members],
+                                    members[0][i]["source"], source_weight)
            for i in range(len(members[0]))]
   records = [dict(r, prediction=members[pick][i]["prediction"], member=pick)
              for i, (r, pick) in enumerate(zip(members[0], picks))]
   chosen = ", ".join(f"{picks.count(k)} from member {k}" for k in range(len(members)))
+  weighted = (f" plus {source_weight} x its unigram/bigram precision against the document"
+              if source_weight else "")
   return records, {"combination": "per document the summary with the highest mean ROUGE-1/2 "
-                                  f"F1 against the other members' ({chosen})"}
+                                  f"F1 against the other members'{weighted} ({chosen})"}
 
 
 def main(argv):
@@ -128,7 +142,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   log_setup.quiet_libraries()
   fl = flags.FLAGS
-  sections = ensemble(fl.members, fl.out, fl.config_from)
+  sections = ensemble(fl.members, fl.out, fl.config_from, fl.source_weight)
   final_eval.log_sections(sections, fl.out)
 
 
@@ -139,5 +153,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Where the ensemble's report goes (created).")
   flags.DEFINE_string("config_from", None, "The run whose config.json names the data (default: "
                       "the first member).")
+  flags.DEFINE_float("source_weight", 0.0, "Summarizers: the weight of a summary's support in "
+                     "its document (unigram/bigram precision) beside its agreement with the "
+                     "other members' (0: agreement alone).")
   flags.mark_flags_as_required(["members", "out"])
   app.run(errors.exit_on_user_error(main))

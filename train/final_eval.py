@@ -44,7 +44,7 @@ LENGTH_RATIO_PAIRS = 2000
 # eval.decode's keys and their "off" values (configs/common.py): LoadedModel.summarize keywords.
 DECODE_DEFAULTS = {"beam": 0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
                    "repetition_penalty": 1.0, "min_new": 0, "length_ratio": 0.0,
-                   "samples": 0, "temperature": 1.0, "top_p": 1.0}
+                   "samples": 0, "temperature": 1.0, "top_p": 1.0, "source_weight": 0.0}
 
 
 def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple[dict, dict]:
@@ -64,14 +64,16 @@ def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple
                  options["length_ratio"])
   options["length_ratio"] = float(options["length_ratio"])
   # MBR's sampling settings are spelled out in its description below, not listed again.
-  described = ("samples", "temperature", "top_p") if options["samples"] else ()
+  described = ("samples", "temperature", "top_p", "source_weight") if options["samples"] else ()
   changed = [f"{k}={round(v, 4) if isinstance(v, float) else v}"
              for k, v in options.items() if v != DECODE_DEFAULTS[k] and k not in described]
   how = ("beam search" if options["beam"] > 1 else "greedy") + (
       " (length_ratio learned on the train split)" if learned else "")
   if options["samples"]:
     how = (f"MBR over {options['samples']} samples (temperature {options['temperature']}, "
-           f"top_p {options['top_p']}) and the {how} summary")
+           f"top_p {options['top_p']}) and the {how} summary" +
+           (f", source support weighted {options['source_weight']}"
+            if options["source_weight"] else ""))
   return options, {"decoding": f"{how}: {', '.join(changed)}" if changed else how}
 
 

@@ -38,6 +38,7 @@ def _define_flags():
   # --workdir too.
   global _WORKDIR, _OUT, _BEAM, _LENGTH_PENALTY, _NO_REPEAT, _REPETITION, _MIN_NEW
   global _LENGTH_RATIO, _NUM_EXAMPLES, _SAMPLES, _TEMPERATURE, _TOP_P, _SPLIT, _WINDOW_STRIDE
+  global _SOURCE_WEIGHT
   _WORKDIR = flags.DEFINE_string("workdir", None, "The finished summarization or classification "
                                  "run.", required=True)
   _OUT = flags.DEFINE_string("out", None, "Where the new report goes (created).", required=True)
@@ -54,6 +55,8 @@ def _define_flags():
                                   "many sampled summaries and the greedy/beam one (0: off).")
   _TEMPERATURE = flags.DEFINE_float("temperature", None, "eval.decode.temperature (MBR).")
   _TOP_P = flags.DEFINE_float("top_p", None, "eval.decode.top_p (MBR).")
+  _SOURCE_WEIGHT = flags.DEFINE_float("source_weight", None, "eval.decode.source_weight (MBR): "
+                                      "weight of a candidate's support in its document.")
   _WINDOW_STRIDE = flags.DEFINE_integer(
       "window_stride", None, "Classifiers: eval.window_stride, 0 = long texts truncated as in "
       "training; S > 0 = also read whole in windows S ids apart (infer/classifier_rows.py).")
@@ -141,7 +144,8 @@ def main(argv):
       _WORKDIR.value, _OUT.value, beam=_BEAM.value, length_penalty=_LENGTH_PENALTY.value,
       no_repeat_ngram_size=_NO_REPEAT.value, repetition_penalty=_REPETITION.value,
       min_new=_MIN_NEW.value, length_ratio=_LENGTH_RATIO.value, samples=_SAMPLES.value,
-      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, num_examples=_NUM_EXAMPLES.value,
+      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, source_weight=_SOURCE_WEIGHT.value,
+      num_examples=_NUM_EXAMPLES.value,
       split=_SPLIT.value, window_stride=_WINDOW_STRIDE.value)
   final_eval.log_sections(sections, _OUT.value)
 
