@@ -59,13 +59,15 @@ def agreement(a, b) -> float:
   return _agreement(_profile(a), _profile(b))
 
 
+def _support(profile: tuple, source_profile: tuple) -> float:
+  precision = lambda ours, theirs: sum((ours & theirs).values()) / ours.total() if ours else 0.0
+  return 0.5 * sum(precision(o, t) for o, t in zip(profile, source_profile))
+
+
 def support(candidate, source) -> float:
   """How much of `candidate` its document `source` says: the mean of the candidate's unigram
   and bigram precision against the source (0 for an empty candidate)."""
-  def precision(n):
-    ours = _ngrams(candidate, n)
-    return sum((ours & _ngrams(source, n)).values()) / ours.total() if ours else 0.0
-  return 0.5 * (precision(1) + precision(2))
+  return _support(_profile(candidate), _profile(source))
 
 
 def mbr_index(candidates: list, source=None, source_weight: float = 0.0) -> int:
@@ -79,9 +81,11 @@ def mbr_index(candidates: list, source=None, source_weight: float = 0.0) -> int:
   for i in range(len(candidates)):
     for j in range(i + 1, len(candidates)):
       scores[i, j] = scores[j, i] = _agreement(profiles[i], profiles[j])
-  utility = scores.sum(axis=1) / (len(candidates) - 1)
-  if source_weight:
-    utility = utility + source_weight * np.array([support(c, source) for c in candidates])
+  utility = scores.sum(axis=1)
+  if source_weight:   # the document's n-grams counted once; agreement as a mean, in [0, 1]
+    source_profile = _profile(source)
+    utility = utility / (len(candidates) - 1) + source_weight * np.array(
+        [_support(p, source_profile) for p in profiles])
   return int(np.argmax(utility))
 
 
