@@ -77,6 +77,19 @@ def lead_baselines(records: list[dict]) -> dict[str, list[dict]]:
   }
 
 
+def check_same_documents(runs: list[list[dict]], names: list[str]) -> None:
+  """Raises EvalError unless every run's records (named by `names`, e.g. their files) are
+  summaries with an id and the fields the evaluator reads, of run 0's documents in run 0's order (same
+  ids and references): several systems compared or combined document by document."""
+  key = lambda records: [(r["id"], r["reference"]) for r in records]
+  for name, records in zip(names, runs):
+    common.check_fields(records, {"id": str, **_FIELDS}, name)
+    if key(records) != key(runs[0]):
+      raise common.EvalError(f"{name}'s {len(records)} records and {names[0]}'s "
+                             f"{len(runs[0])} are not the same documents in the same order "
+                             "(ids or references differ)")
+
+
 def paired_difference(records: list[dict], baseline: list[dict], cfg) -> dict:
   """The model's score minus the baseline's on each document, averaged, with a bootstrap CI
   over documents: an interval above zero says the model beats the baseline on this test set

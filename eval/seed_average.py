@@ -28,16 +28,6 @@ from model import errors
 NAME = "seed_average"
 
 
-def _check_same_documents(runs: list[list[dict]], names: list[str]) -> None:
-  if len(runs) < 2 or len(names) != len(runs):
-    raise common.EvalError(f"{NAME}: {len(runs)} runs; expected >= 2, one name each")
-  key = lambda records: [(r.get("id"), r["reference"]) for r in records]
-  for name, records in zip(names, runs):
-    common.check_fields(records, {"prediction": str, "reference": str, "source": str}, name)
-    if key(records) != key(runs[0]):
-      raise common.EvalError(f"{NAME}: {name}'s {len(records)} records and {names[0]}'s "
-                             f"{len(runs[0])} are not the same documents in the same order "
-                             "(ids or references differ)")
 
 
 def _f(records: list[dict]) -> np.ndarray:
@@ -78,7 +68,12 @@ def _section(values: np.ndarray, cfg) -> dict:
 def evaluate(runs: list[list[dict]], names: list[str], cfg) -> dict[str, dict]:
   """{section: metrics}: the runs' mean ROUGE ("runs: rouge"), lead-3's, and the runs minus
   lead-3 and minus their own lead-K ("paired: runs minus lead-3", "... lead-K")."""
-  _check_same_documents(runs, names)
+  if len(runs) < 2 or len(names) != len(runs):
+    raise common.EvalError(f"{NAME}: {len(runs)} runs; expected >= 2, one name each")
+  try:
+    rouge.check_same_documents(runs, names)
+  except common.EvalError as e:
+    raise common.EvalError(f"{NAME}: {e}") from None
   ours = np.stack([_f(records) for records in runs])          # [runs, documents, metrics]
   lead3 = _f(rouge.lead_baselines(runs[0])["lead-3"])
   lead_k = np.stack([_f(rouge.lead_baselines(records)["lead-K"]) for records in runs])

@@ -110,17 +110,13 @@ class SummarizerEnsemble:
   def warm_up(self, sizes: list[int], max_new: int | None) -> int:
     return sum(m.warm_up(sizes, max_new) for m in self.members)
 
-  def summarize(self, texts: list[str], max_new: int | None = None, **decoding) -> list[str]:
-    """LoadedModel.summarize's summaries (same arguments) from every member; per text the
-    consensus of the members' summaries, weighing support in the text by
-    decoding["source_weight"] as each member's MBR does."""
-    per_member = [m.summarize(texts, max_new, **decoding) for m in self.members]
-    weight = decoding.get("source_weight", 0.0)
-    return [row[consensus(list(row), text, weight)]
-            for text, row in zip(texts, zip(*per_member))]
-
   def predict(self, texts: list[str], *, max_new: int | None = None,
               pad_to: int | None = None, **decoding) -> list[dict]:
-    """LoadedModel.predict's {"summary"} per text (padded to `pad_to` rows as it pads)."""
-    padded = texts + texts[:1] * ((pad_to or 0) - len(texts))
-    return [{"summary": s} for s in self.summarize(padded, max_new, **decoding)[:len(texts)]]
+    """LoadedModel.predict's {"summary"} per text: every member's (each padding the batch to
+    `pad_to` rows as it pads, decoding with the same options), then per text the consensus,
+    weighing support in the text by decoding["source_weight"] as each member's MBR does."""
+    per_member = [[r["summary"] for r in m.predict(texts, max_new=max_new, pad_to=pad_to,
+                                                   **decoding)] for m in self.members]
+    weight = decoding.get("source_weight", 0.0)
+    return [{"summary": row[consensus(list(row), text, weight)]}
+            for text, row in zip(texts, zip(*per_member))]

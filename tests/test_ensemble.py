@@ -212,7 +212,7 @@ def test_ensemble_of_summarizers_scores_their_consensus(summary_run, tmp_path):
   with pytest.raises(ConfigError, match="2 summarizers: a consensus needs at least three"):
     ensemble.ensemble(dirs[:2], str(tmp_path / "out"), config_from=run)
   other = _write(tmp_path / "other", [dict(r, reference="x") for r in members[2]])
-  with pytest.raises(ConfigError, match="other/test_predictions.jsonl's .* not the same exam"):
+  with pytest.raises(ConfigError, match="other/test_predictions.jsonl's .* not the same docu"):
     ensemble.ensemble(dirs[:2] + [other], str(tmp_path / "out"), config_from=run)
   bare = _write(tmp_path / "bare", [{"id": r["id"]} for r in members[2]])
   with pytest.raises(ConfigError, match="record 0 has no 'prediction' field"):

@@ -23,14 +23,14 @@ is the cheap gain left once one recipe has plateaued, at the cost of one forward
 decode) per member at inference.
 """
 import json
-import math
 import os
 
 from absl import app, flags
 import ml_collections
 
-from eval import classification, common
+from eval import classification, common, rouge
 from infer import ensemble as infer_ensemble
+from infer import rerank
 from model import errors
 from model import log_setup
 from train import build, config_check, final_eval
@@ -109,22 +109,17 @@ def consensus_summaries(members: list[list[dict]], paths: list[str],
   consensus (infer.ensemble.consensus, weighing support in the "source" by `source_weight`)
   and "member" the index of the member it came from; facts say how often each member was
   chosen."""
-  if not (source_weight >= 0 and math.isfinite(source_weight)):
-    raise config_check.ConfigError(f"--source_weight={source_weight}: expected >= 0 (0: off)")
+  try:
+    rerank.Sampling(source_weight=source_weight)     # the check one model's MBR applies
+  except ValueError as e:
+    raise config_check.ConfigError(f"--{e}") from None
   if len(members) < 3:
     raise config_check.ConfigError(f"{len(members)} summarizers: a consensus needs at least "
                                    "three members (two agree with each other equally)")
-  for path, records in zip(paths, members):
-    try:
-      common.check_fields(records, {"id": str, "prediction": str, "reference": str,
-                                    "source": str}, path)
-    except common.EvalError as e:
-      raise config_check.ConfigError(str(e)) from None
-    if [(r["id"], r["reference"]) for r in records] != [(r["id"], r["reference"])
-                                                        for r in members[0]]:
-      raise config_check.ConfigError(f"{path}'s {len(records)} records and {paths[0]}'s "
-                                     f"{len(members[0])} are not the same examples in the same "
-                                     "order (ids or references differ)")
+  try:
+    rouge.check_same_documents(members, paths)
+  except common.EvalError as e:
+    raise config_check.ConfigError(str(e)) from None
   picks = [infer_ensemble.consensus([m[i]["prediction"] for m in members],
                                     members[0][i]["source"], source_weight)
            for i in range(len(members[0]))]
