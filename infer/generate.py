@@ -102,6 +102,33 @@ def check_options(loaded, max_new: int, temperature: float, top_k: int, top_p: f
       raise inputs_lib.InputError(message)
 
 
+def stream(loaded, prompt: str, max_new: int, chunk: int, options: dict) -> str:
+  """Streams the prompt's continuation to stdout and returns it. On a terminal the prompt is
+  shown first, so a continuation that starts mid-sentence reads as one; piped, stdout is the
+  generated text alone (what --prompts_file writes as "text")."""
+  if sys.stdout.isatty():
+    sys.stdout.write(prompt)
+  pieces = []
+  for piece, in loaded.generate_stream([prompt], max_new, chunk=chunk, **options):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+    pieces.append(piece)
+  sys.stdout.write("\n")
+  return "".join(pieces)
+
+
+def describe(text: str, max_new: int) -> str:
+  """One line for stderr saying what was generated, so that a continuation that is mostly line
+  breaks (as a barely trained model's often is) reads as the model's output, not a fault."""
+  words, breaks = len(text.split()), text.count("\n")
+  line = (f"[generated: {words} words, {breaks} line breaks, {len(text)} characters; "
+          f"--max_new={max_new} tokens at most]")
+  if breaks > words:
+    line += (" mostly line breaks: the model ends lines early, as a small or briefly trained "
+             "one (a :tiny run) does")
+  return line
+
+
 def main(argv):
   log_setup.quiet_libraries()
   if len(argv) > 1:
@@ -118,10 +145,8 @@ def main(argv):
                  stop=tuple(f.stop or ()), no_repeat_ngram_size=f.no_repeat_ngram_size,
                  repetition_penalty=f.repetition_penalty, min_new=f.min_new)
   if f.prompt is not None and f.beam < 2 and not f.output:
-    for pieces in loaded.generate_stream([f.prompt], max_new, chunk=f.chunk, **options):
-      sys.stdout.write(pieces[0])
-      sys.stdout.flush()
-    sys.stdout.write("\n")
+    text = stream(loaded, f.prompt, max_new, f.chunk, options)
+    sys.stderr.write(describe(text, max_new) + "\n")
     return
   out = open(f.output, "w", encoding="utf-8") if f.output else sys.stdout
   try:

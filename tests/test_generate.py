@@ -18,6 +18,7 @@ import pytest
 from configs import legal_pretrain
 from helpers import REPO, _sentiment_config, env, numpy_params
 from helpers import call as _call, serving as _serving
+from infer import generate as generate_cli
 from infer import loading, stream_text
 from train import run as run_lib
 
@@ -117,7 +118,9 @@ def test_cli_streams_greedy_and_writes_jsonl(lm_dir, tmp_path):
   trained = loading.LoadedModel.from_workdir(lm_dir)
   proc = _cli(f"--workdir={lm_dir}", f"--prompt={PROMPTS[0]}", "--max_new=16", "--chunk=3")
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout == trained.generate([PROMPTS[0]], 16)[0] + "\n"
+  text = trained.generate([PROMPTS[0]], 16)[0]
+  assert proc.stdout == text + "\n"     # piped: the generated text alone
+  assert generate_cli.describe(text, 16) in proc.stderr
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
                              for i, p in enumerate(PROMPTS)))
@@ -137,6 +140,14 @@ def test_cli_streams_greedy_and_writes_jsonl(lm_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == trained.generate(
       PROMPTS, 8, beam=2, length_penalty=0.5, no_repeat_ngram_size=2)
+
+
+def test_describe_says_what_was_generated():
+  assert generate_cli.describe(" not be\n\n\n", 64) == (
+      "[generated: 2 words, 3 line breaks, 10 characters; --max_new=64 tokens at most] mostly "
+      "line breaks: the model ends lines early, as a small or briefly trained one (a :tiny run) "
+      "does")
+  assert generate_cli.describe("The licensee shall not.", 8).endswith("tokens at most]")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -162,7 +173,6 @@ def test_cli_bad_options_are_one_line(lm_dir, args, message):
     (dict(beam=2, top_k=5), "beam search is deterministic: drop --temperature / --top_k"),
 ])
 def test_check_options_names_the_flag_and_its_range(options, message):
-  from infer import generate as generate_cli
   from infer import inputs as inputs_lib
   loaded = types.SimpleNamespace(config=ml_collections.ConfigDict(
       {"data": {"seq_len": 64, "vocab_size": 512}}))
