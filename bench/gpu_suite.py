@@ -40,6 +40,7 @@ import numpy as np
 
 from bench import gpu_inference, gpu_table
 from model import errors
+from model import log_setup
 
 FWD_TOL, GRAD_TOL = 2e-2, 4e-2   # bf16 inputs: max |err| / max |reference|
 
@@ -314,6 +315,7 @@ def report(table: gpu_table.Table, info: dict) -> str:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   platform = _FLAGS["platform"].value

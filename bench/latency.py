@@ -56,6 +56,7 @@ import psutil
 from model import errors
 from model.config import ModelConfig
 from model.transformer import Transformer
+from model import log_setup
 from infer import loading
 
 TASKS = {"lm": "LM forward (full-sequence logits)",
@@ -318,6 +319,7 @@ def configs_from_flags(flag_values=flags.FLAGS) -> list[dict]:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

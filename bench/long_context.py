@@ -22,6 +22,7 @@ import threading
 from absl import app, flags
 
 from model import errors
+from model import log_setup
 
 _KINDS = flags.DEFINE_list("kinds", ["full", "local", "blocked"], "Attention kernels to time.")
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096", "8192", "16384"],
@@ -183,6 +184,7 @@ def plot(results: list, path: str):
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _POINT.value:

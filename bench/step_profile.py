@@ -38,6 +38,7 @@ from model.config import ModelConfig
 from model.transformer import MultiHeadAttention
 from train import build
 from train import step as step_lib
+from model import log_setup
 
 
 def _define_flags():
@@ -198,6 +199,7 @@ def format_table(out: dict) -> str:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

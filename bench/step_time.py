@@ -33,6 +33,7 @@ from model.config import ModelConfig
 from train import build
 from train import metrics as metrics_lib
 from train import state as state_lib
+from model import log_setup
 
 def _define_flags():
   # Only when run as a command: other entry points (train.main) define --config too, and
@@ -266,6 +267,7 @@ def format_table(res: dict) -> str:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _MODE.value == "inference":

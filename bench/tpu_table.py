@@ -25,6 +25,7 @@ import sys
 from absl import app, flags
 
 from model import errors
+from model import log_setup
 
 GiB = 2 ** 30
 SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves
@@ -132,6 +133,7 @@ def table(rows: list[dict], layers: list[int]) -> str:
 
 
 def main(argv):
+  log_setup.quiet_libraries()
   del argv
   if _ONE.value:
     row = compile_point(json.loads(_ONE.value))
