@@ -54,7 +54,8 @@ SKIPPED = {
     "cd": "shell builtin",
     "export": "shell builtin",
     "source": "shell builtin",
-    "cat": "file utility",
+    **{tool: "shell utility" for tool in ("cat", "head", "tail", "tee", "grep", "ls", "mkdir",
+                                            "echo", "wc")},
     "curl": "talks to a running server",
     "hf": "Hugging Face CLI, needs the network",
     "huggingface-cli": "Hugging Face CLI, needs the network",
@@ -153,7 +154,7 @@ def simple_commands(text: str):
     if token in CHAIN:
       commands.append(current)
       current = []
-    elif set(token) <= set("<>&") :          # a redirection: drop it and its target
+    elif set(token) <= set("<>&"):          # a redirection: drop it and its target
       if current and current[-1].isdigit():
         current.pop()
       skip_next = not token.endswith("&") or token == ">&"
