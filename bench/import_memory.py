@@ -8,9 +8,9 @@ needs requirements-hf.txt, else with safetensors directly: the same tensors and 
 imports it in a fresh subprocess that records its resident memory (RSS sampled every 5 ms and
 the kernel's high-water mark VmHWM, reset just before import_hf). Prints one Markdown row:
 checkpoint MB, the baseline RSS (the interpreter with JAX, Orbax and the converter imported,
-after one trace and compile of a tiny model: JAX loads ~50 MB of modules lazily on its first,
-whatever the model, docs/results/hf_import.md; "cold" = before that), peak RSS, peak -
-baseline, (peak - baseline) / checkpoint, and the import's seconds. tests/test_convert_memory.py runs the same child on a
+after one trace and compile of a tiny model: JAX loads tens of MB of modules lazily on its first,
+whatever the model; "cold" = before that), peak RSS, peak - baseline, (peak - baseline) /
+checkpoint, and the import's seconds. tests/test_convert_memory.py runs the same child on a
 small model and asserts the ratio.
 """
 import argparse
