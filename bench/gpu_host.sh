@@ -1,5 +1,5 @@
 #!/bin/bash
-# One prepared run for a bare GPU host (a short-lived machine, a fresh cloud VM): install the carried
+# One prepared run for a bare GPU host (a borrowed machine, a fresh cloud VM): install the carried
 # wheels, check every import, run the GPU suite, then optionally an IMDB experiment: an in-domain
 # LM, its curve fine-tune, and the fine-tune re-scored with windows over long reviews
 # (eval.window_stride: each of WINDOWS on validation, the best of them on test once).

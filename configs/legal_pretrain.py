@@ -6,7 +6,7 @@
 Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, the default `base`
 (a ~1.7B-parameter run meant for a TPU/GPU pod), `llama3_8b` (Llama-3-8B's shape, for the TPU
 ahead-of-time table: --aot_only --aot_topology=v5p-128), and `imdb_lm` (2.1M parameters on legal text
-plus IMDB train reviews: the starting point of the fine-tuning results in docs/results/), `imdb_self` (the
+plus IMDB train reviews: the starting point of the fine-tuning results, docs/results), `imdb_self` (the
 same model pre-trained on IMDB's unlabelled + train reviews only, for sentiment), `in_abs_lm`
 (the same model on 4,096-token rows of legal text + IN-Abs train judgments, blocked attention:
 the start of the long-context IN-Abs summarizer), `imdb_self_wide` (`imdb_self` at twice the
