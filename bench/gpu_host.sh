@@ -1,5 +1,5 @@
 #!/bin/bash
-# One prepared run for a bare GPU host (a lent machine, a fresh cloud VM): install the carried
+# One prepared run for a bare GPU host (a borrowed machine, a fresh cloud VM): install the carried
 # wheels, check every import, run the GPU suite, then optionally an IMDB experiment: an in-domain
 # LM, its curve fine-tune, and the fine-tune re-scored with windows over long reviews
 # (eval.window_stride: each of WINDOWS on validation, the best of them on test once).
@@ -34,14 +34,15 @@ if [ "${SUITE_S:-230}" != 0 ]; then
 fi
 [ -z "${IMDB_DATA:-}" ] && exit 0
 
-# An IMDB LM (legal_pretrain.py:$LM_PRESET) and its curve fine-tune (README "IMDB
-# self-pre-training"); `xla` attention: the kernel the CPU runs use. Extra flags: LM_EXTRA,
+# An IMDB LM (legal_pretrain.py:$LM_PRESET) and its curve fine-tune (docs/results/imdb.md,
+# docs/results/pretraining.md); `xla` attention: the kernel the CPU runs use. Extra flags: LM_EXTRA,
 # FT_EXTRA (e.g. LM_PRESET=imdb_self_wide LM_EXTRA=--config.train.num_steps=4500 LM_S=400).
 export LEGAL_LM_DATA=$IMDB_DATA
 R=/tmp/runs; mkdir -p $R; LM=${LM_PRESET:-imdb_self_wide512}
 echo "== LM $LM at $(el)s"
 # Input workers: on one process the pipeline (reading records + sentencepiece, ~25-45 ms per
-# 16 x 512 batch on a 2-core VM) is about the 39.5 ms/step the H200 ran the d_model 512 LM at.
+# 16 x 512 batch on a 2-core CPU) is about the 39.5 ms/step an H200 runs the d_model 512 LM at
+# (docs/results/gpu.md).
 timeout -s TERM "${LM_S:-160}" $PY -m train.main \
     --config=configs/legal_pretrain.py:$LM --workdir=$R/$LM \
     --config.model.attention.implementation=xla --config.data.num_workers=${LM_WORKERS:-8} \
@@ -82,5 +83,5 @@ if [ -n "$BEST" ]; then
       --out=$R/${FT}_test_w$BEST --window_stride=$BEST > "$OUT/${FT}_test_w$BEST.log" 2>&1
   echo "test rc=$? at $(el)s"; grep "model: classification" "$OUT/${FT}_test_w$BEST.log"
 fi
-# Everything but checkpoints, in one file (a lent machine returns few files).
+# Everything but checkpoints, in one file (a short-lived machine may return only a few files).
 tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=best -C $R .

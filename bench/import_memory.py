@@ -8,7 +8,7 @@ needs requirements-hf.txt, else with safetensors directly: the same tensors and 
 imports it in a fresh subprocess that records its resident memory (RSS sampled every 5 ms and
 the kernel's high-water mark VmHWM, reset just before import_hf). Prints one Markdown row:
 checkpoint MB, the baseline RSS (the interpreter with JAX, Orbax and the converter imported,
-after one trace and compile of a tiny model: JAX loads ~50 MB of modules lazily on its first,
+after one trace and compile of a tiny model: JAX loads tens of MB of modules lazily on its first,
 whatever the model; "cold" = before that), peak RSS, peak - baseline, (peak - baseline) /
 checkpoint, and the import's seconds. tests/test_convert_memory.py runs the same child on a
 small model and asserts the ratio.
@@ -101,7 +101,7 @@ def child(hf_dir: str, workdir: str) -> dict:
   jax.devices()
   gc.collect()
   cold = rss_mb()
-  # Warm-up: JAX loads modules lazily on its first trace and compile (~45 MB here, whatever
+  # Warm-up: JAX loads modules lazily on its first trace and compile (tens of MB, whatever
   # the model): part of a ready interpreter, not of this checkpoint's cost.
   tiny = common.base_config().model
   tiny.update(num_layers=1, d_model=8, num_heads=1, num_kv_heads=1, head_dim=8, mlp_dim=8)

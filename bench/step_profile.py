@@ -2,8 +2,9 @@ r"""Where a train step's time goes: each part of the model timed alone, forward 
 
   python -m bench.step_profile --config=configs/bench_step.py:cpu [--repeats=3] [--json_out=p.json]
 
-The step is cut into the parts issue 15 asks about, each compiled and timed on its own at the
-config's shapes (value and gradient of a scalar of its output, w.r.t. its params and inputs):
+The step is cut into the parts below, each compiled and timed on its own at the config's
+shapes (value and gradient of a scalar of its output, w.r.t. its params and inputs; results:
+docs/results/step_time.md):
 
   attention kernel    the kernel alone (q, k, v -> out), x num_layers
   attention rest      norm + q/k/v/out projections + RoPE around it (sublayer - kernel), x layers

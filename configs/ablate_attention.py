@@ -17,7 +17,8 @@ Sweep fields (all read by launch/sweep.py):
   points:      ((( key, value), ...), ...) - explicit extra points, added after the grid.
 Pairs of tuples rather than dicts: ConfigDict field names cannot contain dots.
 
-Presets: `tiny` (every point a ~1 min run on 2 CPU cores; the whole grid < ~20 min) and
+Presets: `tiny` (every point a short run on 2 CPU cores; the whole grid in minutes,
+docs/results/ablations.md) and
 `small` (the default; a workstation-sized model, hours per point).
 """
 import ml_collections

@@ -33,8 +33,9 @@ def _cpu(config):
 
 
 def _gpu(config):
-  # Batch 4: at batch 8 the step's activations alone took one 81 GiB buffer on an H200 (first
-  # run, 2026-12-04), which with the project's and the reference's optimizer states did not fit.
+  # Batch 4: at batch 8 the step's activations alone take one 81 GiB buffer on an H200
+  # (docs/results/gpu.md), which with the project's and the reference's optimizer states does
+  # not fit.
   config.data.update(vocab_size=50304, seq_len=2048, batch_size=4)
   config.model.update(num_layers=24, d_model=2048, num_heads=16, num_kv_heads=16, head_dim=128,
                       mlp_dim=8192, mlp_activation="swiglu", tie_embeddings=True,

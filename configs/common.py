@@ -139,7 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.select_by = "loss"
   c.train.nonfinite = "stop"          # non-finite loss: stop (clear error) | skip (drop the update)
   # CPU only: the train step's dots through auto (onednn for bf16 compute on a CPU with native
-  # bf16, else ynn) | ynn (YNNPACK; 1.2x faster f32 step on the 2-core AVX2 VM) | xnn | onednn
+  # bf16, else ynn) | ynn (YNNPACK; 1.2x faster f32 step on a 2-core AVX2 CPU,
+  # docs/results/step_time.md) | xnn | onednn
   # | xla (XLA's own Eigen dots); see train/step.py
   c.train.xla_cpu_dot_library = "auto"
   c.train.log_every = 50

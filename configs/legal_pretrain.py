@@ -6,7 +6,7 @@
 Presets (the text after ':'): `tiny` (minutes on 2 CPU cores), `small`, the default `base`
 (a ~1.7B-parameter run meant for a TPU/GPU pod), `llama3_8b` (Llama-3-8B's shape, for the TPU
 ahead-of-time table: --aot_only --aot_topology=v5p-128), and `imdb_lm` (2.1M parameters on legal text
-plus IMDB train reviews: the starting point of the fine-tuning results in the README), `imdb_self` (the
+plus IMDB train reviews: the starting point of the fine-tuning results, docs/results), `imdb_self` (the
 same model pre-trained on IMDB's unlabelled + train reviews only, for sentiment), `in_abs_lm`
 (the same model on 4,096-token rows of legal text + IN-Abs train judgments, blocked attention:
 the start of the long-context IN-Abs summarizer), `imdb_self_wide` (`imdb_self` at twice the
@@ -70,7 +70,7 @@ def _base(config):
 
 
 def _imdb_lm(config):
-  # The LM the sentiment and summarization fine-tuning runs start from (README results): legal
+  # The LM the sentiment and summarization fine-tuning runs start from (docs/results/): legal
   # text (licensedcode + CUAD contracts) and IMDB's *train* reviews, never its test reviews.
   from configs.finetune_common import data_path
   config.data.extra_dirs = (data_path("sentiment_imdb/train.jsonl.gz"),
@@ -90,7 +90,7 @@ def _imdb_lm(config):
 def _llama3_8b(config):
   # Llama-3-8B's shape (~8.0B params): 32 layers, d_model 4096, 32 heads / 8 kv heads (GQA) of
   # 128, SwiGLU 14336, vocab 128256, untied, rope theta 500k; seq 4096 x batch 256 = 1M tokens
-  # per step, bf16 compute, fsdp over every device. The README's TPU table compiles it for
+  # per step, bf16 compute, fsdp over every device. docs/results/tpu_compile.md compiles it for
   # v5p-128 / v5e-256 (--aot_topology) with remat none / dots / full and fsdp vs fsdp x tensor.
   _base(config)
   config.data.vocab_size = 128_256
@@ -123,30 +123,30 @@ def _imdb_self(config):
 def _imdb_self_wide(config):
   # imdb_self at twice the width (d_model 256, 8 heads, MLP 1024; 6.29M params against 2.10M),
   # everything else equal - data, tokenizer size, lr, and the 4,500-step schedule (36.9M tokens)
-  # the README's imdb_self run used - so its learning-curve points compare with that run's at
-  # equal tokens and equal schedule position: the width ablation that the issue-16 sentiment
-  # target points at (README "IMDB self-pre-training"). Several CPU sessions; it resumes.
+  # the imdb_self run used - so its learning-curve points compare with that run's at equal
+  # tokens and equal schedule position: the width ablation for the sentiment target
+  # (docs/results/imdb.md, docs/results/pretraining.md). Hours on a CPU; it resumes.
   _imdb_self(config)
   config.model.update(d_model=256, num_heads=8, num_kv_heads=8, head_dim=32, mlp_dim=1024)
   config.train.num_steps = 4500
 
 
 def _imdb_self_wide512(config):
-  # The next width (README "IMDB self-pre-training"): d_model 512, 16 heads of 32, MLP 2048
+  # The next width (docs/results/pretraining.md): d_model 512, 16 heads of 32, MLP 2048
   # (20.98M params). 2,000 steps (16.4M tokens: a measured point of both smaller widths' curves,
   # within 0.3 points of their end) on a schedule that decays fully by then, so compare it with
-  # their final points. Measured step: 3.9 s on the Intel AMX VM (~2.2 h), 12-13 s on the AVX2
-  # EPYC one (~7 h: too long for one session there).
+  # their final points. Step: 3.9 s on a 2-core Intel AMX CPU (~2.2 h), 12-13 s on a 2-core
+  # AVX2 AMD EPYC (~7 h; docs/results/pretraining.md): resume it across several starts there.
   _imdb_self_wide(config)
   config.model.update(d_model=512, num_heads=16, num_kv_heads=16, head_dim=32, mlp_dim=2048)
   config.train.num_steps = 2000
 
 
 def _in_abs_lm(config):
-  # IN-Abs at long context, step 1 (issue 16): the imdb_lm architecture on 4,096-token rows of
+  # IN-Abs at long context, step 1: the imdb_lm architecture on 4,096-token rows of
   # legal text only: licensedcode + CUAD contracts + the 7,028 IN-Abs *train* judgments (their
   # `text` field: never a headnote, never a test judgment). `blocked` attention keeps memory
-  # O(N x block) (README step-time shape B: 2.4 GiB against 6.8 for `full` at 4k). Step 2 is
+  # O(N x block) (docs/results/long_context.md). Step 2 is
   # configs/legal_summ_finetune.py:in_abs_4k with --config.train.init_from=<this run>.
   from configs.finetune_common import data_path
   _imdb_lm(config)

@@ -39,7 +39,7 @@ def get_config(arg: str = "plain_english"):
   config.eval.evaluators = ("rouge", "factual")
   config.eval.batch_size = 16
   config.eval.rubric_examples = 20
-  # The summaries repeated themselves (issue 16): no 4-gram twice in a summary. It bans only
+  # Summaries tend to repeat themselves: no 4-gram twice in a summary. It bans only
   # the summary's own n-grams, so copying a phrase of the document stays allowed.
   config.eval.decode.no_repeat_ngram_size = 4
   PRESETS[preset](config)
@@ -90,7 +90,7 @@ def _tiny(config):
 
 
 def _in_abs_4k(config):
-  # IN-Abs at long context, step 2 (issue 16), from legal_pretrain.py:in_abs_lm (init_from):
+  # IN-Abs at long context, step 2, from legal_pretrain.py:in_abs_lm (init_from):
   # 4,096-token rows, the judgment's head and tail in 3,072 tokens and a headnote of up to
   # 1,024 (headnotes average 932 words; 256 tokens held a quarter of one), `blocked` attention.
   _in_abs(config)
@@ -99,13 +99,14 @@ def _in_abs_4k(config):
   config.data.batch_size = 2
   config.eval.decode_len = 1024
   config.eval.batch_size = 4
-  # A validation pass over all 351 held-out judgments at 4k took 11 min here; 96 keep the
-  # loss comparison between steps (the same 96 every time) at a quarter of that.
+  # A validation pass over all 351 held-out judgments at 4k takes 11 min on a 2-core CPU
+  # (docs/results/summarization.md); 96 keep the loss comparison between steps (the same 96
+  # every time) at a quarter of that.
   config.data.max_validation_examples = 96
 
 
 def _gap_sentences(config):
-  # A PEGASUS-style start for `plain_english` (issue 16): the same row shapes, trained on
+  # A PEGASUS-style start for `plain_english`: the same row shapes, trained on
   # gap-sentence pseudo-summaries of CUAD contract passages (train/data/gap_sentences.py), so
   # that the summarizer learns to read its document; then `plain_english` with
   # train.init_from=<this run>. Contracts give ~27k passages of <= 150 words, lowercased like

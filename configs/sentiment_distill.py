@@ -39,13 +39,13 @@ def _imdb(config):
   config.model.update(num_layers=2, d_model=128, num_heads=4, num_kv_heads=4, head_dim=32,
                       mlp_dim=512, dropout_rate=0.0)   # the teacher's soft labels regularise
   config.distill.init_student = "teacher_layers"
-  config.data.max_examples = 10_000    # one epoch of a seeded 10k subset: 313 steps, ~9 min here
+  config.data.max_examples = 10_000    # one epoch of a seeded 10k subset: 313 steps, minutes
   config.train.num_epochs = 1.0
 
 
 def _imdb_ensemble(config):
-  # One student of the teachers' own size that learns from an ensemble of fine-tunes (README,
-  # "IMDB self-pre-training"): --config.distill.teacher=runs/a,runs/b,... and
+  # One student of the teachers' own size that learns from an ensemble of fine-tunes
+  # (docs/results/imdb.md): --config.distill.teacher=runs/a,runs/b,... and
   # --config.train.init_from=<the in-domain LM checkpoint they were fine-tuned from>, whose
   # architecture the student adopts. The teachers' recipe otherwise
   # (sentiment_finetune.py:imdb_self_curve: one epoch of 256-token head+tail rows over all

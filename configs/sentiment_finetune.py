@@ -52,7 +52,7 @@ def _imdb10k(config):
 def _imdb_tfds(config):
   # The same reviews and official split as `imdb`, from TFDS (text/label features, same names).
   # The held-out validation ids differ (TFDS has no review ids), so results are comparable, not
-  # identical, to the `imdb` rows of the README.
+  # identical, to the `imdb` rows of docs/results/imdb.md.
   config.data.train_file = "tfds:imdb_reviews:train"
   config.data.test_file = "tfds:imdb_reviews:test"
 
@@ -61,12 +61,12 @@ def _imdb_self(config):
   # Fine-tuning from the in-domain LM (configs/legal_pretrain.py:imdb_self, pass it with
   # --config.train.init_from=runs/imdb_self or one of its checkpoints/<step> folders for the
   # learning curve): 512-token head+tail rows, so most reviews fit whole and the rest keep
-  # their opening and their verdict. Chosen on the 5% validation split (README, issue 16): 512
+  # their opening and their verdict. Chosen on the 5% validation split (docs/results/imdb.md): 512
   # against 256 tokens, mean against last-token pooling, and two epochs against one and three
   # (validation loss 0.264 against 0.271 and 0.284, the best of three epochs' states). lr and
   # dropout stay the fine-tuning defaults, chosen on validation from the narrow LM's step 500:
   # lr 1e-3 against 3e-4 and 3e-3 (loss 0.325 against 0.357 and 0.357), dropout 0 against 0.1
-  # (level). Long reviews: eval.window_stride, chosen after training (README).
+  # (level). Long reviews: eval.window_stride, chosen after training (docs/results/imdb.md).
   config.data.seq_len = 512
   config.data.batch_size = 16
   config.train.num_epochs = 2.0
@@ -76,7 +76,7 @@ def _imdb_self_curve(config):
   # One point of the accuracy-vs-pre-training-tokens curve (eval/learning_curve.py): the same
   # fine-tune for every kept step of legal_pretrain.py:imdb_self, pass one with
   # --config.train.init_from=runs/imdb_self/checkpoints/<step>. One epoch of 256-token
-  # head+tail rows (742 steps, ~10-15 min on 2 cores) instead of imdb_self's two at 512: a
+  # head+tail rows (742 steps, minutes on a CPU) instead of imdb_self's two at 512: a
   # curve is several fine-tunes, and what it compares is the checkpoints, not the fine-tune.
   config.train.num_epochs = 1.0
 

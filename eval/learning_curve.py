@@ -12,11 +12,12 @@ bootstrap CI, recomputed by eval.classification from the run's test_predictions.
 TF-IDF + logistic regression baseline its report measured on the same test split is drawn
 as a line. Points are grouped into curves by the fine-tuned model's shape (layers x d_model,
 which a fine-tune adopts from its LM), so a wider LM's points draw a second curve beside the
-first: the width comparison at equal tokens. Prints (and with --md writes) the Markdown table the README shows.
+first: the width comparison at equal tokens. Prints (and with --md writes) the Markdown table
+docs/results/imdb.md shows.
 
 Workdirs rarely outlive the machine they ran on, so a curve is kept as data: --save_points
 writes every point as a line of JSON (docs/imdb_self_curve.jsonl), and --points reads such
-files back, so a later session extends the curve with a new run rather than re-running the old:
+files back, so a new run extends the curve without re-running the runs already saved:
 
   python -m eval.learning_curve --points=docs/imdb_self_curve.jsonl --runs=runs/curve_4500 \
       --save_points=docs/imdb_self_curve.jsonl --out=docs/imdb_self_curve.png

@@ -34,7 +34,7 @@ def _lines(text: str) -> str:
   return "\n".join(common.split_sentences(text))
 
 
-# ROUGE-L is a pure-Python LCS (~0.5 s for two 800-word texts), and eval/slices.py scores each
+# ROUGE-L is a pure-Python LCS (quadratic in the texts' lengths), and eval/slices.py scores each
 # example again in every slice it belongs to: remember recent pairs instead.
 @functools.lru_cache(maxsize=20_000)
 def _fmeasures(prediction: str, reference: str) -> tuple[float, ...]:

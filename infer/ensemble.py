@@ -8,8 +8,8 @@ The rules train/ensemble.py scores from finished runs' test predictions, here at
 member predicts the batch through its own LoadedModel (its tokenizer, window stride,
 quantization, decoding), then the probabilities are averaged, or, for summaries, the member's
 summary that agrees most with the others' is kept (`consensus`). Costs one forward pass (or one
-decode) per member; on IMDB four fine-tunes averaged were the first model above TF-IDF (README,
-"IMDB self-pre-training").
+decode) per member; on IMDB four fine-tunes averaged are the first model above TF-IDF
+(docs/results/imdb.md).
 """
 import re
 

@@ -1,8 +1,8 @@
 r"""Reliability drills: break a tiny training run on purpose and check it fails or recovers as
 docs/launch.md promises.
 
-  python -m launch.drill                    # every drill (5-7 min on 2 CPU cores)
-  python -m launch.drill --fast             # only those no other test repeats (~2 min)
+  python -m launch.drill                    # every drill (minutes on 2 CPU cores)
+  python -m launch.drill --fast             # only those no other test repeats (faster)
   python -m launch.drill --only=corrupt_checkpoint,unknown_key --keep_dir=/tmp/drills
 
 A drill is a pytest test marked `@pytest.mark.drill(name, expected)`: tests/test_drills.py holds

@@ -7,8 +7,9 @@ import os
 import sys
 
 # XLA:CPU's LLVM backend without optimisation passes: the suite's tiny programs are
-# compile-bound (a 30-step tiny run took 17 s of CPU, now 10.5 s, with identical losses), and the
-# tests check the math, not codegen speed. Children get the same flags (helpers.xla_flags).
+# compile-bound (a 30-step tiny run: 10.5 s of CPU against 17 s with them, identical losses;
+# docs/results/tests.md), and the tests check the math, not codegen speed. Children get the
+# same flags (helpers.xla_flags).
 os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""),
                                     "--xla_backend_optimization_level=0",
                                     "--xla_force_host_platform_device_count=8")).strip()
@@ -16,7 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, inherited by every `python -m train.main`
 # the tests start: the suite compiles the same tiny programs again and again (each resume,
 # drill and evaluator run), and a cache hit skips XLA's compile, which dominates a tiny run
-# (~2x faster end-to-end runs on the 2-core VM). Per session, so no stale entry outlives it.
+# (docs/results/tests.md). Per session, so no stale entry outlives it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit
   import shutil
@@ -40,8 +41,8 @@ from helpers import _review, write_corpus  # noqa: E402
 def one_device():
   """Meshes built from a config (`model.sharding.make_mesh` without devices) use only the first
   of the 8 fake devices while the module runs. For the modules that train tiny models in-process
-  to test fine-tuning, decoding or serving, an 8-way split is pure overhead (~20% of their time on
-  2 cores); sharded training is what test_sharding, test_harness and the launch tests cover.
+  to test fine-tuning, decoding or serving, an 8-way split is pure overhead on a few cores;
+  sharded training is what test_sharding, test_harness and the launch tests cover.
   Use as `pytestmark = pytest.mark.usefixtures("one_device")` (it precedes the module's fixtures).
   """
   import jax

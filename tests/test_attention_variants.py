@@ -134,8 +134,9 @@ class KernelsMatchReferenceTest(parameterized.TestCase):
 
 
 def test_prefix_lm_takes_the_flash_path_only_with_index_positions():
-  """The summarizer's prefix mask runs the tiled kernel (the generic path was 2.5x slower at
-  4k); a prefix over explicit positions (packed rows) cannot use its index bound."""
+  """The summarizer's prefix mask runs the tiled kernel (the generic path is about twice as slow
+  at 4k; docs/results/step_time.md); a prefix over explicit positions (packed rows) cannot use
+  its index bound."""
   spec = masks.MaskSpec()
   assert flash.applies(spec, _INPUTS["prefix_padded"], T, T)
   packed = _INPUTS["packed"]

@@ -24,8 +24,8 @@ def test_host_checksum_equals_the_device_checksum():
 def test_import_peak_memory_is_near_the_checkpoint(tmp_path):
   """An 87 MB float32 Llama-shaped checkpoint: the import's peak RSS above the ready interpreter
   is at most 1.2x the checkpoint, with 32 MB of slack for fixed costs and noise (measured
-  97-98 MB, 1.12x, on the AVX2 VM, once 120 MB; the import as it was before reading row blocks
-  into buffers XLA adopts, checksumming on the host and bounding Orbax's write: 277 MB, 3.2x)."""
+  98 MB, 1.12x, on a 2-core AVX2 CPU; an import without row blocks read into buffers XLA
+  adopts, host checksums and a bounded Orbax write: 277 MB, 3.2x; docs/results/hf_import.md)."""
   hf_dir = str(tmp_path / "hf")
   import_memory.write_checkpoint(hf_dir, import_memory.llama_config(384, 6, 16000))
   row = import_memory.measure(hf_dir, str(tmp_path / "run"))

@@ -1,4 +1,4 @@
-"""eval/factual.py's repeated-4-gram check (issue 16: the summaries repeated themselves), by
+"""eval/factual.py's repeated-4-gram check (summaries that repeat themselves), by
 hand, through evaluate() and into the Markdown report."""
 import pytest
 

@@ -132,7 +132,7 @@ def test_wandb_offline_run_has_the_history(tracked_run):
 
 def test_no_tracking_keys_no_tracker_imports_and_no_torch(tmp_path):
   """Nothing optional is imported (torch neither: tensorboardX would import it, ~2.7 s of every
-  run's start), and the TensorBoard event file holds the scalar."""
+  run's start; docs/results/tests.md), and the TensorBoard event file holds the scalar."""
   import subprocess
   import sys
   import struct

@@ -43,7 +43,7 @@ class LoopParts:
   best: Optional[dict] = None     # {"step", "loss", ...} of the best validation so far (resume)
   # Evaluators run at every validation: name -> fn(params) -> scalar metrics.
   eval_hooks: dict = dataclasses.field(default_factory=dict)
-  # Training time of the earlier sessions of a resumed run (its checkpoint's meta["wall_s"]).
+  # Training time of the earlier starts of a resumed run (its checkpoint's meta["wall_s"]).
   wall_s: float = 0.0
 
 
@@ -226,5 +226,5 @@ def run(p: LoopParts) -> dict:
   return {"step": step, "state": state, "validation": last_eval, "best": best,
           "preempted": preemption.requested, "stopped_early": stop_early,
           # A finished run started again trains nothing: its training time stays the one its
-          # checkpoint recorded, not that plus this session's re-validation.
+          # checkpoint recorded, not that plus this start's re-validation.
           "wall_s": progress.wall_s() if step > first_step else p.wall_s}

@@ -59,8 +59,8 @@ def _summary_writer_class():
 
   tensorboardX tries `import torch` at import time only to accept torch tensors; where torch is
   installed (the test and conversion environments) that costs ~2.7 s of every run's start on a
-  2-core VM. We log Python floats only, so torch is hidden for that one import (unless this
-  process already imported it) and visible again right after.
+  2-core CPU (docs/results/tests.md). We log Python floats only, so torch is hidden for that
+  one import (unless this process already imported it) and visible again right after.
   """
   if "torch" in sys.modules:
     from tensorboardX import SummaryWriter
@@ -137,8 +137,8 @@ class Progress:
 
   def __init__(self, start_step: int, num_steps: int, tokens_per_step: int,
                flops_per_step: float, peak_flops: float, wall_s_before: float = 0.0):
-    """wall_s_before: the training time of the sessions before this one (a resumed run's
-    checkpoint records it), so `wall_s` is the run's whole time, not this session's."""
+    """wall_s_before: the training time of the earlier starts of a resumed run (its
+    checkpoint records it), so `wall_s` is the run's whole time, not this process's."""
     self.num_steps = num_steps
     self.tokens_per_step = tokens_per_step
     self.flops_per_step = flops_per_step

@@ -14,10 +14,11 @@ evaluation, a new report.
 Loads the run's best-validation state (else its newest checkpoint) through the inference API,
 reads its config's data files again, applies the flags over its `eval.decode` (unset flags keep
 the run's; --window_stride over a classifier's eval.window_stride), and writes report.md,
-test_predictions.jsonl and metrics.jsonl to --out. Each decoding row of the README's
-summarization tables is one such command. --split=train scores the train examples (the TF-IDF
-baseline beside it is then fitted on what it scores): with the validation split's, a classifier
-teacher's predictions to distil from offline (`distill.offline_teacher`, README "Distillation").
+test_predictions.jsonl and metrics.jsonl to --out. Each decoding row of the summarization
+tables (docs/results/summarization.md) is one such command. --split=train scores the train
+examples (the TF-IDF baseline beside it is then fitted on what it scores): with the validation
+split's, a classifier teacher's predictions to distil from offline (`distill.offline_teacher`,
+README "Distillation").
 """
 import os
 

@@ -114,11 +114,12 @@ def make_eval_step(task):
 
 
 # XLA:CPU compiler options that send the step's dots to a kernel library (config.train.
-# xla_cpu_dot_library). "xla" = XLA's own emitter (Eigen). On the 2-core AVX2 EPYC VM, "ynn"
-# (YNNPACK) ran the bench_step.py:cpu train step 1.2x faster (14.3 vs 17.2 s, same losses to
-# 1e-5) and an MLP fwd+bwd 1.3x; xnn and onednn were no faster than Eigen. For bf16 operands
-# with f32 accumulation on a CPU with AVX-512 BF16, oneDNN ran a [4096 x 512] x [512 x 2048]
-# dot at 269 GFLOP/s against YNNPACK's 167 (= its f32 rate): "auto" picks onednn there.
+# xla_cpu_dot_library). "xla" = XLA's own emitter (Eigen). On a 2-core AVX2 AMD EPYC, "ynn"
+# (YNNPACK) runs the bench_step.py:cpu train step 1.2x faster (14.3 vs 17.2 s, same losses to
+# 1e-5) and an MLP fwd+bwd 1.3x; xnn and onednn are no faster. For bf16 operands with f32
+# accumulation on a CPU with AVX-512 BF16, oneDNN runs a [4096 x 512] x [512 x 2048] dot at
+# 269 GFLOP/s against YNNPACK's 167 (= its f32 rate): "auto" picks onednn there. Figures:
+# docs/results/step_time.md.
 CPU_DOT_LIBRARIES = {
     "xla": {},
     "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},

@@ -3,10 +3,10 @@
 Causal self-attention (plain causal rows, packed rows, windows, and a prefix-LM over
 positions 0..T-1) runs flash.py: the same online softmax in tiles, but key blocks the mask
 hides above the diagonal are never visited and the backward is hand-written (recompute from
-the saved log-sum-exp), 1.5-2x faster fwd+bwd than the generic path below on this CPU
+the saved log-sum-exp), 1.5-2x faster fwd+bwd than the generic path below on a 2-core CPU
 (T=4096, block 128, 8 heads, D=64) with less memory; the 4k summarizer's whole train step
-runs 2.1x faster on it. Everything else (bidirectional, cross-attention, a prefix over packed
-positions) takes the generic path:
+runs 2.1x faster on it (docs/results/step_time.md). Everything else (bidirectional,
+cross-attention, a prefix over packed positions) takes the generic path:
 
 Queries and keys are cut into blocks. An outer `lax.map` runs over query blocks; for each, an
 inner `lax.scan` over key blocks keeps the flash-attention running state (row max m, row sum l,
@@ -17,9 +17,9 @@ that block pair (O(block^2) compares, cheap next to the O(block^2 * D) matmuls) 
 matmuls under `lax.cond` only if any pair is allowed. Because the test is the mask itself, every
 pattern skips what it hides with no kernel-specific logic: the causal upper triangle, key blocks
 outside a window, other documents of a packed row, and padding. Prefix-LM and globals are
-supported exactly (their blocks simply stay visible). Measured fwd+bwd on this 2-core CPU
-(T=2048, block 128, 4 heads, D=32): 1.2x faster than computing every block for causal, 2.6x
-with a 128-token window; 3.2x faster than XLA's dense causal kernel.
+supported exactly (their blocks simply stay visible). On a CPU the skipping makes causal
+fwd+bwd faster than computing every block, a window more so, and both faster than XLA's dense
+causal kernel.
 
 Backward memory: both loop bodies are `jax.checkpoint`ed, so reverse mode stores only the running
 state per key block for the query block being differentiated (O(N * D) per head) and recomputes

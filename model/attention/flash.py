@@ -8,8 +8,9 @@ output. The forward saves only the output and each row's log-sum-exp L = m + log
 backward (custom_vjp, not autodiff through the loops) recomputes each tile's scores, P =
 exp(S - L), and forms dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ += dS K,
 dK += dS^T Q. So reverse mode keeps O(T * D) per head and no probabilities, and every
-temporary is one [block, block] tile per head, which stays in cache: on this 2-core CPU a
-fresh 32 MiB temporary costs more to write than the exp over it, so larger blocks were slower.
+temporary is one [block, block] tile per head, which stays in cache: on a 2-core CPU a
+fresh 32 MiB temporary costs more to write than the exp over it, so larger blocks are slower
+(docs/results/step_time.md).
 
 Masks: a plain causal mask is an iota compare fused into the score tile. Anything else
 (segments of packed rows, windows, globals) also evaluates masks.allowed on the tile and skips
@@ -19,7 +20,8 @@ document), or index < the row's prefix length (prefix-LM with positions 0..T-1: 
 summarizer's `[bos] document [eos] summary`). With a prefix, query block i visits key blocks
 0..max(i, last block holding a prefix key of any row): the data-dependent trip count is a
 while loop, the triangle above the prefix blocks is still never visited, and the
-summarizer's fwd+bwd no longer falls back to the generic blocked path (2.5x slower at 4k).
+summarizer's fwd+bwd runs here, not on the generic blocked path (whose 4k summarizer step
+takes about twice as long; docs/results/step_time.md).
 GQA: a key/value head's G query heads are stacked as G * block rows of one tile. Computes in
 float32 whatever the input dtype.
 """

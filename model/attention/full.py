@@ -4,9 +4,11 @@
   `jax.nn.dot_product_attention(implementation="cudnn")` (no T x T matrix in memory).
 - CPU, causal self-attention without a prefix: flash.py (cache-sized tiles, key blocks above the
   diagonal never visited, hand-written recompute backward): 1.8x faster fwd+bwd than
-  causal_blocks at B=8, T=512, 8 heads, D=64 on this 2-core CPU (267 vs 475 ms).
+  causal_blocks at B=8, T=512, 8 heads, D=64 on a 2-core AVX2 CPU (267 vs 475 ms;
+  docs/results/step_time.md).
 - Other backends, the same masks: causal_blocks, which skips the key blocks above the diagonal
-  (measured 2.1x faster fwd+bwd than XLA's dense kernel on this CPU at T=512).
+  (2.1x faster fwd+bwd than XLA's dense kernel on a 2-core CPU at T=512;
+  docs/results/step_time.md).
   Both mask with masks.allowed, so segments and windows stay exact.
 - Anything else (prefix-LM, cross-attention, odd lengths): XLA's dense kernel with the mask.
 For long contexts use the `blocked` kernel (O(N x block) memory) or `local` (sliding window).

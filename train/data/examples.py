@@ -21,7 +21,7 @@ truncated row and the row-long windows S ids apart that `eval.window_stride` rea
 (infer/classifier_rows.py); each time the text is drawn, one view is picked at random (seeded by
 the draw), so an epoch has as many steps as without it and the model is trained on the rows it
 is later scored on. (On IMDB it lowered validation accuracy: a window from a review's middle
-with the whole review's label is a noisy example; README "IMDB self-pre-training".)
+with the whole review's label is a noisy example; docs/results/imdb.md.)
 """
 import dataclasses
 import hashlib

@@ -3,11 +3,11 @@
 PEGASUS (Zhang et al., 2020) pre-trains a summarizer by removing a document's most "central"
 sentences and generating them from the rest, and reports that such a start fine-tunes well
 from as few as 1,000 real pairs. Our plain-English summarizers, fine-tuned from an LM on 345
-pairs, ignore the document and write one generic sentence (README: "Collapse, not decoding, is
-the limit"); a start that has learnt to read its document before writing is the remedy tried
-here. Measured (README, "A wider, longer-trained LM and a gap-sentence start"): lower
-validation loss for both seeds, but test ROUGE level with the plain LM start's (the paired
-differences go both ways between seeds).
+pairs, ignore the document and write one generic sentence (docs/results/summarization.md);
+a start that has learnt to read its document before writing is the remedy tried here.
+Measured (docs/results/summarization.md, "A wider, longer-trained LM and a gap-sentence
+start"): lower validation loss for both seeds, but test ROUGE level with the plain LM start's
+(the paired differences go both ways between seeds).
 
 With `data.gap_sentences.ratio` > 0 a summarize run reads `data.train_file` as unlabelled texts
 (field data.text_field; no summaries needed) and trains on pseudo-pairs instead:

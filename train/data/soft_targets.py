@@ -14,13 +14,14 @@ instead of by a network inside the step.
 Why a bag-of-n-grams teacher at all: its errors differ from a transformer's (four IMDB
 fine-tunes' mean probabilities averaged with TF-IDF's score 0.914 on validation against 0.904
 without), at a minute of CPU instead of a forward pass per step. Measured, though, a student
-taught by that mixture scored below one taught by the fine-tunes alone (README, "IMDB
-self-pre-training"): on the train reviews its out-of-fold targets are right on 0.905 of them,
-a fine-tune's in-sample ones on 0.933.
+taught by that mixture scored below one taught by the fine-tunes alone (docs/results/imdb.md):
+on the train reviews its out-of-fold targets are right on 0.905 of them, a fine-tune's
+in-sample ones on 0.933.
 train/tasks/distill.py mixes these probabilities into the networks' (`distill.offline_weight`).
 The TF-IDF targets are kept under `cache_dir` (data.data_dir), named by a hash of every
 covered example (id, text, label) and the fold count: a resumed or repeated run reads them
-instead of refitting (77 s on IMDB's 25k reviews), and any change to the data refits.
+instead of refitting (77 s on IMDB's 25k reviews, docs/results/imdb.md), and any change to
+the data refits.
 """
 import hashlib
 import os

@@ -2,9 +2,9 @@
 dataset build.
 
 Training choices, and why:
-  * BPE model: sentencepiece's BPE trained 4-7x faster than its unigram model on this corpus
-    (tiny preset: 1.2 s vs 5.5 s; all sources, 8192 pieces, 640k lines: 36 s vs ~250 s on 2
-    cores). Unigram encodes ~2x faster, but BPE's ~0.5M tokens/s per core is ample here.
+  * BPE model: sentencepiece's BPE trains several times faster than its unigram model on the
+    legal corpus. Unigram encodes faster, but BPE's encoding speed is ample for the input
+    pipeline.
   * identity normalization, no whitespace collapsing, no dummy prefix: legal text keeps its
     exact spacing and line structure, and `decode(encode(s)) == s` for any string.
   * byte_fallback: characters outside the vocabulary become byte pieces, never <unk>.

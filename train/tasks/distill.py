@@ -34,8 +34,8 @@ Teacher and student live in one parameter tree {"student", "teacher"} (`StudentT
 the teachers are sharded by the same logical axis rules as the student and their logits are
 computed on the fly in the same jit'd step. "teacher" holds every teacher stacked on a leading
 (unsharded) axis, one teacher too; they run one after another (a scan into running sums), so
-memory holds one teacher's logits and activations whatever their number (a checkpoint written
-before the stacking, with one unstacked teacher, no longer resumes; its student still loads).
+memory holds one teacher's logits and activations whatever their number (a checkpoint whose
+"teacher" is one unstacked teacher does not resume; its student still loads).
 They are frozen by stop_gradient (zero gradients) and excluded from weight decay
 (train/optim.py `frozen`); Adam's moments for them stay zero, which costs memory, not
 correctness.
