@@ -1,4 +1,4 @@
-"""The package layering (README "What is where"), checked by parsing every import.
+"""The package layering (README "Layout and layering"), checked by parsing every import.
 
 Bottom to top: model/ (with the tokenizer, data errors and checkpoint I/O) -> eval/ (pure
 evaluators) -> infer/ -> train/ -> bench/ and launch/. A module imports only from its own layer

@@ -18,7 +18,7 @@ test_predictions.jsonl and metrics.jsonl to --out. Each decoding row of the summ
 tables (docs/results/summarization.md) is one such command. --split=train scores the train
 examples (the TF-IDF baseline beside it is then fitted on what it scores): with the validation
 split's, a classifier teacher's predictions to distil from offline (`distill.offline_teacher`,
-README "Distillation").
+README "Workflows").
 """
 import os
 
