@@ -115,7 +115,7 @@ def test_every_commands_user_errors_end_in_one_line_with_their_exit_code(capsys)
   from model import errors
   from model.checkpoint import CheckpointError
   from train.config_check import ConfigError
-  from train.hf_families import ConvertError
+  from train.hf.families import ConvertError
   from train.loop import NonFiniteLossError
   from train.topologies import TopologyError
   kinds = (errors.DataError, CheckpointError, ConfigError, ConvertError, TopologyError,

@@ -1,11 +1,11 @@
 """Hugging Face checkpoints in and out of this codebase's runs.
 
-  python -m train.convert import --hf_dir=DIR --workdir=runs/NAME [--seq_len=1024]
-  python -m train.convert export --workdir=runs/NAME --hf_dir=OUT [--shard_size_mb=4096]
+  python -m train.hf.convert import --hf_dir=DIR --workdir=runs/NAME [--seq_len=1024]
+  python -m train.hf.convert export --workdir=runs/NAME --hf_dir=OUT [--shard_size_mb=4096]
 
 import reads DIR/config.json and DIR/*.safetensors (one file, or shards listed by
 model.safetensors.index.json) tensor by tensor, maps each onto this codebase's parameter tree
-(train/hf_families.py), puts it straight into its sharding over the mesh, and writes a finished
+(train/hf/families.py), puts it straight into its sharding over the mesh, and writes a finished
 run: an Orbax checkpoint (state = {"params": ...}: no optimizer state, which every reader of a
 finished run skips), its metadata (config, tokenizer, the source) and config.json, with the
 tokenizer files copied to <workdir>/tokenizer/. train.init_from, distill.teacher, infer.*,
@@ -49,10 +49,10 @@ from model import tokenizer as tokenizer_lib
 from model import config as model_config_lib
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import hf_export
-from train import hf_families as families
-from train import safetensors_reader
-from train.hf_families import ConvertError
+from train.hf import export as hf_export
+from train.hf import families
+from train.hf import safetensors_reader
+from train.hf.families import ConvertError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -125,7 +125,7 @@ def _place(reader, family, config, mesh):
   """({path: array} of every parameter, each put into its sharding as soon as it is read and
   converted; {leaf name: checksum} of them, computed on the host copy), ModelConfig.
   Besides the placed parameters the host holds one block of a tensor (the layouts of
-  hf_families.Entry) or, for the few entries converted whole (GPT-2's fused q/k/v, biases),
+  families.Entry) or, for the few entries converted whole (GPT-2's fused q/k/v, biases),
   that entry's tensors; on a CPU device a placed parameter is its host copy (_aligned_empty)."""
   model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
   model = Transformer(model_cfg)
@@ -374,7 +374,7 @@ def _write_tokenizer(tok, run, out: str):
 
 # --- CLI ---------------------------------------------------------------------------------------
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m train.hf.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF folder -> run")
@@ -394,7 +394,7 @@ def main(argv=None):
     else:
       summary = export_hf(args.workdir, args.hf_dir, args.shard_size_mb)
   except (ConvertError, loading.LoadError, tokenizer_lib.DataError) as e:
-    print(f"train.convert {args.command}: {e}", file=sys.stderr)
+    print(f"train.hf.convert {args.command}: {e}", file=sys.stderr)
     return 2
   print(json.dumps(summary))
   return 0

@@ -1,7 +1,7 @@
 """Export: this codebase's model config -> the Hugging Face family it exports as and that
-family's config.json (train/convert.py export; the tensor maps are train/hf_families.py's)."""
+family's config.json (train/hf/convert.py export; the tensor maps are train/hf/families.py's)."""
 
-from train.hf_families import ENCODERS, ConvertError
+from train.hf.families import ENCODERS, ConvertError
 
 
 def _labels(n: int, labels: dict | None) -> dict:

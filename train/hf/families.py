@@ -3,7 +3,7 @@
 Each family turns an HF config.json into `config.model` keys (model/config.py switches) and
 lists its tensors as `Entry`s: the HF tensor names, the parameter paths they become, and the
 two layout changes (HF -> ours on import, ours -> HF on export). One entry may split one HF
-tensor into several parameters (GPT-2's fused c_attn). train/convert.py reads and writes
+tensor into several parameters (GPT-2's fused c_attn). train/hf/convert.py reads and writes
 tensors entry by entry, so at most one entry's tensors are in host memory at a time.
 
 Layouts: HF nn.Linear weights are [out, in]; our kernels are [in, *out] with heads split
@@ -43,7 +43,7 @@ class Entry:
   ours: tuple          # parameter paths, "block_0/attn/query/kernel"
   to_ours: Callable    # list of HF arrays -> list of our arrays
   to_hf: Callable      # list of our arrays -> list of HF arrays
-  # How one HF tensor's rows land in the parameter, so that train/convert.py converts it a
+  # How one HF tensor's rows land in the parameter, so that train/hf/convert.py converts it a
   # block of rows at a time: "same" (row i is row i), "linear" (row i of [out, in] is column i
   # of the kernel [in, out...]), "linear_in" (row i of [out, in] is the last-axis index i of the
   # kernel [in..., out]); None: converted whole with to_ours.
