@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from model import checkpoint as checkpoint_lib
-from train.metrics import format_eta
+from model.progress import format_eta
 
 from helpers import (NUM_STEPS, REPO, base_args, checkpoint_steps, env, losses, run_main,
                      start_and_interrupt)

@@ -14,6 +14,8 @@ from absl import logging
 from infer import loading
 from model import checkpoint as checkpoint_lib
 from model.config import ModelConfig
+from model.progress import format_eta
+from model.task_kind import task_kind
 from train import build, final_eval, finetune
 from train import inputs as inputs_lib
 from train import loop as loop_lib
@@ -165,7 +167,7 @@ def train(config, workdir: str) -> dict:
         eval_hooks=evaluation.hooks(pc) if evaluation else {},
         wall_s=(resumed_meta or {}).get("wall_s", 0.0)))
     logging.info("training time, all sessions of this run: %s (%.3f s, step %d)",
-                 metrics_lib.format_eta(result["wall_s"]), result["wall_s"], result["step"])
+                 format_eta(result["wall_s"]), result["wall_s"], result["step"])
 
     # --- the final evaluation (fine-tuning) ------------------------------------------------------
     finished = not result["preempted"] and (result["stopped_early"] or
@@ -184,7 +186,7 @@ def train(config, workdir: str) -> dict:
         and not result["preempted"]):
       result["test"] = final_eval.pretrain_report(
           config, workdir, loaded=loading.LoadedModel(
-              config, build.task_kind(config), parts.model, None, inputs.tokenizer,
+              config, task_kind(config), parts.model, None, inputs.tokenizer,
               result["step"], mesh=parts.mesh),
           params=parts.eval_params(result["state"].params), writer=writer,
           step=result["step"], facts={"parameters": n_params, "final step": result["step"]})

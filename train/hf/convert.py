@@ -48,6 +48,7 @@ from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
 from model import config as model_config_lib
 from model.config import ModelConfig
+from model.task_kind import task_kind
 from model.transformer import Transformer
 from train.hf import export as hf_export
 from train.hf import families
@@ -275,7 +276,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   run = loading.open_run(workdir, prefer_best=True)
   if run.quantization != "none":
     raise ConvertError(f"--workdir={workdir} is a quantized run; export the float run")
-  kind = loading.task_kind(run.meta["config"])
+  kind = task_kind(run.meta["config"])
   if kind not in ("pretrain", "classify"):
     raise ConvertError(f"--workdir={workdir} is a {kind} run; language models (task pretrain) "
                        "export as *ForCausalLM (encoders as *Model), classifiers as "
