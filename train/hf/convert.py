@@ -200,10 +200,9 @@ def _adapt_to_checkpoint(config, reader, family) -> list[str]:
   return []
 
 
-def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict:
-  """Writes the run for the HF model in hf_dir; returns a summary (timings, sizes)."""
-  t0 = time.perf_counter()
-  hf_dir, workdir = loading.resolve_path(hf_dir), loading.resolve_path(workdir)
+def _check_import_paths(hf_dir: str, workdir: str) -> str:
+  """hf_dir's config.json path; ConvertError unless hf_dir has it and tokenizer.json and
+  workdir is new or empty."""
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(config_path):
     raise ConvertError(f"--hf_dir={hf_dir}: no config.json")
@@ -212,6 +211,14 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
   if not os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
     raise ConvertError(f"--hf_dir={hf_dir}: no tokenizer.json (save the fast tokenizer with "
                        "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+  return config_path
+
+
+def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict:
+  """Writes the run for the HF model in hf_dir; returns a summary (timings, sizes)."""
+  t0 = time.perf_counter()
+  hf_dir, workdir = loading.resolve_path(hf_dir), loading.resolve_path(workdir)
+  config_path = _check_import_paths(hf_dir, workdir)
   with open(config_path) as f:
     hf_cfg = json.load(f)
   family = families.family_of(hf_cfg)
@@ -271,7 +278,6 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
 # --- export ----------------------------------------------------------------------------------
 def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   """Writes the run at workdir as a Hugging Face model folder; returns a summary."""
-  from safetensors.numpy import save_file
   t0 = time.perf_counter()
   run = loading.open_run(workdir, prefer_best=True)
   if run.quantization != "none":
@@ -294,20 +300,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   hf_export.check_exportable(family, m)
   vocab = run.meta["config"]["data"]["vocab_size"]
   m["vocab_size"] = vocab
-  model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
-  params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
-  params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
-  if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)
-      and not m["num_classes"] and "final_norm/scale" in params):
-    # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
-    params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)
-  # A base encoder (BertModel) is saved without its prefix, as transformers saves it.
-  strip = families.PREFIX[family] if family in families.ENCODERS and not m["num_classes"] else ""
-  tensors = {}
-  for entry in families.entries(family, m):
-    for name, value in zip(entry.hf, entry.to_hf([params[p] for p in entry.ours])):
-      name = name[len(strip):] if strip and name.startswith(strip) else name
-      tensors[name] = np.ascontiguousarray(value, np.float32)
+  tensors = _hf_tensors(run, family, m)
 
   tmp = f"{hf_dir}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -323,26 +316,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
       with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in extra.items() if v is not None}, f, indent=2)
     _write_tokenizer(tok, run, tmp)
-    limit = shard_size_mb << 20
-    shards, current, size = [], {}, 0
-    for name, value in tensors.items():
-      if current and size + value.nbytes > limit:
-        shards.append(current)
-        current, size = {}, 0
-      current[name] = value
-      size += value.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-      save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-      weight_map = {}
-      for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-                   "weight_map": weight_map}, f, indent=2)
+    n_shards = hf_export.write_safetensors(tensors, tmp, shard_size_mb)
     if os.path.exists(hf_dir):
       os.rmdir(hf_dir)
     os.rename(tmp, hf_dir)
@@ -350,8 +324,27 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return {"family": family, "architecture": cfg["architectures"][0], "tensors": len(tensors),
-          "shards": len(shards),
+          "shards": n_shards,
           "seconds": round(time.perf_counter() - t0, 2), "hf_dir": hf_dir}
+
+
+def _hf_tensors(run, family: str, m: dict) -> dict:
+  """{HF tensor name: float32 array} of the run's parameters in `family`'s layout."""
+  model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
+  params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
+  params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+  if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)
+      and not m["num_classes"] and "final_norm/scale" in params):
+    # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
+    params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)
+  # A base encoder (BertModel) is saved without its prefix, as transformers saves it.
+  strip = families.PREFIX[family] if family in families.ENCODERS and not m["num_classes"] else ""
+  tensors = {}
+  for entry in families.entries(family, m):
+    for name, value in zip(entry.hf, entry.to_hf([params[p] for p in entry.ours])):
+      name = name[len(strip):] if strip and name.startswith(strip) else name
+      tensors[name] = np.ascontiguousarray(value, np.float32)
+  return tensors
 
 
 def _write_tokenizer(tok, run, out: str):
