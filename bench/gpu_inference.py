@@ -1,6 +1,6 @@
 """The GPU suite's inference section (bench/gpu_suite.py): a model served through
 infer/loading.py, or a random-init one of configs/bench_step.py's shape, as f32 / bf16 / int8
-(infer/quantize.py) forward latency at batch 1 and 32 on each device, and KV-cache greedy decode
+(infer/ptq.py) forward latency at batch 1 and 32 on each device, and KV-cache greedy decode
 tokens/s."""
 import functools
 import time
@@ -37,7 +37,7 @@ def serving_model(student, shapes):
 
 def inference_section(table, shapes, devices, student, deadline):
   from bench import latency
-  from infer import decode, quantize
+  from infer import decode, ptq
   label, model, params, task, seq_len = serving_model(student, shapes)
   vocab = model.cfg.vocab_size
   rng = np.random.default_rng(0)
@@ -45,7 +45,7 @@ def inference_section(table, shapes, devices, student, deadline):
   table.add("inference", f"model: {label}, {latency.model_size(params)['params'] / 1e6:.1f}M "
             f"params, {task}, seq {seq_len}")
   for mode in ("f32", "bf16", "int8_weight_only"):
-    qmodel, qparams = quantize.quantize(model, params, mode, sample)
+    qmodel, qparams = ptq.quantize(model, params, mode, sample)
     fn = latency.forward_fn(qmodel, task)
     for device in devices:
       if time.monotonic() > deadline:

@@ -16,7 +16,7 @@ already measures with (nothing here has its own model or step):
   inference  (bench/gpu_inference.py) a model served through infer/loading.py
              (--student=WORKDIR: any run, e.g. the distilled student; without it a randomly
              initialised model of configs/bench_step.py:cpu's shape) as f32 / bf16 / int8
-             (infer/quantize.py) at batch 1 and 32 (bench/latency.measure), on the GPU and the
+             (infer/ptq.py) at batch 1 and 32 (bench/latency.measure), on the GPU and the
              CPU, and KV-cache decode tokens/s.
 
 Where no GPU exists it prints one line and exits 0. `--platform=cpu --tiny` runs every section

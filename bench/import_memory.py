@@ -1,4 +1,4 @@
-r"""Peak host memory of `train.convert import` against the checkpoint's size.
+r"""Peak host memory of `train.hf.convert import` against the checkpoint's size.
 
   python -m bench.import_memory --d_model=768 --layers=8 --vocab=32000 [--dtype=bfloat16]
 
@@ -97,7 +97,7 @@ def child(hf_dir: str, workdir: str) -> dict:
   from infer import loading
   from model.config import ModelConfig
   from model.transformer import Transformer
-  from train import convert
+  from train.hf import convert
   jax.devices()
   gc.collect()
   cold = rss_mb()

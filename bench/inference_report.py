@@ -6,7 +6,7 @@ pruned runs.
       --config.pruned="('runs/imdb_ft_p50','runs/imdb_ft_p50_ft')"
 
 For each variant (teacher f32; student f32, bf16, int8 weight-only, w8a8 — quantized by
-infer/quantize.py from the student's checkpoint) one row: parameters, bytes in memory and on
+infer/ptq.py from the student's checkpoint) one row: parameters, bytes in memory and on
 disk, accuracy and macro F1 on the test file (eval/classification.py), latency p50/p99 at
 batch 1 and throughput at batch 32 (bench/latency.py, all variants timed in this one run on this
 machine), and XLA's peak memory. Each run in `pruned` (written by infer/prune.py, or fine-tuned
@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from bench import latency
 from eval import classification, common, report
-from infer import decode, quantize
+from infer import decode, ptq
 from infer.loading import LoadedModel, classify_probs
 from model import errors
 from model import log_setup
@@ -54,10 +54,10 @@ def _test_records(cfg):
 
 def _in_mode(name, loaded, mode, sample):
   """(name, loaded, model, params, disk bytes) of `loaded` quantized (or cast) to `mode`."""
-  model, params = quantize.quantize(loaded.model, loaded.params, mode, sample)
+  model, params = ptq.quantize(loaded.model, loaded.params, mode, sample)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "q")
-    quantize.save(path, params, {"mode": mode,
+    ptq.save(path, params, {"mode": mode,
                                  "model_config": dataclasses.asdict(loaded.model.cfg)})
     disk = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns)
   return name, loaded, model, params, disk
@@ -84,7 +84,7 @@ def _variants(cfg):
   teacher = LoadedModel.from_workdir(cfg.teacher)
   sample = teacher.encode_for_classify(["a"])["tokens"]
   # The teacher as trained may compute in bf16; the reference row is its f32 forward.
-  out = [("teacher f32", teacher, *quantize.quantize(teacher.model, teacher.params, "f32",
+  out = [("teacher f32", teacher, *ptq.quantize(teacher.model, teacher.params, "f32",
                                                      sample), None)]
   if cfg.student:
     student = LoadedModel.from_workdir(cfg.student)
@@ -125,7 +125,7 @@ def _row(cfg, name, loaded, model, params, disk, records, cache):
                            iters=cfg.iters, seq_len=cfg.seq_len)
   b1, bn = timing[min(cfg.latency_batches)], timing[max(cfg.latency_batches)]
   return {"variant": name, "params": latency.model_size(params)["params"],
-          "memory MiB": quantize.param_bytes(params) / 2**20,
+          "memory MiB": ptq.param_bytes(params) / 2**20,
           "disk MiB": None if disk is None else disk / 2**20,
           "accuracy": quality["accuracy"], "macro F1": quality["macro_f1"],
           "p50 ms (b=1)": b1["p50_ms"], "p99 ms (b=1)": b1["p99_ms"],
@@ -145,7 +145,7 @@ def _decode_rows(cfg):
       loaded.config.data.truncation)
   rows, agree = [], {}
   for mode in ("f32", "bf16"):
-    model = quantize.build_model(loaded.model.cfg, mode)
+    model = ptq.build_model(loaded.model.cfg, mode)
     outputs = {}
     for name, fn in (("KV cache", decode.greedy), ("recompute", decode.greedy_recompute)):
       run = lambda: jax.block_until_ready(fn(model, loaded.params, tokens, prompt_len,

@@ -110,6 +110,13 @@ def part_fns(config):
       {"params": p["mlp"]}, mlp_norm.apply({"params": p["norm"]}, x))), (mlp_params, x),
       c.num_layers)
 
+  parts.update(_model_parts(config, tokens, x))
+  return parts
+
+
+def _model_parts(config, tokens, x) -> dict:
+  """The parts that need the whole built model: head + loss, embedding, optimizer update."""
+  parts = {}
   parts_ = build.build(config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]))
   params = parts_.init_state().params
   task, model = parts_.task, parts_.model

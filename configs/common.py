@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 16
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
-  # LoRA (infer/lora.py): rank > 0 trains low-rank adapters on the projections `targets` (a
+  # LoRA (train/lora.py): rank > 0 trains low-rank adapters on the projections `targets` (a
   # regex over module paths like block_0/attn/query) of the frozen train.init_from model, plus
   # the classifier head; the update is (alpha / rank) * dropout(x) A B.
   c.train.lora = ml_collections.ConfigDict()

@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from infer import (classifier_rows, decode, decode_controls, lora, quantize, rerank, stream_text,
-                   word_ngrams)
+from infer import (classifier_rows, decode, decode_controls, lora_weights, ptq, rerank,
+                   stream_text, word_ngrams)
 from model import checkpoint as checkpoint_lib
 from model import errors
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
 from model import transformer
 from model.config import ModelConfig
+from model.task_kind import task_kind
 from model.transformer import Transformer
 
 QUANTIZED_DIR = "quantized"   # inside a quantized run's workdir (infer/quantize.py writes it)
@@ -42,12 +43,6 @@ def resolve_path(path: str) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def task_kind(config) -> str:
-  """classify | summarize | pretrain: what a run's (student) model does, from its config (a
-  ConfigDict or the dict a checkpoint records)."""
-  return config["distill"]["task"] if config["task"] == "distill" else config["task"]
-
-
 @dataclasses.dataclass
 class Run:
   """A finished run on disk: where, which checkpoint step, and what it recorded."""
@@ -55,7 +50,7 @@ class Run:
   step: int
   meta: dict                                  # config, tokenizer_path, vocab_size, params ...
   checkpointer: checkpoint_lib.Checkpointer | None   # None for a quantized run
-  quantization: str = "none"                  # or the infer/quantize.py mode it was written in
+  quantization: str = "none"                  # or the infer/ptq.py mode it was written in
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -66,9 +61,9 @@ class Run:
     return task_kind(self.meta["config"])
 
   @property
-  def lora(self) -> "lora.LoraSpec | None":
+  def lora(self) -> "lora_weights.LoraSpec | None":
     """The adapters a LoRA run trained (its checkpoint holds base + adapters), else None."""
-    return lora.spec_of_run_config(self.meta["config"])
+    return lora_weights.spec_of_run_config(self.meta["config"])
 
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
     """The tokenizer the run recorded, or a LoadError if its file is gone."""
@@ -96,7 +91,7 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
   full_path = resolve_path(path)
   workdir, step = checkpoint_lib.split_step_path(full_path)
   if os.path.isdir(os.path.join(workdir, QUANTIZED_DIR, "params")):
-    meta = quantize.load_meta(os.path.join(workdir, QUANTIZED_DIR))
+    meta = ptq.load_meta(os.path.join(workdir, QUANTIZED_DIR))
     return Run(workdir, meta["source_step"], meta["run_meta"], None, meta["mode"])
   if not os.path.isdir(workdir):
     raise LoadError(f"{what}={path}: no such directory ({workdir})")
@@ -111,11 +106,14 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
   return Run(workdir, step, checkpointer.restore_meta(step), checkpointer)
 
 
-def abstract_params(model, mesh=None):
+def abstract_params(model, mesh=None, lora=None):
   """`model`'s parameter tree as ShapeDtypeStructs: placed by its logical axis names over
-  `mesh`, or on the default device when mesh is None."""
+  `mesh`, or on the default device when mesh is None. With a LoraSpec `lora`, the tree a LoRA
+  run of `model` saved (the adapters beside the kernels they target)."""
   tokens = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(lambda r: model.init(r, tokens), jax.random.PRNGKey(0))["params"]
+  if lora is not None:
+    boxed = lora_weights.with_adapters(boxed, lora)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
@@ -128,8 +126,8 @@ def abstract_params(model, mesh=None):
 def restore_params(run: Run, model, mesh=None):
   """The parameters `model` has from `run`'s checkpoint (a distilled run's student half), in
   their shardings over `mesh` (None: the default device); the optimizer state is not read.
-  A LoRA run's base and adapters are restored and merged (infer/lora.py): plain Transformer
-  parameters, so every reader takes a LoRA run like any other."""
+  A LoRA run's base and adapters are restored and merged (infer/lora_weights.py): plain
+  Transformer parameters, so every reader takes a LoRA run like any other."""
   if run.checkpointer is None:
     raise LoadError(f"{run.workdir} is a quantized ({run.quantization}) run: its int8 "
                     "parameters load with LoadedModel, not as float parameters to train from")
@@ -144,14 +142,14 @@ def restore_params(run: Run, model, mesh=None):
     convert = transformer.unstack_blocks if stored_scanned else transformer.stack_blocks
     return jax.jit(convert, out_shardings=target)(stored)
   spec = run.lora
-  abstract = abstract_params(model if spec is None else lora.lora_model(model.cfg, spec), mesh)
+  abstract = abstract_params(model, mesh, lora=spec)
   distilled = run.meta.get("config", {}).get("task") == "distill"
   params = run.checkpointer.restore_params(run.step, {"student": abstract} if distilled
                                            else abstract)
   params = params["student"] if distilled else params
   if spec is not None:   # merged where the plain model's parameters live
     plain = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
-    params = jax.jit(lora.merge, static_argnums=1, out_shardings=plain)(params, spec)
+    params = jax.jit(lora_weights.merge, static_argnums=1, out_shardings=plain)(params, spec)
   return params
 
 
@@ -172,7 +170,7 @@ class LoadedModel:
   def from_run(cls, run: Run, mesh=None) -> "LoadedModel":
     tokenizer = run.tokenizer()   # first: a missing file fails before the restore
     if run.quantization != "none":
-      model, params, _ = quantize.load(os.path.join(run.workdir, QUANTIZED_DIR))
+      model, params, _ = ptq.load(os.path.join(run.workdir, QUANTIZED_DIR))
     else:
       # Inference (decoding, int8, LoRA merge, pruning, export) reads per-layer params.
       model = Transformer(run.model_config(scan_layers=False))

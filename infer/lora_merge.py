@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from infer import loading, lora
+from infer import loading, lora_weights
 from model import checkpoint as checkpoint_lib
 from model import errors
 from model import log_setup
+from model.transformer import Transformer
 
 
 def merged_meta(run: loading.Run) -> dict:
@@ -60,12 +61,11 @@ def write_adapters(workdir: str, out: str) -> loading.Run:
   if run.lora is None:
     raise loading.LoadError(f"--workdir={workdir} is not a LoRA run (config.train.lora.rank "
                             "is 0): it has no adapters")
-  model = lora.lora_model(run.model_config(), run.lora)
-  abstract = loading.abstract_params(model)
+  abstract = loading.abstract_params(Transformer(run.model_config()), lora=run.lora)
   params = run.checkpointer.restore_params(run.step, abstract)
   meta = dict(run.meta, lora_base=run.meta["config"]["train"]["init_from"],
               lora_adapters_of={"workdir": run.workdir, "step": run.step})
-  _save(out, run.step, jax.device_get(lora.adapters(params)), meta)
+  _save(out, run.step, jax.device_get(lora_weights.adapters(params)), meta)
   return run
 
 

@@ -27,7 +27,7 @@ from infer.inputs import (InputError, define_model_flags, json_object,
                           load_predictor)
 from model import errors
 from model import log_setup
-from train.metrics import CountProgress
+from model.progress import CountProgress
 
 
 # --- the files ------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ _checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 
 def host_checksum(x: np.ndarray, chunk: int = 1 << 20) -> int:
   """`_leaf_checksum` of a host array, computed with numpy `chunk` elements at a time: no
-  device work and no array-sized temporaries (train/convert.py checksums each parameter as it
+  device work and no array-sized temporaries (train/hf/convert.py checksums each parameter as it
   converts it, instead of the whole tree at once when saving)."""
   flat = np.ascontiguousarray(x).reshape(-1)
   if flat.dtype == np.bool_:
@@ -108,7 +108,7 @@ class Checkpointer:
     """save_limit_bytes: write the state at most this many bytes at a time, uncompressed (at
     least the largest array). Orbax's default writes every array at once and keeps each one's
     compressed copy until written, a second copy of the state in host memory; the limit bounds
-    that copy, for writers that must stay near the state's own size (train/convert.py import).
+    that copy, for writers that must stay near the state's own size (train/hf/convert.py import).
     Readers need nothing special: the layout is the same."""
     self.directory = os.path.join(workdir, "checkpoints")
     self.every = every

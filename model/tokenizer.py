@@ -1,7 +1,7 @@
 """The tokenizer a run uses at train and inference time: special ids, framing and truncation
 shared by training and serving. One interface (TokenizerBase), two implementations: the
 sentencepiece model this codebase trains (train/data/tokenizer_training.py) and a Hugging Face
-tokenizer.json of an imported model (train/convert.py)."""
+tokenizer.json of an imported model (train/hf/convert.py)."""
 
 import hashlib
 import json
@@ -21,7 +21,7 @@ class TokenizerBase:
 
   Implementations: `Tokenizer` (a sentencepiece .model, what this codebase trains) and
   `HFTokenizer` (a Hugging Face tokenizer.json through the `tokenizers` library, what
-  train/convert.py imports). `load_tokenizer` picks one from the recorded path."""
+  train/hf/convert.py imports). `load_tokenizer` picks one from the recorded path."""
   kind = "base"
   path: str
 

@@ -1,6 +1,6 @@
 """Decoder-only transformer: attention + MLP blocks, pre-norm, tied or separate LM head.
 
-Config switches (model/config.py) cover the imported families (train/convert.py): RMSNorm or
+Config switches (model/config.py) cover the imported families (train/hf/convert.py): RMSNorm or
 LayerNorm, pre- or post-norm, projection biases, scaled RoPE or learned positions, embedding
 scale, logit soft-cap, causal or bidirectional; for the encoders (BERT, RoBERTa, DistilBERT)
 token-type embeddings, an embedding norm, a position offset, [CLS] pooling, BERT's pooler and

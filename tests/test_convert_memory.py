@@ -1,4 +1,4 @@
-"""train.convert import's host memory (bench/import_memory.py, measured in a fresh subprocess)
+"""train.hf.convert import's host memory (bench/import_memory.py, measured in a fresh subprocess)
 and the per-parameter checksums it computes on the host instead of over the whole placed tree.
 Needs no transformers: the checkpoint is written with safetensors directly."""
 import jax

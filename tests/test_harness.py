@@ -154,7 +154,7 @@ def test_a_classifier_is_refused():
 
 
 def test_an_imported_model_scores_as_the_harness_hf_backend(tmp_path):
-  """A Hugging Face model imported with train.convert gets the same per-example
+  """A Hugging Face model imported with train.hf.convert gets the same per-example
   log-likelihoods (and task scores) from this adapter as from lm-eval's own HF backend."""
   pytest.importorskip("transformers", reason="transformers: pip install -r requirements-hf.txt")
   pytest.importorskip("accelerate", reason="lm-eval's HF backend: requirements-hf.txt")
@@ -166,7 +166,7 @@ def test_an_imported_model_scores_as_the_harness_hf_backend(tmp_path):
   import transformers
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
   model = make_hf("llama", hf_dir)
-  r = subprocess.run([sys.executable, "-m", "train.convert", "import", f"--hf_dir={hf_dir}",
+  r = subprocess.run([sys.executable, "-m", "train.hf.convert", "import", f"--hf_dir={hf_dir}",
                       f"--workdir={workdir}"], cwd=REPO, env=env(), capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

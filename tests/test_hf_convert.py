@@ -1,4 +1,4 @@
-"""Hugging Face import/export (train/convert.py) and tokenizers (model/tokenizer.HFTokenizer)
+"""Hugging Face import/export (train/hf/convert.py) and tokenizers (model/tokenizer.HFTokenizer)
 against transformers itself, on small random models built from configs (nothing downloaded).
 
 Per family (f32): logits equal transformers' (max abs diff <= 1e-4, KL <= 1e-6) on unpacked and
@@ -25,7 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from infer import decode, loading  # noqa: E402
 from model import tokenizer as tokenizer_lib  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from train import convert  # noqa: E402
+from train.hf import convert  # noqa: E402
 from hf_models import (TEXT, VOCAB, make_hf, make_hf_encoder, train_encoder_tokenizer,  # noqa: E402
                        train_tokenizer)
 
@@ -256,7 +256,7 @@ def test_encoder_classifier_matches_transformers(family, tmp_path):
   loaded = loading.LoadedModel.from_workdir(str(tmp_path / "run"))
   assert loaded.kind == "classify"
   # A run fine-tuned or distilled from it (no imported_from record) exports as the family too.
-  from train import hf_export
+  from train.hf import export as hf_export
   assert hf_export.export_family(dict(run.meta["config"]["model"])) == family
   texts = [TEXT[:60], "naïve café 東京", TEXT[40:90].upper(), "x"]   # each fits in 64 ids
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -292,7 +292,7 @@ def test_decoder_classifier_matches_transformers(family, tmp_path):
   _round_trip(tmp_path, params, transformers.AutoModelForSequenceClassification, hf_model,
               {"input_ids": torch.tensor(ids)})
   # A classifier fine-tuned with this codebase's mean pooling has no transformers equivalent.
-  from train import hf_export
+  from train.hf import export as hf_export
   m = dict(loading.open_run(str(tmp_path / "run")).meta["config"]["model"], pooling="mean")
   with pytest.raises(hf_export.ConvertError, match="pooling=last"):
     hf_export.check_exportable(family, m)
@@ -343,7 +343,7 @@ def test_tokenizer_ids_match_autotokenizer(style, tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "train.convert", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "train.hf.convert", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=600)
 
 

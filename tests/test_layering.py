@@ -74,6 +74,44 @@ def test_entry_points_are_not_imported_as_libraries():
   assert not problems, "\n".join(problems)
 
 
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_cycles() -> list[list[str]]:
+  """Every circle of imports among the modules of one package (main.py entry points too, lazy
+  imports inside functions too), as the modules on it: a cycle-free graph has none."""
+  modules = {_module_name(p): p for p in _project_files()}
+  graph = {}
+  for name, path in modules.items():
+    found = [(line, m) for line, m in _imports(path) if m in modules and m != name]
+    # `from pkg import mod` needs pkg/__init__ only to find mod: an edge to mod, not to pkg.
+    deps = {m for line, m in found
+            if not any(other.startswith(m + ".") and at == line for at, other in found)}
+    graph[name] = {m for m in deps if m.split(".")[0] == name.split(".")[0]}
+  cycles, state = [], {}    # state: 1 on the current path, 2 done
+
+  def visit(node, path):
+    state[node] = 1
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 1:
+        cycles.append(path[path.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, path + [nxt])
+    state[node] = 2
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  return cycles
+
+
+def test_no_import_circle_inside_a_package():
+  cycles = _import_cycles()
+  assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
 @pytest.mark.parametrize("bad, expected", [
     ("from train import loop\n", "imports train.loop (model is below train)"),
     ("import bench.step_time\n", "imports bench.step_time (model is below bench)"),
@@ -87,3 +125,14 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, bad, expected
   monkeypatch.setattr(__import__(__name__), "ROOT", fake_root)
   with pytest.raises(AssertionError, match=expected.replace("(", r"\(").replace(")", r"\)")):
     test_no_module_imports_from_a_layer_above_it()
+
+
+def test_the_cycle_check_catches_a_lazy_import_circle(tmp_path, monkeypatch):
+  """Two modules of one package importing each other, one of them inside a function."""
+  fake_root = tmp_path / "repo"
+  (fake_root / "infer").mkdir(parents=True)
+  (fake_root / "infer" / "__init__.py").write_text("")
+  (fake_root / "infer" / "a.py").write_text("from infer import b\n")
+  (fake_root / "infer" / "b.py").write_text("def f():\n  from infer import a\n")
+  monkeypatch.setattr(__import__(__name__), "ROOT", fake_root)
+  assert _import_cycles() == [["infer.a", "infer.b", "infer.a"]]

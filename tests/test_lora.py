@@ -1,6 +1,7 @@
-"""LoRA (infer/lora.py through train/build.py): a fine-tune changes only the adapters and the
-task head, the optimizer holds moments for those only, merged equals unmerged, exports load like
-any run, and bad train.lora values are one ConfigError line."""
+"""LoRA (train/lora.py through train/build.py; inference merges with infer/lora_weights.py): a
+fine-tune changes only the adapters and the task head, the optimizer holds moments for those
+only, merged equals unmerged, inference reads a LoRA run's tree without the LoRA model, exports
+load like any run, and bad train.lora values are one ConfigError line."""
 import os
 import subprocess
 import sys
@@ -14,9 +15,11 @@ import pytest
 
 from configs import legal_pretrain
 from helpers import _sentiment_config, env
-from infer import loading, lora
+from infer import loading, lora_weights
+from model.config import ModelConfig
 from model.transformer import Transformer
 from train import build
+from train import lora
 from train import run as run_lib
 from train import state as state_lib
 from train.config_check import ConfigError
@@ -62,7 +65,7 @@ def test_lora_finetune_changes_only_adapters_and_head(runs):
   lm = loading.open_run(str(root / "lm"))
   base = _flat(loading.restore_params(lm, Transformer(lm.model_config())))
   trained = _flat(result["state"].params)
-  adapters = [k for k in trained if lora.is_adapter(k)]
+  adapters = [k for k in trained if lora_weights.is_adapter(k)]
   # Adapters on q/k/v/o and wi/wg/wo of both blocks: 14 projections x (A, B).
   assert len(adapters) == 28
   for key, value in base.items():          # every base parameter: bit-identical
@@ -79,7 +82,7 @@ def test_optimizer_state_holds_only_trained_params(runs, sentiment_files):
   config, _ = build.resolve(lora_config(sentiment_files, root))
   parts = build.build(config)
   params = _flat(parts.abstract.params)
-  trained = sum(int(np.prod(v.shape)) for k, v in params.items() if lora.is_trained(k))
+  trained = sum(int(np.prod(v.shape)) for k, v in params.items() if lora_weights.is_trained(k))
   total = sum(int(np.prod(v.shape)) for v in params.values())
   opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts.abstract.opt_state))
   assert trained < total / 5
@@ -101,15 +104,15 @@ def test_merged_equals_unmerged_and_loads_everywhere(runs, sentiment_files, tmp_
   params = jax.tree.map(jnp.asarray, jax.device_get(result["state"].params))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 32), 1, 512)
   unmerged = parts.model.apply({"params": params}, tokens)
-  spec = lora.LoraSpec.from_config(config.train.lora)
-  merged = lora.merge(params, spec)
+  spec = lora_weights.LoraSpec.from_config(config.train.lora)
+  merged = lora_weights.merge(params, spec)
   plain = Transformer(parts.model_cfg)
   np.testing.assert_allclose(plain.apply({"params": merged}, tokens), unmerged, atol=1e-5,
                              rtol=0)
   # The LoRA run loads merged through the one inference API (best state: the same step here).
   loaded = loading.LoadedModel.from_workdir(str(root / "lora"), prefer_best=False)
   assert isinstance(loaded.model, Transformer) and not any(
-      lora.is_adapter(k) for k in _flat(loaded.params))
+      lora_weights.is_adapter(k) for k in _flat(loaded.params))
   chex.assert_trees_all_close(jax.device_get(loaded.params), merged, atol=1e-6)
   texts = ["great movie", "awful film"]
   np.testing.assert_allclose(loaded.classify(texts), jax.device_get(jax.nn.softmax(
@@ -168,6 +171,24 @@ def test_only_targeted_projections_get_adapters(runs, sentiment_files):
   config = lora_config(sentiment_files, root, targets=r"block_\d+/attn/(query|value)")
   config, _ = build.resolve(config)
   params = _flat(build.build(config).abstract.params)
-  assert sorted("/".join(k) for k in params if lora.is_adapter(k)) == sorted(
+  assert sorted("/".join(k) for k in params if lora_weights.is_adapter(k)) == sorted(
       f"block_{i}/attn/{m}/kernel_lora_{ab}" for i in (0, 1) for m in ("query", "value")
       for ab in "ab")
+
+
+@pytest.mark.parametrize("targets", [lora_weights.DEFAULT_TARGETS, r"block_1/(attn/out|mlp/wo)"])
+def test_inference_reads_the_lora_tree_without_the_lora_model(targets):
+  """infer/ restores a LoRA run into the tree it derives from the plain Transformer: the same
+  shapes, dtypes and logical axis names (hence shardings) as qwix's LoRA model, GQA included."""
+  model_cfg = ModelConfig(vocab_size=512, num_layers=2, d_model=48, num_heads=2, num_kv_heads=1,
+                          head_dim=24, mlp_dim=96, num_classes=2)
+  spec = lora_weights.LoraSpec(4, 8.0, targets=targets)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  shape_of = lambda model: jax.eval_shape(lambda r: model.init(r, tokens),
+                                          jax.random.PRNGKey(0))["params"]
+  derived = lora_weights.with_adapters(shape_of(Transformer(model_cfg)), spec)
+  built = shape_of(lora.lora_model(model_cfg, spec))
+  describe = lambda tree: {k: (v.value.shape, v.value.dtype, v.names) for k, v in
+                           flax.traverse_util.flatten_dict(tree, is_leaf=lambda _, v: hasattr(
+                               v, "names")).items()}
+  assert describe(derived) == describe(built)

@@ -19,7 +19,7 @@ import pytest
 
 from configs import sentiment_finetune
 from helpers import numpy_params, tiny_model_cfg
-from infer import loading, prune, quantize, serve
+from infer import loading, prune, ptq, serve
 from model.transformer import Transformer
 from train import run as run_lib
 
@@ -200,7 +200,7 @@ def test_pruned_run_loads_and_serves_like_any_run(classifier_dir, pruned_dir, tm
     thread.join()
   np.testing.assert_allclose(answer["probs"], probs[0], rtol=1e-5, atol=1e-6)
   # The pruned run quantizes like any run.
-  qmodel, qparams = quantize.quantize(loaded.model, loaded.params, "w8a8",
+  qmodel, qparams = ptq.quantize(loaded.model, loaded.params, "w8a8",
                                       loaded.encode_for_classify(texts)["tokens"])
   assert qmodel.cfg.num_heads == 2
 

@@ -1,4 +1,4 @@
-"""infer/quantize.py on a tiny Transformer classifier with random parameters.
+"""infer/ptq.py (quantization) on a tiny Transformer classifier with random parameters.
 
 Why these checks: a quantized model must (1) stay close to the float one, (2) really hold int8
 (not a float model that only rounds), (3) in w8a8, run its projections as int8 x int8 -> int32
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer import quantize as quantize_lib
+from infer import ptq as quantize_lib
 from model.transformer import Transformer
 from tests import helpers
 

@@ -29,7 +29,7 @@ from helpers import call as _call, serving as _serving
 from infer import batching, decode, inputs, loading
 from infer import main as batch_lib
 from model import errors
-from train import metrics as metrics_lib
+from model import progress as progress_lib
 from train import run as run_lib
 
 pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
@@ -369,7 +369,7 @@ def test_summaries_drop_ids_the_tokenizer_has_no_piece_for(summarizer, monkeypat
 
 # --- batch inference and the command lines -------------------------------------------------------
 def test_long_inputs_log_progress_with_an_eta(classifier, tmp_path, monkeypatch, caplog):
-  monkeypatch.setattr(metrics_lib.CountProgress, "every_s", 0.0)
+  monkeypatch.setattr(progress_lib.CountProgress, "every_s", 0.0)
   caplog.set_level(logging.INFO)
   inputs = [(i, TEXTS[i % len(TEXTS)]) for i in range(12)]
   batch_lib.write_predictions(classifier, inputs, str(tmp_path / "p.jsonl"), batch_size=4)
@@ -514,7 +514,7 @@ def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir,
 def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier, tmp_path):
   """`infer.quantize --out=DIR` writes a run: infer.main and the server load DIR by path (a
   relative one, as the README writes it) and predict what the in-process int8 model does."""
-  from infer import quantize
+  from infer import ptq
   out = tmp_path / "runs" / "w8a8"
   result = subprocess.run(
       [sys.executable, "-m", "infer.quantize", f"--workdir={classifier_dir}", "--mode=w8a8",
@@ -524,7 +524,7 @@ def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier
   assert (out / loading.QUANTIZED_DIR / "params").is_dir()
   loaded = loading.LoadedModel.from_workdir(str(out))
   assert (loaded.kind, loaded.quantization, loaded.step) == ("classify", "w8a8", classifier.step)
-  qmodel, qparams = quantize.quantize(classifier.model, classifier.params, "w8a8",
+  qmodel, qparams = ptq.quantize(classifier.model, classifier.params, "w8a8",
                                       np.zeros((1, 8), np.int32))
   batch = classifier.encode_for_classify(TEXTS[:4])
   expected = np.asarray(loading.classify_probs(qmodel, qparams, batch["tokens"], batch["mask"]))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from model import checkpoint as checkpoint_lib
-from train.metrics import format_eta
+from model.progress import format_eta
 
 from helpers import (NUM_STEPS, REPO, base_args, checkpoint_steps, env, losses, run_main,
                      start_and_interrupt)
@@ -193,6 +193,12 @@ def test_rerunning_a_finished_run_says_so_and_validates_again(reference_run, tmp
   expected = f"{format_eta(meta['wall_s'])} ({meta['wall_s']:.3f} s, step {NUM_STEPS})"
   assert f"training time, all sessions of this run: {expected}" in result.stderr, \
       result.stderr[-3000:]
+  # The run ends with one line naming its folder and what it holds.
+  steps = ", ".join(map(str, checkpoint_steps(workdir)))
+  folder_lines = [x for x in result.stderr.splitlines() if "] run folder " in x]
+  assert len(folder_lines) == 1 and folder_lines[0].endswith(
+      f"run folder {workdir}: checkpoints/ (steps {steps}), config.json, metrics.jsonl, "
+      "tb/ (TensorBoard), loss_curve.png"), result.stderr[-3000:]
 
 
 def base_args_for(workdir, reference_workdir):

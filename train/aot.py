@@ -75,23 +75,44 @@ def _hbm_shortfall(message: str) -> int | None:
   return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
+def _target(config, topology: str | None):
+  """(resolved config, TPU slice or None, devices, mesh or None, HBM bytes per device, peak
+  FLOP/s per device): this host's devices, or the TPU slice `topology` names."""
+  if not topology:
+    config, _ = build.resolve(config)
+    return config, None, jax.devices(), None, None, None
+  tpu_slice = topologies.parse(topology)
+  topologies.quiet_libtpu_env(tpu_slice)
+  devices = topologies.devices(tpu_slice)
+  capacity = topologies.hbm_per_device(tpu_slice, len(devices))
+  peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
+  hosts = len({d.process_index for d in devices})
+  config, _ = build.resolve(config, num_devices=len(devices), process_count=hosts)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  return config, tpu_slice, devices, mesh, capacity, peak
+
+
+def _slice_fit(out: dict, compiled, mem: dict, tpu_slice, capacity: int, peak: float):
+  """Adds to `out` and prints what a TPU slice's compile tells: the collectives, whether it
+  fits in HBM (`mem`: the step's per-device bytes), and the step time at 100% MFU."""
+  out["collectives"] = topologies.count_collectives(compiled.as_text())
+  out["hbm_per_device_bytes"] = capacity
+  out["fits"] = bool(mem) and mem["total_bytes"] <= capacity
+  ideal_s = out["model_flops_per_step"] / out["devices"] / peak
+  out["ideal_step_s"] = ideal_s
+  print("  collectives in the compiled step (static count): " +
+        ", ".join(f"{k} {v}" for k, v in out["collectives"].items()))
+  print(f"  at 100% MFU ({peak / 1e12:.0f} TFLOP/s bf16 per device) a step takes "
+        f"{1e3 * ideal_s:.3g} ms")
+  if mem:
+    print(f"  {topologies.fit_line(mem['total_bytes'], capacity)} "
+          f"({tpu_slice.chip.generation}, {capacity / 2**30:.0f} GiB HBM per device)")
+
+
 def report(config, topology: str | None = None, save_path: str | None = None) -> dict:
   """Resolves `config` like a run does, builds it and compiles its train step, for this host's
   devices or for the TPU slice `topology` names (v5p-128, v5e-256, v6e-256, v4-8, v5e:16x16)."""
-  tpu_slice, capacity, peak = None, None, None
-  if topology:
-    tpu_slice = topologies.parse(topology)
-    topologies.quiet_libtpu_env(tpu_slice)
-    devices = topologies.devices(tpu_slice)
-    capacity = topologies.hbm_per_device(tpu_slice, len(devices))
-    peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
-    hosts = len({d.process_index for d in devices})
-    config, _ = build.resolve(config, num_devices=len(devices), process_count=hosts)
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
-  else:
-    config, _ = build.resolve(config)
-    mesh = None
-    devices = jax.devices()
+  config, tpu_slice, devices, mesh, capacity, peak = _target(config, topology)
   t0 = time.perf_counter()
   parts = build.build(config, mesh)
   try:
@@ -139,18 +160,7 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
     print(f"  compiler cost analysis per device: {out['compiler_flops']:.3e} FLOPs, "
           f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed{loop}")
   if tpu_slice:
-    out["collectives"] = topologies.count_collectives(compiled.as_text())
-    out["hbm_per_device_bytes"] = capacity
-    out["fits"] = bool(mem) and mem["total_bytes"] <= capacity
-    ideal_s = flops / len(devices) / peak
-    out["ideal_step_s"] = ideal_s
-    print("  collectives in the compiled step (static count): " +
-          ", ".join(f"{k} {v}" for k, v in out["collectives"].items()))
-    print(f"  at 100% MFU ({peak / 1e12:.0f} TFLOP/s bf16 per device) a step takes "
-          f"{1e3 * ideal_s:.3g} ms")
-    if mem:
-      print(f"  {topologies.fit_line(mem['total_bytes'], capacity)} "
-            f"({tpu_slice.chip.generation}, {capacity / 2**30:.0f} GiB HBM per device)")
+    _slice_fit(out, compiled, mem, tpu_slice, capacity, peak)
   if save_path:
     what = save(compiled, save_path)
     print(f"  saved the compiled step ({what}) to {save_path}")

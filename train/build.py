@@ -17,11 +17,12 @@ import ml_collections
 from absl import logging
 
 from infer import loading
-from infer import lora as lora_lib
 from model import sharding as sharding_lib
 from model.config import ModelConfig
+from model.task_kind import task_kind
 from model.transformer import Transformer
 from train import config_check, optim, tasks
+from train import lora as lora_lib
 from train import state as state_lib
 from train import step as step_lib
 from train.config_check import ConfigError
@@ -38,9 +39,6 @@ ARCHITECTURE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head
                      "embed_scale", "tied_head_rescale", "logit_softcap", "causal",
                      "type_vocab_size", "embed_norm", "position_offset", "pooler",
                      "cls_hidden", "cls_bias")
-
-
-task_kind = loading.task_kind   # pretrain | classify | summarize: what the trained model does
 
 
 def is_finetuning(config) -> bool:

@@ -4,6 +4,7 @@ import math
 from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
+from model.task_kind import task_kind as _student_task
 from train.data import sources as sources_lib
 
 
@@ -13,6 +14,20 @@ class ConfigError(errors.UserError):
 
 def validate(config, num_devices: int, process_count: int):
   """Raises ConfigError naming the key and what was expected."""
+  mesh = _mesh_of_buildable(config, num_devices)
+  checks = _size_checks(config, mesh, process_count) + _setting_checks(config)
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)
+  if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
+    raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")
+  _check_lora(config)
+  check_decode(config)
+
+
+def _mesh_of_buildable(config, num_devices: int) -> dict:
+  """The mesh's axis sizes, once the task, model, schedule and mesh build (their ValueErrors
+  become ConfigErrors)."""
   from train import optim, tasks   # here, not at import time: tasks import the model stack
   try:
     tasks.get_task(config.task)
@@ -21,9 +36,13 @@ def validate(config, num_devices: int, process_count: int):
     mesh = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, num_devices)))
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  return mesh
+
+
+def _size_checks(config, mesh: dict, process_count: int) -> list:
+  """(ok, message) pairs on sizes: sequence, vocabulary, batch over processes and mesh,
+  positions, steps and intervals."""
   d, t = config.data, config.train
-  select_by = t.get("select_by", "loss")
-  gaps = d.get("gap_sentences", {"ratio": 0.0, "passage_words": 1})
   accum = config.optim.grad_accum_steps
   batch_shards = mesh["data"] * mesh["fsdp"]
   checks = [
@@ -53,7 +72,15 @@ def validate(config, num_devices: int, process_count: int):
   ]
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     checks.append((t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1"))
-  checks += [
+  return checks
+
+
+def _setting_checks(config) -> list:
+  """(ok, message) pairs on choices and the settings that belong to some tasks only."""
+  d, t = config.data, config.train
+  select_by = t.get("select_by", "loss")
+  gaps = d.get("gap_sentences", {"ratio": 0.0, "passage_words": 1})
+  return [
       (config.train.nonfinite in ("stop", "skip"),
        f"config.train.nonfinite={config.train.nonfinite!r}; expected 'stop' or 'skip'"),
       (d.bad_lines in ("fail", "skip"),
@@ -106,22 +133,10 @@ def validate(config, num_devices: int, process_count: int):
        f"'<evaluator>/<metric>' with an evaluator of config.eval.evaluators "
        f"{tuple(config.eval.evaluators)}, e.g. 'rouge/rougeL'"),
   ]
-  for ok, message in checks:
-    if not ok:
-      raise ConfigError(message)
-  if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
-    raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")
-  _check_lora(config)
-  check_decode(config)
-
-
-def _student_task(config) -> str:
-  return config.distill.task if config.task == "distill" else config.task
-
 
 def _check_lora(config):
   """train.lora: adapters on a pre-trained model being fine-tuned, on projections it has."""
-  from infer import lora   # the LoRA model lives beside quantization, below train/
+  from train import lora   # here, not at import time: it imports the model stack and qwix
   lora_cfg = config.train.get("lora")
   if lora_cfg is None or lora_cfg.rank == 0:
     return

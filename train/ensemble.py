@@ -33,7 +33,8 @@ from infer import ensemble as infer_ensemble
 from infer import rerank
 from model import errors
 from model import log_setup
-from train import build, config_check, final_eval
+from model.task_kind import task_kind
+from train import config_check, final_eval
 from train.data import examples as examples_lib
 
 PREDICTIONS = final_eval.PREDICTIONS
@@ -77,7 +78,7 @@ def ensemble(members: list[str], out: str, config_from: str | None = None,
           f"{PREDICTIONS} (a finished classification run or a train.redecode --out)")
   config_dir = config_from or members[0]
   config = _run_config(config_dir)
-  kind = build.task_kind(config)
+  kind = task_kind(config)
   if kind not in ("classify", "summarize"):
     raise config_check.ConfigError(f"{config_dir} is a {kind!r} run; an ensemble combines "
                                    "classifiers or summarizers")

@@ -17,6 +17,8 @@ from absl import logging
 from eval import classification, factual, report, rouge, slices, tfidf_baseline
 from infer import loading
 from model import checkpoint as checkpoint_lib
+from model.progress import CountProgress
+from model.task_kind import task_kind
 from train import build
 from train import metrics as metrics_lib
 from train.data import corpus as corpus_lib
@@ -87,7 +89,7 @@ def _records(loaded: loading.LoadedModel, params, examples, batch_size: int,
   # Whole batches at a time, so that the batches (and MBR's per-batch seeds) are the same as
   # in one call; a progress line with ETA for the minutes a large test split takes.
   step = batch_size * PROGRESS_BATCHES
-  progress = metrics_lib.CountProgress(len(texts), "texts")
+  progress = CountProgress(len(texts), "texts")
   predictions = []
   for start in range(0, len(texts), step):
     chunk = texts[start:start + step]
@@ -277,7 +279,7 @@ class FinetuneEvaluation:
 
   def __init__(self, config, workdir: str, parts: build.Parts, inputs):
     self.config, self.workdir, self.parts, self.splits = config, workdir, parts, inputs.splits
-    self.loaded = loading.LoadedModel(config, build.task_kind(config), parts.model, None,
+    self.loaded = loading.LoadedModel(config, task_kind(config), parts.model, None,
                                       inputs.tokenizer, 0, mesh=parts.mesh)
     self.best_checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"),
                                                          every=1, keep=1)

@@ -14,6 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from model import tokenizer as tokenizer_lib
+from model.task_kind import task_kind
 from train import build
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
@@ -92,12 +93,12 @@ def _finetune_tokenizer(config, sources: build.Sources, resumed_meta):
   if origin is not None:
     return origin.tokenizer()
   return tokenizer_training.train_tokenizer(
-      config.data, examples_lib.TextSource(sources.splits["train"], build.task_kind(config)),
+      config.data, examples_lib.TextSource(sources.splits["train"], task_kind(config)),
       examples_lib.fingerprint(config.data))
 
 
 def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) -> Inputs:
-  kind = build.task_kind(config)
+  kind = task_kind(config)
   tokenizer = _finetune_tokenizer(config, sources, resumed_meta)
   splits = sources.splits
   stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key

@@ -28,7 +28,8 @@ import ml_collections
 from infer import classifier_rows, loading
 from model import errors
 from model import log_setup
-from train import build, config_check, final_eval
+from model.task_kind import task_kind
+from train import config_check, final_eval
 from train.data import examples as examples_lib
 
 SPLITS = ("test", "validation", "train")
@@ -121,7 +122,7 @@ def redecode(workdir: str, out: str, num_examples: int | None = None, split: str
       classifier_rows.check_stride(window_stride, config.data.seq_len, loaded.tokenizer)
     except ValueError as e:
       raise config_check.ConfigError(f"--{e}") from None
-  splits = examples_lib.load_splits(config.data, build.task_kind(config),
+  splits = examples_lib.load_splits(config.data, task_kind(config),
                                     config.model.num_classes)
   decoding, facts = ({}, {}) if run.kind == "classify" else final_eval.decode_options(
       config, loaded, splits.get("train", []))

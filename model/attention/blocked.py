@@ -43,6 +43,21 @@ def _split(x, block: int, fill=0):
   return jnp.moveaxis(x, 1, 0)
 
 
+def _fold_key_block(carry, qi, kj, vj, ok, scale):
+  """One key block folded into a query block's running state (row max m, row sum l,
+  unnormalised output acc): the online softmax; `ok` [B, bq, bk] marks the pairs allowed."""
+  m, l, acc = carry
+  okb = ok[:, None, None]
+  scores = jnp.einsum("bkgtd,bksd->bkgts", qi, kj, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(okb, scores, _NEG)
+  # The result is invariant to m (it cancels in acc / l): no gradient needs to flow into it.
+  m_new = lax.stop_gradient(jnp.maximum(m, scores.max(-1)))
+  p = jnp.where(okb, jnp.exp(scores - m_new[..., None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  acc = acc * corr[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, vj.astype(jnp.float32))
+  return m_new, l * corr + p.sum(-1), acc
+
+
 def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
            implementation: str = "auto", block_size: int = 128):
   """q [B, T, H, D], k/v [B, S, K, D] (GQA when K < H) -> [B, T, H, D].
@@ -80,19 +95,7 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
       ok = (masks.allowed(spec, qp, kp, qseg, kseg, mi.prefix_len)
             & qvalid[:, :, None] & kvalid[:, None, :])                  # [B, bq, bk]
 
-      def compute(carry):
-        m, l, acc = carry
-        okb = ok[:, None, None]
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qi, kj,
-                            preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(okb, scores, _NEG)
-        # The result is invariant to m (it cancels in acc / l): no gradient needs to flow into it.
-        m_new = lax.stop_gradient(jnp.maximum(m, scores.max(-1)))
-        p = jnp.where(okb, jnp.exp(scores - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        acc = acc * corr[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, vj.astype(jnp.float32))
-        return m_new, l * corr + p.sum(-1), acc
-
+      compute = lambda c: _fold_key_block(c, qi, kj, vj, ok, scale)
       return lax.cond(ok.any(), compute, lambda c: c, carry), None
 
     init = (jnp.full((b, kv_heads, groups, bq), _NEG), jnp.zeros((b, kv_heads, groups, bq)),

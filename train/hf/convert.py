@@ -1,11 +1,11 @@
 """Hugging Face checkpoints in and out of this codebase's runs.
 
-  python -m train.convert import --hf_dir=DIR --workdir=runs/NAME [--seq_len=1024]
-  python -m train.convert export --workdir=runs/NAME --hf_dir=OUT [--shard_size_mb=4096]
+  python -m train.hf.convert import --hf_dir=DIR --workdir=runs/NAME [--seq_len=1024]
+  python -m train.hf.convert export --workdir=runs/NAME --hf_dir=OUT [--shard_size_mb=4096]
 
 import reads DIR/config.json and DIR/*.safetensors (one file, or shards listed by
 model.safetensors.index.json) tensor by tensor, maps each onto this codebase's parameter tree
-(train/hf_families.py), puts it straight into its sharding over the mesh, and writes a finished
+(train/hf/families.py), puts it straight into its sharding over the mesh, and writes a finished
 run: an Orbax checkpoint (state = {"params": ...}: no optimizer state, which every reader of a
 finished run skips), its metadata (config, tokenizer, the source) and config.json, with the
 tokenizer files copied to <workdir>/tokenizer/. train.init_from, distill.teacher, infer.*,
@@ -48,11 +48,12 @@ from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
 from model import config as model_config_lib
 from model.config import ModelConfig
+from model.task_kind import task_kind
 from model.transformer import Transformer
-from train import hf_export
-from train import hf_families as families
-from train import safetensors_reader
-from train.hf_families import ConvertError
+from train.hf import export as hf_export
+from train.hf import families
+from train.hf import safetensors_reader
+from train.hf.families import ConvertError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -125,7 +126,7 @@ def _place(reader, family, config, mesh):
   """({path: array} of every parameter, each put into its sharding as soon as it is read and
   converted; {leaf name: checksum} of them, computed on the host copy), ModelConfig.
   Besides the placed parameters the host holds one block of a tensor (the layouts of
-  hf_families.Entry) or, for the few entries converted whole (GPT-2's fused q/k/v, biases),
+  families.Entry) or, for the few entries converted whole (GPT-2's fused q/k/v, biases),
   that entry's tensors; on a CPU device a placed parameter is its host copy (_aligned_empty)."""
   model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
   model = Transformer(model_cfg)
@@ -199,10 +200,9 @@ def _adapt_to_checkpoint(config, reader, family) -> list[str]:
   return []
 
 
-def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict:
-  """Writes the run for the HF model in hf_dir; returns a summary (timings, sizes)."""
-  t0 = time.perf_counter()
-  hf_dir, workdir = loading.resolve_path(hf_dir), loading.resolve_path(workdir)
+def _check_import_paths(hf_dir: str, workdir: str) -> str:
+  """hf_dir's config.json path; ConvertError unless hf_dir has it and tokenizer.json and
+  workdir is new or empty."""
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(config_path):
     raise ConvertError(f"--hf_dir={hf_dir}: no config.json")
@@ -211,6 +211,14 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
   if not os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
     raise ConvertError(f"--hf_dir={hf_dir}: no tokenizer.json (save the fast tokenizer with "
                        "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+  return config_path
+
+
+def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict:
+  """Writes the run for the HF model in hf_dir; returns a summary (timings, sizes)."""
+  t0 = time.perf_counter()
+  hf_dir, workdir = loading.resolve_path(hf_dir), loading.resolve_path(workdir)
+  config_path = _check_import_paths(hf_dir, workdir)
   with open(config_path) as f:
     hf_cfg = json.load(f)
   family = families.family_of(hf_cfg)
@@ -270,12 +278,11 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
 # --- export ----------------------------------------------------------------------------------
 def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   """Writes the run at workdir as a Hugging Face model folder; returns a summary."""
-  from safetensors.numpy import save_file
   t0 = time.perf_counter()
   run = loading.open_run(workdir, prefer_best=True)
   if run.quantization != "none":
     raise ConvertError(f"--workdir={workdir} is a quantized run; export the float run")
-  kind = loading.task_kind(run.meta["config"])
+  kind = task_kind(run.meta["config"])
   if kind not in ("pretrain", "classify"):
     raise ConvertError(f"--workdir={workdir} is a {kind} run; language models (task pretrain) "
                        "export as *ForCausalLM (encoders as *Model), classifiers as "
@@ -293,20 +300,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   hf_export.check_exportable(family, m)
   vocab = run.meta["config"]["data"]["vocab_size"]
   m["vocab_size"] = vocab
-  model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
-  params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
-  params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
-  if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)
-      and not m["num_classes"] and "final_norm/scale" in params):
-    # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
-    params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)
-  # A base encoder (BertModel) is saved without its prefix, as transformers saves it.
-  strip = families.PREFIX[family] if family in families.ENCODERS and not m["num_classes"] else ""
-  tensors = {}
-  for entry in families.entries(family, m):
-    for name, value in zip(entry.hf, entry.to_hf([params[p] for p in entry.ours])):
-      name = name[len(strip):] if strip and name.startswith(strip) else name
-      tensors[name] = np.ascontiguousarray(value, np.float32)
+  tensors = _hf_tensors(run, family, m)
 
   tmp = f"{hf_dir}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -322,26 +316,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
       with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in extra.items() if v is not None}, f, indent=2)
     _write_tokenizer(tok, run, tmp)
-    limit = shard_size_mb << 20
-    shards, current, size = [], {}, 0
-    for name, value in tensors.items():
-      if current and size + value.nbytes > limit:
-        shards.append(current)
-        current, size = {}, 0
-      current[name] = value
-      size += value.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-      save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-      weight_map = {}
-      for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-                   "weight_map": weight_map}, f, indent=2)
+    n_shards = hf_export.write_safetensors(tensors, tmp, shard_size_mb)
     if os.path.exists(hf_dir):
       os.rmdir(hf_dir)
     os.rename(tmp, hf_dir)
@@ -349,8 +324,27 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return {"family": family, "architecture": cfg["architectures"][0], "tensors": len(tensors),
-          "shards": len(shards),
+          "shards": n_shards,
           "seconds": round(time.perf_counter() - t0, 2), "hf_dir": hf_dir}
+
+
+def _hf_tensors(run, family: str, m: dict) -> dict:
+  """{HF tensor name: float32 array} of the run's parameters in `family`'s layout."""
+  model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
+  params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
+  params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+  if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)
+      and not m["num_classes"] and "final_norm/scale" in params):
+    # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
+    params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)
+  # A base encoder (BertModel) is saved without its prefix, as transformers saves it.
+  strip = families.PREFIX[family] if family in families.ENCODERS and not m["num_classes"] else ""
+  tensors = {}
+  for entry in families.entries(family, m):
+    for name, value in zip(entry.hf, entry.to_hf([params[p] for p in entry.ours])):
+      name = name[len(strip):] if strip and name.startswith(strip) else name
+      tensors[name] = np.ascontiguousarray(value, np.float32)
+  return tensors
 
 
 def _write_tokenizer(tok, run, out: str):
@@ -374,7 +368,7 @@ def _write_tokenizer(tok, run, out: str):
 
 # --- CLI ---------------------------------------------------------------------------------------
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m train.hf.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF folder -> run")
@@ -394,7 +388,7 @@ def main(argv=None):
     else:
       summary = export_hf(args.workdir, args.hf_dir, args.shard_size_mb)
   except (ConvertError, loading.LoadError, tokenizer_lib.DataError) as e:
-    print(f"train.convert {args.command}: {e}", file=sys.stderr)
+    print(f"train.hf.convert {args.command}: {e}", file=sys.stderr)
     return 2
   print(json.dumps(summary))
   return 0

@@ -1,13 +1,13 @@
 """Reading Hugging Face safetensors checkpoints (one file, or the shards an index lists) tensor
-by tensor, for train.convert: each read seeks to one tensor's bytes, so only it is in memory."""
+by tensor, for train.hf.convert: each read seeks to one tensor's bytes, so only it is in memory."""
 import glob
 import json
 import os
 
 import numpy as np
 
-from train import hf_families as families
-from train.hf_families import ConvertError
+from train.hf import families
+from train.hf.families import ConvertError
 
 _DTYPES = ("F32", "F16", "BF16", "F64")
 

@@ -1,7 +1,10 @@
-"""Export: this codebase's model config -> the Hugging Face family it exports as and that
-family's config.json (train/convert.py export; the tensor maps are train/hf_families.py's)."""
+"""Export: this codebase's model config -> the Hugging Face family it exports as, that
+family's config.json and the safetensors files (train/hf/convert.py export; the tensor maps are
+train/hf/families.py's)."""
+import json
+import os
 
-from train.hf_families import ENCODERS, ConvertError
+from train.hf.families import ENCODERS, ConvertError
 
 
 def _labels(n: int, labels: dict | None) -> dict:
@@ -191,3 +194,30 @@ def export_family(m: dict) -> str:
   if get("qkv_bias", False) != get("out_bias", False):
     raise ConvertError("q/k/v biases without an output bias export as Qwen2 only (no MLP bias)")
   return "llama"
+
+
+def write_safetensors(tensors: dict, out: str, shard_size_mb: int) -> int:
+  """model.safetensors in `out`, or shards of at most shard_size_mb and their index; returns
+  how many files."""
+  from safetensors.numpy import save_file
+  limit = shard_size_mb << 20
+  shards, current, size = [], {}, 0
+  for name, value in tensors.items():
+    if current and size + value.nbytes > limit:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = value
+    size += value.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(out, file), metadata={"format": "pt"})
+      weight_map.update({name: file for name in shard})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                 "weight_map": weight_map}, f, indent=2)
+  return len(shards)

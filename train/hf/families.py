@@ -3,7 +3,7 @@
 Each family turns an HF config.json into `config.model` keys (model/config.py switches) and
 lists its tensors as `Entry`s: the HF tensor names, the parameter paths they become, and the
 two layout changes (HF -> ours on import, ours -> HF on export). One entry may split one HF
-tensor into several parameters (GPT-2's fused c_attn). train/convert.py reads and writes
+tensor into several parameters (GPT-2's fused c_attn). train/hf/convert.py reads and writes
 tensors entry by entry, so at most one entry's tensors are in host memory at a time.
 
 Layouts: HF nn.Linear weights are [out, in]; our kernels are [in, *out] with heads split
@@ -43,7 +43,7 @@ class Entry:
   ours: tuple          # parameter paths, "block_0/attn/query/kernel"
   to_ours: Callable    # list of HF arrays -> list of our arrays
   to_hf: Callable      # list of our arrays -> list of HF arrays
-  # How one HF tensor's rows land in the parameter, so that train/convert.py converts it a
+  # How one HF tensor's rows land in the parameter, so that train/hf/convert.py converts it a
   # block of rows at a time: "same" (row i is row i), "linear" (row i of [out, in] is column i
   # of the kernel [in, out...]), "linear_in" (row i of [out, in] is the last-axis index i of the
   # kernel [in..., out]); None: converted whole with to_ours.
@@ -311,6 +311,42 @@ def _encoder_entries(family: str, m: dict) -> list[Entry]:
   return out
 
 
+def _gpt2_entries(m: dict) -> list[Entry]:
+  """GPT-2's tensors (fused q/k/v in c_attn, Conv1D weights already [in, out]), head aside."""
+  d, h, hd = m["d_model"], m["num_heads"], m["head_dim"]
+  out = []
+  p = "transformer."
+  out += [_same(p + "wte.weight", "embed/embedding"),
+          _same(p + "wpe.weight", "pos_embed/pos_embedding")]
+  for i in range(m["num_layers"]):
+    hp, bp = f"{p}h.{i}.", f"block_{i}/"
+    split_w = lambda w: [w[:, j * d:(j + 1) * d].reshape(d, h, hd) for j in range(3)]
+    split_b = lambda b: [b[j * d:(j + 1) * d].reshape(h, hd) for j in range(3)]
+    out += [
+        _same(hp + "ln_1.weight", bp + "attn_norm/scale"),
+        _same(hp + "ln_1.bias", bp + "attn_norm/bias"),
+        Entry((hp + "attn.c_attn.weight",),
+              tuple(bp + f"attn/{n}/kernel" for n in ("query", "key", "value")),
+              lambda xs, f=split_w: f(xs[0]),
+              lambda xs: [np.concatenate([x.reshape(d, d) for x in xs], axis=1)]),
+        Entry((hp + "attn.c_attn.bias",),
+              tuple(bp + f"attn/{n}/bias" for n in ("query", "key", "value")),
+              lambda xs, f=split_b: f(xs[0]),
+              lambda xs: [np.concatenate([x.reshape(d) for x in xs])]),
+        Entry((hp + "attn.c_proj.weight",), (bp + "attn/out/kernel",),
+              _one(lambda w: w.reshape(h, hd, d)), _one(lambda k: k.reshape(d, d))),
+        _same(hp + "attn.c_proj.bias", bp + "attn/out/bias"),
+        _same(hp + "ln_2.weight", bp + "mlp_norm/scale"),
+        _same(hp + "ln_2.bias", bp + "mlp_norm/bias"),
+        _same(hp + "mlp.c_fc.weight", bp + "mlp/wi/kernel"),
+        _same(hp + "mlp.c_fc.bias", bp + "mlp/wi/bias"),
+        _same(hp + "mlp.c_proj.weight", bp + "mlp/wo/kernel"),
+        _same(hp + "mlp.c_proj.bias", bp + "mlp/wo/bias"),
+    ]
+  out += [_same(p + "ln_f.weight", "final_norm/scale"), _same(p + "ln_f.bias", "final_norm/bias")]
+  return out
+
+
 def entries(family: str, m: dict) -> list[Entry]:
   """Every tensor of the family for model keys `m` (as model_keys returns)."""
   if family in ENCODERS:
@@ -318,38 +354,9 @@ def entries(family: str, m: dict) -> list[Entry]:
   d, h, kv, hd = m["d_model"], m["num_heads"], m["num_kv_heads"], m["head_dim"]
   n = m.get("num_classes", 0)
   head = [_linear("score.weight", "cls_head/kernel", d, (n,))] if n else []
-  out = []
   if family == "gpt2":
-    p = "transformer."
-    out += [_same(p + "wte.weight", "embed/embedding"),
-            _same(p + "wpe.weight", "pos_embed/pos_embedding")]
-    for i in range(m["num_layers"]):
-      hp, bp = f"{p}h.{i}.", f"block_{i}/"
-      split_w = lambda w: [w[:, j * d:(j + 1) * d].reshape(d, h, hd) for j in range(3)]
-      split_b = lambda b: [b[j * d:(j + 1) * d].reshape(h, hd) for j in range(3)]
-      out += [
-          _same(hp + "ln_1.weight", bp + "attn_norm/scale"),
-          _same(hp + "ln_1.bias", bp + "attn_norm/bias"),
-          Entry((hp + "attn.c_attn.weight",),
-                tuple(bp + f"attn/{n}/kernel" for n in ("query", "key", "value")),
-                lambda xs, f=split_w: f(xs[0]),
-                lambda xs: [np.concatenate([x.reshape(d, d) for x in xs], axis=1)]),
-          Entry((hp + "attn.c_attn.bias",),
-                tuple(bp + f"attn/{n}/bias" for n in ("query", "key", "value")),
-                lambda xs, f=split_b: f(xs[0]),
-                lambda xs: [np.concatenate([x.reshape(d) for x in xs])]),
-          Entry((hp + "attn.c_proj.weight",), (bp + "attn/out/kernel",),
-                _one(lambda w: w.reshape(h, hd, d)), _one(lambda k: k.reshape(d, d))),
-          _same(hp + "attn.c_proj.bias", bp + "attn/out/bias"),
-          _same(hp + "ln_2.weight", bp + "mlp_norm/scale"),
-          _same(hp + "ln_2.bias", bp + "mlp_norm/bias"),
-          _same(hp + "mlp.c_fc.weight", bp + "mlp/wi/kernel"),
-          _same(hp + "mlp.c_fc.bias", bp + "mlp/wi/bias"),
-          _same(hp + "mlp.c_proj.weight", bp + "mlp/wo/kernel"),
-          _same(hp + "mlp.c_proj.bias", bp + "mlp/wo/bias"),
-      ]
-    out += [_same(p + "ln_f.weight", "final_norm/scale"), _same(p + "ln_f.bias", "final_norm/bias")]
-    return out + head
+    return _gpt2_entries(m) + head
+  out = []
   p = "model."
   out.append(_same(p + "embed_tokens.weight", "embed/embedding"))
   for i in range(m["num_layers"]):
