@@ -14,10 +14,10 @@ os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""),
                                     "--xla_backend_optimization_level=0",
                                     "--xla_force_host_platform_device_count=8")).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, inherited by every `python -m train.main`
+# One persistent compilation cache for the test session, inherited by every `python -m train.main`
 # the tests start: the suite compiles the same tiny programs again and again (each resume,
 # drill and evaluator run), and a cache hit skips XLA's compile, which dominates a tiny run
-# (docs/results/tests.md). Per session, so no stale entry outlives it.
+# (docs/results/tests.md). Per test session, so no stale entry outlives it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit
   import shutil
