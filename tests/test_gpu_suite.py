@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from bench import gpu_suite, gpu_table
 from model import attention
