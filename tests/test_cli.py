@@ -167,6 +167,7 @@ def quiet_run(corpus, tmp_path_factory):
   return r, data_dir
 
 
+@pytest.mark.slow
 def test_training_output_is_the_runs_own_progress_lines(quiet_run):
   r, _ = quiet_run
   assert r.returncode == 0, r.stderr[-3000:]
@@ -186,6 +187,7 @@ def test_training_output_is_the_runs_own_progress_lines(quiet_run):
   assert all(_LOG_LINE.match(line) for line in r.stderr.splitlines()), r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_verbosity_1_brings_library_logs_back(quiet_run, corpus, tmp_path):
   _, data_dir = quiet_run                                  # already prepared: a quick run
   r = run_main(*_train_args(corpus, data_dir, tmp_path / "run"), "--verbosity=1")

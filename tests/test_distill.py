@@ -54,6 +54,7 @@ def _restored(workdir):
   return loading.restore_params(loading.open_run(str(workdir), prefer_best=True), model, mesh)
 
 
+@pytest.mark.slow
 def test_distilled_student_learns_from_frozen_teacher(sentiment_files, teacher_run, tmp_path):
   config = _student_config(sentiment_files, tmp_path, str(teacher_run))
   # One block of the teacher's width, started from its embedding, head and last block: the
@@ -73,6 +74,7 @@ def test_distilled_student_learns_from_frozen_teacher(sentiment_files, teacher_r
   assert f"parameters: {student_params}" in (tmp_path / "student" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_teachers_is_restored_in_order_and_teaches(sentiment_files, teacher_run,
                                                                   tmp_path):
   late, early = teacher_run / "checkpoints" / "40", teacher_run / "checkpoints" / "30"
@@ -212,6 +214,7 @@ def _fake_run(workdir, tokenizer_path, **model):
                                   "tokenizer_path": str(tokenizer_path)}, checkpointer=None)
 
 
+@pytest.mark.slow
 def test_teachers_must_share_architecture_and_tokenizer(teacher_run, tmp_path):
   tokenizer = loading.open_run(str(teacher_run)).meta["tokenizer_path"]
   a = _fake_run("runs/a", tokenizer)
@@ -292,6 +295,7 @@ def test_an_offline_teacher_joins_the_mixture():
   assert abs(float(without) - float(sums["loss"])) > 1e-3     # the offline teacher counts
 
 
+@pytest.mark.slow
 def test_a_teachers_own_predictions_teach_offline_as_it_does_online(teacher_run, tmp_path):
   """offline_weight = 1: a teacher's probabilities carried in the batch give the loss the
   teacher gives in the step (T = 2), without running it (NaN teacher weights stay unread); and
@@ -405,6 +409,7 @@ def test_tfidf_targets_are_cached_by_the_data_they_were_fitted_on(sentiment_file
   assert len(list((tmp_path / "cache" / "offline_teacher").glob("tfidf-*.npz"))) == 2
 
 
+@pytest.mark.slow
 def test_a_tfidf_teacher_rides_in_the_rows_and_teaches(sentiment_files, teacher_run, tmp_path):
   """distill.offline_teacher=tfidf: every train and validation row carries its example's
   out-of-fold probabilities, and a student learns from them plus the network."""
@@ -478,6 +483,7 @@ def test_a_transfer_set_drops_texts_of_labelled_splits(sentiment_files, tmp_path
     examples_lib.load_transfer(str(path), config.data, splits)
 
 
+@pytest.mark.slow
 def test_a_student_learns_from_unlabelled_texts(sentiment_files, teacher_run, tmp_path):
   """distill.transfer_file: its texts join the train rows (label -1, the offline teacher's
   probabilities riding along), an epoch covers them, and a student taught by the offline

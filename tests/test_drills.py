@@ -25,6 +25,7 @@ from helpers import (CKPT_EVERY, REPO, base_args, checkpoint_steps, env, losses,
                      start_and_interrupt, write_corpus)
 
 drill = pytest.mark.drill
+pytestmark = pytest.mark.slow   # every drill trains or starts train.main
 NUM_STEPS = 30        # the drill runs' train.num_steps: 3 checkpoints, CKPT_EVERY apart
 BAD_LINE = 7          # the malformed line of the drill corpus' more.jsonl
 DRILL_FLAGS = {"train.num_steps": NUM_STEPS, "train.eval_every": NUM_STEPS,

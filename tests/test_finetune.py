@@ -37,6 +37,7 @@ def classifier_run(sentiment_files, tmp_path_factory):
   return root, run_lib.train(config, str(root / "run"))
 
 
+@pytest.mark.slow
 def test_classifier_from_scratch_learns_and_writes_report(classifier_run):
   tmp_path, result = classifier_run
   test = result["test"]["model: classification"]
@@ -58,6 +59,7 @@ def test_classifier_from_scratch_learns_and_writes_report(classifier_run):
   assert len(lines) == 64 and abs(sum(json.loads(lines[0])["probs"]) - 1) < 1e-5
 
 
+@pytest.mark.slow
 def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
   from eval import common as eval_common
   from eval import learning_curve
@@ -129,6 +131,7 @@ def test_learning_curve_reads_finished_fine_tunes(classifier_run, tmp_path):
     learning_curve.point(str(tuned), bootstrap=0)
 
 
+@pytest.mark.slow
 def test_windows_read_long_texts_whole_as_a_per_row_reference_does(classifier_run, tmp_path):
   from infer import classifier_rows
   from train import config_check, redecode
@@ -173,6 +176,7 @@ def test_windows_read_long_texts_whole_as_a_per_row_reference_does(classifier_ru
     redecode.redecode(str(root / "run"), str(tmp_path / "bad"), window_stride=63)
 
 
+@pytest.mark.slow
 def test_classifier_runs_averaged_at_inference(classifier_run):
   import types
   from infer import ensemble
@@ -202,6 +206,7 @@ def test_classifier_runs_averaged_at_inference(classifier_run):
     ensemble.ClassifierEnsemble([plain, summarizer], [run, "s"])
 
 
+@pytest.mark.slow
 def test_init_from_adopts_architecture_and_restores_backbone(sentiment_files, tmp_path):
   # A tiny LM pre-trained on the review texts, then a classifier started from it.
   lm = legal_pretrain.get_config("tiny")
@@ -243,6 +248,7 @@ def _lm_params(lm_config, workdir, step=None):
   return state.params
 
 
+@pytest.mark.slow
 def test_summarizer_pipeline_reports_rouge_with_baselines(tmp_path):
   _summary_file(tmp_path / "pairs.jsonl")
   config = legal_summ_finetune.get_config("tiny")
@@ -436,6 +442,7 @@ def test_nonfinite_update_is_skipped_not_applied():
   chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
 
 
+@pytest.mark.slow
 def test_redecode_reruns_the_test_evaluation_with_other_decoding(tmp_path):
   from train import redecode
   _summary_file(tmp_path / "pairs.jsonl")

@@ -97,6 +97,7 @@ def test_bad_gap_settings_are_config_errors():
     config_check.validate(config, num_devices=1, process_count=1)
 
 
+@pytest.mark.slow
 def test_a_summarizer_starts_from_a_gap_sentence_run(tmp_path):
   _documents(tmp_path / "docs.jsonl", n=120)
   gsg = legal_summ_finetune.get_config("tiny")

@@ -48,6 +48,7 @@ def lm(lm_dir):
   return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 5, 40])
 def test_stream_equals_generate_greedy_and_sampled(lm, chunk):
   greedy = lm.generate(PROMPTS, 20)
@@ -65,6 +66,7 @@ def test_stream_equals_generate_greedy_and_sampled(lm, chunk):
 CONTROLS = dict(no_repeat_ngram_size=2, repetition_penalty=1.3, min_new=4)
 
 
+@pytest.mark.slow
 def test_stream_equals_generate_with_decoding_controls(lm):
   controlled = lm.generate(PROMPTS, 16, **CONTROLS)
   # Not the plain continuations (of which 16 tokens would be a prefix): the controls acted.
@@ -74,6 +76,7 @@ def test_stream_equals_generate_with_decoding_controls(lm):
   assert ["".join(p[i] for p in pieces) for i in range(len(PROMPTS))] == controlled
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_at_the_first_one(lm):
   full = lm.generate(PROMPTS, 30)
   text = max(full, key=len)
@@ -104,6 +107,7 @@ def test_streamed_rows_hold_back_unsettled_text():
   assert rows.add([list(b"qqq")]) == [""] and rows.shown == ["xy"]
 
 
+@pytest.mark.slow
 def test_beam_search_text(lm):
   beams = lm.generate(PROMPTS, 12, beam=3)
   assert len(beams) == len(PROMPTS) and all(isinstance(t, str) for t in beams)
@@ -114,6 +118,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_streams_greedy_and_writes_jsonl(lm_dir, tmp_path):
   trained = loading.LoadedModel.from_workdir(lm_dir)
   proc = _cli(f"--workdir={lm_dir}", f"--prompt={PROMPTS[0]}", "--max_new=16", "--chunk=3")
@@ -150,6 +155,7 @@ def test_describe_says_what_was_generated():
   assert generate_cli.describe("The licensee shall not.", 8).endswith("tokens at most]")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--max_new=500"], "max_new=500: expected 1..62"),
     (["--top_p=0"], "top_p=0.0: expected (0, 1]"),
@@ -191,6 +197,7 @@ def lm_server(lm):
     yield server
 
 
+@pytest.mark.slow
 def test_generate_endpoint_matches_the_loaded_model(lm_server, lm):
   status, answer = _call(lm_server.url + "/generate", {"prompt": PROMPTS[0]})
   assert status == 200 and answer == {"text": lm.generate(PROMPTS[:1], 16)[0]}
@@ -209,6 +216,7 @@ def test_generate_endpoint_matches_the_loaded_model(lm_server, lm):
   assert info["generate_max_new"] == 16 and info["generated"]["requests"] >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, message", [
     (b'{}', 400, 'expected "prompt"'),
     (b'{"prompt": ""}', 400, '"prompt" is empty'),
@@ -242,6 +250,7 @@ def test_generate_bad_requests_are_4xx(lm_server, body, status, message):
   assert got == 400 and "use /generate" in answer["error"]
 
 
+@pytest.mark.slow
 def test_a_classifier_server_has_no_generate(sentiment_files, tmp_path):
   config = _sentiment_config(sentiment_files, tmp_path / "cache", num_steps=1, eval_every=1,
                              checkpoint_every=1)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from bench import gpu_suite, gpu_table
 from model import attention
@@ -40,6 +41,7 @@ def test_attention_rows_equal_and_a_wrong_kernel_fails():
   assert fwd <= gpu_suite.FWD_TOL < gpu_suite.GRAD_TOL < grad
 
 
+@pytest.mark.slow
 def test_tiny_suite_on_cpu_writes_one_table(tmp_path):
   out = tmp_path / "suite.md"
   env = dict(os.environ, JAX_PLATFORMS="cpu")

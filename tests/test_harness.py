@@ -69,6 +69,7 @@ def requests(*args):
   return [types.SimpleNamespace(args=a) for a in args]
 
 
+@pytest.mark.slow
 def test_loglikelihood_equals_a_direct_forward_pass(lm):
   long_context = " ".join(["the licensee shall pay the fee under this agreement"] * 20)
   pairs = [("The licensee shall", " pay the fee."), ("", "Governing law."),
@@ -82,6 +83,7 @@ def test_loglikelihood_equals_a_direct_forward_pass(lm):
         context[len(context.rstrip()):] + continuation)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rolling_windows_cover_every_token_once(lm):
   text = " ".join(["either party may terminate this agreement upon written notice"] * 15)
   ids = lm.tok.encode(text)
@@ -97,6 +99,7 @@ def test_rolling_windows_cover_every_token_once(lm):
                                             len(lm.tok.encode(short))), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_local_tasks_score_with_the_projects_own_loglikelihoods(lm):
   results = harness.evaluate(lm, ["legal_mc", "legal_gen", "legal_ppl"], include_path=TASKS,
                              log_samples=True)
@@ -130,6 +133,7 @@ def test_local_tasks_score_with_the_projects_own_loglikelihoods(lm):
   assert scalars["legal_ppl"]["byte_perplexity"] > 1.0
 
 
+@pytest.mark.slow
 def test_the_command_line_writes_scores(run_dir, tmp_path):
   import json
   import subprocess
@@ -153,6 +157,7 @@ def test_a_classifier_is_refused():
     harness.HarnessLM(loaded)
 
 
+@pytest.mark.slow
 def test_an_imported_model_scores_as_the_harness_hf_backend(tmp_path):
   """A Hugging Face model imported with train.hf.convert gets the same per-example
   log-likelihoods (and task scores) from this adapter as from lm-eval's own HF backend."""

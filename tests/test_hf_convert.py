@@ -31,6 +31,7 @@ from hf_models import (TEXT, VOCAB, make_hf, make_hf_encoder, train_encoder_toke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 48
+pytestmark = pytest.mark.slow   # builds, converts and runs models in two frameworks
 
 def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
   with torch.no_grad():

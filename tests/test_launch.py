@@ -201,6 +201,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_local_launch_trains_two_processes_and_resumes_exactly(
     corpus, data_dir, tmp_path):
   workdir = tmp_path / "run"

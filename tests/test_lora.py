@@ -60,6 +60,7 @@ def _flat(params):
   return flax.traverse_util.flatten_dict(jax.device_get(params))
 
 
+@pytest.mark.slow
 def test_lora_finetune_changes_only_adapters_and_head(runs):
   root, result = runs
   lm = loading.open_run(str(root / "lm"))
@@ -77,6 +78,7 @@ def test_lora_finetune_changes_only_adapters_and_head(runs):
       assert np.abs(trained[key]).max() > 0, key
 
 
+@pytest.mark.slow
 def test_optimizer_state_holds_only_trained_params(runs, sentiment_files):
   root, _ = runs
   config, _ = build.resolve(lora_config(sentiment_files, root))
@@ -95,6 +97,7 @@ def test_optimizer_state_holds_only_trained_params(runs, sentiment_files):
   assert opt_full >= 2 * state_lib.param_count(full.abstract.params)
 
 
+@pytest.mark.slow
 def test_merged_equals_unmerged_and_loads_everywhere(runs, sentiment_files, tmp_path):
   root, result = runs
   config, _ = build.resolve(lora_config(sentiment_files, root))
@@ -142,6 +145,7 @@ def test_merged_equals_unmerged_and_loads_everywhere(runs, sentiment_files, tmp_
   assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keys, message", [
     ({"rank": -1}, "config.train.lora.rank=-1 must be >= 1"),
     ({"rank": 1000}, "config.train.lora.rank=1000 exceeds"),
@@ -166,6 +170,7 @@ def test_lora_needs_a_pretrained_run(sentiment_files, tmp_path):
     build.resolve(config)
 
 
+@pytest.mark.slow
 def test_only_targeted_projections_get_adapters(runs, sentiment_files):
   root, _ = runs
   config = lora_config(sentiment_files, root, targets=r"block_\d+/attn/(query|value)")

@@ -191,6 +191,7 @@ def _train_rows(workdir):
   return out
 
 
+@pytest.mark.slow
 def test_killed_mixture_run_resumes_bit_identical(sources, tmp_path):
   cache = tmp_path / "cache"
   reference = tmp_path / "reference"

@@ -174,6 +174,7 @@ def pruned_dir(classifier_dir, sentiment_files, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_pruned_run_loads_and_serves_like_any_run(classifier_dir, pruned_dir, tmp_path):
   source = loading.LoadedModel.from_workdir(classifier_dir)
   loaded = loading.LoadedModel.from_workdir(pruned_dir)
@@ -205,6 +206,7 @@ def test_pruned_run_loads_and_serves_like_any_run(classifier_dir, pruned_dir, tm
   assert qmodel.cfg.num_heads == 2
 
 
+@pytest.mark.slow
 def test_pruned_run_fine_tunes_through_init_from(pruned_dir, sentiment_files, tmp_path):
   config = _sentiment_config(sentiment_files, tmp_path / "cache")
   config.train.update(num_steps=2, eval_every=2, checkpoint_every=2, log_every=1,
@@ -216,6 +218,7 @@ def test_pruned_run_fine_tunes_through_init_from(pruned_dir, sentiment_files, tm
       (1, 2, 1, 32)
 
 
+@pytest.mark.slow
 def test_inference_report_has_pruned_and_pruned_int8_rows(classifier_dir, pruned_dir,
                                                           sentiment_files, tmp_path):
   from bench import inference_report
@@ -231,6 +234,7 @@ def test_inference_report_has_pruned_and_pruned_int8_rows(classifier_dir, pruned
     assert 0 <= r["accuracy"] <= 1 and 0 < r["p50 ms (b=1)"] <= r["p99 ms (b=1)"]
 
 
+@pytest.mark.slow
 def test_errors_are_clear(classifier_dir, pruned_dir, tmp_path):
   with pytest.raises(loading.LoadError, match="exists"):
     prune.prune_run(classifier_dir, pruned_dir, 0.5)

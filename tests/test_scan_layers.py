@@ -54,6 +54,7 @@ def test_scanned_params_carry_a_layers_axis_and_round_trip():
   chex.assert_trees_all_equal(back, params)
 
 
+@pytest.mark.slow
 def test_scanned_run_trains_sharded_and_loads_per_layer(tmp_path):
   (tmp_path / "corpus").mkdir()
   corpus = helpers.write_corpus(tmp_path / "corpus")

@@ -103,6 +103,7 @@ def cls_server(classifier):
 
 
 # --- the server: classification, batching, bad requests ------------------------------------------
+@pytest.mark.slow
 def test_classify_one_and_many_match_the_loaded_model(cls_server, classifier):
   with _no_compilation():
     one = _call(cls_server.url + "/classify", {"text": TEXTS[0]})
@@ -119,6 +120,7 @@ def test_classify_one_and_many_match_the_loaded_model(cls_server, classifier):
   np.testing.assert_allclose(blanks[1]["probs"], one[1]["probs"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_batches_and_get_their_own_answers(cls_server, classifier):
   before = cls_server.batcher.counts()
   barrier = threading.Barrier(len(TEXTS))
@@ -174,6 +176,7 @@ def test_batcher_fills_batches_in_arrival_order():
     batcher.submit(["x"] * 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,path,body,status,message", [
     ("POST", "/classify", b"not json", 400, "malformed JSON (Expecting value at column 1)"),
     ("POST", "/classify", b"", 400, "body is empty"),
@@ -206,6 +209,7 @@ def test_bad_requests_get_a_clear_error_and_the_server_carries_on(cls_server, me
   assert _call(cls_server.url + "/health")[0] == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers,status,message", [
     ({}, 411, "Content-Length header is required"),
     ({"Content-Length": "999999999"}, 413, "999999999 bytes; the limit is"),
@@ -224,6 +228,7 @@ def test_body_size_is_checked_before_reading(cls_server, headers, status, messag
   conn.close()
 
 
+@pytest.mark.slow
 def test_a_model_failure_is_a_500_and_the_next_request_is_served(cls_server, classifier,
                                                                  monkeypatch):
   def broken(texts):
@@ -237,6 +242,7 @@ def test_a_model_failure_is_a_500_and_the_next_request_is_served(cls_server, cla
   assert cls_server.batcher.counts()["failed_batches"] >= 1
 
 
+@pytest.mark.slow
 def test_health_describes_the_model(cls_server, classifier):
   status, info = _call(cls_server.url + "/health")
   assert status == 200
@@ -245,6 +251,7 @@ def test_health_describes_the_model(cls_server, classifier):
   assert info["batch_sizes"] == [1, 2, 4] and info["max_chars"] == MAX_CHARS
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_classifiers_serves_their_mean(classifier):
   from infer import ensemble
   other = dataclasses.replace(classifier,
@@ -273,6 +280,7 @@ def summ_server(summarizer):
     yield server
 
 
+@pytest.mark.slow
 def test_summaries_match_the_loaded_model(summ_server, summarizer):
   with _no_compilation():
     one = _call(summ_server.url + "/summarize", {"text": DOCS[0]})
@@ -286,6 +294,7 @@ def test_summaries_match_the_loaded_model(summ_server, summarizer):
   assert health["max_new"] == summarizer.config.eval.decode_len
 
 
+@pytest.mark.slow
 def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, summarizer):
   greedy = {"no_repeat_ngram_size": 2, "repetition_penalty": 1.5, "min_new": 2,
             "length_ratio": 0.5}
@@ -299,6 +308,7 @@ def test_summaries_with_decoding_options_match_the_loaded_model(summ_server, sum
   assert expected[0] != summarizer.summarize(DOCS)     # the options act (tests/test_decode.py)
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_summarizers_serves_their_consensus(summarizer, summarizer_dir):
   from infer import ensemble
   other = dataclasses.replace(summarizer, params=jax.device_put(
@@ -323,6 +333,7 @@ def test_an_ensemble_of_summarizers_serves_their_consensus(summarizer, summarize
     inputs.load_predictor(f"{summarizer_dir},{summarizer_dir}", None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, message", [
     (b'{"text": "a", "beam": 1}', '"beam" must be 0 (off) or an integer in 2..8, got 1'),
     (b'{"text": "a", "length_penalty": 0.5}', "applies to beam search only"),
@@ -347,6 +358,7 @@ def test_summarize_bad_decoding_options_are_400(summ_server, body, message):
   assert (status, message in answer["error"]) == (400, True), answer
 
 
+@pytest.mark.slow
 def test_write_predictions_summaries(summarizer, tmp_path):
   inputs = [("a", "the film story. actor scene."), ("b", "plot music camera."),
             ("c", "ending director.")]
@@ -358,6 +370,7 @@ def test_write_predictions_summaries(summarizer, tmp_path):
   assert lines == [{"id": i, "summary": s} for (i, _), s in zip(inputs, expected)]
 
 
+@pytest.mark.slow
 def test_summaries_drop_ids_the_tokenizer_has_no_piece_for(summarizer, monkeypatch):
   tok = summarizer.tokenizer
   past = summarizer.config.data.vocab_size - 1      # an embedding row past the tokenizer
@@ -368,6 +381,7 @@ def test_summaries_drop_ids_the_tokenizer_has_no_piece_for(summarizer, monkeypat
 
 
 # --- batch inference and the command lines -------------------------------------------------------
+@pytest.mark.slow
 def test_long_inputs_log_progress_with_an_eta(classifier, tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(progress_lib.CountProgress, "every_s", 0.0)
   caplog.set_level(logging.INFO)
@@ -380,6 +394,7 @@ def test_long_inputs_log_progress_with_an_eta(classifier, tmp_path, monkeypatch,
   assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 12
 
 
+@pytest.mark.slow
 def test_serve_command_answers_then_stops_cleanly_on_sigterm(classifier_dir, classifier):
   port = portpicker.pick_unused_port()
   proc = subprocess.Popen([sys.executable, "-m", "infer.serve", f"--workdir={classifier_dir}",
@@ -406,6 +421,7 @@ def test_serve_command_answers_then_stops_cleanly_on_sigterm(classifier_dir, cla
   assert f"at http://127.0.0.1:{port}" in stderr and "SIGTERM: shutting down" in stderr
 
 
+@pytest.mark.slow
 def test_cli_writes_one_prediction_per_line(classifier_dir, classifier, tmp_path):
   path = tmp_path / "in.jsonl.gz"
   lines = [{"id": 7, "body": TEXTS[0]}, {"body": TEXTS[1]}, None, {"body": TEXTS[2], "id": "x"},
@@ -450,6 +466,7 @@ def test_bad_input_files_name_file_and_line(tmp_path, content, message):
     batch_lib.read_inputs(str(path), "text")
 
 
+@pytest.mark.slow
 def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifier, summarizer):
   with pytest.raises(loading.LoadError, match="no such directory"):
     inputs.load_predictor(str(tmp_path / "nope"), None)
@@ -464,6 +481,7 @@ def test_missing_workdir_input_or_checkpoint_are_clear_errors(tmp_path, classifi
   assert summarizer.check_max_new(None) == summarizer.config.eval.decode_len
 
 
+@pytest.mark.slow
 def test_window_stride_flag_sets_how_a_classifier_reads_long_texts(classifier_dir, classifier,
                                                                    summarizer_dir):
   loaded, _ = inputs.load_predictor(str(classifier_dir), None, window_stride=8)
@@ -479,6 +497,7 @@ def test_window_stride_flag_sets_how_a_classifier_reads_long_texts(classifier_di
     inputs.load_predictor(str(summarizer_dir), None, window_stride=8)
 
 
+@pytest.mark.slow
 def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir, sentiment_files,
                                                  tmp_path):
   from configs import inference_report as report_config
@@ -511,7 +530,9 @@ def test_inference_report_compares_every_variant(classifier_dir, summarizer_dir,
     inference_report.run(cfg)
 
 
-def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier, tmp_path):
+@pytest.mark.slow
+def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier, tmp_path,
+                                                    monkeypatch):
   """`infer.quantize --out=DIR` writes a run: infer.main and the server load DIR by path (a
   relative one, as the README writes it) and predict what the in-process int8 model does."""
   from infer import ptq
@@ -529,13 +550,15 @@ def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier
   batch = classifier.encode_for_classify(TEXTS[:4])
   expected = np.asarray(loading.classify_probs(qmodel, qparams, batch["tokens"], batch["mask"]))
   np.testing.assert_allclose(loaded.classify(TEXTS[:4]), expected, atol=1e-6)
-  # Batch inference from the command line, with the relative path.
+  # Batch inference as infer.main does it (its command line: test_cli_writes_one_prediction_per_
+  # line), in this process, with the relative path: a second process would only repeat the
+  # imports and the compile.
   (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
-  result = subprocess.run(
-      [sys.executable, "-m", "infer.main", "--workdir=runs/w8a8", "--input=in.jsonl",
-       "--output=preds.jsonl", "--batch_size=4"], cwd=tmp_path,
-      env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
+  monkeypatch.chdir(tmp_path)
+  relative, max_new = inputs.load_predictor("runs/w8a8", None)
+  assert relative.quantization == "w8a8"
+  batch_lib.write_predictions(relative, batch_lib.read_inputs("in.jsonl", "text"), "preds.jsonl",
+                              batch_size=4, max_new=max_new)
   preds = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
   np.testing.assert_allclose([p["probs"] for p in preds], expected, atol=1e-5)
   # The server answers from it too.
@@ -545,6 +568,7 @@ def test_quantized_run_infers_and_serves_like_any_run(classifier_dir, classifier
   np.testing.assert_allclose(answer["probs"], expected[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_relative_workdir_loads_and_a_missing_one_says_so(classifier_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(os.path.dirname(classifier_dir))
   loaded = loading.LoadedModel.from_workdir(os.path.basename(classifier_dir))

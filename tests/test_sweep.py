@@ -121,6 +121,7 @@ def test_print_jobs_gives_one_reproducible_command_per_point(mini_config, tmp_pa
   assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_mini_sweep_end_to_end_then_skips_finished_points(mini_config, corpus, data_dir,
                                                           tmp_path):
   sweep_dir = tmp_path / "sweep"
@@ -151,6 +152,7 @@ def test_mini_sweep_end_to_end_then_skips_finished_points(mini_config, corpus, d
   assert logs == {p: (sweep_dir / p / "sweep.log").stat().st_size for p in params}
 
 
+@pytest.mark.slow
 def test_long_context_benchmark_tiny(tmp_path):
   out = tmp_path / "lc"
   result = subprocess.run(

@@ -47,6 +47,7 @@ def tracked_run(corpus, data_dir, tmp_path_factory):
   return root, workdir, has_wandb
 
 
+@pytest.mark.slow
 def test_mlflow_store_holds_params_metrics_and_artifacts(tracked_run):
   from mlflow.tracking import MlflowClient
   root, workdir, _ = tracked_run
@@ -105,6 +106,7 @@ def _wandb_records(path):
       yield b"".join(parts + [data])
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_the_history(tracked_run):
   _, workdir, has_wandb = tracked_run
   if not has_wandb:

@@ -35,6 +35,7 @@ def reference_run(corpus, data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_learns(reference_run):
   train = losses(reference_run)
   assert sorted(train) == list(range(1, NUM_STEPS + 1))
@@ -63,6 +64,7 @@ def test_progress_reports_the_share_of_time_spent_waiting_for_input(monkeypatch)
   assert progress.update(20)["input_wait_frac"] == 0.0    # each interval counts afresh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [
     pytest.param(signal.SIGKILL, id="kill9"),
     pytest.param(signal.SIGTERM, id="sigterm", marks=drill(
@@ -95,6 +97,7 @@ def test_interrupted_run_resumes_bit_identical(corpus, data_dir, tmp_path, refer
   assert "training time, all sessions of this run" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, expected", [
     pytest.param("--config.model.no_such_key=1", "no_such_key",
                  marks=drill("unknown_key", "exit 2 naming the key")),
@@ -117,6 +120,7 @@ def test_bad_config_gives_one_clear_error(corpus, data_dir, tmp_path, override, 
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_pod_sized_config_compiles_ahead_of_time():
   """The real-size preset (widths, vocab, seq 2048, fsdp over 8 devices) builds, shards and
   compiles; 2 of its 24 layers keep the compile short."""
@@ -132,6 +136,7 @@ def test_pod_sized_config_compiles_ahead_of_time():
   assert f"{params / 1e6:.1f}M params" in result.stdout
 
 
+@pytest.mark.slow
 @drill("nonfinite_loss", "exit 3 at step 2; only the finite step-1 checkpoint exists, and its "
        "arrays are finite")
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, tmp_path):
@@ -156,6 +161,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, data_dir, 
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
+@pytest.mark.slow
 @drill("nonfinite_skip", "config.train.nonfinite=skip: each skipped step is logged; N in a row "
        "still stop the run (exit 3)")
 def test_nonfinite_skip_drops_updates_then_stops_after_a_run_of_them(corpus, data_dir, tmp_path):
@@ -175,6 +181,7 @@ def test_nonfinite_skip_drops_updates_then_stops_after_a_run_of_them(corpus, dat
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_so_and_validates_again(reference_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
@@ -208,6 +215,7 @@ def base_args_for(workdir, reference_workdir):
   return base_args(data["extra_dirs"][0], data["data_dir"], workdir)
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_workdir_or_checkpoints_folder(corpus, data_dir, tmp_path):
   bad = {"data.extra_dirs": "('/no/such/folder',)"}
   fresh = tmp_path / "new_run"
