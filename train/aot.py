@@ -86,14 +86,14 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
     capacity = topologies.hbm_per_device(tpu_slice, len(devices))
     peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
     hosts = len({d.process_index for d in devices})
-    config, _ = build.resolve(config, num_devices=len(devices), process_count=hosts)
+    config, sources = build.resolve(config, num_devices=len(devices), process_count=hosts)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
   else:
-    config, _ = build.resolve(config)
+    config, sources = build.resolve(config)
     mesh = None
     devices = jax.devices()
   t0 = time.perf_counter()
-  parts = build.build(config, mesh)
+  parts = build.build(config, mesh, sources.model_cfg)
   try:
     compiled = parts.compile_train_step()
   except jax.errors.JaxRuntimeError as e:
@@ -135,7 +135,7 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
   if "compiler_flops" in out:
     # XLA's cost analysis counts a loop body once: with scanned layers that is one block.
     loop = (" (the scanned block counted once, not x num_layers)"
-            if config.model.get("scan_layers", False) else "")
+            if config.model.scan_layers else "")
     print(f"  compiler cost analysis per device: {out['compiler_flops']:.3e} FLOPs, "
           f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed{loop}")
   if tpu_slice:

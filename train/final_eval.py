@@ -129,7 +129,7 @@ def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params,
     if last["params"] is not params:
       last.update(params=params, records=_records(
           loaded, select_params(params), valid, config.eval.batch_size, decoding,
-          config.eval.get("window_stride", 0)))
+          config.eval.window_stride))
     return last["records"]
 
   def hook(name):
@@ -161,9 +161,9 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
   chosen = set(e.id for e in _subset(splits["test"], config.eval.num_examples))
   test = [e for e in splits["test"] if e.id in chosen]
   records = _records(loaded, params, test, config.eval.batch_size, decoding,
-                     config.eval.get("window_stride", 0))
+                     config.eval.window_stride)
   facts["prediction seconds"] = round(time.perf_counter() - t0, 1)
-  if loaded.kind == "classify" and config.eval.get("window_stride", 0):
+  if loaded.kind == "classify" and config.eval.window_stride:
     facts["long texts"] = (f"also read whole in windows {config.eval.window_stride} ids apart, "
                            "rows' log-probabilities averaged (eval.window_stride)")
   harness = (harness_sections(config, loaded, params)

@@ -100,7 +100,7 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   kind = build.task_kind(config)
   tokenizer = _finetune_tokenizer(config, sources, resumed_meta)
   splits = sources.splits
-  stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key
+  stride = config.data.train_window_stride
   rows = {name: [examples_lib.encode(e, tokenizer, kind, config.data) for e in exs]
           for name, exs in splits.items() if name != "train" or not stride}
   # What the train iterator draws from, one entry per example: a row, or (stride > 0) the

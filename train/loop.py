@@ -169,9 +169,9 @@ def run(p: LoopParts) -> dict:
     "rouge/rougeL": an evaluator's metric); stops after `early_stopping` evaluations without
     improvement (counted from steps, so a resumed run counts the same)."""
     nonlocal stop_early
-    select_by = cfg.train.get("select_by", "loss")   # absent from runs recorded before it
+    select_by = cfg.train.select_by
     score = metrics_lib.selection_score(select_by, scores)
-    if not best or score > best.get("score", -best["loss"]):
+    if not best or score > best["score"]:
       best.update(step=step, loss=loss, select_by=select_by, value=scores[select_by],
                   score=score)
       p.best_checkpointer.save(step, state, None, {**p.meta, "best": dict(best)}, force=True)
@@ -180,7 +180,7 @@ def run(p: LoopParts) -> dict:
     patience = cfg.train.early_stopping
     if patience and (step - best["step"]) // cfg.train.eval_every >= patience:
       logging.info("early stopping at step %d: no better validation %s than %.4f (step %d) "
-                   "in %d evaluations", step, select_by, best.get("value", best["loss"]),
+                   "in %d evaluations", step, select_by, best["value"],
                    best["step"], patience)
       stop_early = True
 
