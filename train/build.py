@@ -139,7 +139,7 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
     sources.splits = examples_lib.load_splits(config.data, task_kind(config),
                                               config.model.num_classes)
     if (config.task == "distill" and config.distill.task == "classify"
-        and config.distill.get("transfer_file")):   # config_check rejects it elsewhere
+        and config.distill.transfer_file):   # config_check rejects it elsewhere
       sources.transfer = examples_lib.load_transfer(config.distill.transfer_file, config.data,
                                                     sources.splits)
       logging.info("transfer set: %d unlabelled texts beside %d train examples",

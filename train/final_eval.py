@@ -14,6 +14,7 @@ import time
 
 from absl import logging
 
+from configs import common as configs_common
 from eval import classification, factual, report, rouge, slices, tfidf_baseline
 from infer import loading
 from model import checkpoint as checkpoint_lib
@@ -42,17 +43,13 @@ LENGTH_RATIO_PAIRS = 2000
 
 
 # eval.decode's keys and their "off" values (configs/common.py): LoadedModel.summarize keywords.
-DECODE_DEFAULTS = {"beam": 0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
-                   "repetition_penalty": 1.0, "min_new": 0, "length_ratio": 0.0,
-                   "samples": 0, "temperature": 1.0, "top_p": 1.0, "source_weight": 0.0}
+DECODE_DEFAULTS = configs_common.base_config().eval.decode.to_dict()   # all off: greedy
 
 
 def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple[dict, dict]:
   """(LoadedModel.summarize's decoding keywords from config.eval.decode, what the report says
-  about them). length_ratio "train" is learned here on (a fixed subset of) the train pairs. A
-  config recorded before eval.decode existed lacks the keys: they are off, as they were then."""
-  cfg = config.eval.get("decode") or {}
-  options = {key: cfg.get(key, default) for key, default in DECODE_DEFAULTS.items()}
+  about them). length_ratio "train" is learned here on (a fixed subset of) the train pairs."""
+  options = {key: config.eval.decode[key] for key in DECODE_DEFAULTS}
   learned = options["length_ratio"] == "train"
   if learned:
     pairs = _subset(list(train_examples), LENGTH_RATIO_PAIRS)

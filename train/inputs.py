@@ -114,7 +114,7 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   else:
     transfer = [examples_lib.encode(e, tokenizer, kind, config.data) for e in sources.transfer]
     drawn = [[row] for row in rows["train"] + transfer]
-  if config.task == "distill" and config.distill.get("offline_teacher"):
+  if config.task == "distill" and config.distill.offline_teacher:
     _add_offline_teacher(config, splits, sources.transfer, rows, drawn)
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
   ident = {"data": examples_lib.fingerprint(config.data), "tokenizer": tokenizer.fingerprint,
