@@ -223,7 +223,7 @@ def upgrade(recorded: dict) -> dict:
     raise ValueError(f"config.schema_version={version}: the run was written by a newer version "
                      f"of this code (it reads up to {SCHEMA_VERSION})")
   out = _merge(base_config().to_dict(), copy.deepcopy(recorded))
-  teacher = out.get("distill", {}).get("teacher_model")
+  teacher = out["distill"].get("teacher_model")
   if isinstance(teacher, dict):   # a distillation records its teacher's config.model
     out["distill"]["teacher_model"] = _merge(model_section().to_dict(), teacher)
   out["schema_version"] = SCHEMA_VERSION

@@ -99,7 +99,8 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
   workdir, step = checkpoint_lib.split_step_path(full_path)
   if os.path.isdir(os.path.join(workdir, QUANTIZED_DIR, "params")):
     meta = quantize.load_meta(os.path.join(workdir, QUANTIZED_DIR))
-    return Run(workdir, meta["source_step"], upgraded(meta["run_meta"]), None, meta["mode"])
+    return Run(workdir, meta["source_step"], upgraded(meta["run_meta"], workdir), None,
+               meta["mode"])
   if not os.path.isdir(workdir):
     raise LoadError(f"{what}={path}: no such directory ({workdir})")
   found = checkpoint_lib.find_finished(full_path, prefer_best)
@@ -110,12 +111,15 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
                     "of a training run, with checkpoints/, or of infer.quantize, with "
                     f"{QUANTIZED_DIR}/)")
   checkpointer, step = found
-  return Run(workdir, step, upgraded(checkpointer.restore_meta(step)), checkpointer)
+  return Run(workdir, step, upgraded(checkpointer.restore_meta(step), workdir), checkpointer)
 
 
-def upgraded(meta: dict) -> dict:
+def upgraded(meta: dict, workdir: str) -> dict:
   """A run's recorded metadata with its config brought up to today's schema."""
-  return {**meta, "config": configs_common.upgrade(meta["config"])}
+  try:
+    return {**meta, "config": configs_common.upgrade(meta["config"])}
+  except ValueError as e:   # a run written by a newer schema
+    raise LoadError(f"{workdir}: {e}") from None
 
 
 def abstract_params(model, mesh=None):

@@ -14,7 +14,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _fields():
-  """(field name, schema Key) of every declared key, in declaration order."""
+  """(field name, schema Key, dotted path under config.model) of every declared key."""
   for key in model_schema.MODEL_KEYS:
     yield key.name, key, key.name
   for key in model_schema.ATTENTION_KEYS:

@@ -159,27 +159,42 @@ def test_upgrade_brings_a_distillation_teachers_model_up_to_date():
       2, "rmsnorm", 0)
 
 
+def _save_run(workdir, recorded: dict, model_cfg: ModelConfig):
+  """A one-step run at `workdir` whose checkpoint records `recorded` as its config."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(Transformer(model_cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+  ckpt = checkpoint_lib.Checkpointer(str(workdir), every=1, keep=1, async_save=False)
+  try:
+    ckpt.save(0, {"params": params}, None, {"config": recorded, "params": 1}, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return params
+
+
 def test_an_old_run_opens_with_todays_defaults(tmp_path):
   """A checkpoint whose recorded config predates newer keys: open_run upgrades it, and the
   model builds and restores from it."""
   recorded = _old_recorded_config()
   upgraded = ml_collections.ConfigDict(common.upgrade(recorded)["model"])
   model_cfg = ModelConfig.from_config(upgraded, 256)
-  model = Transformer(model_cfg)
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
-  try:
-    ckpt.save(0, {"params": params}, None, {"config": recorded, "params": 1}, force=True)
-    ckpt.wait()
-  finally:
-    ckpt.close()
+  params = _save_run(tmp_path, recorded, model_cfg)
   run = loading.open_run(str(tmp_path))
   _check_up_to_date(run.meta["config"])
   assert run.config.model.norm == "rmsnorm" and run.lora is None and run.kind == "pretrain"
   assert run.model_config() == model_cfg
   restored = loading.restore_params(run, Transformer(run.model_config()))
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), restored, params))
+
+
+def test_a_run_from_a_newer_schema_is_a_load_error(tmp_path):
+  recorded = dict(common.base_config().to_dict(), schema_version=common.SCHEMA_VERSION + 1)
+  recorded["model"].update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                           mlp_dim=64)
+  _save_run(tmp_path, recorded, ModelConfig.from_config(recorded["model"], 256))
+  newer = common.SCHEMA_VERSION + 1
+  with pytest.raises(loading.LoadError, match=rf"{tmp_path}: config.schema_version={newer}: "):
+    loading.open_run(str(tmp_path))
 
 
 def test_model_config_of_a_config_missing_keys_names_them():

@@ -43,7 +43,11 @@ LENGTH_RATIO_PAIRS = 2000
 
 
 # eval.decode's keys and their "off" values (configs/common.py): LoadedModel.summarize keywords.
-DECODE_DEFAULTS = configs_common.base_config().eval.decode.to_dict()   # all off: greedy
+# config.eval.decode's keys in the order the report names them; their defaults (all off: greedy)
+# are base_config()'s.
+DECODE_DEFAULTS = {key: configs_common.base_config().eval.decode[key] for key in (
+    "beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "min_new",
+    "length_ratio", "samples", "temperature", "top_p", "source_weight")}
 
 
 def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple[dict, dict]:
