@@ -190,10 +190,11 @@ def restore_params(workdir: str, model, device):
 
 
 def benchmark_config(config, *, batch_sizes=(1, 32), task="lm", warmup=3, iters=20,
-                     min_seconds=0.0, checkpoint=None, label="") -> dict:
+                     min_seconds=0.0, checkpoint=None, label="", model_cfg=None) -> dict:
   """Builds config's model - random params, or restored from the training workdir
-  `checkpoint` - and measures its forward pass on random tokens [batch, config.data.seq_len]."""
-  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  `checkpoint` - and measures its forward pass on random tokens [batch, config.data.seq_len];
+  model_cfg: config.model's ModelConfig when the caller built it."""
+  model_cfg = model_cfg or ModelConfig.from_config(config.model, config.data.vocab_size)
   model = Transformer(model_cfg)
   device = jax.devices()[0]
   checkpoint_dir = None
@@ -288,9 +289,9 @@ def _define_flags(flag_values=flags.FLAGS):
 def configs_from_flags(flag_values=flags.FLAGS) -> list[dict]:
   """The models to measure, from the parsed flags: --config, then each --compare config, every
   one with the --config.KEY overrides applied. Each is {"spec", "label" ('<file>:<preset>'),
-  "config", "overrides" (['key=value', ...]), "preset_params" (the preset's parameter count as
-  written, counted abstractly)}. A compare config that cannot load or take an override, or an
-  invalid model, is an app.UsageError."""
+  "config", "model_cfg" (its ModelConfig), "overrides" (['key=value', ...]), "preset_params"
+  (the preset's parameter count as written, counted abstractly)}. A compare config that cannot
+  load or take an override, or an invalid model, is an app.UsageError."""
   flag = flag_values["config"]
   if flag.value is None:
     raise app.UsageError("give --config (and --compare for more configs)")
@@ -305,13 +306,14 @@ def configs_from_flags(flag_values=flags.FLAGS) -> list[dict]:
       else:
         config = flag.parser.parse(spec)
         config.update_from_flattened_dict(overrides)
-      ModelConfig.from_config(config.model, config.data.vocab_size)   # validates the result
+      model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)   # validated
       preset_params = model_size(_init_params(Transformer(
           ModelConfig.from_config(preset.model, preset.data.vocab_size)), 0, abstract=True))
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
       raise app.UsageError(f"{spec}: {type(e).__name__}: {e}") from e
     models.append({
-        "spec": spec, "config": config, "preset_params": preset_params["params"],
+        "spec": spec, "config": config, "model_cfg": model_cfg,
+        "preset_params": preset_params["params"],
         "label": f"{os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]}:"
                  f"{config.preset}",
         "overrides": [f"{key}={value}" for key, value in overrides.items()]})
@@ -330,7 +332,8 @@ def main(argv):
   for m in models:
     report = benchmark_config(
         m["config"], batch_sizes=[int(b) for b in f.batch_sizes], task=f.task, warmup=f.warmup,
-        iters=f.iters, min_seconds=f.min_seconds, checkpoint=f.checkpoint, label=m["label"])
+        iters=f.iters, min_seconds=f.min_seconds, checkpoint=f.checkpoint, label=m["label"],
+        model_cfg=m["model_cfg"])
     report.update(spec=m["spec"], overrides=m["overrides"])
     if report["size"]["params"] != m["preset_params"]:
       report["preset_params"] = m["preset_params"]

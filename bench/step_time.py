@@ -133,10 +133,10 @@ class _Runner:
       self.losses.append(float(self.loss_of(out)))
 
 
-def build_project(config, batch, mesh, name: str = "project") -> _Runner:
+def build_project(config, batch, mesh, name: str = "project", model_cfg=None) -> _Runner:
   """The training run's step: real sharded state, optimizer and step, compiled ahead of time."""
   t0 = time.perf_counter()
-  parts = build.build(config, mesh)
+  parts = build.build(config, mesh, model_cfg)
   state = parts.init_state()
   compiled = parts.compile_train_step(batch)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -144,11 +144,10 @@ def build_project(config, batch, mesh, name: str = "project") -> _Runner:
                  lambda m: m["loss"], compiled, parts.param_count(), time.perf_counter() - t0)
 
 
-def build_reference(config, batch, mesh, project_params) -> _Runner:
+def build_reference(config, batch, mesh, project_params, c: ModelConfig) -> _Runner:
   """reference_step.py's step from the project's initial params (copied: those are donated);
   data parallel over the same devices, params replicated."""
   t0 = time.perf_counter()
-  c = ModelConfig.from_config(config.model, config.data.vocab_size)
   tx, step = reference_step.make_train_step(c, config.optim, config.train.num_steps)
   params = jax.tree.map(jnp.copy, reference_step.from_project(project_params, c))
   state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, PartitionSpec()))
@@ -188,8 +187,9 @@ def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flo
   devices = jax.devices() if devices is None else list(devices)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   batch = make_batch(config, packed, config.seed)
-  project = build_project(config, batch, mesh)
-  runners = [project, build_reference(config, batch, mesh, project.state.params)]
+  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  project = build_project(config, batch, mesh, model_cfg=model_cfg)
+  runners = [project, build_reference(config, batch, mesh, project.state.params, model_cfg)]
   if variant:
     runners.append(build_project(with_overrides(config, variant), batch, mesh, "variant"))
   for r in runners:
@@ -198,7 +198,6 @@ def run_benchmark(config, *, packed=False, steps=3, rounds=3, warmup=1, peak_flo
     for r in runners:
       r.run(steps)
 
-  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
   tokens = config.data.batch_size * config.data.seq_len
   flops_per_step = metrics_lib.train_flops_per_token(model_cfg, config.data.seq_len) * tokens
   peak, source = ((peak_flops, "--peak_flops") if peak_flops > 0 else

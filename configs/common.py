@@ -2,10 +2,31 @@
 
 Task configs (configs/<name>.py) start from `base_config()` and change what they need. The
 schema is locked (`lock()`), so a misspelt key on the command line or in a preset fails at once
-with the key's name instead of being silently ignored.
+with the key's name instead of being silently ignored. The model's keys are declared in
+configs/model_schema.py.
+
+A run records its config with `schema_version`; `upgrade` brings a recorded config up to date
+when the run is opened (infer/loading.py open_run), so code reads every key of today's schema.
 """
+import copy
+
 import ml_collections
 from ml_collections import config_dict
+
+from configs import model_schema
+
+# The version of the key layout a run records. Adding a key (its default reproduces what runs
+# without it did) needs no new version: `upgrade` fills it in. Renaming or removing a key, or
+# changing what a recorded value means, does: bump it and map the older layout in `upgrade`.
+SCHEMA_VERSION = 1
+
+
+def model_section() -> ml_collections.ConfigDict:
+  """config.model with every declared key at its default (configs/model_schema.py)."""
+  m = ml_collections.ConfigDict({k.name: k.default for k in model_schema.MODEL_KEYS})
+  m.attention = ml_collections.ConfigDict({k.name: k.default
+                                           for k in model_schema.ATTENTION_KEYS})
+  return m
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -13,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "pretrain"          # which train/tasks module supplies the loss
   c.preset = ""                # set by get_config; recorded with the run
   c.seed = 0                   # params init, dropout and data shuffling all derive from it
+  c.schema_version = SCHEMA_VERSION   # the key layout; recorded runs are upgraded from theirs
 
   # --- data: where text comes from and how it becomes packed token rows ------------------
   c.data = ml_collections.ConfigDict()
@@ -50,60 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.gap_sentences = ml_collections.ConfigDict(dict(
       ratio=0.0, passage_words=150, mask="<mask>", lowercase=False))
 
-  # --- model ----------------------------------------------------------------------------
-  c.model = ml_collections.ConfigDict()
-  c.model.num_layers = 6
-  c.model.d_model = 512
-  c.model.num_heads = 8
-  c.model.num_kv_heads = 8        # < num_heads: GQA; 1: MQA
-  c.model.head_dim = 64
-  c.model.mlp_dim = 2048
-  c.model.mlp_activation = "swiglu"   # swiglu | gelu (tanh approx.) | gelu_exact | geglu | relu
-  c.model.positions = "rope"          # rope | learned
-  c.model.rope_theta = 10_000.0
-  c.model.max_len = 8192              # table size for learned positions
-  c.model.tie_embeddings = True
-  c.model.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
-  c.model.remat = "none"              # none | full | dots (save matmul outputs only)
-  # True: the blocks' params are stacked [layers, ...] ("blocks") and run under one nn.scan, so
-  # compile time and program size do not grow with depth (pod presets, --aot_topology).
-  # Checkpoints then hold "blocks", not block_0..N-1 (model.transformer.unstack_blocks).
-  c.model.scan_layers = False
-  c.model.dropout_rate = 0.0
-  c.model.num_classes = 0             # > 0 adds a classifier head on the pooled final state
-  c.model.pooling = "mean"            # classifier pooling: mean (over tokens) | last | cls (first)
-  # Switches for the families train/convert.py imports (Llama, Mistral, Qwen2, GPT-2, Gemma);
-  # the defaults are this codebase's own decoder.
-  c.model.norm = "rmsnorm"            # rmsnorm | layernorm
-  c.model.norm_eps = 1e-6
-  c.model.norm_bias = False           # layernorm with a bias (GPT-2)
-  c.model.norm_plus_one = False       # RMSNorm scales by (1 + w) (Gemma)
-  c.model.norm_placement = "pre"      # pre | post (norm after the residual add)
-  c.model.qkv_bias = False            # biases on the query/key/value projections (Qwen2, GPT-2)
-  c.model.out_bias = False            # bias on the attention output projection (GPT-2)
-  c.model.mlp_bias = False            # biases on the MLP projections (GPT-2)
-  c.model.rope_scaling = "none"       # none | linear | llama3 (Llama 3.1 frequency bands)
-  c.model.rope_scaling_factor = 1.0
-  c.model.rope_low_freq_factor = 1.0
-  c.model.rope_high_freq_factor = 4.0
-  c.model.rope_original_max_len = 8192
-  c.model.embed_scale = False         # embeddings * sqrt(d_model) (Gemma)
-  c.model.tied_head_rescale = True    # tied head scales states by d_model^-1/2 (ours; HF: False)
-  c.model.logit_softcap = 0.0         # > 0: logits = cap * tanh(logits / cap)
-  c.model.causal = True               # False: bidirectional attention (encoders)
-  # The encoders (BERT, RoBERTa, DistilBERT): embeddings and the family's classifier head.
-  c.model.type_vocab_size = 0         # > 0: token-type embeddings (inputs are all type 0)
-  c.model.embed_norm = False          # norm + dropout after the embedding sum
-  c.model.position_offset = 0         # learned positions start at this row (RoBERTa: 2)
-  c.model.pooler = "none"             # tanh: BERT's pooler (dense + tanh) on the pooled state
-  c.model.cls_hidden = "none"         # classifier hidden layer: tanh (RoBERTa) | relu (DistilBERT)
-  c.model.cls_bias = False            # bias on the classifier's output projection
-  c.model.attention = ml_collections.ConfigDict()
-  c.model.attention.kind = "full"     # the attention kernel registry key (model/attention)
-  c.model.attention.implementation = "auto"   # auto (per backend) | xla | cudnn; see full.py
-  c.model.attention.block_size = 128          # query/key block of the block-wise kernels
-  c.model.attention.window = 512              # kind=local: keys within this many positions
-  c.model.attention.num_global = 0            # first positions of each document seen by all
+  # --- model: every key is declared in configs/model_schema.py (default, choices, help) ---
+  c.model = model_section()
 
   # --- optimizer ------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
@@ -231,3 +201,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.tracking.experiment = ""          # MLflow experiment / W&B group ("" = legal_lm); sweeps set it
   c.tracking.run_name = ""            # "" = the workdir's folder name; sweeps: the point's name
   return c
+
+
+def _merge(defaults: dict, recorded: dict) -> dict:
+  """`defaults` with `recorded`'s values over them, section by section; keys only `recorded`
+  has (e.g. distill.teacher_model, added when a run is resolved) are kept."""
+  out = dict(defaults)
+  for key, value in recorded.items():
+    if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+      out[key] = _merge(defaults[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def upgrade(recorded: dict) -> dict:
+  """A recorded run config (a plain dict, as a checkpoint or config.json holds it) brought up
+  to today's schema: every key of base_config() at today's default, the recorded values over
+  them, schema_version set to SCHEMA_VERSION. The one place older runs are made readable."""
+  version = recorded.get("schema_version", 0)
+  if version > SCHEMA_VERSION:
+    raise ValueError(f"config.schema_version={version}: the run was written by a newer version "
+                     f"of this code (it reads up to {SCHEMA_VERSION})")
+  out = _merge(base_config().to_dict(), copy.deepcopy(recorded))
+  teacher = out["distill"].get("teacher_model")
+  if isinstance(teacher, dict):   # a distillation records its teacher's config.model
+    out["distill"]["teacher_model"] = _merge(model_section().to_dict(), teacher)
+  out["schema_version"] = SCHEMA_VERSION
+  return out

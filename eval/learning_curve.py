@@ -27,6 +27,7 @@ import os
 
 from absl import app, flags
 
+from configs import common as configs_common
 from eval import classification, common, report
 from model import checkpoint as checkpoint_lib
 from model import errors
@@ -43,7 +44,7 @@ def _read_json(path: str, what: str) -> dict:
 
 def pretraining(config: dict, run: str) -> tuple[int, int]:
   """(pre-training step, tokens) behind the fine-tune whose config.json is `config`."""
-  init_from = config["train"].get("init_from") or ""
+  init_from = config["train"]["init_from"]
   if not init_from:
     return 0, 0
   workdir, step = checkpoint_lib.split_step_path(init_from)
@@ -57,7 +58,7 @@ def pretraining(config: dict, run: str) -> tuple[int, int]:
 
 def window_stride(config: dict) -> int:
   """The run's eval.window_stride: > 0 when its evaluation read long reviews whole."""
-  return config.get("eval", {}).get("window_stride", 0)
+  return config["eval"]["window_stride"]
 
 
 def model_shape(config: dict) -> str:
@@ -71,7 +72,8 @@ def model_shape(config: dict) -> str:
 
 def point(run: str, bootstrap: int) -> dict:
   """One fine-tuning run's row: pre-training it started from, test and validation results."""
-  config = _read_json(os.path.join(run, "config.json"), "a fine-tuning run's config.json")
+  config = configs_common.upgrade(
+      _read_json(os.path.join(run, "config.json"), "a fine-tuning run's config.json"))
   step, tokens = pretraining(config, run)
   test = classification.evaluate(
       common.read_jsonl(os.path.join(run, "test_predictions.jsonl")),

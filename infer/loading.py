@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import common as configs_common
 from infer import (classifier_rows, decode, decode_controls, lora_weights, ptq, rerank,
                    stream_text, word_ngrams)
 from model import checkpoint as checkpoint_lib
@@ -87,12 +88,14 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
   """The run at `path` (its workdir, or its checkpoints folder): with prefer_best its
   best-validation state when it kept one, else its newest checkpoint; <workdir>/checkpoints/
   <step> names one kept step. `what` names the flag or
-  config key the path came from, for the error message."""
+  config key the path came from, for the error message. The run's recorded config is brought up
+  to today's schema here (configs.common.upgrade), the one place older runs are made readable."""
   full_path = resolve_path(path)
   workdir, step = checkpoint_lib.split_step_path(full_path)
   if os.path.isdir(os.path.join(workdir, QUANTIZED_DIR, "params")):
     meta = ptq.load_meta(os.path.join(workdir, QUANTIZED_DIR))
-    return Run(workdir, meta["source_step"], meta["run_meta"], None, meta["mode"])
+    return Run(workdir, meta["source_step"], upgraded(meta["run_meta"], workdir), None,
+               meta["mode"])
   if not os.path.isdir(workdir):
     raise LoadError(f"{what}={path}: no such directory ({workdir})")
   found = checkpoint_lib.find_finished(full_path, prefer_best)
@@ -103,7 +106,15 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
                     "of a training run, with checkpoints/, or of infer.quantize, with "
                     f"{QUANTIZED_DIR}/)")
   checkpointer, step = found
-  return Run(workdir, step, checkpointer.restore_meta(step), checkpointer)
+  return Run(workdir, step, upgraded(checkpointer.restore_meta(step), workdir), checkpointer)
+
+
+def upgraded(meta: dict, workdir: str) -> dict:
+  """A run's recorded metadata with its config brought up to today's schema."""
+  try:
+    return {**meta, "config": configs_common.upgrade(meta["config"])}
+  except ValueError as e:   # a run written by a newer schema
+    raise LoadError(f"{workdir}: {e}") from None
 
 
 def abstract_params(model, mesh=None, lora=None):
@@ -131,7 +142,7 @@ def restore_params(run: Run, model, mesh=None):
   if run.checkpointer is None:
     raise LoadError(f"{run.workdir} is a quantized ({run.quantization}) run: its int8 "
                     "parameters load with LoadedModel, not as float parameters to train from")
-  stored_scanned = bool(run.config.model.get("scan_layers", False))
+  stored_scanned = bool(run.config.model.scan_layers)
   if isinstance(model, Transformer) and model.cfg.scan_layers != stored_scanned:
     # model.scan_layers differs between the checkpoint and `model`: restore in the stored
     # layout, then stack / unstack the blocks into `model`'s (and its shardings).
@@ -143,7 +154,7 @@ def restore_params(run: Run, model, mesh=None):
     return jax.jit(convert, out_shardings=target)(stored)
   spec = run.lora
   abstract = abstract_params(model, mesh, lora=spec)
-  distilled = run.meta.get("config", {}).get("task") == "distill"
+  distilled = run.meta["config"]["task"] == "distill"
   params = run.checkpointer.restore_params(run.step, {"student": abstract} if distilled
                                            else abstract)
   params = params["student"] if distilled else params
@@ -212,8 +223,7 @@ class LoadedModel:
     eval.window_stride) it is also read whole, in windows that many ids apart, and its rows'
     log-probabilities averaged (infer/classifier_rows.py)."""
     params = self.params if params is None else params
-    stride = (self.config.eval.get("window_stride", 0) if window_stride is None
-              else window_stride)
+    stride = self.config.eval.window_stride if window_stride is None else window_stride
     seq_len = self.config.data.seq_len
     rows, owners = classifier_rows.rows_for(self.tokenizer, texts, seq_len,
                                             self.config.data.truncation, stride)
@@ -307,7 +317,7 @@ class LoadedModel:
                        f"{self.config.data.seq_len}")
     if self.config.model.num_classes:
       raise ValueError("a classifier has no language-model head to generate with")
-    if not self.config.model.get("causal", True):
+    if not self.config.model.causal:
       raise ValueError("a bidirectional encoder (model.causal=False) does not generate text; "
                        "fine-tune it as a classifier")
     return decode.pack_prompts([[tok.bos_id] + tok.encode(p)[:budget - 1] for p in prompts],

@@ -41,8 +41,8 @@ class LoraSpec:
 
   @classmethod
   def from_config(cls, lora_cfg) -> "LoraSpec | None":
-    """None when LoRA is off (rank 0, or a config from before LoRA existed)."""
-    if lora_cfg is None or not lora_cfg.get("rank", 0):
+    """None when LoRA is off (rank 0)."""
+    if not lora_cfg["rank"]:
       return None
     return cls(int(lora_cfg["rank"]), float(lora_cfg["alpha"]), float(lora_cfg["dropout"]),
                str(lora_cfg["targets"]))
@@ -51,7 +51,7 @@ class LoraSpec:
 def spec_of_run_config(config) -> "LoraSpec | None":
   """The LoRA spec a run's recorded config (ConfigDict or dict) trained with, or None."""
   train = config["train"]
-  return LoraSpec.from_config(train["lora"] if "lora" in train else None)
+  return LoraSpec.from_config(train["lora"])
 
 
 def _boxed_params(cfg: ModelConfig) -> dict:

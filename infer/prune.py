@@ -272,7 +272,7 @@ def prune_run(workdir: str, out: str, sparsity: float, *, criterion: str = "magn
   scores, info = None, {"sparsity": sparsity, "criterion": criterion,
                         "mlp_sparsity": sparsity if mlp_sparsity is None else mlp_sparsity}
   if criterion == "taylor":
-    path = calibration_file or run.meta["config"]["data"].get("train_file", "")
+    path = calibration_file or run.meta["config"]["data"]["train_file"]
     if not path or path.startswith("tfds:"):
       raise loading.LoadError("--criterion=taylor needs --calibration_file (a JSONL file with "
                               "the run's text and label fields)")
@@ -282,8 +282,8 @@ def prune_run(workdir: str, out: str, sparsity: float, *, criterion: str = "magn
       records = [records[i] for i in sorted(rng.choice(len(records), calibration_examples,
                                                        replace=False))]
     data = run.meta["config"]["data"]
-    scores = taylor_scores(loaded, records, text_field=data.get("text_field", "text"),
-                           label_field=data.get("label_field", "label"))
+    scores = taylor_scores(loaded, records, text_field=data["text_field"],
+                           label_field=data["label_field"])
     info.update(calibration_file=os.path.abspath(os.path.expanduser(path)),
                 calibration_examples=len(records))
   new_cfg, new_params, plan = prune(cfg, params, sparsity, criterion=criterion,

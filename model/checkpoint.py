@@ -101,6 +101,16 @@ def _iterator_file(directory):
   return path
 
 
+def upgrade_meta(meta: dict) -> dict:
+  """A checkpoint's metadata in today's layout (the run config inside is brought up to date by
+  infer.loading.open_run): a best state recorded before train.select_by existed was chosen by
+  validation loss."""
+  if not meta.get("best"):
+    return meta
+  loss = meta["best"]["loss"]
+  return {**meta, "best": {"select_by": "loss", "value": loss, "score": -loss, **meta["best"]}}
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True,
@@ -192,7 +202,8 @@ class Checkpointer:
     return saved
 
   def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return upgrade_meta(self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores into `abstract_state` (ShapeDtypeStructs with shardings); data_iter in place.

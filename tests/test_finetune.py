@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common as configs_common
 from configs import legal_pretrain, legal_summ_finetune, sentiment_finetune
 from helpers import _sentiment_config, _summary_file, fine_tune_parts, losses
 from infer import loading
@@ -307,9 +308,10 @@ def test_eval_decode_options_learn_the_length_ratio_and_are_checked():
                                "length_penalty=0.6, no_repeat_ngram_size=4, min_new=2, "
                                "length_ratio=0.25")
   config_check.validate(config, 1, 1)
-  # A run recorded before eval.decode existed decodes greedily, as it did then.
-  old = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
-  del old.eval["decode"]
+  # A run recorded before eval.decode existed, opened (upgraded), decodes greedily as it did then.
+  old = json.loads(config.to_json_best_effort())
+  del old["eval"]["decode"]
+  old = ml_collections.ConfigDict(configs_common.upgrade(old))
   assert final_eval.decode_options(old, loaded, train) == (final_eval.DECODE_DEFAULTS,
                                                           {"decoding": "greedy"})
   for key, value, message in [

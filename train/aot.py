@@ -76,20 +76,20 @@ def _hbm_shortfall(message: str) -> int | None:
 
 
 def _target(config, topology: str | None):
-  """(resolved config, TPU slice or None, devices, mesh or None, HBM bytes per device, peak
-  FLOP/s per device): this host's devices, or the TPU slice `topology` names."""
+  """(resolved config, its build.Sources, TPU slice or None, devices, mesh or None, HBM bytes
+  per device, peak FLOP/s per device): this host's devices, or the TPU slice `topology` names."""
   if not topology:
-    config, _ = build.resolve(config)
-    return config, None, jax.devices(), None, None, None
+    config, sources = build.resolve(config)
+    return config, sources, None, jax.devices(), None, None, None
   tpu_slice = topologies.parse(topology)
   topologies.quiet_libtpu_env(tpu_slice)
   devices = topologies.devices(tpu_slice)
   capacity = topologies.hbm_per_device(tpu_slice, len(devices))
   peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
   hosts = len({d.process_index for d in devices})
-  config, _ = build.resolve(config, num_devices=len(devices), process_count=hosts)
+  config, sources = build.resolve(config, num_devices=len(devices), process_count=hosts)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  return config, tpu_slice, devices, mesh, capacity, peak
+  return config, sources, tpu_slice, devices, mesh, capacity, peak
 
 
 def _slice_fit(out: dict, compiled, mem: dict, tpu_slice, capacity: int, peak: float):
@@ -112,9 +112,9 @@ def _slice_fit(out: dict, compiled, mem: dict, tpu_slice, capacity: int, peak: f
 def report(config, topology: str | None = None, save_path: str | None = None) -> dict:
   """Resolves `config` like a run does, builds it and compiles its train step, for this host's
   devices or for the TPU slice `topology` names (v5p-128, v5e-256, v6e-256, v4-8, v5e:16x16)."""
-  config, tpu_slice, devices, mesh, capacity, peak = _target(config, topology)
+  config, sources, tpu_slice, devices, mesh, capacity, peak = _target(config, topology)
   t0 = time.perf_counter()
-  parts = build.build(config, mesh)
+  parts = build.build(config, mesh, sources.model_cfg)
   try:
     compiled = parts.compile_train_step()
   except jax.errors.JaxRuntimeError as e:
@@ -156,7 +156,7 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
   if "compiler_flops" in out:
     # XLA's cost analysis counts a loop body once: with scanned layers that is one block.
     loop = (" (the scanned block counted once, not x num_layers)"
-            if config.model.get("scan_layers", False) else "")
+            if config.model.scan_layers else "")
     print(f"  compiler cost analysis per device: {out['compiler_flops']:.3e} FLOPs, "
           f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed{loop}")
   if tpu_slice:

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from configs import model_schema
 from infer import loading
 from model import sharding as sharding_lib
 from model.config import ModelConfig
@@ -28,17 +29,10 @@ from train import step as step_lib
 from train.config_check import ConfigError
 from train.data import examples as examples_lib
 
-# What a fine-tuning run takes from its init_from run (besides data.vocab_size).
-ARCHITECTURE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                     "mlp_activation", "positions", "rope_theta", "max_len", "tie_embeddings",
-                     # the switches of imported families (runs older than them lack the keys
-                     # and keep the defaults)
-                     "norm", "norm_eps", "norm_bias", "norm_plus_one", "norm_placement",
-                     "qkv_bias", "out_bias", "mlp_bias", "rope_scaling", "rope_scaling_factor",
-                     "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
-                     "embed_scale", "tied_head_rescale", "logit_softcap", "causal",
-                     "type_vocab_size", "embed_norm", "position_offset", "pooler",
-                     "cls_hidden", "cls_bias")
+# What a fine-tuning run takes from its init_from run (besides data.vocab_size): every model key
+# declared as architecture in configs/model_schema.py (not dtype, remat, scan_layers,
+# dropout_rate, num_classes, pooling; attention.* by its kind, in `finish`).
+ARCHITECTURE_KEYS = model_schema.ARCHITECTURE_KEYS
 
 
 def is_finetuning(config) -> bool:
@@ -52,6 +46,7 @@ class Sources:
   teachers: list = dataclasses.field(default_factory=list)   # distill.teacher (loading.Run)
   splits: dict | None = None              # fine-tuning examples {split: [Example]}
   transfer: list = dataclasses.field(default_factory=list)  # distill.transfer_file's texts
+  model_cfg: ModelConfig | None = None    # the finished config.model, validated (built once)
 
 
 def _open(path: str, key: str, prefer_best: bool = False) -> loading.Run:
@@ -79,7 +74,7 @@ _TEACHER_KEYS = ARCHITECTURE_KEYS + ("num_classes", "pooling", "attention")
 def _check_same_teacher(first: loading.Run, other: loading.Run):
   """`other` computes with `first`'s architecture and tokenizer, or a ConfigError naming both."""
   a, b = first.meta["config"]["model"], other.meta["config"]["model"]
-  differ = [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in _TEACHER_KEYS if a.get(k) != b.get(k)]
+  differ = [f"{k} {a[k]!r} vs {b[k]!r}" for k in _TEACHER_KEYS if a[k] != b[k]]
   if differ:
     raise ConfigError(f"config.distill.teacher: {other.workdir} and {first.workdir} differ in "
                       f"{'; '.join(differ)}; an ensemble of teachers shares one architecture")
@@ -125,18 +120,16 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
     sources.pretrained = _open(config.train.init_from, "train.init_from")
     source = sources.pretrained.meta["config"]
     for key in ARCHITECTURE_KEYS:
-      if key in source["model"]:
-        _adopt(config, f"model.{key}", source["model"][key], changed)
-    if not source["model"].get("causal", True):
+      _adopt(config, f"model.{key}", source["model"][key], changed)
+    if not source["model"]["causal"]:
       # An encoder's classifier reads the state its pre-training trained for it ([CLS] / <s>).
       _adopt(config, "model.pooling", source["model"]["pooling"], changed)
-    attention = source["model"].get("attention", {})
-    if attention.get("kind") == "local":
+    attention = source["model"]["attention"]
+    if attention["kind"] == "local":
       # A sliding window (Mistral's) is part of what the model computes; full and blocked are
       # the same attention, so the fine-tuning config's choice between them stands.
       for key in ("kind", "window", "num_global"):
-        if key in attention:
-          _adopt(config, f"model.attention.{key}", attention[key], changed)
+        _adopt(config, f"model.attention.{key}", attention[key], changed)
     _adopt(config, "data.vocab_size", source["data"]["vocab_size"], changed)
   if changed:
     logging.info("taken from the runs this one starts from: %s", ", ".join(changed))
@@ -144,7 +137,7 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
     sources.splits = examples_lib.load_splits(config.data, task_kind(config),
                                               config.model.num_classes)
     if (config.task == "distill" and config.distill.task == "classify"
-        and config.distill.get("transfer_file")):   # config_check rejects it elsewhere
+        and config.distill.transfer_file):   # config_check rejects it elsewhere
       sources.transfer = examples_lib.load_transfer(config.distill.transfer_file, config.data,
                                                     sources.splits)
       logging.info("transfer set: %d unlabelled texts beside %d train examples",
@@ -162,8 +155,8 @@ def finish(config) -> tuple[ml_collections.ConfigDict, Sources]:
 def resolve(config, num_devices: int | None = None, process_count: int | None = None):
   """(frozen finished config, Sources): finish, then validate, then freeze."""
   config, sources = finish(config)
-  config_check.validate(config, num_devices or jax.device_count(),
-                        process_count or jax.process_count())
+  sources.model_cfg = config_check.validate(config, num_devices or jax.device_count(),
+                                            process_count or jax.process_count())
   return ml_collections.FrozenConfigDict(config), sources
 
 
@@ -172,7 +165,7 @@ def make_task(config, model):
   teacher recorded in distill.teacher_model. Tasks get the sub-configs they use."""
   task_cls = tasks.get_task(task_kind(config))
   base = task_cls(model, z_loss=config.optim.z_loss,
-                  loss_chunk=config.optim.get("loss_chunk", 0))
+                  loss_chunk=config.optim.loss_chunk)
   if config.task != "distill":
     return base
   from train.tasks import distill
@@ -228,17 +221,19 @@ class Parts:
         self.task, self.tx, self.schedule, self.config.optim.grad_accum_steps, self.mesh,
         self.abstract, self.shardings, batch or self.dummy_batch(),
         skip_nonfinite=self.config.train.nonfinite == "skip", trainable=self.trainable,
-        cpu_dot_library=self.config.train.get("xla_cpu_dot_library", "xla"),
+        cpu_dot_library=self.config.train.xla_cpu_dot_library,
         compute_dtype=self.config.model.dtype)
 
   def param_count(self) -> int:
     return state_lib.param_count(self.eval_params(self.abstract.params))
 
 
-def build(config, mesh: jax.sharding.Mesh | None = None) -> Parts:
-  """Model -> task -> optimizer -> mesh -> abstract sharded state for a resolved config."""
-  model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
-  lora = lora_lib.LoraSpec.from_config(config.train.get("lora"))
+def build(config, mesh: jax.sharding.Mesh | None = None,
+          model_cfg: ModelConfig | None = None) -> Parts:
+  """Model -> task -> optimizer -> mesh -> abstract sharded state for a resolved config;
+  model_cfg: its ModelConfig when the caller has it (Sources.model_cfg from `resolve`)."""
+  model_cfg = model_cfg or ModelConfig.from_config(config.model, config.data.vocab_size)
+  lora = lora_lib.LoraSpec.from_config(config.train.lora)
   # LoRA: the model trained (and evaluated during the run) is the adapter-wrapped Transformer;
   # only the adapters and the task head are differentiated and carry optimizer state.
   model = Transformer(model_cfg) if lora is None else lora_lib.lora_model(model_cfg, lora)

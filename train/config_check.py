@@ -12,31 +12,33 @@ class ConfigError(errors.UserError):
   """A config value that cannot work; the message names the key and what was expected."""
 
 
-def validate(config, num_devices: int, process_count: int):
-  """Raises ConfigError naming the key and what was expected."""
-  mesh = _mesh_of_buildable(config, num_devices)
+def validate(config, num_devices: int, process_count: int) -> ModelConfig:
+  """Raises ConfigError naming the key and what was expected; returns the validated
+  ModelConfig of config.model (the one a run builds its model from)."""
+  mesh, model_cfg = _mesh_of_buildable(config, num_devices)
   checks = _size_checks(config, mesh, process_count) + _setting_checks(config)
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
   if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
     raise ConfigError(f"config.optim.lr={config.optim.lr} must be a positive number")
-  _check_lora(config)
+  _check_lora(config, model_cfg)
   check_decode(config)
+  return model_cfg
 
 
-def _mesh_of_buildable(config, num_devices: int) -> dict:
-  """The mesh's axis sizes, once the task, model, schedule and mesh build (their ValueErrors
-  become ConfigErrors)."""
+def _mesh_of_buildable(config, num_devices: int) -> tuple[dict, ModelConfig]:
+  """The mesh's axis sizes and the ModelConfig, once the task, model, schedule and mesh build
+  (their ValueErrors become ConfigErrors)."""
   from train import optim, tasks   # here, not at import time: tasks import the model stack
   try:
     tasks.get_task(config.task)
-    ModelConfig.from_config(config.model, config.data.vocab_size)
+    model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
     optim.make_schedule(config.optim, max(config.train.num_steps, 1))
     mesh = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, num_devices)))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  return mesh
+  return mesh, model_cfg
 
 
 def _size_checks(config, mesh: dict, process_count: int) -> list:
@@ -56,10 +58,10 @@ def _size_checks(config, mesh: dict, process_count: int) -> list:
        f"config.data.batch_size={d.batch_size} / grad_accum_steps={accum} must be divisible by "
        f"mesh data x fsdp = {batch_shards}"),
       (config.model.positions != "learned" or
-       d.seq_len <= config.model.max_len - config.model.get("position_offset", 0),
+       d.seq_len <= config.model.max_len - config.model.position_offset,
        f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={config.model.max_len} "
-       f"- position_offset={config.model.get('position_offset', 0)} (learned positions)"),
-      (config.model.get("causal", True) or _student_task(config) == "classify",
+       f"- position_offset={config.model.position_offset} (learned positions)"),
+      (config.model.causal or _student_task(config) == "classify",
        f"config.model.causal=False (a bidirectional encoder) trains only a classifier (task "
        f"classify, or distill with distill.task=classify), not {_student_task(config)!r}"),
       (not (config.train.init_from and config.task == "distill"
@@ -78,8 +80,8 @@ def _size_checks(config, mesh: dict, process_count: int) -> list:
 def _setting_checks(config) -> list:
   """(ok, message) pairs on choices and the settings that belong to some tasks only."""
   d, t = config.data, config.train
-  select_by = t.get("select_by", "loss")
-  gaps = d.get("gap_sentences", {"ratio": 0.0, "passage_words": 1})
+  select_by = t.select_by
+  gaps = d.gap_sentences
   return [
       (config.train.nonfinite in ("stop", "skip"),
        f"config.train.nonfinite={config.train.nonfinite!r}; expected 'stop' or 'skip'"),
@@ -93,10 +95,10 @@ def _setting_checks(config) -> list:
       *((0 <= stride <= d.seq_len - 2,
          f"config.{key}={stride}: expected 0 (off) .. data.seq_len - 2 = {d.seq_len - 2} (a "
          "row's text ids)")
-        for key, stride in (("eval.window_stride", config.eval.get("window_stride", 0)),
-                            ("data.train_window_stride", d.get("train_window_stride", 0)))),
-      (not d.get("train_window_stride", 0) or _student_task(config) == "classify",
-       f"config.data.train_window_stride={d.get('train_window_stride', 0)} applies to "
+        for key, stride in (("eval.window_stride", config.eval.window_stride),
+                            ("data.train_window_stride", d.train_window_stride))),
+      (not d.train_window_stride or _student_task(config) == "classify",
+       f"config.data.train_window_stride={d.train_window_stride} applies to "
        f"classifiers, not task {_student_task(config)!r}; set it to 0"),
       (0 <= gaps["ratio"] < 1 and gaps["passage_words"] >= 1,
        f"config.data.gap_sentences: ratio={gaps['ratio']} must be in [0, 1) and passage_words="
@@ -109,22 +111,22 @@ def _setting_checks(config) -> list:
       (config.distill.init_student in ("none", "teacher_layers"),
        f"config.distill.init_student={config.distill.init_student!r}; expected 'none' or "
        "'teacher_layers'"),
-      (not config.distill.get("offline_teacher") or (config.task == "distill"
+      (not config.distill.offline_teacher or (config.task == "distill"
                                                      and config.distill.task == "classify"),
-       f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r} teaches a "
+       f"config.distill.offline_teacher={config.distill.offline_teacher!r} teaches a "
        "classifier (task distill with distill.task=classify); set it to ''"),
-      (not sources_lib.is_tfds(config.distill.get("offline_teacher", "")),
-       f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r}: expected "
+      (not sources_lib.is_tfds(config.distill.offline_teacher),
+       f"config.distill.offline_teacher={config.distill.offline_teacher!r}: expected "
        "'tfidf' or a JSONL file of {\"id\", \"probs\"} lines, not a TFDS dataset"),
-      (not config.distill.get("transfer_file") or (config.task == "distill"
+      (not config.distill.transfer_file or (config.task == "distill"
                                                    and config.distill.task == "classify"),
-       f"config.distill.transfer_file={config.distill.get('transfer_file')!r} holds unlabelled "
+       f"config.distill.transfer_file={config.distill.transfer_file!r} holds unlabelled "
        "texts for a classifier's student (task distill with distill.task=classify); set it "
        "to ''"),
-      (0 < config.distill.get("offline_weight", 0.5) <= 1,
-       f"config.distill.offline_weight={config.distill.get('offline_weight')} must be in (0, 1]"),
-      (config.distill.get("offline_folds", 5) >= 2,
-       f"config.distill.offline_folds={config.distill.get('offline_folds')} must be >= 2"),
+      (0 < config.distill.offline_weight <= 1,
+       f"config.distill.offline_weight={config.distill.offline_weight} must be in (0, 1]"),
+      (config.distill.offline_folds >= 2,
+       f"config.distill.offline_folds={config.distill.offline_folds} must be >= 2"),
       (config.train.early_stopping >= 0,
        f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
       (select_by == "loss" or (select_by.count("/") == 1 and
@@ -134,13 +136,14 @@ def _setting_checks(config) -> list:
        f"{tuple(config.eval.evaluators)}, e.g. 'rouge/rougeL'"),
   ]
 
-def _check_lora(config):
+
+def _check_lora(config, model_cfg: ModelConfig):
   """train.lora: adapters on a pre-trained model being fine-tuned, on projections it has."""
   from train import lora   # here, not at import time: it imports the model stack and qwix
-  lora_cfg = config.train.get("lora")
-  if lora_cfg is None or lora_cfg.rank == 0:
+  lora_cfg = config.train.lora
+  if lora_cfg.rank == 0:
     return
-  if config.model.get("scan_layers", False):
+  if config.model.scan_layers:
     raise ConfigError("config.train.lora with config.model.scan_layers=True: the adapters target "
                       "per-layer projections (block_N/...); set config.model.scan_layers=False "
                       "(a scanned checkpoint still loads: its layers are unstacked)")
@@ -152,16 +155,14 @@ def _check_lora(config):
                       "pre-trained run whose weights LoRA freezes)")
   try:
     lora.check(lora.LoraSpec(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.targets),
-               ModelConfig.from_config(config.model, config.data.vocab_size))
+               model_cfg)
   except lora.LoraConfigError as e:
     raise ConfigError(str(e)) from None
 
 
 def check_decode(config):
   """eval.decode: how summaries are decoded at validation and test (configs/common.py)."""
-  cfg = config.eval.get("decode")
-  if cfg is None:
-    return
+  cfg = config.eval.decode
   cap = config.eval.decode_len
   ratio = cfg.length_ratio
   number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -183,18 +184,14 @@ def check_decode(config):
       (ratio == "train" or (number(ratio) and ratio >= 0),
        f"config.eval.decode.length_ratio={ratio!r}: expected 0 (off), a positive number (summary "
        "tokens per document token) or 'train' (learned on the train split)"),
-      (cfg.get("samples", 0) or (cfg.get("temperature", 1.0) == 1.0 and
-                                 cfg.get("top_p", 1.0) == 1.0 and
-                                 not cfg.get("source_weight", 0.0)),
+      (cfg.samples or (cfg.temperature == 1.0 and cfg.top_p == 1.0 and not cfg.source_weight),
        "config.eval.decode.temperature, top_p and source_weight apply to MBR sampling only: "
        "set config.eval.decode.samples > 0"),
   ]
-  # MBR's settings, by the check LoadedModel.summarize applies (keys absent from runs
-  # recorded before they existed: off).
+  # MBR's settings, by the check LoadedModel.summarize applies.
   from infer import rerank   # as for LoRA: the decoder lives below train/
   try:
-    rerank.Sampling(cfg.get("samples", 0), cfg.get("temperature", 1.0), cfg.get("top_p", 1.0),
-                    source_weight=cfg.get("source_weight", 0.0))
+    rerank.Sampling(cfg.samples, cfg.temperature, cfg.top_p, source_weight=cfg.source_weight)
   except ValueError as e:
     raise ConfigError(f"config.eval.decode.{e}") from None
   for ok, message in checks:

@@ -28,6 +28,7 @@ import os
 from absl import app, flags
 import ml_collections
 
+from configs import common as configs_common
 from eval import classification, common, rouge
 from infer import ensemble as infer_ensemble
 from infer import rerank
@@ -47,7 +48,7 @@ def _run_config(workdir: str) -> ml_collections.ConfigDict:
         f"{path}: no such file; --config_from must be a finished run's workdir (a "
         "train.redecode --out has no config.json)")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(configs_common.upgrade(json.load(f)))
 
 
 def _scored_split(records: list[dict], splits: dict, config_dir: str) -> str:

@@ -14,6 +14,7 @@ import time
 
 from absl import logging
 
+from configs import common as configs_common
 from eval import classification, factual, report, rouge, slices, tfidf_baseline
 from infer import loading
 from model import checkpoint as checkpoint_lib
@@ -44,17 +45,17 @@ LENGTH_RATIO_PAIRS = 2000
 
 
 # eval.decode's keys and their "off" values (configs/common.py): LoadedModel.summarize keywords.
-DECODE_DEFAULTS = {"beam": 0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
-                   "repetition_penalty": 1.0, "min_new": 0, "length_ratio": 0.0,
-                   "samples": 0, "temperature": 1.0, "top_p": 1.0, "source_weight": 0.0}
+# config.eval.decode's keys in the order the report names them; their defaults (all off: greedy)
+# are base_config()'s.
+DECODE_DEFAULTS = {key: configs_common.base_config().eval.decode[key] for key in (
+    "beam", "length_penalty", "no_repeat_ngram_size", "repetition_penalty", "min_new",
+    "length_ratio", "samples", "temperature", "top_p", "source_weight")}
 
 
 def decode_options(config, loaded: loading.LoadedModel, train_examples) -> tuple[dict, dict]:
   """(LoadedModel.summarize's decoding keywords from config.eval.decode, what the report says
-  about them). length_ratio "train" is learned here on (a fixed subset of) the train pairs. A
-  config recorded before eval.decode existed lacks the keys: they are off, as they were then."""
-  cfg = config.eval.get("decode") or {}
-  options = {key: cfg.get(key, default) for key, default in DECODE_DEFAULTS.items()}
+  about them). length_ratio "train" is learned here on (a fixed subset of) the train pairs."""
+  options = {key: config.eval.decode[key] for key in DECODE_DEFAULTS}
   learned = options["length_ratio"] == "train"
   if learned:
     pairs = _subset(list(train_examples), LENGTH_RATIO_PAIRS)
@@ -131,7 +132,7 @@ def validation_hooks(config, loaded: loading.LoadedModel, splits, select_params,
     if last["params"] is not params:
       last.update(params=params, records=_records(
           loaded, select_params(params), valid, config.eval.batch_size, decoding,
-          config.eval.get("window_stride", 0)))
+          config.eval.window_stride))
     return last["records"]
 
   def hook(name):
@@ -163,9 +164,9 @@ def run(config, workdir: str, *, loaded: loading.LoadedModel, params, splits, wr
   chosen = set(e.id for e in _subset(splits["test"], config.eval.num_examples))
   test = [e for e in splits["test"] if e.id in chosen]
   records = _records(loaded, params, test, config.eval.batch_size, decoding,
-                     config.eval.get("window_stride", 0))
+                     config.eval.window_stride)
   facts["prediction seconds"] = round(time.perf_counter() - t0, 1)
-  if loaded.kind == "classify" and config.eval.get("window_stride", 0):
+  if loaded.kind == "classify" and config.eval.window_stride:
     facts["long texts"] = (f"also read whole in windows {config.eval.window_stride} ids apart, "
                            "rows' log-probabilities averaged (eval.window_stride)")
   harness = (harness_sections(config, loaded, params)

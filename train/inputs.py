@@ -101,7 +101,7 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   kind = task_kind(config)
   tokenizer = _finetune_tokenizer(config, sources, resumed_meta)
   splits = sources.splits
-  stride = config.data.get("train_window_stride", 0)   # runs recorded before it lack the key
+  stride = config.data.train_window_stride
   rows = {name: [examples_lib.encode(e, tokenizer, kind, config.data) for e in exs]
           for name, exs in splits.items() if name != "train" or not stride}
   # What the train iterator draws from, one entry per example: a row, or (stride > 0) the
@@ -115,7 +115,7 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   else:
     transfer = [examples_lib.encode(e, tokenizer, kind, config.data) for e in sources.transfer]
     drawn = [[row] for row in rows["train"] + transfer]
-  if config.task == "distill" and config.distill.get("offline_teacher"):
+  if config.task == "distill" and config.distill.offline_teacher:
     _add_offline_teacher(config, splits, sources.transfer, rows, drawn)
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
   ident = {"data": examples_lib.fingerprint(config.data), "tokenizer": tokenizer.fingerprint,

@@ -193,9 +193,9 @@ class _Loop:
     "rouge/rougeL": an evaluator's metric); stops after `early_stopping` evaluations without
     improvement (counted from steps, so a resumed run counts the same)."""
     cfg, best, step = self.cfg, self.best, self.step
-    select_by = cfg.train.get("select_by", "loss")   # absent from runs recorded before it
+    select_by = cfg.train.select_by
     score = metrics_lib.selection_score(select_by, scores)
-    if not best or score > best.get("score", -best["loss"]):
+    if not best or score > best["score"]:
       best.update(step=step, loss=loss, select_by=select_by, value=scores[select_by],
                   score=score)
       self.p.best_checkpointer.save(step, self.state, None, {**self.p.meta, "best": dict(best)},
@@ -205,7 +205,7 @@ class _Loop:
     patience = cfg.train.early_stopping
     if patience and (step - best["step"]) // cfg.train.eval_every >= patience:
       logging.info("early stopping at step %d: no better validation %s than %.4f (step %d) "
-                   "in %d evaluations", step, select_by, best.get("value", best["loss"]),
+                   "in %d evaluations", step, select_by, best["value"],
                    best["step"], patience)
       self.stop_early = True
 

@@ -78,11 +78,9 @@ def overridden_config(run_config: dict, num_examples: int | None = None,
     config.eval.num_examples = num_examples
   if window_stride is not None:
     config.eval.window_stride = window_stride
-  # A run recorded before eval.decode existed decodes with all controls off. The recorded
-  # JSON keeps no field types (length_ratio 0.0 reads back a float that "train" cannot
-  # replace), so the section is rebuilt rather than assigned key by key.
-  options = dict(config.eval.decode) if "decode" in config.eval else dict(
-      final_eval.DECODE_DEFAULTS)
+  # The recorded JSON keeps no field types (length_ratio 0.0 reads back a float that "train"
+  # cannot replace), so the section is rebuilt rather than assigned key by key.
+  options = dict(config.eval.decode)
   for key, value in decode.items():
     if value is None:
       continue

@@ -24,7 +24,7 @@ from train import metrics as metrics_lib
 from train.config_check import ConfigError
 
 
-def prepare_workdir(workdir: str, config) -> bool:
+def prepare_workdir(workdir: str, config, model_cfg: ModelConfig) -> bool:
   """Creates the run directory (returns whether it is new); fails early if it is not writable
   or has no room for the checkpoints."""
   created = not os.path.exists(workdir)
@@ -39,8 +39,7 @@ def prepare_workdir(workdir: str, config) -> bool:
   # Room for keep_checkpoints checkpoints plus the one being written, at 12 bytes per parameter
   # (f32 params and two Adam moments; train_flops_per_token at seq_len 0 is 6 x the matmul
   # parameters, nearly all of them) and 64 MiB of logs, less what this run's checkpoints hold.
-  params = metrics_lib.train_flops_per_token(
-      ModelConfig.from_config(config.model, config.data.vocab_size), 0) / 6
+  params = metrics_lib.train_flops_per_token(model_cfg, 0) / 6
   held = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in
              os.walk(os.path.join(workdir, "checkpoints")) for name in names)
   copies = config.train.keep_checkpoints + 1
@@ -112,7 +111,7 @@ class _Start:
 def _start(config, sources: build.Sources, workdir: str) -> _Start:
   """Workdir and checkpoints -> inputs, model, state. A failed start leaves no empty run (or
   folder) behind."""
-  created = prepare_workdir(workdir, config)
+  created = prepare_workdir(workdir, config, sources.model_cfg)
   checkpoints_dir = os.path.join(workdir, "checkpoints")
   had_checkpoints = os.path.exists(checkpoints_dir)
   started = False
@@ -127,7 +126,7 @@ def _start(config, sources: build.Sources, workdir: str) -> _Start:
                       "train again", workdir, latest, config.train.num_steps,
                       "the final evaluation" if build.is_finetuning(config) else "validation")
     inputs = inputs_lib.make(config, sources, resumed_meta)
-    parts = build.build(config)
+    parts = build.build(config, model_cfg=sources.model_cfg)
     state = _start_state(parts, sources, checkpointer, latest, inputs.train_iter)
     started = True
   finally:

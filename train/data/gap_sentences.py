@@ -34,8 +34,7 @@ _WORD = re.compile(r"\w+")
 
 
 def enabled(data_cfg) -> bool:
-  gaps = data_cfg.get("gap_sentences")   # runs recorded before it existed lack it
-  return bool(gaps) and gaps.ratio > 0
+  return data_cfg.gap_sentences.ratio > 0
 
 
 def passages(text: str, max_words: int) -> list[list[str]]:

@@ -39,7 +39,7 @@ class Source:
 
 def parse(data_config) -> list[Source]:
   """The sources of `data.mixture` ([] when unset); DataError naming a malformed entry."""
-  entries = data_config.get("mixture", ()) or ()
+  entries = data_config.mixture or ()
   if isinstance(entries, str):          # one command-line string: comma-separated entries
     entries = [e for e in entries.split(",") if e.strip()]
   sources = []

@@ -46,7 +46,6 @@ from infer import loading
 from model import checkpoint as checkpoint_lib
 from model import sharding as sharding_lib
 from model import tokenizer as tokenizer_lib
-from model import config as model_config_lib
 from model.config import ModelConfig
 from model.task_kind import task_kind
 from model.transformer import Transformer
@@ -65,14 +64,16 @@ def run_config(hf_cfg: dict, seq_len: int) -> ml_collections.ConfigDict:
   keys = families.model_keys(hf_cfg)
   config = common.base_config()
   config.data.vocab_size = keys.pop("vocab_size")
-  if keys["positions"] == "learned":
-    seq_len = min(seq_len, keys["max_len"] - keys.get("position_offset", 0))
-  config.data.seq_len = seq_len
   attention = keys.pop("attention", {})
-  for key, value in keys.items():
-    config.model[key] = value
-  for key, value in attention.items():
-    config.model.attention[key] = value
+  # Every key a family writes is one of configs/model_schema.py's: assigning any other fails.
+  config.model.lock()
+  config.model.update(keys)
+  config.model.attention.update(attention)
+  config.model.unlock()
+  m = config.model
+  if m.positions == "learned":
+    seq_len = min(seq_len, m.max_len - m.position_offset)
+  config.data.seq_len = seq_len
   config.preset = f"hf:{hf_cfg['model_type']}"
   config.optim.z_loss = 0.0
   if keys.get("num_classes"):   # a *ForSequenceClassification checkpoint: a classifier run
@@ -290,11 +291,8 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   hf_dir = loading.resolve_path(hf_dir)
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} exists and is not empty; choose a new one")
-  m = dict(run.meta["config"]["model"])
-  defaults = ModelConfig.from_config(ml_collections.ConfigDict(m), run.meta["config"]["data"]
-                                     ["vocab_size"])
-  m = {**{k: getattr(defaults, k) for k in model_config_lib._OPTIONAL}, **m}
-  m["num_classes"] = defaults.num_classes if kind == "classify" else 0
+  m = dict(run.meta["config"]["model"])   # every key: open_run brought it up to date
+  m["num_classes"] = m["num_classes"] if kind == "classify" else 0
   imported = run.meta.get("imported_from", {}).get("family")
   family = imported or hf_export.export_family(m)
   hf_export.check_exportable(family, m)
@@ -333,7 +331,7 @@ def _hf_tensors(run, family: str, m: dict) -> dict:
   model = Transformer(run.model_config(scan_layers=False))   # export names layers one by one
   params = flax.traverse_util.flatten_dict(loading.restore_params(run, model), sep="/")
   params = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
-  if (m.get("tied_head_rescale", True) and m.get("tie_embeddings", True)
+  if (m["tied_head_rescale"] and m["tie_embeddings"]
       and not m["num_classes"] and "final_norm/scale" in params):
     # logits = E (norm(x) * d^-1/2): the scale folds into the final norm's weight.
     params["final_norm/scale"] = params["final_norm/scale"] * np.float32(m["d_model"] ** -0.5)

@@ -18,7 +18,7 @@ def architecture(family: str, m: dict) -> str:
   (decoders) or its sequence classifier."""
   base = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma",
           "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}[family]
-  if m.get("num_classes", 0):
+  if m["num_classes"]:
     return base + "ForSequenceClassification"
   return base + ("Model" if family in ENCODERS else
                  "LMHeadModel" if family == "gpt2" else "ForCausalLM")
@@ -48,7 +48,7 @@ def hf_config(family: str, m: dict, vocab_size: int, extra: dict,
   labels: a classifier's id2label (default LABEL_i)."""
   cfg = _hf_config(family, m, vocab_size, extra)
   cfg["architectures"] = [architecture(family, m)]
-  if m.get("num_classes", 0):
+  if m["num_classes"]:
     cfg.update(_labels(m["num_classes"], labels))
   return cfg
 
@@ -71,7 +71,7 @@ def _hf_config(family: str, m: dict, vocab_size: int, extra: dict) -> dict:
             "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}[family]
     act = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[m["mlp_activation"]]
     rope = {"rope_type": "default", "rope_theta": m["rope_theta"]}
-    if m.get("rope_scaling", "none") != "none":
+    if m["rope_scaling"] != "none":
       rope.update(rope_type=m["rope_scaling"], factor=m["rope_scaling_factor"])
       if m["rope_scaling"] == "llama3":
         rope.update(low_freq_factor=m["rope_low_freq_factor"],
@@ -92,12 +92,12 @@ def _hf_config(family: str, m: dict, vocab_size: int, extra: dict) -> dict:
     else:
       cfg["hidden_act"] = act
     if family in ("llama", "gemma"):
-      cfg["attention_bias"] = m.get("out_bias", False)
+      cfg["attention_bias"] = m["out_bias"]
     if family == "llama":
-      cfg["mlp_bias"] = m.get("mlp_bias", False)
+      cfg["mlp_bias"] = m["mlp_bias"]
     if family == "mistral":
-      attn = m.get("attention", {})
-      cfg["sliding_window"] = attn.get("window") if attn.get("kind") == "local" else None
+      attn = m["attention"]
+      cfg["sliding_window"] = attn["window"] if attn["kind"] == "local" else None
     if family == "qwen2":
       cfg["use_sliding_window"] = False
   cfg.update({k: v for k, v in extra.items() if v is not None})
@@ -108,11 +108,11 @@ def _hf_config(family: str, m: dict, vocab_size: int, extra: dict) -> dict:
 def check_exportable(family: str, m: dict):
   """ConvertError when a model (config.model dict, with num_classes) has a part the family's
   transformers class cannot hold: the classifier's pooling and head shape."""
-  n = m.get("num_classes", 0)
+  n = m["num_classes"]
   if not n:
     return
-  pooling, pooler = m.get("pooling", "mean"), m.get("pooler", "none")
-  hidden, bias = m.get("cls_hidden", "none"), m.get("cls_bias", False)
+  pooling, pooler = m["pooling"], m["pooler"]
+  hidden, bias = m["cls_hidden"], m["cls_bias"]
   if family in ENCODERS:
     want = {"bert": ("tanh", "none"), "roberta": ("none", "tanh"),
             "distilbert": ("none", "relu")}[family]
@@ -130,24 +130,23 @@ def check_exportable(family: str, m: dict):
 
 
 def _encoder_family(m: dict) -> str:
-  get = lambda k, default: m.get(k, default)
-  shape = (get("positions", "rope") == "learned" and get("norm", "rmsnorm") == "layernorm"
-           and get("norm_bias", False) and get("norm_placement", "pre") == "post"
-           and get("qkv_bias", False) and get("out_bias", False) and get("mlp_bias", False)
-           and get("embed_norm", False) and get("tie_embeddings", True)
+  shape = (m["positions"] == "learned" and m["norm"] == "layernorm"
+           and m["norm_bias"] and m["norm_placement"] == "post"
+           and m["qkv_bias"] and m["out_bias"] and m["mlp_bias"]
+           and m["embed_norm"] and m["tie_embeddings"]
            and m["mlp_activation"] in ("gelu", "gelu_exact", "relu")
            and m["num_kv_heads"] == m["num_heads"]
            and m["head_dim"] * m["num_heads"] == m["d_model"]
-           and get("attention", {}).get("kind", "full") != "local")
+           and m["attention"]["kind"] != "local")
   if not shape:
     raise ConvertError("a bidirectional model exports as BERT / RoBERTa / DistilBERT only "
                        "(learned positions, post-LN LayerNorm with biases, biases on every "
                        "projection, embedding norm, plain MLP, tied embedding)")
-  if get("position_offset", 0):
+  if m["position_offset"]:
     return "roberta"
-  if get("type_vocab_size", 0):
+  if m["type_vocab_size"]:
     return "bert"
-  if get("norm_eps", 1e-6) != 1e-12 or get("pooler", "none") != "none":
+  if m["norm_eps"] != 1e-12 or m["pooler"] != "none":
     raise ConvertError("an encoder without token-type embeddings exports as DistilBERT only "
                        "(LayerNorm eps 1e-12, no pooler)")
   return "distilbert"
@@ -155,43 +154,42 @@ def _encoder_family(m: dict) -> str:
 
 def export_family(m: dict) -> str:
   """The HF family a model (config.model dict) exports as; ConvertError if none fits."""
-  get = lambda k, default: m.get(k, default)
-  attn = get("attention", {})
-  if attn.get("num_global", 0):
+  attn = m["attention"]
+  if attn["num_global"]:
     raise ConvertError("model.attention.num_global > 0 has no Hugging Face equivalent")
-  if not get("causal", True):
+  if not m["causal"]:
     return _encoder_family(m)
-  if get("type_vocab_size", 0) or get("embed_norm", False) or get("position_offset", 0):
+  if m["type_vocab_size"] or m["embed_norm"] or m["position_offset"]:
     raise ConvertError("token-type embeddings, an embedding norm and a position offset export "
                        "with the encoders (model.causal=False) only")
-  if get("norm_placement", "pre") != "pre" or not get("causal", True):
+  if m["norm_placement"] != "pre" or not m["causal"]:
     raise ConvertError("only causal pre-norm decoders export")
-  if get("logit_softcap", 0.0):
+  if m["logit_softcap"]:
     raise ConvertError("model.logit_softcap has no equivalent in the exported families")
-  if get("positions", "rope") == "learned":
-    if (get("norm", "rmsnorm") == "layernorm" and get("qkv_bias", False) and get("out_bias", False)
-        and get("mlp_bias", False) and get("norm_bias", False) and get("tie_embeddings", True)
+  if m["positions"] == "learned":
+    if (m["norm"] == "layernorm" and m["qkv_bias"] and m["out_bias"]
+        and m["mlp_bias"] and m["norm_bias"] and m["tie_embeddings"]
         and m["mlp_activation"] in ("gelu", "gelu_exact", "relu")
         and m["num_kv_heads"] == m["num_heads"] and m["head_dim"] * m["num_heads"] == m["d_model"]):
       return "gpt2"
     raise ConvertError("a model with learned positions exports as GPT-2 only (layernorm with "
                        "biases, biases on every projection, plain GELU MLP, tied head)")
-  if get("norm", "rmsnorm") != "rmsnorm":
+  if m["norm"] != "rmsnorm":
     raise ConvertError("a RoPE model exports with RMSNorm only (Llama / Mistral / Qwen2 / Gemma)")
-  if get("norm_plus_one", False) or get("embed_scale", False):
-    if (get("norm_plus_one", False) and get("embed_scale", False) and
-        m["mlp_activation"] == "geglu" and get("tie_embeddings", True)):
+  if m["norm_plus_one"] or m["embed_scale"]:
+    if (m["norm_plus_one"] and m["embed_scale"] and
+        m["mlp_activation"] == "geglu" and m["tie_embeddings"]):
       return "gemma"
     raise ConvertError("(1 + w) norms and embedding scale export as Gemma only (with geglu MLP "
                        "and a tied head)")
   if m["mlp_activation"] != "swiglu":
     raise ConvertError(f"model.mlp_activation={m['mlp_activation']!r} with RoPE exports only "
                        "as swiglu (Llama-style) or geglu (Gemma)")
-  if attn.get("kind", "full") == "local":
+  if attn["kind"] == "local":
     return "mistral"
-  if get("qkv_bias", False) and not get("out_bias", False) and not get("mlp_bias", False):
+  if m["qkv_bias"] and not m["out_bias"] and not m["mlp_bias"]:
     return "qwen2"
-  if get("qkv_bias", False) != get("out_bias", False):
+  if m["qkv_bias"] != m["out_bias"]:
     raise ConvertError("q/k/v biases without an output bias export as Qwen2 only (no MLP bias)")
   return "llama"
 

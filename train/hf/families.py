@@ -295,10 +295,10 @@ def _encoder_entries(family: str, m: dict) -> list[Entry]:
     for norm in ("attn_norm", "mlp_norm"):
       out += [_same(hp + names[norm] + ".weight", bp + f"{norm}/scale"),
               _same(hp + names[norm] + ".bias", bp + f"{norm}/bias")]
-  if m.get("pooler", "none") != "none":
+  if m["pooler"] != "none":
     out += [_linear(p + "pooler.dense.weight", "pooler/kernel", d, (d,)),
             _same(p + "pooler.dense.bias", "pooler/bias")]
-  n = m.get("num_classes", 0)
+  n = m["num_classes"]
   if n:
     hidden, head = {"bert": (None, "classifier"),
                     "roberta": ("classifier.dense", "classifier.out_proj"),
@@ -352,7 +352,7 @@ def entries(family: str, m: dict) -> list[Entry]:
   if family in ENCODERS:
     return _encoder_entries(family, m)
   d, h, kv, hd = m["d_model"], m["num_heads"], m["num_kv_heads"], m["head_dim"]
-  n = m.get("num_classes", 0)
+  n = m["num_classes"]
   head = [_linear("score.weight", "cls_head/kernel", d, (n,))] if n else []
   if family == "gpt2":
     return _gpt2_entries(m) + head

@@ -87,9 +87,8 @@ class DistillTask(Task):
     self.base = base
     d = distill_cfg
     self.alpha, self.temperature, self.hidden_weight = d.alpha, d.temperature, d.hidden_weight
-    # Runs recorded before the offline teacher lack its keys.
-    self.offline = bool(d.get("offline_teacher")) and base.model.cfg.num_classes > 0
-    self.offline_weight = d.get("offline_weight", 0.5)
+    self.offline = bool(d.offline_teacher) and base.model.cfg.num_classes > 0
+    self.offline_weight = d.offline_weight
 
   def dummy_batch(self, batch_size: int, seq_len: int):
     """The student task's batch, plus the offline teacher's probabilities if there is one."""
