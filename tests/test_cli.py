@@ -46,17 +46,24 @@ def test_print_config_lists_every_key_with_default_and_marks_overrides():
                timeout=120)
   assert r.returncode == 0, r.stderr
   assert r.stderr == ""                                        # no training, no logs
-  assert r.stdout.splitlines()[1].split() == ["key", "value", "preset", "default"]
-  rows = {}
+  header = r.stdout.splitlines()[1]
+  assert header.split()[:4] == ["key", "value", "preset", "default"]
+  value_at, help_at = header.index("value"), header.index("help")
+  rows, helps = {}, {}
   for line in r.stdout.splitlines()[2:]:
-    fields = line[2:].split()
+    fields = line[2:value_at].split() + line[value_at:help_at].split()
     rows[fields[0]] = (line[0], fields[1:])
+    helps[fields[0]] = line[help_at:]
   expected = dict(_leaves(legal_pretrain.get_config("tiny")))
   assert set(rows) == set(expected)          # every key, nothing else
   assert rows["optim.lr"] == ("*", ["0.001", "0.003"])
   assert rows["train.num_steps"] == ("*", ["7", "300"])
   assert rows["optim.warmup_steps"] == (" ", ["30", "30"])     # the tiny preset's own value
   assert rows["model.attention.kind"] == (" ", ["'full'", "'full'"])
+  # the model's keys carry their declared help and choices (configs/model_schema.py)
+  assert helps["model.norm"] == "normalisation layer [rmsnorm | layernorm]"
+  assert helps["model.attention.kind"].endswith("[full | local | blocked]")
+  assert helps["optim.lr"] == ""
   marked = sorted(k for k, (mark, _) in rows.items() if mark == "*")
   assert marked == ["optim.lr", "train.num_steps"]
   assert "--config=configs/legal_pretrain.py:tiny" in r.stdout.splitlines()[0]

@@ -14,6 +14,8 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections.config_flags import config_flags, config_path
 
+from configs import model_schema
+
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(preset), e.g. configs/legal_pretrain.py:tiny",
     lock_config=True)
@@ -35,20 +37,34 @@ def _show(value) -> str:
   return "{}" if isinstance(value, config_dict.ConfigDict) else repr(value)
 
 
+def declared_help() -> dict[str, str]:
+  """{"model.<key>": its help and allowed values} from the model's declared schema."""
+  out = {}
+  for prefix, keys in (("model.", model_schema.MODEL_KEYS),
+                       ("model.attention.", model_schema.ATTENTION_KEYS)):
+    for key in keys:
+      choices = f" [{' | '.join(map(str, key.choices))}]" if key.choices else ""
+      out[prefix + key.name] = key.help + choices
+  return out
+
+
 def config_table(flag_values=flags.FLAGS) -> str:
-  """Every key of the parsed --config: the value the run uses and the preset's default; `*`
-  marks the keys set on the command line."""
+  """Every key of the parsed --config: the value the run uses, the preset's default and, for
+  the model's declared keys, their help; `*` marks the keys set on the command line."""
   flag = flag_values["config"]
   source = config_flags.get_config_filename(flag)
   default = dict(flatten(flag.parser.parse(source)))
   overridden = set(config_flags.get_override_values(flag))
-  rows = [(("*" if key in overridden else " "), key, _show(value), _show(default.get(key)))
-          for key, value in flatten(flag.value)]
-  widths = [max(len(row[i]) for row in rows + [("", "key", "value", "")]) for i in (1, 2)]
+  helps = declared_help()
+  rows = [(("*" if key in overridden else " "), key, _show(value), _show(default.get(key)),
+           helps.get(key, "")) for key, value in flatten(flag.value)]
+  widths = [max(len(row[i]) for row in rows + [("", "key", "value", "preset default")])
+            for i in (1, 2, 3)]
   lines = [f"# --config={source}: {len(rows)} keys; * = set on the command line",
-           f"  {'key':<{widths[0]}}  {'value':<{widths[1]}}  preset default"]
-  lines += [f"{mark} {key:<{widths[0]}}  {value:<{widths[1]}}  {dflt}"
-            for mark, key, value, dflt in rows]
+           f"  {'key':<{widths[0]}}  {'value':<{widths[1]}}  {'preset default':<{widths[2]}}"
+           "  help (the model's declared keys)"]
+  lines += [f"{mark} {key:<{widths[0]}}  {value:<{widths[1]}}  {dflt:<{widths[2]}}  {help_}"
+            .rstrip() for mark, key, value, dflt, help_ in rows]
   return "\n".join(lines)
 
 
