@@ -107,6 +107,7 @@ def test_every_param_has_logical_axis_names_of_its_rank(name):
       "embed", "kv_heads", "head_dim")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_matches_float32_logits():
   """Same float32 params, compute dtype bf16 vs f32: logits agree to bf16 precision."""
   cfg32 = tiny_model_cfg()
