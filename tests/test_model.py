@@ -146,6 +146,7 @@ def _loss_fn(cfg, batch, train=False):
   return loss_fn
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_loss_and_grads():
   # One layer is enough: remat wraps each block the same way. All policies in one compile.
   base = tiny_model_cfg(num_layers=1)
@@ -164,6 +165,7 @@ def test_remat_policies_give_same_loss_and_grads():
     chex.assert_trees_all_close(grads, ref_grads, rtol=F32_RTOL, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_with_dropout_reuses_the_same_mask():
   """With dropout on, remat must recompute the block with the same dropout mask."""
   base = tiny_model_cfg(num_layers=1, dropout_rate=0.2)
@@ -347,6 +349,7 @@ class CausalBlocksKernelTest(chex.TestCase):
                                            8, 8, 4))
 
 
+@pytest.mark.slow
 def test_reference_respects_segments_by_perturbation():
   """Changing document 1's keys/values leaves document 2's outputs bit-identical."""
   q, k, v, _ = _qkv(jnp.float32, b=1, t=6)
