@@ -96,6 +96,9 @@ def _check_vs_reference(kernel, spec, mi, dtype, kv_heads, implementation="xla")
 
 class KernelsMatchReferenceTest(parameterized.TestCase):
   """(kernel, pattern, inputs, dtype, kv heads): GQA = 2 of 4 heads, MQA = 1, MHA = 4."""
+  # 25 forward + backward compiles: the quick tier keeps test_model's full / causal-blocks
+  # kernel checks and this module's mask and cost tests.
+  pytestmark = pytest.mark.slow
 
   @parameterized.named_parameters(
       ("full_causal_gqa_f32", "full", "nowindow", "causal", jnp.float32, 2),
