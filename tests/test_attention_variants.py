@@ -156,6 +156,7 @@ def test_window_masks_out_distant_keys_but_not_globals():
   np.testing.assert_array_equal(ok, expected)
 
 
+@pytest.mark.slow
 def test_full_with_window_on_the_causal_blocks_path_matches_reference():
   """causal_blocks masks with `allowed`, so a window/globals spec is still exact there."""
   spec, mi = _SPECS["window_globals"], masks.MaskInputs()
@@ -204,6 +205,7 @@ def test_local_cost_grows_linearly_at_fixed_window():
   assert 1.8 < temp < 2.2, temp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, overrides", [
     ("blocked", dict(attention_block_size=8)),
     ("local", dict(attention_block_size=8, attention_window=16)),   # window covers the row

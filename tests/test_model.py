@@ -369,6 +369,7 @@ def test_reference_respects_segments_by_perturbation():
 # Packing at model level: a packed document's logits equal those of the document alone
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["rope", "learned"])
 def test_packed_document_logits_equal_document_alone(positions):
   cfg = tiny_model_cfg(positions=positions, max_len=16)
@@ -500,6 +501,7 @@ def test_cross_entropy_z_loss_term():
   np.testing.assert_allclose(m["loss"], base, rtol=1e-6)   # "loss" metric excludes z-loss
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_equals_plain_loss_and_grads(chunk=5):
   """The fused chunked head + loss (optim.loss_chunk) = logits then cross_entropy: the loss,
   every metric, and the gradient w.r.t. all params (the tied embedding gets both its gather's
