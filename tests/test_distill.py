@@ -181,6 +181,7 @@ def test_an_ensemble_teaches_a_summarizer_token_by_token():
   assert 0 < weights.sum() < weights.size          # only summary tokens are scored
   np.testing.assert_allclose(sums["kd"], np.sum(kl * weights), rtol=2e-4)
 
+@pytest.mark.slow
 def test_stacked_teachers_shard_like_the_student():
   """On a 2x2x2 mesh of the 8 fake devices every teacher parameter keeps the student's layout
   behind an unsharded teacher axis, and the loss is the one-device loss."""
