@@ -96,6 +96,9 @@ def _check_vs_reference(kernel, spec, mi, dtype, kv_heads, implementation="xla")
 
 class KernelsMatchReferenceTest(parameterized.TestCase):
   """(kernel, pattern, inputs, dtype, kv heads): GQA = 2 of 4 heads, MQA = 1, MHA = 4."""
+  # 25 forward + backward compiles: the quick tier keeps test_model's full / causal-blocks
+  # kernel checks and this module's mask and cost tests.
+  pytestmark = pytest.mark.slow
 
   @parameterized.named_parameters(
       ("full_causal_gqa_f32", "full", "nowindow", "causal", jnp.float32, 2),
@@ -154,6 +157,7 @@ def test_window_masks_out_distant_keys_but_not_globals():
   np.testing.assert_array_equal(ok, expected)
 
 
+@pytest.mark.slow
 def test_full_with_window_on_the_causal_blocks_path_matches_reference():
   """causal_blocks masks with `allowed`, so a window/globals spec is still exact there."""
   spec, mi = _SPECS["window_globals"], masks.MaskInputs()
@@ -202,6 +206,7 @@ def test_local_cost_grows_linearly_at_fixed_window():
   assert 1.8 < temp < 2.2, temp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, overrides", [
     ("blocked", dict(attention_block_size=8)),
     ("local", dict(attention_block_size=8, attention_window=16)),   # window covers the row

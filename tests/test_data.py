@@ -227,6 +227,7 @@ def test_state_restore_is_exact(prepared, tmp_path):
     other.set_state(it.get_state())
 
 
+@pytest.mark.slow
 def test_state_restore_with_worker_processes(prepared, tmp_path):
   cfg, tok, dataset = prepared
   _assert_resumes(_config(cfg.data_dir, *cfg.extra_dirs, num_workers=2), tok, dataset, 9,

@@ -68,6 +68,7 @@ def test_pack_prompts_and_strip():
   assert decode.strip([9, 10], eos_id=3) == [9, 10]
 
 
+@pytest.mark.slow
 def test_sampling_with_top_k_1_is_greedy_and_temperature_changes_samples():
   model, params = _model("full")
   rng = np.random.default_rng(3)
@@ -93,6 +94,7 @@ def test_beam_of_one_is_greedy():
   np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
 
 
+@pytest.mark.slow
 def test_full_width_beam_finds_the_best_two_token_continuation():
   # With beam = vocab, two steps of beam search are exhaustive: compare with brute force.
   model, params = _model("full")
@@ -117,6 +119,7 @@ def test_full_width_beam_finds_the_best_two_token_continuation():
   np.testing.assert_array_equal(np.asarray(best)[0], [t1, t2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "full"])
 def test_causal_lm_continuation_matches_recomputation(kind):
   # Plain causal continuation; for `local` (window 6 < prompt + answer) the cache is a

@@ -108,6 +108,7 @@ def _classifier_with_teachers(num_teachers: int = 2, **distill):
   return model, teacher_cfg, task, state
 
 
+@pytest.mark.slow
 def test_an_ensemble_teaches_its_mean_tempered_probabilities():
   model, teacher_cfg, task, state = _classifier_with_teachers(temperature=2.0,
                                                                   hidden_weight=0.5)
@@ -146,6 +147,7 @@ def test_an_ensemble_teaches_its_mean_tempered_probabilities():
   np.testing.assert_allclose(sums["relation"], relation, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_an_ensemble_teaches_a_summarizer_token_by_token():
   """Token-level KD: per scored summary token, KL(mean of three teachers' probabilities over
   the vocabulary || student), weighted like the task's own loss (T = 1, legal_distill's)."""
@@ -179,6 +181,7 @@ def test_an_ensemble_teaches_a_summarizer_token_by_token():
   assert 0 < weights.sum() < weights.size          # only summary tokens are scored
   np.testing.assert_allclose(sums["kd"], np.sum(kl * weights), rtol=2e-4)
 
+@pytest.mark.slow
 def test_stacked_teachers_shard_like_the_student():
   """On a 2x2x2 mesh of the 8 fake devices every teacher parameter keeps the student's layout
   behind an unsharded teacher axis, and the loss is the one-device loss."""

@@ -99,6 +99,7 @@ def test_ensemble_of_runs_is_scored_like_a_run_on_test_and_validation(run_and_sp
   assert "scored split: validation (not test)" in (tmp_path / "ens_val" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_ensemble_names_what_is_wrong(run_and_splits, tmp_path):
   run, splits = run_and_splits
   good = _write(tmp_path / "good", _member(splits["test"], 0))

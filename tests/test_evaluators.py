@@ -390,6 +390,7 @@ def _cli(*args):
                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow
 def test_classification_cli(tmp_path):
   records, labels, probs = _random_classification(20)
   good = tmp_path / "preds.jsonl"
@@ -406,6 +407,7 @@ def test_classification_cli(tmp_path):
   assert result.returncode == 2 and f"error: {bad}:2: not valid JSON" in result.stderr
 
 
+@pytest.mark.slow
 def test_rubric_cli(tmp_path):
   preds = tmp_path / "preds.jsonl"
   preds.write_text("".join(json.dumps(r) + "\n" for r in _summ_records(4)))

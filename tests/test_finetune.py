@@ -426,6 +426,7 @@ def test_lr_schedules(schedule):
   np.testing.assert_allclose(values, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped_not_applied():
   from train import step as step_lib
   config = sentiment_finetune.get_config("tiny")

@@ -164,6 +164,7 @@ def test_config_flag_overrides_apply_to_every_config_and_keep_the_preset_size():
     _models_from(f"--config={tiny}", "--compare=configs/nowhere.py:tiny")
 
 
+@pytest.mark.slow
 def test_cli_compares_two_configs_and_writes_json(tmp_path):
   out = tmp_path / "latency.json"
   stdout = _run_module(
@@ -185,6 +186,7 @@ def test_cli_compares_two_configs_and_writes_json(tmp_path):
   assert "legal_pretrain:tiny" in stdout and "p99 ms" in stdout
 
 
+@pytest.mark.slow
 def test_step_time_inference_mode(tmp_path):
   out = tmp_path / "r.json"
   stdout = _run_module("bench.step_time", "--config=configs/bench_step.py:tiny", "--mode=inference",

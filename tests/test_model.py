@@ -107,6 +107,7 @@ def test_every_param_has_logical_axis_names_of_its_rank(name):
       "embed", "kv_heads", "head_dim")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_matches_float32_logits():
   """Same float32 params, compute dtype bf16 vs f32: logits agree to bf16 precision."""
   cfg32 = tiny_model_cfg()
@@ -145,6 +146,7 @@ def _loss_fn(cfg, batch, train=False):
   return loss_fn
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_loss_and_grads():
   # One layer is enough: remat wraps each block the same way. All policies in one compile.
   base = tiny_model_cfg(num_layers=1)
@@ -163,6 +165,7 @@ def test_remat_policies_give_same_loss_and_grads():
     chex.assert_trees_all_close(grads, ref_grads, rtol=F32_RTOL, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_with_dropout_reuses_the_same_mask():
   """With dropout on, remat must recompute the block with the same dropout mask."""
   base = tiny_model_cfg(num_layers=1, dropout_rate=0.2)
@@ -346,6 +349,7 @@ class CausalBlocksKernelTest(chex.TestCase):
                                            8, 8, 4))
 
 
+@pytest.mark.slow
 def test_reference_respects_segments_by_perturbation():
   """Changing document 1's keys/values leaves document 2's outputs bit-identical."""
   q, k, v, _ = _qkv(jnp.float32, b=1, t=6)
@@ -365,6 +369,7 @@ def test_reference_respects_segments_by_perturbation():
 # Packing at model level: a packed document's logits equal those of the document alone
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["rope", "learned"])
 def test_packed_document_logits_equal_document_alone(positions):
   cfg = tiny_model_cfg(positions=positions, max_len=16)
@@ -496,6 +501,7 @@ def test_cross_entropy_z_loss_term():
   np.testing.assert_allclose(m["loss"], base, rtol=1e-6)   # "loss" metric excludes z-loss
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_equals_plain_loss_and_grads(chunk=5):
   """The fused chunked head + loss (optim.loss_chunk) = logits then cross_entropy: the loss,
   every metric, and the gradient w.r.t. all params (the tied embedding gets both its gather's

@@ -103,6 +103,7 @@ def test_samples_are_seeded_per_document_and_follow_the_controls():
     draw(0, decode_controls.Controls())
 
 
+@pytest.mark.slow
 def test_mbr_decode_returns_the_argmax_candidate_and_greedy_when_samples_are_greedy():
   model, params = _model()
   tokens, prompt_len = _prompts()

@@ -257,6 +257,7 @@ def test_grad_accumulation_matches_one_big_batch(batch, sharded_step):
 # AOT compile of the tiny preset on the 8-device mesh
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_aot_report_tiny_on_8_devices(capsys):
   config = legal_pretrain.get_config("tiny")
   config.mesh.update(data=2, fsdp=2, tensor=2)

@@ -48,6 +48,7 @@ def report():
                                          variant={"model.dtype": "bfloat16"})
 
 
+@pytest.mark.slow
 def test_report_times_are_positive_and_finite(report):
   _, res = report
   for name in ("project", "reference"):
@@ -61,6 +62,7 @@ def test_report_times_are_positive_and_finite(report):
   assert "ratio =" in step_time.format_table(res)
 
 
+@pytest.mark.slow
 def test_variant_times_the_project_step_in_bf16_alongside(report):
   _, res = report
   assert res["runners"] == ["project", "reference", "variant"]
@@ -83,6 +85,7 @@ def test_with_overrides_casts_and_names_bad_keys():
     step_time.with_overrides(config, {"model.nope": "1"})
 
 
+@pytest.mark.slow
 def test_both_steps_train_from_the_same_start(report):
   _, res = report
   ref, proj = res["reference"]["losses"], res["project"]["losses"]
@@ -93,6 +96,7 @@ def test_both_steps_train_from_the_same_start(report):
   assert proj[-1] < proj[0] - 0.1, proj
 
 
+@pytest.mark.slow
 def test_report_flops_follow_the_formula(report):
   config, res = report
   m, t = config.model, config.data.seq_len
@@ -122,6 +126,7 @@ ENTRY %main (x: f32[4,8]) -> f32[8,4] {
   assert step_time.hlo_op_counts(hlo) == {"copy": 1, "transpose": 1, "fusion": 1}
 
 
+@pytest.mark.slow
 def test_report_counts_the_compiled_steps_copies(report):
   _, res = report
   for name in res["runners"]:

@@ -90,6 +90,7 @@ def _train_main(*args, env_extra=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_no_libtpu_is_one_clear_line(tmp_path):
   # A libtpu module that fails to import stands in for "not installed", whatever is installed.
   (tmp_path / "libtpu.py").write_text("raise ImportError('no libtpu here')\n")
