@@ -29,6 +29,7 @@ on stderr and exit code 2. transformers and torch are never needed: only safeten
 tokenizers.
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -236,9 +237,7 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
                        + "; the config.json does not describe these weights")
   t_read = time.perf_counter() - t0
 
-  tmp = f"{workdir}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with _partial_folder(workdir) as tmp:
     os.makedirs(os.path.join(tmp, "tokenizer"))
     for name in TOKENIZER_FILES + ("generation_config.json",):
       if os.path.exists(os.path.join(hf_dir, name)):
@@ -264,16 +263,27 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 1024, mesh=None) -> dict
     checkpointer.close()
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    if os.path.exists(workdir):
-      os.rmdir(workdir)
-    os.rename(tmp, workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return {"family": family, "task": config.task, "params": n_params,
           "checkpoint_bytes": reader.bytes, "read_and_place_s": round(t_read, 2),
           "total_s": round(time.perf_counter() - t0, 2), "workdir": workdir,
           **({"notes": notes} if notes else {})}
+
+
+@contextlib.contextmanager
+def _partial_folder(final: str):
+  """A fresh folder beside `final` to write into; it becomes `final` (replacing an empty one)
+  when the block succeeds and is removed when it fails, so no half-written folder is left."""
+  tmp = f"{final}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(final):
+      os.rmdir(final)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -300,10 +310,7 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
   m["vocab_size"] = vocab
   tensors = _hf_tensors(run, family, m)
 
-  tmp = f"{hf_dir}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with _partial_folder(hf_dir) as tmp:
     tok = run.tokenizer()
     extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id":
              getattr(tok, "_id", lambda k: tok.pad_id)("pad_token")}
@@ -315,12 +322,6 @@ def export_hf(workdir: str, hf_dir: str, shard_size_mb: int = 4096) -> dict:
         json.dump({k: v for k, v in extra.items() if v is not None}, f, indent=2)
     _write_tokenizer(tok, run, tmp)
     n_shards = hf_export.write_safetensors(tensors, tmp, shard_size_mb)
-    if os.path.exists(hf_dir):
-      os.rmdir(hf_dir)
-    os.rename(tmp, hf_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return {"family": family, "architecture": cfg["architectures"][0], "tensors": len(tensors),
           "shards": n_shards,
           "seconds": round(time.perf_counter() - t0, 2), "hf_dir": hf_dir}
