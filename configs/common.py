@@ -157,7 +157,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lora.dropout = 0.0
   c.train.lora.targets = r"block_\d+/(attn/(query|key|value|out)|mlp/(wi|wg|wo))"
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU; 0 = guess from device
-  c.train.profile = False
 
   # --- distillation (task "distill"): a frozen teacher run teaches this config's model ------
   c.distill = ml_collections.ConfigDict()
