@@ -42,8 +42,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_examples = -1                # train examples used (seeded choice); -1 = all
   c.data.max_validation_examples = -1     # validation examples used (seeded choice); -1 = all
   c.data.truncation = "head"              # head | head_tail (keep the start and the end)
-  # classify: > 0 trains on the windows eval.window_stride reads (train/data/examples.py)
-  c.data.train_window_stride = 0
   c.data.target_len = 128                 # summarize: summary tokens kept (rest of seq_len: doc)
   # summarize: with ratio > 0, train on gap-sentence pseudo-summaries of data.train_file's
   # unlabelled texts (PEGASUS-style; train/data/gap_sentences.py says how they are made)

@@ -90,14 +90,9 @@ def _setting_checks(config) -> list:
       (config.task != "classify" or config.model.num_classes >= 2,
        f"config.task='classify' needs config.model.num_classes >= 2 (got "
        f"{config.model.num_classes})"),
-      *((0 <= stride <= d.seq_len - 2,
-         f"config.{key}={stride}: expected 0 (off) .. data.seq_len - 2 = {d.seq_len - 2} (a "
-         "row's text ids)")
-        for key, stride in (("eval.window_stride", config.eval.get("window_stride", 0)),
-                            ("data.train_window_stride", d.get("train_window_stride", 0)))),
-      (not d.get("train_window_stride", 0) or _student_task(config) == "classify",
-       f"config.data.train_window_stride={d.get('train_window_stride', 0)} applies to "
-       f"classifiers, not task {_student_task(config)!r}; set it to 0"),
+      (0 <= config.eval.get("window_stride", 0) <= d.seq_len - 2,
+       f"config.eval.window_stride={config.eval.get('window_stride', 0)}: expected 0 (off) .. "
+       f"data.seq_len - 2 = {d.seq_len - 2} (a row's text ids)"),
       (0 <= gaps["ratio"] < 1 and gaps["passage_words"] >= 1,
        f"config.data.gap_sentences: ratio={gaps['ratio']} must be in [0, 1) and passage_words="
        f"{gaps['passage_words']} >= 1"),
