@@ -169,12 +169,11 @@ def base_config() -> ml_collections.ConfigDict:
   # blocks (DistilBERT's recipe; needs the teacher's width); "none": random initialisation.
   c.distill.init_student = "none"
   # A classifier's offline teacher, mixed into the networks' (train/data/soft_targets.py):
-  # "tfidf" (TF-IDF + logistic regression fitted here, out-of-fold on the train split) or a JSONL
-  # of {"id", "probs"} per train and validation example; "" = none. The teacher distribution is
-  # (1 - offline_weight) * the networks' mean + offline_weight * its tempered probabilities.
+  # a JSONL file of {"id", "probs"} per train and validation example; "" = none. The teacher
+  # distribution is (1 - offline_weight) * the networks' mean + offline_weight * its tempered
+  # probabilities.
   c.distill.offline_teacher = ""
   c.distill.offline_weight = 0.5
-  c.distill.offline_folds = 5         # "tfidf": folds of the out-of-fold fits
   # A classifier student's transfer set: unlabelled texts (a dataset as data.train_file names
   # one, field data.text_field) that join the train rows and are taught by the teachers alone
   # (an offline teacher's JSONL must cover them too); an epoch then covers them as well.

@@ -1,11 +1,11 @@
 """Checks a run's config once, up front, so mistakes fail in seconds with the key's name."""
 import math
+import os
 
 from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.task_kind import task_kind as _student_task
-from train.data import sources as sources_lib
 
 
 class ConfigError(errors.UserError):
@@ -108,9 +108,10 @@ def _setting_checks(config) -> list:
                                                      and config.distill.task == "classify"),
        f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r} teaches a "
        "classifier (task distill with distill.task=classify); set it to ''"),
-      (not sources_lib.is_tfds(config.distill.get("offline_teacher", "")),
-       f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r}: expected "
-       "'tfidf' or a JSONL file of {\"id\", \"probs\"} lines, not a TFDS dataset"),
+      (not config.distill.get("offline_teacher")
+       or os.path.isfile(os.path.expanduser(config.distill.offline_teacher)),
+       f"config.distill.offline_teacher={config.distill.get('offline_teacher')!r}: no such "
+       "file; expected a JSONL file of {\"id\", \"probs\"} lines (or '' for none)"),
       (not config.distill.get("transfer_file") or (config.task == "distill"
                                                    and config.distill.task == "classify"),
        f"config.distill.transfer_file={config.distill.get('transfer_file')!r} holds unlabelled "
@@ -118,8 +119,6 @@ def _setting_checks(config) -> list:
        "to ''"),
       (0 < config.distill.get("offline_weight", 0.5) <= 1,
        f"config.distill.offline_weight={config.distill.get('offline_weight')} must be in (0, 1]"),
-      (config.distill.get("offline_folds", 5) >= 2,
-       f"config.distill.offline_folds={config.distill.get('offline_folds')} must be >= 2"),
       (config.train.early_stopping >= 0,
        f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
       (select_by == "loss" or (select_by.count("/") == 1 and

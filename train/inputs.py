@@ -136,8 +136,7 @@ def _add_offline_teacher(config, splits, transfer, rows, drawn):
   """Every row the train iterator draws (`drawn`: the train examples', then the transfer
   texts') and each validation row gets its example's offline-teacher probabilities as
   `teacher_probs` (train/data/soft_targets.py; train/tasks/distill.py)."""
-  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer,
-                             cache_dir=config.data.data_dir)
+  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer)
   for example, row in zip(splits["train"] + transfer, drawn):
     row["teacher_probs"] = targets[example.id]
   for example, row in zip(splits["validation"], rows["validation"]):
