@@ -18,7 +18,7 @@ from configs import model_schema
 # The version of the key layout a run records. Adding a key (its default reproduces what runs
 # without it did) needs no new version: `upgrade` fills it in. Renaming or removing a key, or
 # changing what a recorded value means, does: bump it and map the older layout in `upgrade`.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def model_section() -> ml_collections.ConfigDict:
@@ -64,8 +64,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_examples = -1                # train examples used (seeded choice); -1 = all
   c.data.max_validation_examples = -1     # validation examples used (seeded choice); -1 = all
   c.data.truncation = "head"              # head | head_tail (keep the start and the end)
-  # classify: > 0 trains on the windows eval.window_stride reads (train/data/examples.py)
-  c.data.train_window_stride = 0
   c.data.target_len = 128                 # summarize: summary tokens kept (rest of seq_len: doc)
   # summarize: with ratio > 0, train on gap-sentence pseudo-summaries of data.train_file's
   # unlabelled texts (PEGASUS-style; train/data/gap_sentences.py says how they are made)
@@ -127,7 +125,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lora.dropout = 0.0
   c.train.lora.targets = r"block_\d+/(attn/(query|key|value|out)|mlp/(wi|wg|wo))"
   c.train.peak_flops = 0.0            # per-device peak FLOP/s for MFU; 0 = guess from device
-  c.train.profile = False
 
   # --- distillation (task "distill"): a frozen teacher run teaches this config's model ------
   c.distill = ml_collections.ConfigDict()
@@ -142,12 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
   # blocks (DistilBERT's recipe; needs the teacher's width); "none": random initialisation.
   c.distill.init_student = "none"
   # A classifier's offline teacher, mixed into the networks' (train/data/soft_targets.py):
-  # "tfidf" (TF-IDF + logistic regression fitted here, out-of-fold on the train split) or a JSONL
-  # of {"id", "probs"} per train and validation example; "" = none. The teacher distribution is
-  # (1 - offline_weight) * the networks' mean + offline_weight * its tempered probabilities.
+  # a JSONL file of {"id", "probs"} per train and validation example; "" = none. The teacher
+  # distribution is (1 - offline_weight) * the networks' mean + offline_weight * its tempered
+  # probabilities.
   c.distill.offline_teacher = ""
   c.distill.offline_weight = 0.5
-  c.distill.offline_folds = 5         # "tfidf": folds of the out-of-fold fits
   # A classifier student's transfer set: unlabelled texts (a dataset as data.train_file names
   # one, field data.text_field) that join the train rows and are taught by the teachers alone
   # (an offline teacher's JSONL must cover them too); an epoch then covers them as well.
@@ -215,6 +211,11 @@ def _merge(defaults: dict, recorded: dict) -> dict:
   return out
 
 
+# Keys that left the schema, by the version that dropped them (options whose only measurement
+# was negative; docs/results/imdb.md keeps it): a run recorded before still carries them.
+_REMOVED = {2: ("data.train_window_stride", "train.profile", "distill.offline_folds")}
+
+
 def upgrade(recorded: dict) -> dict:
   """A recorded run config (a plain dict, as a checkpoint or config.json holds it) brought up
   to today's schema: every key of base_config() at today's default, the recorded values over
@@ -223,7 +224,12 @@ def upgrade(recorded: dict) -> dict:
   if version > SCHEMA_VERSION:
     raise ValueError(f"config.schema_version={version}: the run was written by a newer version "
                      f"of this code (it reads up to {SCHEMA_VERSION})")
-  out = _merge(base_config().to_dict(), copy.deepcopy(recorded))
+  recorded = copy.deepcopy(recorded)
+  for dropped_in, keys in _REMOVED.items():
+    for dotted in keys if version < dropped_in else ():
+      section, key = dotted.split(".")
+      recorded.get(section, {}).pop(key, None)
+  out = _merge(base_config().to_dict(), recorded)
   teacher = out["distill"].get("teacher_model")
   if isinstance(teacher, dict):   # a distillation records its teacher's config.model
     out["distill"]["teacher_model"] = _merge(model_section().to_dict(), teacher)

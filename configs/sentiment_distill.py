@@ -11,7 +11,7 @@ The student adopts the teacher's tokenizer and vocabulary; its own architecture 
 the layers, started from the teacher's: `distill.init_student`).
 loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy on the labels, where
 several teachers' distribution is the mean of their tempered probabilities (mixed, with
-`distill.offline_teacher`, with an offline teacher's such as TF-IDF + logistic regression);
+`distill.offline_teacher`, with precomputed probabilities from a JSONL file);
 `distill.hidden_weight` adds token-relation matching; `distill.transfer_file` adds unlabelled
 texts (e.g. IMDB's unlabelled reviews) that the teachers alone teach.
 Presets: `imdb_ensemble` (a student of the teachers' size, from the in-domain LM the teachers

@@ -64,28 +64,6 @@ def predict(train_records: list[dict], test_records: list[dict], text_field: str
                    "num_features": len(vectorizer.vocabulary_), "train_examples": len(train_x)}
 
 
-def out_of_fold(records: list[dict], folds: int = 5, text_field: str = "text",
-                label_field: str = "label", seed: int = 0) -> np.ndarray:
-  """Class probabilities [len(records), classes], each row from a fit on the other folds (the
-  records dealt to `folds` folds by a seeded permutation): every record is scored by a model
-  that never saw its label, as a test review is - soft targets for distillation that are not
-  just its labels echoed back."""
-  if not 2 <= folds <= len(records):
-    raise common.EvalError(f"out-of-fold predictions need 2 <= folds <= {len(records)} records, "
-                           f"got folds={folds}")
-  _, labels = _texts_and_labels(records, text_field, label_field, "tfidf out-of-fold")
-  probs = np.zeros((len(records), int(labels.max()) + 1))
-  fold_of = np.empty(len(records), np.int64)
-  fold_of[np.random.default_rng(seed).permutation(len(records))] = np.arange(len(records)) % folds
-  for k in range(folds):
-    held = np.flatnonzero(fold_of == k)
-    rest = [records[i] for i in np.flatnonzero(fold_of != k)]
-    scored, _ = predict(rest, [records[i] for i in held], text_field, label_field, seed)
-    fold_probs = np.asarray([r["probs"] for r in scored])
-    probs[held, :fold_probs.shape[1]] = fold_probs
-  return probs
-
-
 def run(train_records: list[dict], test_records: list[dict], text_field: str = "text",
         label_field: str = "label", seed: int = 0, cfg=None) -> dict:
   """predict's fit, scored: classification metrics on `test_records` plus its facts."""

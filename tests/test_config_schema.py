@@ -136,7 +136,7 @@ def _check_up_to_date(config: dict):
   assert m["attention"] == {"kind": "full", "implementation": "auto", "block_size": 128,
                             "window": 512, "num_global": 0}
   assert config["eval"]["decode"]["samples"] == 0 and config["eval"]["decode"]["beam"] == 0
-  assert config["eval"]["window_stride"] == 0 and config["data"]["train_window_stride"] == 0
+  assert config["eval"]["window_stride"] == 0
   assert config["train"]["select_by"] == "loss" and config["train"]["lora"]["rank"] == 0
   assert config["optim"]["loss_chunk"] == 0 and config["distill"]["offline_weight"] == 0.5
 
@@ -149,6 +149,16 @@ def test_upgrade_fills_newer_keys_with_todays_defaults():
   assert sorted(_keys(upgraded)) == sorted(_keys(common.base_config().to_dict()))
   with pytest.raises(ValueError, match="config.schema_version=99: .* newer version"):
     common.upgrade({**recorded, "schema_version": 99})
+
+
+def test_upgrade_drops_the_keys_that_left_the_schema():
+  recorded = _old_recorded_config()
+  recorded["data"]["train_window_stride"] = 0
+  recorded["train"]["profile"] = False
+  recorded["distill"]["offline_folds"] = 5
+  upgraded = common.upgrade(recorded)
+  assert sorted(_keys(upgraded)) == sorted(_keys(common.base_config().to_dict()))
+  assert recorded["train"]["profile"] is False    # the recorded dict is left as it was
 
 
 def test_upgrade_brings_a_distillation_teachers_model_up_to_date():

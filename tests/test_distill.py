@@ -337,32 +337,20 @@ def test_a_teachers_own_predictions_teach_offline_as_it_does_online(teacher_run,
   assert train_accuracy > 0.8, train_accuracy
 
 
-def test_tfidf_targets_are_out_of_fold(sentiment_files):
-  """A record's probabilities come from a fit that never saw it: flipping its label changes
-  every other fold's targets but not its own."""
-  from eval import tfidf_baseline
-  from eval.common import read_jsonl
-  records = read_jsonl(str(sentiment_files / "train.jsonl.gz"))[:120]
-  probs = tfidf_baseline.out_of_fold(records, folds=4)
-  assert probs.shape == (120, 2)
-  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
-  assert (probs.argmax(1) == [r["label"] for r in records]).mean() > 0.8
-  flipped = [dict(r) for r in records]
-  flipped[0]["label"] = 1 - flipped[0]["label"]
-  moved = np.abs(tfidf_baseline.out_of_fold(flipped, folds=4) - probs).max(1)
-  assert moved[0] == 0.0
-  assert (moved > 1e-6).sum() >= 60          # the three folds fitted with record 0 (90 records)
-
-
 @pytest.mark.parametrize("update, message", [
     (dict(offline_weight=0.0), "config.distill.offline_weight=0.0 must be in (0, 1]"),
-    (dict(offline_folds=1), "config.distill.offline_folds=1 must be >= 2"),
-    (dict(task="summarize"), "config.distill.offline_teacher='tfidf' teaches a classifier"),
+    (dict(task="summarize"), "config.distill.offline_teacher='<file>' teaches a classifier"),
+    (dict(offline_teacher="tfidf"), "config.distill.offline_teacher='tfidf': no such file; "
+                                    "expected a JSONL file of {\"id\", \"probs\"} lines"),
 ])
-def test_offline_teacher_config_errors(update, message):
+def test_offline_teacher_config_errors(update, message, tmp_path):
   from train import config_check
   config = sentiment_distill.get_config("tiny")
-  config.distill.update(offline_teacher="tfidf", **update)
+  teacher = tmp_path / "teacher.jsonl"
+  teacher.write_text('{"id": "a", "probs": [0.5, 0.5]}\n')
+  config.distill.update(offline_teacher=str(teacher))
+  config.distill.update(**update)
+  message = message.replace("<file>", str(teacher))
   with pytest.raises(ConfigError, match=re.escape(message)):
     config_check.validate(config, 1, 1)
 
@@ -384,57 +372,6 @@ def test_an_offline_teacher_file_must_cover_every_example(sentiment_files, tmp_p
   path.write_text(json.dumps({"id": ids[0], "probs": [1.0]}) + "\n")
   with pytest.raises(DataError, match=r"teacher.jsonl:1: expected 'probs' to be 2 non-negative"):
     soft_targets.load(config.distill, splits, 2)
-
-
-def test_tfidf_targets_are_cached_by_the_data_they_were_fitted_on(sentiment_files, tmp_path,
-                                                                  monkeypatch):
-  from eval import tfidf_baseline
-  from train.data import examples as examples_lib, soft_targets
-  config = _student_config(sentiment_files, tmp_path, "unused")
-  config.distill.update(offline_teacher="tfidf", offline_folds=3)
-  splits = examples_lib.load_splits(config.data, "classify", 2)
-  cache = str(tmp_path / "cache")
-  fitted = soft_targets.load(config.distill, splits, 2, cache_dir=cache)
-  fits = []
-  real_out_of_fold = tfidf_baseline.out_of_fold
-  monkeypatch.setattr(tfidf_baseline, "out_of_fold",
-                      lambda *a, **k: fits.append(1) or real_out_of_fold(*a, **k))
-  # The same data again (a resumed run): read back bit-identical, nothing refitted.
-  again = soft_targets.load(config.distill, splits, 2, cache_dir=cache)
-  assert not fits
-  chex.assert_trees_all_equal(again, fitted)
-  # One label changed: another file, fitted afresh.
-  first = splits["train"][0]
-  changed = dict(splits, train=[dataclasses.replace(first, target=1 - first.target),
-                                *splits["train"][1:]])
-  soft_targets.load(config.distill, changed, 2, cache_dir=cache)
-  assert fits == [1]
-  assert len(list((tmp_path / "cache" / "offline_teacher").glob("tfidf-*.npz"))) == 2
-
-
-@pytest.mark.slow
-def test_a_tfidf_teacher_rides_in_the_rows_and_teaches(sentiment_files, teacher_run, tmp_path):
-  """distill.offline_teacher=tfidf: every train and validation row carries its example's
-  out-of-fold probabilities, and a student learns from them plus the network."""
-  from train import inputs as inputs_lib
-  from train.data import soft_targets
-  config = _student_config(sentiment_files, tmp_path, str(teacher_run))
-  config.distill.update(offline_teacher="tfidf", offline_weight=0.5, offline_folds=3,
-                        init_student="teacher_layers")
-  teacher_model = sentiment_finetune.get_config("tiny").model
-  config.model.update({k: teacher_model[k] for k in build.ARCHITECTURE_KEYS}, num_layers=1)
-  config.train.update(num_steps=30, eval_every=15, checkpoint_every=30)
-  resolved, sources = build.resolve(config)
-  inputs = inputs_lib.make(resolved, sources, None)
-  targets = soft_targets.load(resolved.distill, inputs.splits, 2)
-  for split in ("train", "validation"):
-    for example, row in zip(inputs.splits[split], inputs.rows[split]):
-      np.testing.assert_array_equal(row["teacher_probs"], targets[example.id])
-  assert next(inputs.train_iter)["teacher_probs"].shape == (config.data.batch_size, 2)
-  result = run_lib.train(config, str(tmp_path / "student"))
-  assert result["test"]["model: classification"]["accuracy"] > 0.8
-  validation = losses(tmp_path / "student", "validation")
-  assert validation[30] < validation[0], validation
 
 
 def test_unlabelled_rows_are_taught_by_the_teachers_alone():
@@ -514,18 +451,15 @@ def test_a_student_learns_from_unlabelled_texts(sentiment_files, teacher_run, tm
   assert len(sources.transfer) == len(kept)
   batch = config.data.batch_size
   assert resolved.train.num_steps == -(-(len(sources.splits["train"]) + len(kept)) // batch)
-  for stride in (0, 8):   # rows, or each text's views (data.train_window_stride)
-    config.data.train_window_stride = stride
-    inputs = inputs_lib.make(*build.resolve(config), None)
-    seen = {"labelled": 0, "unlabelled": 0}
-    for _ in range(resolved.train.num_steps):
-      b = next(inputs.train_iter)
-      seen["unlabelled"] += int((b["label"] == -1).sum())
-      seen["labelled"] += int((b["label"] >= 0).sum())
-      np.testing.assert_allclose(b["teacher_probs"].max(-1), 0.9, rtol=1e-6)
-    assert seen["unlabelled"] >= len(kept) - batch and seen["labelled"] >= len(
-        sources.splits["train"]) - batch, (stride, seen)
-  config.data.train_window_stride = 0
+  inputs = inputs_lib.make(*build.resolve(config), None)
+  seen = {"labelled": 0, "unlabelled": 0}
+  for _ in range(resolved.train.num_steps):
+    b = next(inputs.train_iter)
+    seen["unlabelled"] += int((b["label"] == -1).sum())
+    seen["labelled"] += int((b["label"] >= 0).sum())
+    np.testing.assert_allclose(b["teacher_probs"].max(-1), 0.9, rtol=1e-6)
+  assert seen["unlabelled"] >= len(kept) - batch and seen["labelled"] >= len(
+      sources.splits["train"]) - batch, seen
   run_lib.train(config, str(tmp_path / "student"))
   validation = losses(tmp_path / "student", "validation")
   steps = sorted(validation)
@@ -535,7 +469,7 @@ def test_a_student_learns_from_unlabelled_texts(sentiment_files, teacher_run, tm
 @pytest.mark.parametrize("update, message", [
     (dict(transfer_file="u.jsonl", task="summarize"),
      "config.distill.transfer_file='u.jsonl' holds unlabelled texts for a classifier's student"),
-    (dict(offline_teacher="tfds:imdb_reviews:train"), "expected 'tfidf' or a JSONL file"),
+    (dict(offline_teacher="tfds:imdb_reviews:train"), "no such file; expected a JSONL file"),
 ])
 def test_transfer_and_offline_source_config_errors(update, message):
   from train import config_check

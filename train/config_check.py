@@ -1,11 +1,11 @@
 """Checks a run's config once, up front, so mistakes fail in seconds with the key's name."""
 import math
+import os
 
 from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.task_kind import task_kind as _student_task
-from train.data import sources as sources_lib
 
 
 class ConfigError(errors.UserError):
@@ -92,14 +92,9 @@ def _setting_checks(config) -> list:
       (config.task != "classify" or config.model.num_classes >= 2,
        f"config.task='classify' needs config.model.num_classes >= 2 (got "
        f"{config.model.num_classes})"),
-      *((0 <= stride <= d.seq_len - 2,
-         f"config.{key}={stride}: expected 0 (off) .. data.seq_len - 2 = {d.seq_len - 2} (a "
-         "row's text ids)")
-        for key, stride in (("eval.window_stride", config.eval.window_stride),
-                            ("data.train_window_stride", d.train_window_stride))),
-      (not d.train_window_stride or _student_task(config) == "classify",
-       f"config.data.train_window_stride={d.train_window_stride} applies to "
-       f"classifiers, not task {_student_task(config)!r}; set it to 0"),
+      (0 <= config.eval.window_stride <= d.seq_len - 2,
+       f"config.eval.window_stride={config.eval.window_stride}: expected 0 (off) .. "
+       f"data.seq_len - 2 = {d.seq_len - 2} (a row's text ids)"),
       (0 <= gaps["ratio"] < 1 and gaps["passage_words"] >= 1,
        f"config.data.gap_sentences: ratio={gaps['ratio']} must be in [0, 1) and passage_words="
        f"{gaps['passage_words']} >= 1"),
@@ -115,9 +110,10 @@ def _setting_checks(config) -> list:
                                                      and config.distill.task == "classify"),
        f"config.distill.offline_teacher={config.distill.offline_teacher!r} teaches a "
        "classifier (task distill with distill.task=classify); set it to ''"),
-      (not sources_lib.is_tfds(config.distill.offline_teacher),
-       f"config.distill.offline_teacher={config.distill.offline_teacher!r}: expected "
-       "'tfidf' or a JSONL file of {\"id\", \"probs\"} lines, not a TFDS dataset"),
+      (not config.distill.offline_teacher
+       or os.path.isfile(os.path.expanduser(config.distill.offline_teacher)),
+       f"config.distill.offline_teacher={config.distill.offline_teacher!r}: no such "
+       "file; expected a JSONL file of {\"id\", \"probs\"} lines (or '' for none)"),
       (not config.distill.transfer_file or (config.task == "distill"
                                                    and config.distill.task == "classify"),
        f"config.distill.transfer_file={config.distill.transfer_file!r} holds unlabelled "
@@ -125,8 +121,6 @@ def _setting_checks(config) -> list:
        "to ''"),
       (0 < config.distill.offline_weight <= 1,
        f"config.distill.offline_weight={config.distill.offline_weight} must be in (0, 1]"),
-      (config.distill.offline_folds >= 2,
-       f"config.distill.offline_folds={config.distill.offline_folds} must be >= 2"),
       (config.train.early_stopping >= 0,
        f"config.train.early_stopping={config.train.early_stopping} must be >= 0"),
       (select_by == "loss" or (select_by.count("/") == 1 and

@@ -101,20 +101,12 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
   kind = task_kind(config)
   tokenizer = _finetune_tokenizer(config, sources, resumed_meta)
   splits = sources.splits
-  stride = config.data.train_window_stride
   rows = {name: [examples_lib.encode(e, tokenizer, kind, config.data) for e in exs]
-          for name, exs in splits.items() if name != "train" or not stride}
-  # What the train iterator draws from, one entry per example: a row, or (stride > 0) the
-  # list of its views; distill.transfer_file's unlabelled texts after the train examples.
-  if stride:   # each train example's first view is its `encode` row: tokenized once
-    train_views = _train_views(splits["train"], tokenizer, config.data, stride)
-    rows["train"] = [views[0] for views in train_views]
-    transfer = (_train_views(sources.transfer, tokenizer, config.data, stride)
-                if sources.transfer else [])
-    drawn = train_views + transfer
-  else:
-    transfer = [examples_lib.encode(e, tokenizer, kind, config.data) for e in sources.transfer]
-    drawn = [[row] for row in rows["train"] + transfer]
+          for name, exs in splits.items()}
+  # What the train iterator draws from: the train rows, then distill.transfer_file's
+  # unlabelled texts.
+  transfer = [examples_lib.encode(e, tokenizer, kind, config.data) for e in sources.transfer]
+  drawn = rows["train"] + transfer
   if config.task == "distill" and config.distill.offline_teacher:
     _add_offline_teacher(config, splits, sources.transfer, rows, drawn)
   logging.info("examples: %s (%s)", {k: len(v) for k, v in splits.items()}, kind)
@@ -124,9 +116,8 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
                config.data, config.distill.transfer_file, "distill.transfer_file")}
               if sources.transfer else {})}
   train_iter = examples_lib.make_iterator(
-      drawn if stride else [entry[0] for entry in drawn], config.data, split="train",
-      shuffle=True, repeat=True, seed=config.seed, process_index=pi, process_count=pc,
-      identity=ident, views=bool(stride))
+      drawn, config.data, split="train", shuffle=True, repeat=True, seed=config.seed,
+      process_index=pi, process_count=pc, identity=ident)
   # The whole validation split every time; processes with fewer rows pad with empty batches so
   # every process runs the same number of eval steps.
   num_batches = -(-len(rows["validation"]) // config.data.batch_size)
@@ -142,26 +133,11 @@ def _finetune(config, sources: build.Sources, resumed_meta, pi: int, pc: int) ->
 
 
 def _add_offline_teacher(config, splits, transfer, rows, drawn):
-  """Every row the train iterator draws (`drawn`: each train example's, then each transfer
-  text's, views) and each validation row gets its example's offline-teacher probabilities as
+  """Every row the train iterator draws (`drawn`: the train examples', then the transfer
+  texts') and each validation row gets its example's offline-teacher probabilities as
   `teacher_probs` (train/data/soft_targets.py; train/tasks/distill.py)."""
-  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer,
-                             cache_dir=config.data.data_dir)
-  for example, views in zip(splits["train"] + transfer, drawn):
-    for row in views:
-      row["teacher_probs"] = targets[example.id]
+  targets = soft_targets.load(config.distill, splits, config.model.num_classes, transfer)
+  for example, row in zip(splits["train"] + transfer, drawn):
+    row["teacher_probs"] = targets[example.id]
   for example, row in zip(splits["validation"], rows["validation"]):
     row["teacher_probs"] = targets[example.id]
-
-
-def _train_views(examples, tokenizer, data_cfg, stride: int) -> list[list[dict]]:
-  """Each train example's views (data.train_window_stride; examples.encode_views)."""
-  try:
-    views = [examples_lib.encode_views(e, tokenizer, data_cfg, stride) for e in examples]
-  except ValueError as e:   # the stride against this tokenizer's row width
-    raise ConfigError(f"config.data.train_{e}") from None
-  longer = sum(len(v) > 1 for v in views)
-  logging.info("train views (data.train_window_stride=%d): %d examples, %d longer than a row "
-               "read in %d windows besides their truncated rows", stride, len(views), longer,
-               sum(map(len, views)) - len(views))
-  return views

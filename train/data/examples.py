@@ -15,13 +15,7 @@ Rows are fixed-length (`data.seq_len`), right-padded with id 0:
   summarize:  [bos] document [eos] summary [eos]   prefix_len = len([bos] document [eos]);
               the summary keeps at most `data.target_len` tokens, the document the rest.
 `data.truncation` = head keeps the start of an over-long text; head_tail keeps its first quarter
-and its end (the end of a review or judgment often carries the verdict). With
-`data.train_window_stride` = S > 0 a classifier's over-long train text has several views: that
-truncated row and the row-long windows S ids apart that `eval.window_stride` reads at inference
-(infer/classifier_rows.py); each time the text is drawn, one view is picked at random (seeded by
-the draw), so an epoch has as many steps as without it and the model is trained on the rows it
-is later scored on. (On IMDB it lowered validation accuracy: a window from a review's middle
-with the whole review's label is a noisy example; docs/results/imdb.md.)
+and its end (the end of a review or judgment often carries the verdict).
 """
 import dataclasses
 import hashlib
@@ -31,7 +25,6 @@ import grain
 import numpy as np
 from absl import logging
 
-from infer import classifier_rows
 from train.data import corpus as corpus_lib
 from train.data import gap_sentences
 from train.data import sources as sources_lib
@@ -205,14 +198,6 @@ def encode(example: Example, tokenizer, task: str, data_cfg) -> dict[str, np.nda
   return _padded(ids, seq_len, row)
 
 
-def encode_views(example: Example, tokenizer, data_cfg, stride: int) -> list[dict]:
-  """A classifier example's rows: the one `encode` makes, then (a text longer than a row) its
-  windows `stride` ids apart, as eval.window_stride reads them."""
-  rows, _ = classifier_rows.rows_for(tokenizer, [example.text], data_cfg.seq_len,
-                                     data_cfg.truncation, stride)
-  return [_padded(ids, data_cfg.seq_len, {"label": np.int32(example.target)}) for ids in rows]
-
-
 def _padded(ids: list[int], seq_len: int, row: dict) -> dict[str, np.ndarray]:
   """`row` plus `tokens` (ids right-padded with 0 to seq_len) and their `mask`."""
   tokens = np.zeros(seq_len, np.int32)
@@ -230,13 +215,10 @@ def pad_batch(rows, batch_size: int):
   return out
 
 
-def make_iterator(rows: list, data_cfg, *, split: str, shuffle: bool, repeat: bool,
+def make_iterator(rows: list[dict], data_cfg, *, split: str, shuffle: bool, repeat: bool,
                   seed: int, process_index: int = 0, process_count: int = 1,
-                  identity: dict | None = None, views: bool = False) -> LMIterator:
-  """Batches of this process's rows; checkpointable like the pre-training iterator. With
-  `views`, each entry of `rows` is a list of one example's views (`encode_views`) and each
-  draw of it yields one of them, chosen by a generator seeded from `seed` and the draw's
-  position in the repeated, shuffled order: deterministic, and new each epoch."""
+                  identity: dict | None = None) -> LMIterator:
+  """Batches of this process's rows; checkpointable like the pre-training iterator."""
   batch_size = data_cfg.batch_size // process_count
   ds = grain.MapDataset.source(rows)[process_index::process_count]
   if not len(ds):
@@ -245,8 +227,6 @@ def make_iterator(rows: list, data_cfg, *, split: str, shuffle: bool, repeat: bo
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
-  if views:
-    ds = ds.random_map(lambda choices, rng: choices[rng.integers(len(choices))], seed=seed)
   ds = ds.batch(batch_size, drop_remainder=repeat,
                 batch_fn=lambda b: pad_batch(b, batch_size)).to_iter_dataset()
   if data_cfg.prefetch > 0:
@@ -254,5 +234,5 @@ def make_iterator(rows: list, data_cfg, *, split: str, shuffle: bool, repeat: bo
   ident = {"split": split, "rows": len(rows), "seq_len": data_cfg.seq_len,
            "batch_size": batch_size, "process_index": process_index,
            "process_count": process_count, "shuffle": shuffle, "repeat": repeat, "seed": seed,
-           **({"views": sum(map(len, rows))} if views else {}), **(identity or {})}
+           **(identity or {})}
   return LMIterator(ds, ident)
