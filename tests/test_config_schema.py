@@ -106,7 +106,7 @@ def test_architecture_keys_are_the_model_keys_a_fine_tune_cannot_choose():
 _NEWER = ("model.norm", "model.norm_eps", "model.qkv_bias", "model.rope_scaling",
           "model.tied_head_rescale", "model.causal", "model.pooler", "model.scan_layers",
           "model.attention.num_global", "eval.decode", "eval.window_stride", "train.select_by",
-          "train.lora", "data.train_window_stride", "optim.loss_chunk", "distill.offline_weight",
+          "train.lora", "optim.loss_chunk", "distill.offline_weight",
           "schema_version")
 
 
