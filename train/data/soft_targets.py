@@ -24,7 +24,7 @@ def load(distill_cfg, splits: dict, num_classes: int,
 
 
 def _read(path: str, splits: dict, num_classes: int) -> dict[str, np.ndarray]:
-  key = "config.distill.offline_teacher"
+  key = "distill.offline_teacher"   # records() names it as config.<key>
   targets = {}
   for where, record in sources_lib.records(path, key, None, ("id", "probs"), ()):
     if isinstance(record, DataError):
@@ -41,7 +41,7 @@ def _read(path: str, splits: dict, num_classes: int) -> dict[str, np.ndarray]:
   for split, examples in splits.items():
     missing = [e.id for e in examples if e.id not in targets]
     if missing:
-      raise DataError(f"{path} ({key}) has no probabilities for {len(missing)} of the "
+      raise DataError(f"{path} (config.{key}) has no probabilities for {len(missing)} of the "
                       f"{len(examples)} {split} examples, e.g. id {missing[0]!r}; it needs one "
                       "{\"id\", \"probs\"} line per train and validation example (and "
                       "transfer text: config.distill.transfer_file)")
