@@ -5,7 +5,7 @@ import os
 from model import errors
 from model import sharding as sharding_lib
 from model.config import ModelConfig
-from model.task_kind import task_kind as _student_task
+from model.task_kind import task_kind
 
 
 class ConfigError(errors.UserError):
@@ -61,9 +61,9 @@ def _size_checks(config, mesh: dict, process_count: int) -> list:
        d.seq_len <= config.model.max_len - config.model.position_offset,
        f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={config.model.max_len} "
        f"- position_offset={config.model.position_offset} (learned positions)"),
-      (config.model.causal or _student_task(config) == "classify",
+      (config.model.causal or task_kind(config) == "classify",
        f"config.model.causal=False (a bidirectional encoder) trains only a classifier (task "
-       f"classify, or distill with distill.task=classify), not {_student_task(config)!r}"),
+       f"classify, or distill with distill.task=classify), not {task_kind(config)!r}"),
       (not (config.train.init_from and config.task == "distill"
             and config.distill.init_student == "teacher_layers"),
        "config.train.init_from and config.distill.init_student='teacher_layers' both start the "
