@@ -2,6 +2,13 @@
 
 Every parameter carries logical axis names (see model/sharding.py for how they map onto the
 device mesh). Parameters are stored in float32; `dtype` is the compute dtype they are cast to.
+
+With a bfloat16 compute dtype (the accelerator presets) the layers also choose what the
+backward pass keeps: a norm keeps only its bf16 input (its float32 intermediates are
+recomputed), and a gated MLP keeps only its gate and up projections (the activation and their
+product are recomputed) - elementwise work traded for most of the activation memory of a step
+without remat (docs/results/gpu.md, "Memory"). Float32 runs (the small CPU presets) keep what
+autodiff keeps.
 """
 import functools
 from typing import Any
@@ -50,9 +57,24 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(
         _init.zeros if self.plus_one else _init.ones, ("norm",)), (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+    norm_fn = functools.partial(_rms_norm, eps=self.eps, plus_one=self.plus_one,
+                                dtype=self.dtype)
+    return _keep_input_only(norm_fn, self.dtype)(x, scale)
+
+
+def _keep_input_only(fn, dtype):
+  """`fn`, saving only its inputs for the backward pass when computing in low precision: a
+  norm's float32 intermediates are 2-4x its bf16 input, and recomputing them is a few cheap
+  elementwise ops and one reduction."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return fn
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def _rms_norm(x, scale, *, eps, plus_one, dtype):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (y * (1.0 + scale if plus_one else scale)).astype(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -66,14 +88,18 @@ class LayerNorm(nn.Module):
     d = x.shape[-1]
     scale = self.param("scale", nn.with_logical_partitioning(_init.ones, ("norm",)), (d,),
                        jnp.float32)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
-    if self.use_bias:
-      y = y + self.param("bias", nn.with_logical_partitioning(_init.zeros, ("norm",)), (d,),
-                         jnp.float32)
-    return y.astype(self.dtype)
+    bias = (self.param("bias", nn.with_logical_partitioning(_init.zeros, ("norm",)), (d,),
+                       jnp.float32) if self.use_bias else None)
+    norm_fn = functools.partial(_layer_norm, eps=self.eps, dtype=self.dtype)
+    return _keep_input_only(norm_fn, self.dtype)(x, scale, bias)
+
+
+def _layer_norm(x, scale, bias, *, eps, dtype):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale
+  return (y if bias is None else y + bias).astype(dtype)
 
 
 def norm(cfg, name: str):
@@ -137,9 +163,8 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x):
     n_in = len(self.axes) - len(self.features)
-    shape = tuple(x.shape[-n_in:]) + tuple(self.features)
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        _init.normal(stddev=self.stddev), self.axes), shape, jnp.float32)
+    kernel = _kernel(self, tuple(x.shape[-n_in:]) + tuple(self.features), self.axes,
+                     self.stddev)
     if jnp.dtype(self.dtype) == jnp.bfloat16 and not self.output_f32:
       # Named: remat's "dots" policy cannot see the dot inside the custom VJP, so it saves the
       # projections by this name (model/transformer.py _REMAT_POLICIES).
@@ -148,10 +173,18 @@ class Projection(nn.Module):
     else:
       out = _contract_last(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(
-          _init.zeros, self.axes[n_in:]), tuple(self.features), jnp.float32)
-      out = out + bias.astype(self.dtype)
+      out = out + _bias(self, tuple(self.features), self.axes[n_in:]).astype(self.dtype)
     return out if self.output_f32 else out.astype(self.dtype)
+
+
+def _kernel(module: nn.Module, shape: tuple, axes: tuple, stddev: float):
+  return module.param("kernel", nn.with_logical_partitioning(_init.normal(stddev=stddev), axes),
+                      shape, jnp.float32)
+
+
+def _bias(module: nn.Module, shape: tuple, axes: tuple):
+  return module.param("bias", nn.with_logical_partitioning(_init.zeros, axes), shape,
+                      jnp.float32)
 
 
 def dense(features, axes, name, dtype, stddev, use_bias: bool = False):
@@ -160,8 +193,66 @@ def dense(features, axes, name, dtype, stddev, use_bias: bool = False):
   return Projection(features, tuple(axes), stddev, dtype, use_bias=use_bias, name=name)
 
 
+_ACTIVATIONS = {
+    "swiglu": lambda gate, up: nn.silu(gate) * up,   # gated SiLU (Llama)
+    "geglu": lambda gate, up: nn.gelu(gate) * up,    # gated tanh-GELU (Gemma)
+    "gelu": nn.gelu,                                 # tanh approximation (GPT-2's gelu_new)
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),   # erf GELU (BERT)
+    "relu": nn.relu,
+}
+GATED = ("swiglu", "geglu")
+
+
+def _activation(name: str):
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"model.mlp_activation={name!r}; expected swiglu, geglu, gelu, gelu_exact "
+                     "or relu")
+  return _ACTIVATIONS[name]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def activated_down_projection(pre, kernel, activation: str, dtype):
+  """`activation(*pre) . kernel` as low_precision_matmul computes it, saving only `pre` (the
+  up, and gate, projections) for the backward pass: the activation's intermediates and its
+  output [..., mlp] - 4 more arrays of that size for SwiGLU - are recomputed there."""
+  return low_precision_matmul(_activation(activation)(*pre), kernel, 1, dtype)
+
+
+def _adp_fwd(pre, kernel, activation, dtype):
+  return activated_down_projection(pre, kernel, activation, dtype), (pre, kernel)
+
+
+def _adp_bwd(activation, dtype, residuals, g):
+  pre, kernel = residuals
+  h, pullback = jax.vjp(_activation(activation), *pre)
+  dh, dkernel = _lpm_bwd(1, dtype, (h, kernel), g)
+  return tuple(pullback(dh)), dkernel
+
+
+activated_down_projection.defvjp(_adp_fwd, _adp_bwd)
+
+
+class ActivatedDown(nn.Module):
+  """The MLP's down projection fed its activation's inputs (a Projection's params, "kernel"
+  [mlp, embed] and "bias"): activated_down_projection, for bf16 compute."""
+  features: int
+  activation: str
+  stddev: float
+  dtype: Dtype = jnp.bfloat16
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, pre: tuple):
+    kernel = _kernel(self, (pre[0].shape[-1], self.features), ("mlp", "embed"), self.stddev)
+    out = checkpoint_name(activated_down_projection(pre, kernel, self.activation,
+                                                    jnp.dtype(self.dtype)), PROJECTION_NAME)
+    if self.use_bias:
+      out = out + _bias(self, (self.features,), ("embed",)).astype(self.dtype)
+    return out
+
+
 class Mlp(nn.Module):
-  """Feed-forward block: GELU (two matrices) or SwiGLU (three, gated)."""
+  """Feed-forward block: GELU / ReLU (two matrices) or SwiGLU / GeGLU (three, gated)."""
   d_model: int
   mlp_dim: int
   activation: str = "swiglu"
@@ -173,19 +264,15 @@ class Mlp(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     std_in, std_out = self.d_model ** -0.5, self.mlp_dim ** -0.5
     b = self.use_bias
+    act = _activation(self.activation)
     up = dense(self.mlp_dim, ("embed", "mlp"), "wi", self.dtype, std_in, b)(x)
-    if self.activation in ("swiglu", "geglu"):
-      gate = dense(self.mlp_dim, ("embed", "mlp"), "wg", self.dtype, std_in, b)(x)
-      h = (nn.silu(gate) if self.activation == "swiglu" else nn.gelu(gate)) * up
-    elif self.activation == "gelu":
-      h = nn.gelu(up)                       # tanh approximation (GPT-2's gelu_new)
-    elif self.activation == "gelu_exact":
-      h = nn.gelu(up, approximate=False)
-    elif self.activation == "relu":
-      h = nn.relu(up)
-    else:
-      raise ValueError(f"model.mlp_activation={self.activation!r}; expected swiglu, geglu, "
-                       "gelu, gelu_exact or relu")
-    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    pre = ((dense(self.mlp_dim, ("embed", "mlp"), "wg", self.dtype, std_in, b)(x), up)
+           if self.activation in GATED else (up,))
+    pre = tuple(nn.with_logical_constraint(
+        p, ("activation_batch", "activation_length", "activation_mlp")) for p in pre)
+    dropping = self.dropout_rate > 0 and not deterministic
+    if jnp.dtype(self.dtype) == jnp.bfloat16 and not dropping:
+      return ActivatedDown(self.d_model, self.activation, std_out, self.dtype, b,
+                           name="wo")(pre)
+    h = nn.Dropout(self.dropout_rate)(act(*pre), deterministic=deterministic)
     return dense(self.d_model, ("mlp", "embed"), "wo", self.dtype, std_out, b)(h)

@@ -103,3 +103,59 @@ def test_remat_dots_saves_the_bf16_projections_too():
   assert f32 > 0 and _saved_matmul_outputs("float32", "full") == 0
   assert _saved_matmul_outputs("bfloat16", "dots") == f32
   assert _saved_matmul_outputs("bfloat16", "full") == 0
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "gelu_exact", "relu"])
+def test_activated_down_projection_is_the_plain_composition(activation):
+  """The fused activation + down projection computes what activation-then-projection computes,
+  forward exactly and gradients to float tolerance, while saving only its inputs."""
+  bf16 = jnp.bfloat16
+  gated = activation in layers.GATED
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  pre = tuple(jax.random.normal(k, (2, 5, 32), jnp.float32).astype(bf16)
+              for k in keys[:1 + gated])
+  kernel = jax.random.normal(keys[2], (32, 16)) * 0.1
+  act = layers._activation(activation)
+
+  def fused(pre, k):
+    out = layers.activated_down_projection(pre, k, activation, bf16)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+  def plain(pre, k):
+    out = layers.low_precision_matmul(act(*pre), k, 1, bf16)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+  chex.assert_trees_all_equal(layers.activated_down_projection(pre, kernel, activation, bf16),
+                              layers.low_precision_matmul(act(*pre), kernel, 1, bf16))
+  got, want = (jax.grad(f, argnums=(0, 1))(pre, kernel) for f in (fused, plain))
+  chex.assert_trees_all_equal_dtypes(got, want)
+  chex.assert_trees_all_close(got, want, atol=1e-2, rtol=1e-2)
+  from jax._src import ad_checkpoint
+  saved = [(aval.shape, why) for aval, why in ad_checkpoint.saved_residuals(fused, pre, kernel)
+           if "from the argument" not in why and "layers.py" in why]
+  assert saved == [], saved   # nothing of the MLP's beyond its inputs
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_bf16_norms_keep_only_their_input_and_compute_the_same(norm):
+  x = (jax.random.normal(jax.random.PRNGKey(2), (2, 6, 16)) * 3).astype(jnp.bfloat16)
+  make = {"rmsnorm": lambda dt: layers.RMSNorm(1e-6, dt),
+          "layernorm": lambda dt: layers.LayerNorm(1e-5, dt, True)}[norm]
+  module = make(jnp.bfloat16)
+  params = module.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size,
+                        params)
+  ref = make(jnp.float32)   # the same math with autodiff's residuals; cast to bf16 after
+
+  def loss(m, p, x):
+    return jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.bfloat16).astype(jnp.float32)))
+
+  chex.assert_trees_all_equal(module.apply(params, x),
+                              ref.apply(params, x).astype(jnp.bfloat16))
+  chex.assert_trees_all_close(jax.grad(loss, argnums=(1, 2))(module, params, x),
+                              jax.grad(loss, argnums=(1, 2))(ref, params, x),
+                              atol=2e-2, rtol=2e-2)
+  from jax._src import ad_checkpoint
+  saved = [(aval.dtype, why) for aval, why in ad_checkpoint.saved_residuals(
+      lambda x: loss(module, params, x), x) if "layers.py" in why]
+  assert saved == [], saved   # the norm's float32 intermediates are recomputed, not kept
