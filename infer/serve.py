@@ -189,6 +189,9 @@ class InferenceServer(http.server.ThreadingHTTPServer):
       return 500, str(error)
     if isinstance(error, batching.Closed):
       return 503, "the server is shutting down"
+    if isinstance(error, ConnectionError):   # the client left (mid-stream, say): not our bug
+      logging.info("%s: the client went away: %s", what, error)
+      return 499, f"the client went away: {error}"
     logging.error("%s failed", what, exc_info=error)
     return 500, f"internal error: {type(error).__name__}: {error}"
 
