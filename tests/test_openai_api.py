@@ -369,8 +369,9 @@ def test_sigterm_drains_the_request_in_flight_and_refuses_new_ones(lm_dir):
       threading.Event().wait(0.02)
     proc.send_signal(signal.SIGTERM)
     threading.Event().wait(0.5)
-    with pytest.raises(OSError):      # the listening socket is closed
+    with pytest.raises(OSError):      # the listening socket is closed ...
       _call(url + "/health")
+    assert proc.poll() is None        # ... while the request in flight still waits
     request.join(60)
     _, stderr = proc.communicate(timeout=60)
   finally:
