@@ -17,17 +17,23 @@ What a request may set (anything else is a 400 naming the field):
   temperature  0 (greedy: this server's default, so that a request is reproducible) .. 2;
                top_p (0, 1]
   n            choices per prompt (prompts x n <= --max_batch), sampled in one batch
-  seed         sampling seed (any integer, taken mod 2^31; without one, a random one)
+  seed         sampling seed (any integer, taken mod 2^31; absent: a random one). Requests
+               with equal options may share a batch, and a row's sample depends on its place
+               in it: a seeded request repeats exactly when it runs alone (or in the same
+               company)
   stop         a string or a list of up to 16: the text ends before the first
-  stream       server-sent events, `data: {chunk}` each, then `data: [DONE]`;
-               stream_options {"include_usage": true} adds a last chunk with the usage
+  stream       server-sent events, `data: {chunk}` each, then `data: [DONE]` (close-
+               delimited); stream_options {"include_usage": true} adds a last chunk with the
+               usage; not with echo or logprobs. An error after the first event (a timeout)
+               comes as an event holding the error object
   logprobs     completions: 0..5, each token's log-probability and the k likeliest tokens
                (the legacy {"tokens", "token_logprobs", "top_logprobs", "text_offset"});
                log-probabilities of the model itself (temperature 1, no top_p)
   echo         completions: the prompt is returned before the completion, and with logprobs
-               its tokens' log-probabilities too (max_tokens 0: the prompt alone - how
-               lm-evaluation-harness scores; a token is scored after everything before it,
-               the added framing included; one with nothing before it gets null)
+               its tokens' log-probabilities too (max_tokens 0: the prompt alone;
+               lm-evaluation-harness asks for 1 token and reads the prompt's). A token is
+               scored after everything before it, the added framing included: only one with
+               nothing before it (ids that start with [bos]) gets null
   user, presence_penalty / frequency_penalty 0, best_of = n, logit_bias {}: accepted, no effect
 """
 import json
