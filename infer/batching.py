@@ -12,6 +12,14 @@ class ModelError(RuntimeError):
   """The model failed on the batch that held a request's texts (the Batcher logged why)."""
 
 
+class Closed(RuntimeError):
+  """The Batcher was closed (the server is shutting down): no new texts are taken."""
+
+
+class Timeout(RuntimeError):
+  """A request's texts were not run within its time limit (queued ones are dropped unrun)."""
+
+
 @dataclasses.dataclass(eq=False)
 class _Job:
   texts: list
@@ -25,8 +33,10 @@ class Batcher:
   """Runs `predict(texts) -> one result per text` on one worker thread, over the texts of as
   many queued requests as fit in `max_batch`."""
 
-  def __init__(self, predict, max_batch: int, max_wait_s: float):
+  def __init__(self, predict, max_batch: int, max_wait_s: float, on_batch=None):
+    """on_batch(texts): called after each model call with its number of texts (metrics)."""
     self._predict, self._max_batch, self._max_wait_s = predict, max_batch, max_wait_s
+    self._on_batch = on_batch
     self._queue = collections.deque()
     self._cond = threading.Condition()
     self._closed = False
@@ -34,17 +44,25 @@ class Batcher:
     self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
     self._thread.start()
 
-  def submit(self, texts: list) -> list:
-    """Blocks until `texts` were run; returns their results (ModelError if the model failed)."""
+  def submit(self, texts: list, timeout: float | None = None) -> list:
+    """Blocks until `texts` were run; returns their results (ModelError if the model failed,
+    Timeout after `timeout` seconds: still queued, the texts are dropped; already running,
+    their results are discarded)."""
     if not 1 <= len(texts) <= self._max_batch:
       raise ValueError(f"a request holds 1..{self._max_batch} texts, not {len(texts)}")
     job = _Job(texts)
     with self._cond:
       if self._closed:
-        raise RuntimeError("the server is shutting down")
+        raise Closed("the server is shutting down")
       self._queue.append(job)
       self._cond.notify()
-    job.done.wait()
+    if not job.done.wait(timeout):
+      with self._cond:
+        queued = job in self._queue
+        if queued:
+          self._queue.remove(job)
+      if queued or not job.done.wait(0.05):     # (unless it finished just now)
+        raise Timeout(f"{'waited' if queued else 'ran'} longer than the {timeout:.3g}s limit")
     if job.error is not None:
       raise ModelError(f"the model failed: {type(job.error).__name__}: {job.error}")
     return job.results
@@ -53,6 +71,11 @@ class Batcher:
     """Requests, texts and batches run so far (and batches the model failed on)."""
     with self._cond:
       return dict(self._counts)
+
+  def depth(self) -> int:
+    """Texts queued and not yet running."""
+    with self._cond:
+      return sum(len(job.texts) for job in self._queue)
 
   def close(self):
     """Runs what is queued, then stops the worker."""
@@ -93,6 +116,8 @@ class Batcher:
         self._counts["texts"] += len(texts)
         self._counts["batches"] += 1
         self._counts["failed_batches"] += int(jobs[0].error is not None)
+      if self._on_batch is not None:
+        self._on_batch(len(texts))
       for job in jobs:
         job.done.set()
 

@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from lm_eval.api.model import LM
 
-from infer import decode, loading
+from infer import completions, decode, loading
 from model import errors
 from model import sharding as sharding_lib
 
@@ -71,19 +71,6 @@ class _Row:
   scored: int
 
 
-def _leading_specials(tok) -> list[int]:
-  """The ids a run's tokenizer puts before every text: [bos] for the project's sentencepiece
-  tokenizer (its LMs are trained so); for an HF tokenizer, what its post-processor prepends."""
-  if not hasattr(tok, "encode_with_specials"):
-    return [tok.bos_id]
-  plain = tok.encode("a")
-  framed = tok.encode_with_specials("a")
-  for start in range(len(framed) - len(plain) + 1):
-    if framed[start:start + len(plain)] == plain:
-      return framed[:start]
-  return []
-
-
 class HarnessLM(LM):
   """lm-eval's LM over a LoadedModel (a pre-trained LM, or any run with an LM head)."""
 
@@ -95,7 +82,7 @@ class HarnessLM(LM):
                        "head predicts classes, not tokens)")
     self.loaded = loaded
     self.tok = loaded.tokenizer
-    self.frame = _leading_specials(self.tok)
+    self.frame = completions.leading_specials(self.tok)   # as the server frames prompts
     self.max_length = max_length or loaded.config.data.seq_len
     self.max_gen_toks = max_gen_toks
     self.bucket = bucket

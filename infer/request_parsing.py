@@ -6,11 +6,14 @@ from infer import inputs as inputs_lib
 
 
 class RequestError(Exception):
-  """A request the server refuses: an HTTP status and the message sent back."""
+  """A request the server refuses: an HTTP status and the message sent back (the OpenAI-style
+  endpoints also name the offending field, `param`, and an error `code`)."""
 
-  def __init__(self, status: int, message: str, headers: dict | None = None):
+  def __init__(self, status: int, message: str, headers: dict | None = None, *,
+               param: str | None = None, code: str | None = None):
     super().__init__(message)
     self.status, self.headers = status, headers or {}
+    self.param, self.code = param, code
 
 
 def parse_body(raw: bytes) -> dict:

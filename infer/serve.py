@@ -1,9 +1,11 @@
-r"""An HTTP server for a fine-tuned classifier or summarizer, batching concurrent requests.
+r"""An HTTP server for a fine-tuned classifier, a summarizer or a language model, batching
+concurrent requests; OpenAI-compatible endpoints for language models; Prometheus metrics.
 
   python -m infer.serve --workdir=runs/imdb_ft --port=8000
   curl -s localhost:8000/classify -d '{"text": "A moving, brilliant film."}'
   curl -s localhost:8000/classify -d '{"texts": ["Dull.", "Loved it."]}'
   curl -s localhost:8000/summarize -d '{"text": "..."}'
+  curl -s localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "The licensee"}'
   curl -s localhost:8000/health
 
 Endpoints (JSON in and out):
@@ -21,11 +23,20 @@ Endpoints (JSON in and out):
                    and the decoding options of /summarize but "length_ratio": continuations
                    from any model with a language-model head - a pre-trained LM (which serves
                    /generate only) or a summarizer - not a classifier
+  POST /v1/completions, POST /v1/chat/completions, GET /v1/models
+                   OpenAI's API for the same models as /generate (infer/openai_api.py: the
+                   fields, streaming as server-sent events, logprobs and echo), its model id
+                   --model_name; errors as OpenAI's {"error": {"message", "type", "param",
+                   "code"}}; with GET /tokenizer_info, POST /tokenize and /detokenize (vLLM's),
+                   lm-evaluation-harness's `local-completions` model scores as infer.harness does
   GET  /health     the model (kind, step, params, limits) and counts of what was served
+  GET  /metrics    Prometheus text (infer/serve_metrics.py): requests by endpoint and status,
+                   latency, queue depth, requests in flight, batch sizes, generated tokens
 Errors are {"error": message}: 400 malformed request (or the other model kind's endpoint),
 404 unknown path, 405 wrong method, 411 no Content-Length, 413 too large (a text over
 --max_chars, over --max_batch texts, a body over what those allow), 415 body not UTF-8, 500 the
-model failed (logged; the server keeps serving).
+model failed (logged; the server keeps serving), 503 shutting down, 504 a request that waited
+and ran longer than --request_timeout_s.
 
 Why a queue: a model call on 32 texts costs little more than on one, so the handler threads
 (one per connection) queue their texts and one worker thread runs what is queued together - up
@@ -36,26 +47,35 @@ times the summarizer's prompt-length buckets, are compiled before the port opens
 waits for a compilation (for /generate: greedy at --generate_max_new; another max_new, sampling
 or decoding option compiles once, on first use, as do /summarize's decoding options).
 Generation and summary requests are batched like the others; a batch runs one model call per
-distinct set of options. Standard library only.
+distinct set of options. Every generating endpoint calls one engine method,
+InferenceServer.complete (infer/completions.py Generator), so another batching engine can
+take its place.
+
+SIGTERM or SIGINT: the listening socket closes at once (new connections are refused), requests
+in flight finish within --drain_s seconds, then the process exits 0.
 """
 import collections
 import contextlib
 import http.server
-import json
+import os
 import signal
 import sys
 import threading
 import time
-import urllib.parse
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
 from infer import batching
+from infer import completions
 from infer import decode
+from infer import http_handler
 from infer import inputs as inputs_lib
+from infer import openai_api
+from infer import openai_routes
 from infer import request_parsing as parsing
+from infer import serve_metrics
 from model import errors
 from model import log_setup
 
@@ -74,7 +94,7 @@ def _predict_endpoint(kind: str):
     else:
       texts, single = parsing.parse_texts(body, server.max_batch, server.max_chars)
       options = ()
-    results = server.batcher.submit([(t, options) for t in texts])
+    results = server.batcher.submit([(t, options) for t in texts], handler.remaining())
     return results[0] if single else {key: [r[key] for r in results] for key in results[0]}
   return endpoint
 
@@ -87,114 +107,65 @@ def _generate_endpoint(handler) -> dict:
   prompts, single, options = parsing.parse_generate(
       handler.read_json(), server.max_batch, server.max_chars, server.generate_max_new,
       server.loaded.config.data.vocab_size)
-  texts = server.generator.submit([(p, options) for p in prompts])
+  options = dict(options)
+  max_new = options.pop("max_new")
+  # [bos] and the prompt's head, as LoadedModel.generate frames it.
+  tok, budget = server.loaded.tokenizer, server.loaded.config.data.seq_len - max_new
+  requests = [completions.Request(tuple([tok.bos_id] + tok.encode(p)[:budget - 1]), max_new,
+                                  tuple(sorted(options.items()))) for p in prompts]
+  texts = [r.text for r in server.complete(requests, handler.remaining())]
   return {"text": texts[0]} if single else {"text": texts}
 
 
 _ROUTES = {"/health": ("GET", lambda handler: handler.server.info()),
+           "/metrics": ("GET", lambda handler: http_handler.RawReply(
+               handler.server.metrics.render(), serve_metrics.CONTENT_TYPE)),
            "/classify": ("POST", _predict_endpoint("classify")),
            "/summarize": ("POST", _predict_endpoint("summarize")),
-           "/generate": ("POST", _generate_endpoint)}
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"      # keep-alive: a client's next request skips the handshake
-  server_version = "legal-lm-serve"
-  timeout = 60                       # seconds a client may stall mid-request
-
-  def _dispatch(self):
-    path = urllib.parse.urlsplit(self.path).path
-    headers, self._body_read = {}, False
-    try:
-      if path not in _ROUTES:
-        raise parsing.RequestError(404, f"unknown path {path}; expected one of "
-                                   f"{sorted(_ROUTES)}")
-      method, endpoint = _ROUTES[path]
-      if self.command != method and (self.command, method) != ("HEAD", "GET"):
-        raise parsing.RequestError(405, f"{path} takes {method}, not {self.command}",
-                                   {"Allow": method})
-      status, payload = 200, endpoint(self)
-    except parsing.RequestError as e:
-      status, payload, headers = e.status, {"error": str(e)}, e.headers
-    except batching.ModelError as e:
-      status, payload = 500, {"error": str(e)}
-    except Exception as e:
-      logging.exception("%s %s failed", self.command, path)
-      status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
-    self._reply(status, payload, headers)
-
-  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
-
-  def read_json(self) -> dict:
-    length = self.headers.get("Content-Length")
-    if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-      raise parsing.RequestError(411, "a Content-Length header is required")
-    if not length.isdigit():
-      raise parsing.RequestError(400, f"bad Content-Length {length!r}")
-    limit = self.server.max_body_bytes
-    if int(length) > limit:
-      raise parsing.RequestError(413, f"the request body has {length} bytes; the limit is "
-                                 f"{limit} (--max_batch texts of --max_chars characters)")
-    self._body_read = True
-    try:
-      raw = self.rfile.read(int(length))
-    except TimeoutError:
-      raise parsing.RequestError(408, "timed out reading the request body") from None
-    return parsing.parse_body(raw)
-
-  def _drain_body(self):
-    """Reads a request body left unread (if of an allowed size): closing a socket with unread
-    data resets the connection, and the client could lose the answer."""
-    length = self.headers.get("Content-Length", "")
-    if not self._body_read and length.isdigit() and (
-        int(length) <= self.server.max_body_bytes):
-      with contextlib.suppress(OSError):
-        self.rfile.read(int(length))
-
-  def _reply(self, status: int, payload: dict, headers: dict):
-    body = (json.dumps(payload) + "\n").encode()
-    self.send_response(status)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(body)))
-    for key, value in headers.items():
-      self.send_header(key, value)
-    if status != 200:     # after an error, start the next request on a clean connection
-      self._drain_body()
-      self.send_header("Connection", "close")
-      self.close_connection = True
-    self.end_headers()
-    if self.command != "HEAD":
-      self.wfile.write(body)
-    if status != 200:
-      logging.info("%s %s -> %d: %s", self.command, self.path, status, payload["error"])
-
-  def log_message(self, format, *args):   # noqa: A002 (the base class's name)
-    logging.debug("%s " + format, self.address_string(), *args)
+           "/generate": ("POST", _generate_endpoint),
+           **openai_routes.ROUTES}
 
 
 class InferenceServer(http.server.ThreadingHTTPServer):
-  """The HTTP server (a thread per connection) around one model and its Batcher."""
+  """The HTTP server (a thread per connection) around one model, its Batcher and its
+  generation engine."""
   request_queue_size = 128    # listen backlog for bursts of connections
 
   def __init__(self, address, loaded, *, max_batch: int, max_wait_ms: float, max_chars: int,
-               max_new: int | None, sizes: list[int], generate_max_new: int = 0):
-    super().__init__(address, _Handler)
+               max_new: int | None, sizes: list[int], generate_max_new: int = 0,
+               model_name: str = "legal-lm", request_timeout_s: float = 0.0):
+    super().__init__(address, http_handler.Handler)
+    self.routes = _ROUTES
     self.loaded, self.max_new, self.sizes = loaded, max_new, sizes
     self.max_batch, self.max_chars = max_batch, max_chars
-    self.generate_max_new = generate_max_new
+    self.generate_max_new, self.request_timeout_s = generate_max_new, request_timeout_s
+    self.started, self.draining = int(time.time()), False
+    self._active, self._idle = 0, threading.Condition()
     # The largest valid request: max_batch texts of max_chars characters, JSON-escaped (at
     # most 12 bytes a character: a surrogate pair as \uXXXX\uXXXX), and some room.
     self.max_body_bytes = max_batch * max_chars * 12 + (64 << 10)
     self.num_params = sum(x.size for x in jax.tree.leaves(loaded.params))
-    self.batcher = (batching.Batcher(self._predict, max_batch, max_wait_ms / 1e3)
+    self.metrics = serve_metrics.ServerMetrics(self._queue_depth)
+    observe = self.metrics.batch_size.observe
+    self.batcher = (batching.Batcher(self._predict, max_batch, max_wait_ms / 1e3, observe)
                     if loaded.kind in ("classify", "summarize") else None)
-    self.generator = (batching.Batcher(self._generate, max_batch, max_wait_ms / 1e3)
+    self.generator = (completions.Generator(loaded, sizes, max_wait_ms / 1e3, observe)
                       if generate_max_new else None)
+    self.openai = (openai_api.Context(loaded, model_name, generate_max_new, max_batch,
+                                      max_chars) if generate_max_new else None)
 
-  def _by_options(self, items: list[tuple], run) -> list:
-    """run(texts padded to a compiled batch size with copies of the first, options as a dict)
-    once per distinct options among the batch's (text, options) items; the results in the
-    items' order."""
+  def _queue_depth(self) -> int:
+    return sum(b.depth() for b in (self.batcher, self.generator) if b is not None)
+
+  def complete(self, requests: list, timeout: float | None) -> list:
+    """The one generation call of every endpoint: completions.Results of the Requests."""
+    results = self.generator.submit(requests, timeout)
+    self.metrics.generated_tokens.inc(sum(len(r.ids) for r in results))
+    return results
+
+  def _predict(self, items: list[tuple]) -> list[dict]:
+    """LoadedModel.predict once per distinct options among the batch's (text, options)
+    items, each group padded to a compiled batch size with copies of its first text."""
     results = [None] * len(items)
     groups = collections.defaultdict(list)
     for i, (_, options) in enumerate(items):
@@ -202,19 +173,52 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     for options, rows in groups.items():
       texts = [items[i][0] for i in rows]
       pad_to = min(s for s in self.sizes if s >= len(texts))
-      out = run(texts + texts[:1] * (pad_to - len(texts)), dict(options))
+      out = self.loaded.predict(texts + texts[:1] * (pad_to - len(texts)),
+                                max_new=self.max_new, **dict(options))
       for i, result in zip(rows, out):
         results[i] = result
     return results
 
-  def _predict(self, items: list[tuple]) -> list[dict]:
-    return self._by_options(items, lambda texts, options: self.loaded.predict(
-        texts, max_new=self.max_new, **options))
+  def error_status(self, error: Exception, what: str = "a request") -> tuple[int, str]:
+    """(HTTP status, message) of an exception a request ended with."""
+    if isinstance(error, parsing.RequestError):
+      return error.status, str(error)
+    if isinstance(error, batching.Timeout):
+      return 504, f"timed out: {error} (--request_timeout_s)"
+    if isinstance(error, batching.ModelError):
+      return 500, str(error)
+    if isinstance(error, batching.Closed):
+      return 503, "the server is shutting down"
+    if isinstance(error, ConnectionError):   # the client left (mid-stream, say): not our bug
+      logging.info("%s: the client went away: %s", what, error)
+      return 499, f"the client went away: {error}"
+    logging.error("%s failed", what, exc_info=error)
+    return 500, f"internal error: {type(error).__name__}: {error}"
 
-  def _generate(self, items: list[tuple]) -> list[str]:
-    def run(prompts, options):
-      return self.loaded.generate(prompts, options.pop("max_new"), **options)
-    return self._by_options(items, run)
+  @contextlib.contextmanager
+  def in_flight(self):
+    """Counts the request as in flight for the drain and the metrics."""
+    with self._idle:
+      self._active += 1
+    self.metrics.in_flight.inc()
+    try:
+      yield
+    finally:
+      self.metrics.in_flight.dec()
+      with self._idle:
+        self._active -= 1
+        self._idle.notify_all()
+
+  def drain(self, grace_s: float) -> bool:
+    """After serve_forever returned: refuses new connections, then waits up to grace_s for the
+    requests in flight; whether they all finished."""
+    self.draining = True
+    self.socket.close()
+    with self._idle:
+      done = self._idle.wait_for(lambda: self._active == 0, timeout=grace_s)
+    if not done:
+      logging.warning("%d request(s) still running after --drain_s=%g", self._active, grace_s)
+    return done
 
   @property
   def url(self) -> str:
@@ -233,6 +237,7 @@ class InferenceServer(http.server.ThreadingHTTPServer):
       info["max_new"] = self.max_new
     if self.generator is not None:
       info["generate_max_new"] = self.generate_max_new
+      info["model"] = self.openai.model_id
     info["endpoints"] = sorted(
         ([f"/{self.loaded.kind}"] if self.batcher else []) +
         (["/generate"] if self.generator else []))
@@ -256,12 +261,14 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 
 def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
                 max_wait_ms: float = 5.0, max_chars: int = 20_000,
-                max_new: int | None = None,
-                generate_max_new: int | None = None) -> InferenceServer:
+                max_new: int | None = None, generate_max_new: int | None = None,
+                model_name: str = "legal-lm",
+                request_timeout_s: float = 0.0) -> InferenceServer:
   """A ready server for `loaded` (an infer.loading.LoadedModel): shapes compiled, port bound
   (port 0: a free one, see .url). Run it with serve_forever(); stop it with shutdown() from
-  another thread, then server_close(). /generate is served by every model with a language-
-  model head (generate_max_new: default min(64, data.seq_len / 2), at most data.seq_len - 2)."""
+  another thread, then server_close(). /generate and /v1 (model id `model_name`) are served by
+  every model with a language-model head (generate_max_new: default min(64, data.seq_len / 2),
+  at most data.seq_len - 2). request_timeout_s > 0: a request taking longer gets a 504."""
   if generate_max_new is None:
     generate_max_new = min(64, loaded.config.data.seq_len // 2)
   if loaded.kind == "classify" or not hasattr(loaded, "generate"):
@@ -284,7 +291,8 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
   try:
     return InferenceServer((host, port), loaded, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_chars=max_chars, max_new=max_new, sizes=sizes,
-                           generate_max_new=generate_max_new)
+                           generate_max_new=generate_max_new, model_name=model_name,
+                           request_timeout_s=request_timeout_s)
   except OSError as e:
     raise inputs_lib.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -301,10 +309,12 @@ def warm_up_generate(loaded, sizes: list[int], max_new: int) -> int:
 
 
 def _stop_on_signals(server: InferenceServer):
-  """SIGINT / SIGTERM: stop accepting, answer what is queued, exit 0."""
+  """SIGINT / SIGTERM: stop accepting, let what is in flight finish (main's drain), exit 0."""
   def stop(signum, frame):
     del frame
-    logging.info("%s: shutting down", signal.Signals(signum).name)
+    logging.info("%s: shutting down (draining requests in flight)",
+                 signal.Signals(signum).name)
+    server.draining = True      # answers on kept-alive connections close them
     threading.Thread(target=server.shutdown).start()   # shutdown() waits for serve_forever
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, stop)
@@ -317,14 +327,17 @@ def main(argv):
   f = flags.FLAGS
   loaded, max_new = inputs_lib.load_predictor(f.workdir, f.max_new, allow_lm=True,
                                                window_stride=f.window_stride)
+  name = f.model_name or os.path.basename(os.path.normpath(f.workdir.split(",")[0]))
   server = make_server(loaded, f.host, f.port, max_batch=f.max_batch,
                        max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=max_new,
-                       generate_max_new=f.generate_max_new)
+                       generate_max_new=f.generate_max_new, model_name=name,
+                       request_timeout_s=f.request_timeout_s)
   _stop_on_signals(server)
   logging.info("ready: %s model (step %d, %d params) at %s", loaded.kind, loaded.step,
                server.num_params, server.url)
   try:
     server.serve_forever()
+    server.drain(f.drain_s)
   finally:
     server.server_close()
   logging.info("stopped")
@@ -341,7 +354,13 @@ if __name__ == "__main__":
                      "others to share its batch.", lower_bound=0.0)
   flags.DEFINE_integer("max_chars", 20_000, "Longest accepted text, in characters.",
                        lower_bound=1)
-  flags.DEFINE_integer("generate_max_new", None, "POST /generate: the default and largest "
-                       "max_new (models with a language-model head; default: min(64, "
+  flags.DEFINE_integer("generate_max_new", None, "POST /generate and /v1: the default and "
+                       "largest max_new (models with a language-model head; default: min(64, "
                        "data.seq_len / 2)).", lower_bound=1)
+  flags.DEFINE_string("model_name", None, "The model id of the /v1 endpoints (default: the "
+                      "--workdir folder's name).")
+  flags.DEFINE_float("request_timeout_s", 0.0, "A request queued and running longer gets a "
+                     "504 (0: no limit).", lower_bound=0.0)
+  flags.DEFINE_float("drain_s", 30.0, "On SIGTERM / SIGINT: how long requests in flight may "
+                     "take to finish before the process exits.", lower_bound=0.0)
   app.run(errors.exit_on_user_error(main))
