@@ -27,8 +27,10 @@ import jax
 import numpy as np
 from absl import logging
 
+from infer import decode
 from infer import row_sampling
 from infer import slot_decode
+from infer import stream_text
 from infer.decode_controls import Controls
 
 
@@ -290,6 +292,37 @@ class InflightEngine:
         self._counts = dict(scheduler.counts)
       for job, result in finished:
         job.future.set_result(result)
+
+
+def submit_text(engine: InflightEngine, loaded, prompt: str, max_new: int, *,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                stop: tuple = (), min_new: int = 0, beam: int = 0, length_penalty: float = 1.0,
+                no_repeat_ngram_size: int = 0,
+                repetition_penalty: float = 1.0) -> concurrent.futures.Future:
+  """LoadedModel.generate for one prompt through `engine` (made by InflightEngine.for_loaded):
+  the same framing and stop strings, so greedy gives the same text. The future's result is the
+  text. ValueError at once for what the engine does not do (beam search, no-repeat n-grams,
+  repetition penalty: serve those with LoadedModel.generate); `length_penalty` only goes with
+  beam. Sampled texts follow the engine's per-request seeding, not decode.generate's."""
+  del length_penalty
+  if beam > 1:
+    raise ValueError("the in-flight engine does not do beam search; use LoadedModel.generate")
+  tokens, prompt_len = loaded.encode_for_generate([prompt], max_new)
+  controls = Controls(temperature=temperature, top_k=top_k, top_p=top_p, min_new=min_new,
+                      no_repeat_ngram_size=no_repeat_ngram_size,
+                      repetition_penalty=repetition_penalty)
+  ids = engine.submit(tokens[0, :prompt_len[0]], max_new=max_new, controls=controls, seed=seed)
+  text = concurrent.futures.Future()
+  tok = loaded.tokenizer
+
+  def finish(done: concurrent.futures.Future):
+    if done.exception() is not None:
+      text.set_exception(done.exception())
+    else:
+      decoded = tok.decode(decode.strip(done.result().ids, tok.eos_id))
+      text.set_result(stream_text.cut_at_stop(decoded, stop)[0])
+  ids.add_done_callback(finish)
+  return text
 
 
 def run_all(model, params, requests: list[Request], **options) -> list[Result]:

@@ -7,10 +7,11 @@ import time
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from infer import decode, inflight, slot_decode
+from infer import decode, inflight, loading, slot_decode
 from infer.decode_controls import Controls
 from model.transformer import Transformer
 from tests import helpers
@@ -159,3 +160,30 @@ def test_local_attention_is_refused():
   model = Transformer(helpers.tiny_model_cfg(attention_kind="local", attention_window=8))
   with pytest.raises(ValueError, match="local attention"):
     inflight.Scheduler(model, {}, eos_id=3, max_batch=2, max_len=32)
+
+
+class _Letters:
+  """A tokenizer stub: one token per letter (ids 4..29), bos 1, eos 2."""
+  bos_id, eos_id = 1, 2
+
+  def encode(self, text):
+    return [4 + (ord(c) - 97) % 26 for c in text.lower() if c.isalpha()]
+
+  def decode(self, ids):
+    return "".join(chr(97 + (i - 4) % 26) for i in ids if i >= 4)
+
+
+def test_submit_text_gives_loaded_generate_text(lm):
+  config = ml_collections.ConfigDict({"data": {"seq_len": MAX_LEN},
+                                      "model": {"num_classes": 0, "causal": True}})
+  loaded = loading.LoadedModel(config, "pretrain", *lm, _Letters(), step=0)
+  engine = inflight.InflightEngine.for_loaded(loaded, max_batch=3, chunk=4)
+  try:
+    prompts = ["the licensee shall", "a"]
+    texts = [inflight.submit_text(engine, loaded, p, 20, stop=("q",)) for p in prompts]
+    got = [t.result(timeout=120) for t in texts]
+    assert got == loaded.generate(prompts, 20, stop=("q",)) and all(got)
+    with pytest.raises(ValueError, match="beam"):
+      inflight.submit_text(engine, loaded, "a", 4, beam=2)
+  finally:
+    engine.close()
