@@ -107,6 +107,11 @@ class Scheduler:
     self._slots = slot_decode.empty(model, params, slots=max_batch, max_len=max_len)
 
   @property
+  def slots(self) -> slot_decode.Slots:
+    """The device state (for inspection: the next admit or chunk donates it)."""
+    return self._slots
+
+  @property
   def busy(self) -> bool:
     return bool(self.queue) or any(j is not None for j in self.jobs)
 
@@ -126,7 +131,7 @@ class Scheduler:
   def bucket_len(self, prompt_len: int) -> int:
     return min(-(-prompt_len // self.bucket) * self.bucket, self.max_len)
 
-  def _admit(self) -> list[tuple[_Job, Result]]:
+  def admit(self) -> list[tuple[_Job, Result]]:
     """Fills free slots from the queue. The prefills are dispatched first and their first
     tokens fetched together: one host sync per boundary, not per request."""
     admitted = []
@@ -140,7 +145,7 @@ class Scheduler:
       self._slots, *first = slot_decode.admit(
           self.model, self.params, self._slots, np.int32(index), tokens,
           np.array([len(prompt)], np.int32), np.array([job.request.max_new], np.int32),
-          np.array([job.request.stop_on_eos]), job.rows, eos_id=self.eos_id,
+          np.array([job.request.stop_on_eos]), job.rows, np.int32(self.eos_id),
           prefix_lm=self.prefix_lm)
       job.admitted_step = self.counts["steps"]
       self.jobs[index] = job
@@ -160,10 +165,10 @@ class Scheduler:
     self.counts["requests"] += 1
     return job, job.result(self.eos_id, step)
 
-  def _decode(self) -> list[tuple[_Job, Result]]:
+  def decode_chunk(self) -> list[tuple[_Job, Result]]:
     """One chunk of decode steps over every slot; hands out the new tokens."""
     self._slots, ids, logprobs, emitted = slot_decode.decode_chunk(
-        self.model, self.params, self._slots, steps=self.chunk, eos_id=self.eos_id)
+        self.model, self.params, self._slots, np.int32(self.eos_id), steps=self.chunk)
     ids, logprobs, emitted, live = jax.device_get((ids, logprobs, emitted, self._slots.live))
     start = self.counts["steps"]
     self.counts["steps"] += self.chunk
@@ -184,9 +189,9 @@ class Scheduler:
 
   def tick(self) -> list[tuple[_Job, Result]]:
     """Admits what fits, then (if any slot is occupied) runs one chunk: the jobs that ended."""
-    finished = self._admit()
+    finished = self.admit()
     if any(j is not None for j in self.jobs):
-      finished += self._decode()
+      finished += self.decode_chunk()
     return finished
 
   def fail_all(self, error: Exception) -> list[_Job]:

@@ -66,7 +66,7 @@ def _filter(logits, temperature, top_k, top_p):
   return jnp.where((top_p < 1.0)[:, None] & (logits < cutoff), -jnp.inf, logits)
 
 
-def choose(logits, rows: RowControls, count, eos_id: int):
+def choose(logits, rows: RowControls, count, eos_id):
   """Each row's generated token number count[r] from its logits [S, vocab]: (token [S] int32,
   its log-probability [S] under the model's distribution, before any control or filter).
   Sampling keys are fold_in(row key, count): reproducible per request whatever else runs."""

@@ -79,14 +79,13 @@ def _write_row(model, big, one, index, prompt_len, path):
   return jax.lax.dynamic_update_slice(big, one.astype(big.dtype), start)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "eos_id", "prefix_lm"),
-                   donate_argnames=("slots",))
+@functools.partial(jax.jit, static_argnames=("model", "prefix_lm"), donate_argnames=("slots",))
 def admit(model, params, slots: Slots, index, tokens, prompt_len, limit, stop_eos,
-          rows: row_sampling.RowControls, *, eos_id: int, prefix_lm: bool = False):
+          rows: row_sampling.RowControls, eos_id, *, prefix_lm: bool = False):
   """Prefills one prompt (tokens [1, L] right-padded, prompt_len [1]) into slot `index` and
   chooses its first token. Returns (slots, token [1], logprob [1], live [1]); live is False
   when that token already ends the request (an eos, or max_new 1). One compilation per
-  prompt bucket L."""
+  prompt bucket L (eos_id is traced, like every per-request value)."""
   cache, logits = decode.prefill(model, params, tokens, prompt_len, prefix_lm=prefix_lm)
   token, logprob = row_sampling.choose(logits, rows, jnp.zeros(1, jnp.int32), eos_id)
   live = (limit > 1) & ~(stop_eos & (token == eos_id))
@@ -100,7 +99,7 @@ def admit(model, params, slots: Slots, index, tokens, prompt_len, limit, stop_eo
   return slots, token, logprob, live
 
 
-def _step(model, params, slots: Slots, eos_id: int):
+def _step(model, params, slots: Slots, eos_id):
   """One decode step of every slot: feed each live row's token, choose its next one."""
   logits, variables = model.apply(
       {"params": params, "cache": slots.cache}, slots.token[:, None],
@@ -114,9 +113,8 @@ def _step(model, params, slots: Slots, eos_id: int):
   return slots, (token, logprob, live)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "eos_id"),
-                   donate_argnames=("slots",))
-def decode_chunk(model, params, slots: Slots, *, steps: int, eos_id: int):
+@functools.partial(jax.jit, static_argnames=("model", "steps"), donate_argnames=("slots",))
+def decode_chunk(model, params, slots: Slots, eos_id, *, steps: int):
   """`steps` decode steps of every slot (a lax.scan: one dispatch, one host sync for the
   caller). Returns (slots, ids [S, steps], logprobs [S, steps], emitted [S, steps]): row r's
   new tokens are ids[r][emitted[r]]; once a row ends it emits nothing more."""

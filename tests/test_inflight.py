@@ -18,6 +18,8 @@ from tests import helpers
 
 MAX_LEN = 80
 NO_EOS = 64   # the tiny vocabulary's size: never generated
+# Prefix-LM prompts (decode.greedy's default); every test shares these shapes, so compilations.
+OPTIONS = dict(eos_id=NO_EOS, max_batch=3, max_len=MAX_LEN, chunk=4, prefix_lm=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +33,12 @@ def _prompts(lengths, seed=0):
   return [rng.integers(4, 64, n).tolist() for n in lengths]
 
 
-def _one_at_a_time(lm, prompt, max_new, prefix_lm):
+def _one_at_a_time(lm, prompt, max_new=30):
   """decode.greedy of one prompt (one shape for every prompt: a single compilation)."""
   tokens = np.zeros((1, MAX_LEN), np.int32)
   tokens[0, :len(prompt)] = prompt
   ids = decode.greedy(*lm, tokens, np.array([len(prompt)], np.int32), max_new=max_new,
-                      eos_id=NO_EOS, prefix_lm=prefix_lm)
+                      eos_id=NO_EOS)
   return np.asarray(ids)[0].tolist()
 
 
@@ -47,13 +49,12 @@ def _cut_at(ids, eos_id):
 def test_greedy_equals_one_at_a_time_as_requests_join_and_leave(lm):
   lengths, news = [3, 40, 7, 22, 15, 31, 5, 11], [30, 2, 17, 9, 25, 4, 12, 28]
   prompts = _prompts(lengths)
-  full = [_one_at_a_time(lm, p, 30, prefix_lm=True) for p in prompts]
+  full = [_one_at_a_time(lm, p) for p in prompts]
   # An eos the model does emit, mid-answer in some rows: those rows must stop there.
   tokens, counts = np.unique([t for row in full for t in row[1:]], return_counts=True)
   eos = int(tokens[np.argmax(counts)])
   requests = [inflight.Request(p, m) for p, m in zip(prompts, news)]
-  results = inflight.run_all(*lm, requests, eos_id=eos, max_batch=3, max_len=MAX_LEN, chunk=4,
-                             prefix_lm=True)
+  results = inflight.run_all(*lm, requests, **{**OPTIONS, "eos_id": eos})
   for ref, m, r in zip(full, news, results):
     want = _cut_at(ref[:m], eos)
     assert r.ids == want
@@ -67,11 +68,11 @@ def test_greedy_equals_one_at_a_time_as_requests_join_and_leave(lm):
 
 def test_eos_ignored_when_asked_and_max_new_one(lm):
   prompt = _prompts([9], seed=3)[0]
-  ref = _one_at_a_time(lm, prompt, 30, prefix_lm=False)
+  ref = _one_at_a_time(lm, prompt)
   eos = ref[2]
   keep, first = inflight.run_all(
       *lm, [inflight.Request(prompt, 12, stop_on_eos=False), inflight.Request(prompt, 1)],
-      eos_id=eos, max_batch=3, max_len=MAX_LEN, chunk=4)
+      **{**OPTIONS, "eos_id": eos})
   assert keep.ids == ref[:12] and keep.finish_reason == "length"
   assert first.ids == ref[:1] and first.finished_step == first.admitted_step
 
@@ -81,25 +82,26 @@ def test_slot_step_at_per_row_positions_equals_single_row_step(lm):
   prompt, whose stale keys the mask must hide - gives each row's own single-row logits."""
   model, params = lm
   long_, *prompts = _prompts([37, 5, 23, 12], seed=4)
-  scheduler = inflight.Scheduler(model, params, eos_id=NO_EOS, max_batch=3, max_len=MAX_LEN)
+  scheduler = inflight.Scheduler(model, params, **OPTIONS)
   # Slot 0 holds the long prompt first; the short one replaces it.
   scheduler.queue.append(scheduler.job(inflight.Request(long_, max_new=1)))
   scheduler.tick()
   for p in prompts:
     scheduler.queue.append(scheduler.job(inflight.Request(p, max_new=5)))
-  scheduler._admit()
-  slots = scheduler._slots
+  scheduler.admit()
+  slots = scheduler.slots
   assert np.asarray(slots.position).tolist() == [5, 23, 12]
   # jit: the step run eagerly, op by op, costs seconds.
-  step = jax.jit(lambda cache, token, position: model.apply(
+  step = jax.jit(lambda params, cache, token, position: model.apply(
       {"params": params, "cache": cache}, token[:, None], positions=position[:, None],
       cache_mode="step", mutable=["cache"])[0][:, 0])
-  batched = step(slots.cache, slots.token, slots.position)
+  batched = step(params, slots.cache, slots.token, slots.position)
   for row, p in enumerate(prompts):
     tokens = np.zeros((1, 48), np.int32)
     tokens[0, :len(p)] = p
-    cache, _ = decode.prefill(model, params, tokens, np.array([len(p)], np.int32))
-    single = step(cache, slots.token[row:row + 1], np.array([len(p)], np.int32))
+    cache, _ = decode.prefill(model, params, tokens, np.array([len(p)], np.int32),
+                              prefix_lm=True)
+    single = step(params, cache, slots.token[row:row + 1], np.array([len(p)], np.int32))
     chex.assert_trees_all_close(batched[row], single[0], rtol=1e-5, atol=1e-5)
 
 
@@ -107,7 +109,7 @@ def test_sampling_depends_only_on_the_request_seed(lm):
   prompt, *others = _prompts([6, 30, 12, 4], seed=5)
   controls = Controls(temperature=1.0, top_k=20, top_p=0.9)
   sampled = inflight.Request(prompt, 16, controls, seed=7)
-  options = dict(eos_id=NO_EOS, max_batch=3, max_len=MAX_LEN, chunk=4)
+  options = OPTIONS
   alone, = inflight.run_all(*lm, [sampled], **options)
   crowd = [inflight.Request(p, 20, seed=i) for i, p in enumerate(others)]
   late = dict(vars(sampled), arrive_step=6)
@@ -120,20 +122,21 @@ def test_sampling_depends_only_on_the_request_seed(lm):
   # top_k 1 leaves only the argmax to sample: greedy, whatever the seed.
   top1, = inflight.run_all(*lm, [inflight.Request(prompt, 16, Controls(1.0, top_k=1), 3)],
                            **options)
-  assert top1.ids == _one_at_a_time(lm, prompt, 30, prefix_lm=False)[:16]
+  assert top1.ids == _one_at_a_time(lm, prompt)[:16]
 
 
 def test_short_request_submitted_later_finishes_first(lm):
   long_, short = _prompts([10, 6], seed=6)
   results = inflight.run_all(
       *lm, [inflight.Request(long_, 40), inflight.Request(short, 5, arrive_step=8)],
-      eos_id=NO_EOS, max_batch=3, max_len=MAX_LEN, chunk=4)
+      **OPTIONS)
   assert results[1].admitted_step >= 8
   assert results[1].finished_step < results[0].finished_step
 
 
 def test_engine_threads_and_counters(lm):
-  engine = inflight.InflightEngine(*lm, eos_id=NO_EOS, max_batch=3, max_len=MAX_LEN, chunk=4)
+  engine = inflight.InflightEngine(*lm, **OPTIONS, warm_up=True)
+  assert engine.counters()["steps"] == 0   # the warm-up's requests are not counted
   try:
     long_, short = _prompts([10, 6], seed=6)
     slow = engine.submit(long_, max_new=60)
@@ -142,7 +145,7 @@ def test_engine_threads_and_counters(lm):
     quick = engine.submit(short, max_new=5)
     quick_result, slow_result = quick.result(timeout=120), slow.result(timeout=120)
     assert quick_result.finished_step < slow_result.finished_step
-    assert slow_result.ids[:30] == _one_at_a_time(lm, long_, 30, prefix_lm=False)
+    assert slow_result.ids[:30] == _one_at_a_time(lm, long_)
     with pytest.raises(ValueError, match="max_len"):
       engine.submit(long_, max_new=MAX_LEN)
     with pytest.raises(ValueError, match="repetition_penalty"):
