@@ -138,7 +138,8 @@ class Scheduler:
     for index, occupant in enumerate(self.jobs):
       if occupant is not None or not self.queue:
         continue
-      job = self.queue.popleft()
+      # In its slot before the call: if the call fails, fail_all finds it there.
+      job = self.jobs[index] = self.queue.popleft()
       prompt = np.asarray(job.request.prompt, np.int32)
       tokens = np.zeros((1, self.bucket_len(len(prompt))), np.int32)
       tokens[0, :len(prompt)] = prompt
@@ -148,7 +149,6 @@ class Scheduler:
           np.array([job.request.stop_on_eos]), job.rows, np.int32(self.eos_id),
           prefix_lm=self.prefix_lm)
       job.admitted_step = self.counts["steps"]
-      self.jobs[index] = job
       admitted.append((index, job, first))
     self.counts["prefills"] += len(admitted)
     self.counts["tokens"] += len(admitted)
@@ -194,7 +194,7 @@ class Scheduler:
       finished += self.decode_chunk()
     return finished
 
-  def fail_all(self, error: Exception) -> list[_Job]:
+  def fail_all(self) -> list[_Job]:
     """Drops every queued and running job (after a failed call) and starts from fresh slots."""
     jobs = list(self.queue) + [j for j in self.jobs if j is not None]
     self.queue.clear()
@@ -252,8 +252,10 @@ class InflightEngine:
 
   def submit(self, prompt, *, max_new: int, controls: Controls | None = None, seed: int = 0,
              stop_on_eos: bool = True) -> concurrent.futures.Future:
-    """Queues a prompt (token ids); the future's result is a Result. ValueError at once for a
-    request the engine cannot run (too long, controls it does not take)."""
+    """Queues a prompt (token ids); the future's result is a Result, or the exception of a
+    failed model call. future.cancel() works until the worker takes the request (at the next
+    chunk boundary). ValueError at once for a request the engine cannot run (too long,
+    controls it does not take)."""
     request = Request(list(prompt), max_new, controls or Controls(), seed, stop_on_eos)
     job = self._scheduler.job(request)
     with self._cond:
@@ -282,7 +284,9 @@ class InflightEngine:
       with self._cond:
         while not (self._incoming or scheduler.busy or self._closed):
           self._cond.wait()
-        scheduler.queue.extend(self._incoming)
+        # A future cancelled while queued is dropped; past this point it cannot be cancelled.
+        scheduler.queue.extend(j for j in self._incoming
+                               if j.future.set_running_or_notify_cancel())
         self._incoming.clear()
         if self._closed and not scheduler.busy:
           return
@@ -290,7 +294,7 @@ class InflightEngine:
         finished = scheduler.tick()
       except Exception as e:   # every job in flight gets the error; the engine carries on
         logging.exception("the in-flight engine failed")
-        for job in scheduler.fail_all(e):
+        for job in scheduler.fail_all():
           job.future.set_exception(e)
         continue
       with self._cond:
@@ -321,12 +325,15 @@ def submit_text(engine: InflightEngine, loaded, prompt: str, max_new: int, *,
   tok = loaded.tokenizer
 
   def finish(done: concurrent.futures.Future):
-    if done.exception() is not None:
+    if text.cancelled() or done.cancelled():
+      text.cancel()
+    elif done.exception() is not None:
       text.set_exception(done.exception())
     else:
       decoded = tok.decode(decode.strip(done.result().ids, tok.eos_id))
       text.set_result(stream_text.cut_at_stop(decoded, stop)[0])
   ids.add_done_callback(finish)
+  text.add_done_callback(lambda f: f.cancelled() and ids.cancel())   # not yet admitted: dropped
   return text
 
 

@@ -190,3 +190,24 @@ def test_submit_text_gives_loaded_generate_text(lm):
       inflight.submit_text(engine, loaded, "a", 4, beam=2)
   finally:
     engine.close()
+
+
+def test_a_failed_call_fails_its_requests_and_the_engine_carries_on(lm, monkeypatch):
+  engine = inflight.InflightEngine(*lm, **OPTIONS)
+  real = slot_decode.decode_chunk
+  calls = []
+
+  def fails_once(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("device lost")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(slot_decode, "decode_chunk", fails_once)
+  try:
+    prompt = _prompts([5], seed=7)[0]
+    with pytest.raises(RuntimeError, match="device lost"):
+      engine.submit(prompt, max_new=6).result(timeout=120)
+    assert engine.submit(prompt, max_new=6).result(timeout=120).ids == _one_at_a_time(
+        lm, prompt)[:6]
+  finally:
+    engine.close()
