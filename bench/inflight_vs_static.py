@@ -16,12 +16,15 @@ i * gap ms after the start, for each gap of --arrival_gaps_ms (0: all at once). 
 serve's Batcher with no wait, whatever has arrived (up to --max_batch, oldest first) is one
 batch, one decode.generate call (one compiled scan, no host sync inside) to its longest
 member's max_new (rounded up to a multiple of 16), rows cut after; batches are padded to
---max_batch rows, so every shape is compiled before the timed runs. In-flight: the engine's Scheduler with --max_batch slots and
-`chunk` decode steps per call, requests queued at the chunk boundary after they arrive.
+--max_batch rows, so every shape is compiled before the timed runs. In-flight: the engine's
+Scheduler with --max_batch slots and `chunk` decode steps per call, requests queued at the
+chunk boundary after they arrive.
 Latency: arrival to the request's last token. Each mode runs the workload once untimed
-(compiling every shape), then --repeats times; the run with the median wall time is reported.
-tokens/s counts requested tokens only; "busy rows" is requested tokens per decode step (the
-engine's first token of a request comes from its prefill, not a decode step).
+(compiling every shape), then --repeats rounds run every mode in turn (a shared machine's load
+drifts over all of them alike); each mode's run with the median wall time is reported.
+tokens/s counts requested tokens only; "wall ms / step" is wall time over decode steps
+(prefills, host syncs and idle waits included); "busy rows" is requested tokens per decode step
+(the engine's first token of a request comes from its prefill, not a decode step).
 """
 import subprocess
 import time
@@ -45,7 +48,7 @@ _PRESET = flags.DEFINE_string("preset", "tiny", "configs/legal_pretrain.py prese
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _GAPS = flags.DEFINE_list("arrival_gaps_ms", ["0", "75"], "Arrival patterns: request i arrives "
                           "at i * gap (0: all at once).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per mode (the median is reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per mode (the median is reported).")
 _PROMPTS, _OUTPUTS = (4, 64), (8, 128)
 NO_EOS = -1   # never generated: every request runs to its max_new in both modes
 _ROUND = 16   # static batching's max_new buckets
@@ -131,7 +134,8 @@ def row(name: str, timed: dict, tokens: int) -> str:
   p50, p99 = np.percentile(timed["latencies"], [50, 99])
   busy = tokens / timed["steps"]
   return (f"| {name} | {tokens / timed['wall']:,.0f} | {p50:.2f} | {p99:.2f} | "
-          f"{timed['wall']:.2f} | {timed['steps']} | {busy:.2f} |")
+          f"{timed['wall']:.2f} | {timed['steps']} | {1e3 * timed['wall'] / timed['steps']:.1f} "
+          f"| {busy:.2f} |")
 
 
 def cpu_name() -> str:
@@ -145,20 +149,23 @@ def cpu_name() -> str:
 
 def scenario(model, params, requests, gap_ms: float, max_batch: int, repeats: int) -> list:
   """Table rows for one arrival pattern: static, then the engine at each chunk size. Each
-  mode runs once untimed (compiling every shape), then `repeats` times: the median wall's."""
+  mode runs once untimed (compiling every shape), then `repeats` rounds of every mode in turn
+  (so a shared machine's load drifts over all of them alike); each mode's median-wall run."""
   arrivals = [i * gap_ms / 1e3 for i in range(len(requests))]
   runs = [("static (decode.generate)",
            lambda: run_static(model, params, requests, arrivals, max_batch))]
   runs += [(f"in-flight, chunk {c}",
             lambda c=int(c): run_inflight(model, params, requests, arrivals, max_batch, c))
            for c in _CHUNKS.value]
-  tokens = sum(r.max_new for r in requests)
-  lines = []
-  for name, run in runs:
+  for _, run in runs:
     run()
-    timed = sorted((run() for _ in range(repeats)), key=lambda t: t["wall"])
-    lines.append(row(name, timed[len(timed) // 2], tokens))
-  return lines
+  timed = [[] for _ in runs]
+  for _ in range(repeats):
+    for times, (_, run) in zip(timed, runs):
+      times.append(run())
+  tokens = sum(r.max_new for r in requests)
+  return [row(name, sorted(times, key=lambda t: t["wall"])[len(times) // 2], tokens)
+          for (name, _), times in zip(runs, timed)]
 
 
 def main(argv):
@@ -180,8 +187,8 @@ def main(argv):
     when = "all arriving at once" if gap == 0 else f"one arriving every {gap:g} ms"
     print(f"\n{when}; latency from arrival to the last token\n")
     print("| mode | tokens/s | latency p50 (s) | latency p99 (s) | wall (s) | decode steps | "
-          "busy rows |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "wall ms / step | busy rows |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(scenario(model, params, requests, gap, b, _REPEATS.value)))
 
 
