@@ -142,18 +142,24 @@ def attention_check(kernel, kind, packed, implementation, shapes, device, seed=0
   return rel(out, r_out), max(rel(a, r) for a, r in zip(grads, r_grads))
 
 
-def _attention_path(kind, packed, implementation, device) -> str:
+def _attention_path(kind, packed, implementation, device, shapes) -> str:
   """Which kernel the dispatch picks (on this device, for bf16)."""
   if kind == "blocked":
     return "online softmax over key blocks"
-  if implementation == "xla":
-    return "XLA"
-  on_gpu = device.platform == "gpu"
-  if implementation == "cudnn" or (on_gpu and not packed):
-    return "cuDNN"
-  if kind == "full":
-    return "XLA dense + mask" if packed else "causal_blocks"
-  return "windowed blocks"
+  if kind == "local":
+    if implementation == "xla":
+      return "XLA"
+    on_gpu = device.platform == "gpu"
+    return "cuDNN" if implementation == "cudnn" or (on_gpu and not packed) else "windowed blocks"
+  from model.attention import full, masks
+  b, t = shapes.attn[:2]
+  rows = jnp.ones((b, t), jnp.int32) if packed else None
+  mi = masks.MaskInputs(q_pos=rows, kv_pos=rows, q_seg=rows, kv_seg=rows)
+  kernel = full.choose(implementation, jnp.bfloat16, masks.MaskSpec(causal=True), mi, t, t,
+                       shapes.block, backend=device.platform)
+  names = {"cudnn": "cuDNN", "flash": "flash", "causal_blocks": "causal_blocks",
+           "xla": "XLA dense + mask" if packed else "XLA"}
+  return names[kernel]
 
 
 def attention_section(table, shapes, device, kernels=None):
@@ -166,7 +172,7 @@ def attention_section(table, shapes, device, kernels=None):
     for packed in (False, True):
       for impl in impls:
         case = (f"{kind}, {'packed' if packed else 'unpacked'}, implementation={impl} "
-                f"({_attention_path(kind, packed, impl, device)}), "
+                f"({_attention_path(kind, packed, impl, device, shapes)}), "
                 f"{'x'.join(map(str, shapes.attn))} bf16")
         try:
           fwd, grad = attention_check(kernel, kind, packed, impl, shapes, device)
@@ -205,8 +211,9 @@ def blocked_section(table, shapes, device, deadline):
   variants = (("blocked", "auto"), ("full", "auto"), ("full", "xla"))
   for length in shapes.long_lengths:
     for kind, impl in variants:
-      case = f"{kind} ({_attention_path(kind, False, impl, device)}) fwd+bwd, seq {length}, " \
-             f"{shapes.long_heads[0]} heads x {shapes.long_heads[1]}"
+      path = _attention_path(kind, False, impl, device, shapes)
+      case = (f"{kind} ({path}) fwd+bwd, seq {length}, "
+              f"{shapes.long_heads[0]} heads x {shapes.long_heads[1]}")
       if time.monotonic() > deadline:
         table.add("blocked", case, result="skipped: time budget")
         continue

@@ -98,8 +98,9 @@ def _optim() -> ml_collections.ConfigDict:
   o.grad_accum_steps = 1        # micro-batches per optimizer step
   o.z_loss = 1e-4               # weight of log(Z)^2 regulariser; 0 disables
   # pretrain: > 0 runs the LM head + cross-entropy fused over chunks of this many rows (batch x
-  # position), never holding [B, T, vocab] logits; 0 = plain (logits, then the loss)
-  o.loss_chunk = 0
+  # position), never holding [B, T, vocab] logits; 0 = plain (logits, then the loss); -1 = auto:
+  # fused where a device's float32 logits would pass 1 GiB (train/tasks/pretrain.py)
+  o.loss_chunk = -1
   return o
 
 

@@ -220,3 +220,38 @@ def test_transformer_with_kernel_matches_full(kind, overrides):
   logits = lambda c: jax.jit(Transformer(c).apply)({"params": params}, batch["tokens"], **kw)
   chex.assert_trees_all_close(logits(replace_cfg(cfg, attention_kind=kind, **overrides)),
                               logits(cfg), rtol=F32_RTOL, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("packed,prefix,window,dtype,want", [
+    (False, False, None, jnp.bfloat16, "cudnn"),
+    (True, False, None, jnp.bfloat16, "cudnn"),      # packed rows: cuDNN with their mask
+    (True, False, None, jnp.float32, "causal_blocks"),   # cuDNN computes bf16/fp16 only
+    (True, True, None, jnp.bfloat16, "xla"),         # a prefix-LM row: the dense mask
+    (True, False, 8, jnp.bfloat16, "causal_blocks"),  # a window: the block kernel
+])
+def test_auto_on_a_gpu_sends_causal_rows_plain_or_packed_to_cudnn(monkeypatch, packed, prefix,
+                                                                  window, dtype, want):
+  """The dispatch as a GPU process sees it (the backend faked): what `choose` names is what
+  `attend` calls, the mask passed exactly when the rows are packed."""
+  from model.attention import full
+  monkeypatch.setattr(full.jax, "default_backend", lambda: "gpu")
+  b, t = 2, 32
+  seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 12], b, 0), jnp.int32)
+  pos = jnp.asarray(np.repeat([list(range(20)) + list(range(12))], b, 0), jnp.int32)
+  mi = masks.MaskInputs(q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg,
+                        prefix_len=jnp.full((b,), 4) if prefix else None) if packed else \
+      masks.MaskInputs()
+  spec = masks.MaskSpec(causal=True, window=window)
+  assert full.choose("auto", dtype, spec, mi, t, t, block_size=8) == want
+  calls = []
+
+  def fake_library_kernel(q, k, v, *, implementation, mask=None, is_causal=False):
+    calls.append((implementation, mask is not None, is_causal))
+    return q
+  monkeypatch.setattr(full.jax.nn, "dot_product_attention", fake_library_kernel)
+  q = jnp.zeros((b, t, 2, 8), dtype)
+  full.attend(q, q, q, spec=spec, mask_inputs=mi, block_size=8)
+  if want in ("cudnn", "xla"):
+    assert calls == [(want, packed, not packed)]
+  else:
+    assert calls == []   # the project's own kernel ran

@@ -138,7 +138,7 @@ def _check_up_to_date(config: dict):
   assert config["eval"]["decode"]["samples"] == 0 and config["eval"]["decode"]["beam"] == 0
   assert config["eval"]["window_stride"] == 0
   assert config["train"]["select_by"] == "loss" and config["train"]["lora"]["rank"] == 0
-  assert config["optim"]["loss_chunk"] == 0 and config["distill"]["offline_weight"] == 0.5
+  assert config["optim"]["loss_chunk"] == -1 and config["distill"]["offline_weight"] == 0.5
 
 
 def test_upgrade_fills_newer_keys_with_todays_defaults():

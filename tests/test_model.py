@@ -527,3 +527,22 @@ def test_chunked_cross_entropy_equals_plain_loss_and_grads(chunk=5):
   # Undifferentiated (evaluation: the custom_vjp's primal, sums only) it is the same loss too.
   evaluate = lambda task: jax.jit(lambda p: task.loss(p, batch, None, False))(params)
   chex.assert_trees_all_close(evaluate(chunked), evaluate(plain), rtol=F32_RTOL, atol=F32_ATOL)
+
+
+def test_auto_loss_chunk_fuses_only_where_a_devices_logits_pass_a_gibibyte():
+  from configs import bench_step
+  from train import build
+  # One GPU, 8 x 2048 tokens, a 50k vocabulary: 3.1 GiB of float32 logits -> fused.
+  assert pretrain.auto_loss_chunk(8, 2048, 50304, 1) == 1024
+  assert pretrain.auto_loss_chunk(32, 2048, 50304, 4) == 4096    # 1,024 rows per device
+  assert pretrain.auto_loss_chunk(8, 2048, 50304, 8) == 0        # 0.4 GiB per device
+  assert pretrain.auto_loss_chunk(16, 128, 2048, 1) == 0         # legal_pretrain :tiny
+  config = bench_step.get_config("tiny")
+  assert config.optim.loss_chunk == -1
+  assert build.make_task(config, None).loss_chunk == 0
+  config.data.update(batch_size=8, seq_len=2048, vocab_size=50304)
+  assert build.make_task(config, None).loss_chunk == 1024
+  config.optim.update(grad_accum_steps=4)                          # per micro-batch: 0.8 GiB
+  assert build.make_task(config, None).loss_chunk == 0
+  config.optim.update(grad_accum_steps=1, loss_chunk=0)
+  assert build.make_task(config, None).loss_chunk == 0             # an explicit choice is kept

@@ -23,6 +23,7 @@ from model.config import ModelConfig
 from model.task_kind import task_kind
 from model.transformer import Transformer
 from train import config_check, optim, tasks
+from train.tasks import pretrain
 from train import lora as lora_lib
 from train import state as state_lib
 from train import step as step_lib
@@ -160,12 +161,16 @@ def resolve(config, num_devices: int | None = None, process_count: int | None = 
   return ml_collections.FrozenConfigDict(config), sources
 
 
-def make_task(config, model):
-  """The task for `config` on `model`; distillation wraps the student's own task around the
-  teacher recorded in distill.teacher_model. Tasks get the sub-configs they use."""
+def make_task(config, model, num_devices: int = 1):
+  """The task for `config` on `model` (trained on `num_devices`); distillation wraps the
+  student's own task around the teacher recorded in distill.teacher_model. Tasks get the
+  sub-configs they use."""
   task_cls = tasks.get_task(task_kind(config))
-  base = task_cls(model, z_loss=config.optim.z_loss,
-                  loss_chunk=config.optim.loss_chunk)
+  d = config.data
+  loss_chunk = (pretrain.auto_loss_chunk(d.batch_size // config.optim.grad_accum_steps,
+                                         d.seq_len, d.vocab_size, num_devices)
+                if config.optim.loss_chunk == -1 else config.optim.loss_chunk)
+  base = task_cls(model, z_loss=config.optim.z_loss, loss_chunk=loss_chunk)
   if config.task != "distill":
     return base
   from train.tasks import distill
@@ -238,11 +243,11 @@ def build(config, mesh: jax.sharding.Mesh | None = None,
   # only the adapters and the task head are differentiated and carry optimizer state.
   model = Transformer(model_cfg) if lora is None else lora_lib.lora_model(model_cfg, lora)
   trainable = None if lora is None else lora_lib.is_trained
-  task = make_task(config, model)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  task = make_task(config, model, mesh.size)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps,
                                      frozen=("teacher",) if config.task == "distill" else (),
                                      trainable=trainable)
-  mesh = mesh or sharding_lib.make_mesh(config.mesh)
   abstract, shardings = state_lib.state_shardings(task.model, tx, task.dummy_batch(
       1, config.data.seq_len), mesh)
   return Parts(config, model_cfg, model, task, tx, schedule, mesh, abstract, shardings,

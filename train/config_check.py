@@ -52,6 +52,8 @@ def _size_checks(config, mesh: dict, process_count: int) -> list:
       (d.vocab_size >= 256, f"config.data.vocab_size={d.vocab_size} must be >= 256 "
                             "(sentencepiece byte fallback needs 256 byte pieces)"),
       (accum >= 1, f"config.optim.grad_accum_steps={accum} must be >= 1"),
+      (config.optim.loss_chunk >= -1, f"config.optim.loss_chunk={config.optim.loss_chunk} must "
+                                      "be -1 (auto), 0 (plain) or a number of rows"),
       (d.batch_size % process_count == 0,
        f"config.data.batch_size={d.batch_size} must be divisible by the {process_count} processes"),
       (d.batch_size % accum == 0 and (d.batch_size // accum) % batch_shards == 0,

@@ -36,6 +36,19 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
                             "weight": jnp.sum(weights)}
 
 
+AUTO_CHUNK_LOGITS_BYTES = 2**30
+AUTO_CHUNK_ROWS_PER_DEVICE = 1024
+
+
+def auto_loss_chunk(batch_size: int, seq_len: int, vocab_size: int, num_devices: int) -> int:
+  """optim.loss_chunk=-1: chunks of 1,024 rows per device where one device's float32 [B, T,
+  vocab] logits would pass 1 GiB - they are held with their softmax and their gradient, 3 x
+  3.1 GiB for a 50k vocabulary at 8 x 2048 tokens (docs/results/gpu.md, "Memory") - else 0:
+  below that the plain loss is as fast and the memory is not short."""
+  logits = batch_size * seq_len * vocab_size * 4 / max(1, num_devices)
+  return AUTO_CHUNK_ROWS_PER_DEVICE * num_devices if logits > AUTO_CHUNK_LOGITS_BYTES else 0
+
+
 def chunked_cross_entropy(head, head_params, x, targets, weights, z_loss: float, chunk: int):
   """cross_entropy(head(head_params, x), ...) without ever holding [B, T, V] logits.
 
