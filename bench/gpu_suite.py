@@ -62,7 +62,7 @@ def _define_flags():
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-  bench_preset: str          # configs/bench_step.py preset of the train section
+  bench_preset: str          # configs/bench_step.py preset of the blocked section's train step
   steps: int
   rounds: int
   attn: tuple                # batch, length, heads, kv heads, head dim
@@ -75,29 +75,57 @@ class Shapes:
   serve_seq: int
   decode_prompt: int
   decode_new: int
+  train_presets: tuple       # configs/bench_step.py presets the train section times
 
 
 GPU = Shapes("gpu", 5, 3, (2, 2048, 16, 8, 128), 512, 128, (8192, 16384, 32768), (16, 128),
-             (8192, 16384, 32768, 65536), "cpu", 512, 128, 128)
-TINY = Shapes("tiny", 1, 1, (1, 32, 2, 1, 8), 8, 8, (32,), (2, 8), (32, 64), "tiny", 16, 4, 4)
+             (8192, 16384, 32768, 65536), "cpu", 512, 128, 128, ("anchor", "gpu"))
+TINY = Shapes("tiny", 1, 1, (1, 32, 2, 1, 8), 8, 8, (32,), (2, 8), (32, 64), "tiny", 16, 4, 4,
+             ("tiny",))
 
 
 # --- train ----------------------------------------------------------------------------------
+# The plain-JAX anchor (a ~90-line step: f32 params, bf16 compute, AdamW, cuDNN attention, no
+# remat or sharding) at bench_step:anchor's shape, 8 x 2048 tokens, on one H100 SXM.
+ANCHOR = {"preset": "anchor", "card": "H100", "ms": 261.5, "mfu": 0.575, "gib": 53.0}
+
+
 def train_section(table, shapes, device):
+  """The project's step at each of shapes.train_presets; the anchor's shape against the
+  anchor's published step (tokens/s compared only on the anchor's own card type)."""
   from bench import step_time
   from configs import bench_step
-  config = bench_step.get_config(shapes.bench_preset)
-  res = step_time.run_benchmark(config, steps=shapes.steps, rounds=shapes.rounds, warmup=1,
-                                devices=[device])
-  for name in ("project", "reference"):
-    r = res[name]
-    table.add("train", f"{name} step, bench_step:{shapes.bench_preset} "
-              f"({r['params'] / 1e6:.0f}M params, batch {res['batch_size']} x "
-              f"{res['seq_len']})", r["median_ms"], f"{r['tokens_per_s']:,.0f} tokens/s",
-              r["xla_bytes"], f"MFU {100 * r['mfu']:.1f}%")
-  verdict = "ok" if res["ratio"] >= 1.0 else "SLOWER than the reference"
-  table.add("train", "reference / project step time", result=f"{res['ratio']:.3f} ({verdict})")
-  return res
+  results = {}
+  for preset in shapes.train_presets:
+    res = step_time.run_benchmark(bench_step.get_config(preset), steps=shapes.steps,
+                                  rounds=shapes.rounds, warmup=1, devices=[device],
+                                  reference=False)
+    r = res["project"]
+    peak = res["device_peak_bytes"] or r["xla_bytes"]
+    table.add("train", f"project step, bench_step:{preset} ({r['params'] / 1e6:.0f}M params, "
+              f"batch {res['batch_size']} x {res['seq_len']})", r["median_ms"],
+              f"{r['tokens_per_s']:,.0f} tokens/s", peak,
+              f"MFU {100 * r['mfu']:.1f}%")
+    if preset == ANCHOR["preset"]:
+      anchor_rows(table, r, device.device_kind)
+    results[preset] = res
+  return results
+
+
+def anchor_rows(table, project: dict, device_kind: str):
+  """The anchor's published row and the project's step against it."""
+  a = ANCHOR
+  tokens_per_s = 8 * 2048 / a["ms"] * 1e3
+  table.add("train", f"anchor step (plain JAX, published, one {a['card']})", a["ms"],
+            f"{tokens_per_s:,.0f} tokens/s", a["gib"] * 2**30, f"MFU {100 * a['mfu']:.1f}%")
+  mfu_ok = project["mfu"] >= a["mfu"]
+  same_card = a["card"].lower() in device_kind.lower()
+  speed = project["tokens_per_s"] / tokens_per_s
+  result = (f"MFU {100 * project['mfu']:.1f}% vs {100 * a['mfu']:.1f}% "
+            f"({'ok' if mfu_ok else 'BELOW'}); tokens/s {speed:.3f}x ")
+  result += (("(ok)" if speed >= 1.0 else "(SLOWER)") if same_card else
+             f"(not comparable: {device_kind}, the anchor ran on an {a['card']})")
+  table.add("train", "project / anchor", result=result)
 
 
 # --- attention equality ---------------------------------------------------------------------
