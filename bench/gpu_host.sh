@@ -4,7 +4,7 @@
 # LM, its curve fine-tune, and the fine-tune re-scored with windows over long reviews
 # (eval.window_stride: each of WINDOWS on validation, the best of them on test once).
 # Each part is time-capped so the later ones still run; logs and results land in $OUT.
-#   OUT=out WHEELS=.whl [SUITE_S=230 SUITE_BUDGET=170 SECTIONS=attention,train,inference,blocked]
+#   OUT=out WHEELS=.whl [SUITE_S=300 SUITE_BUDGET=240 SECTIONS=train,inference,blocked,attention]
 #   [IMDB_DATA=<dir with sentiment_imdb/> LM_PRESET=imdb_self_wide512 LM_EXTRA= FT_EXTRA=
 #    WINDOWS="0 127 254"] [END=570] bash bench/gpu_host.sh
 # SUITE_S=0 skips the suite.
@@ -26,10 +26,10 @@ import bench.gpu_suite, train.main, train.run, infer.quantize, eval.classificati
 import eval.tfidf_baseline, train.data.sources, qwix, grain, tensorflow_datasets
 print('imports ok; jax', jax.__version__, jax.devices())" 2>&1 | tail -5 || exit 4
 
-if [ "${SUITE_S:-230}" != 0 ]; then
+if [ "${SUITE_S:-300}" != 0 ]; then
   echo "== GPU suite at $(el)s"
-  timeout "${SUITE_S:-230}" $PY -m bench.gpu_suite --budget_s="${SUITE_BUDGET:-170}" \
-      --sections="${SECTIONS:-attention,train,inference,blocked}" --out="$OUT/gpu_suite.md" \
+  timeout "${SUITE_S:-300}" $PY -m bench.gpu_suite --budget_s="${SUITE_BUDGET:-240}" \
+      --sections="${SECTIONS:-train,inference,blocked,attention}" --out="$OUT/gpu_suite.md" \
       > "$OUT/gpu_suite.log" 2>&1; echo "suite rc=$? at $(el)s"
 fi
 [ -z "${IMDB_DATA:-}" ] && exit 0
