@@ -99,7 +99,7 @@ def _optim() -> ml_collections.ConfigDict:
   o.z_loss = 1e-4               # weight of log(Z)^2 regulariser; 0 disables
   # pretrain: > 0 runs the LM head + cross-entropy fused over chunks of this many rows (batch x
   # position), never holding [B, T, vocab] logits; 0 = plain (logits, then the loss); -1 = auto:
-  # fused where a device's float32 logits would pass 1 GiB (train/tasks/pretrain.py)
+  # fused on one device whose float32 logits would pass 1 GiB (train/tasks/pretrain.py)
   o.loss_chunk = -1
   return o
 

@@ -301,3 +301,23 @@ def fine_tune_parts(config):
   config.train.num_steps = 10
   parts = build.build(config)
   return parts.model, parts.task, parts.tx, parts.mesh
+
+
+def train_tiny_lm(root, sentiment_files, seq_len: int, steps: int) -> str:
+  """A 1-layer LM trained `steps` steps on the sentiment test corpus; its workdir."""
+  from configs import legal_pretrain
+  from train import run as run_lib
+  lm = legal_pretrain.get_config("tiny")
+  lm.data.update(use_licensedcode=False, extra_dirs=(str(sentiment_files),), vocab_size=512,
+                 data_dir=str(root / "cache"), seq_len=seq_len, batch_size=8, max_docs=-1)
+  lm.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                  mlp_dim=64)
+  lm.train.update(num_steps=steps, eval_every=steps, checkpoint_every=steps)
+  run_lib.train(lm, str(root / "lm"))
+  return str(root / "lm")
+
+
+def random_weights(loaded, seed: int = 3):
+  """`loaded` (a LoadedModel) with seeded random params: outputs that differ per prompt."""
+  params = numpy_params(loaded.model, np.zeros((1, 8), np.int32), seed=seed)
+  return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))

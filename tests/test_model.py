@@ -534,8 +534,7 @@ def test_auto_loss_chunk_fuses_only_where_a_devices_logits_pass_a_gibibyte():
   from train import build
   # One GPU, 8 x 2048 tokens, a 50k vocabulary: 3.1 GiB of float32 logits -> fused.
   assert pretrain.auto_loss_chunk(8, 2048, 50304, 1) == 1024
-  assert pretrain.auto_loss_chunk(32, 2048, 50304, 4) == 4096    # 1,024 rows per device
-  assert pretrain.auto_loss_chunk(8, 2048, 50304, 8) == 0        # 0.4 GiB per device
+  assert pretrain.auto_loss_chunk(256, 4096, 128256, 64) == 0    # sharded: plain
   assert pretrain.auto_loss_chunk(16, 128, 2048, 1) == 0         # legal_pretrain :tiny
   config = bench_step.get_config("tiny")
   assert config.optim.loss_chunk == -1

@@ -23,12 +23,10 @@ import numpy as np
 import portpicker
 import pytest
 
-from configs import legal_pretrain
-from helpers import REPO, numpy_params
+from helpers import REPO, random_weights, train_tiny_lm
 from helpers import call as _call, serving as _serving
 from infer import decode, loading, openai_api
 from infer.request_parsing import RequestError
-from train import run as run_lib
 
 openai = pytest.importorskip("openai", reason="the openai client: requirements-pytest.txt")
 
@@ -41,22 +39,12 @@ TASKS = os.path.join(REPO, "tests", "harness_tasks")
 
 @pytest.fixture(scope="module")
 def lm_dir(sentiment_files, tmp_path_factory):
-  root = tmp_path_factory.mktemp("lm")
-  lm = legal_pretrain.get_config("tiny")
-  lm.data.update(use_licensedcode=False, extra_dirs=(str(sentiment_files),), vocab_size=512,
-                 data_dir=str(root / "cache"), seq_len=SEQ_LEN, batch_size=8, max_docs=-1)
-  lm.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
-                  mlp_dim=64)
-  lm.train.update(num_steps=2, eval_every=2, checkpoint_every=2)
-  run_lib.train(lm, str(root / "lm"))
-  return str(root / "lm")
+  return train_tiny_lm(tmp_path_factory.mktemp("lm"), sentiment_files, SEQ_LEN, steps=2)
 
 
 @pytest.fixture(scope="module")
 def lm(lm_dir):
-  loaded = loading.LoadedModel.from_workdir(lm_dir)
-  params = numpy_params(loaded.model, np.zeros((1, 8), np.int32), seed=3)
-  return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))
+  return random_weights(loading.LoadedModel.from_workdir(lm_dir))
 
 
 @pytest.fixture(scope="module")

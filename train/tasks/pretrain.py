@@ -37,16 +37,18 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
 
 
 AUTO_CHUNK_LOGITS_BYTES = 2**30
-AUTO_CHUNK_ROWS_PER_DEVICE = 1024
+AUTO_CHUNK_ROWS = 1024
 
 
 def auto_loss_chunk(batch_size: int, seq_len: int, vocab_size: int, num_devices: int) -> int:
-  """optim.loss_chunk=-1: chunks of 1,024 rows per device where one device's float32 [B, T,
-  vocab] logits would pass 1 GiB - they are held with their softmax and their gradient, 3 x
-  3.1 GiB for a 50k vocabulary at 8 x 2048 tokens (docs/results/gpu.md, "Memory") - else 0:
-  below that the plain loss is as fast and the memory is not short."""
-  logits = batch_size * seq_len * vocab_size * 4 / max(1, num_devices)
-  return AUTO_CHUNK_ROWS_PER_DEVICE * num_devices if logits > AUTO_CHUNK_LOGITS_BYTES else 0
+  """optim.loss_chunk=-1: chunks of 1,024 rows on one device when its float32 [B, T, vocab]
+  logits would pass 1 GiB - they are held with their softmax and their gradient, 3 x 3.1 GiB
+  for a 50k vocabulary at 8 x 2048 tokens (docs/results/gpu.md, "Memory") - else 0 (plain).
+  Sharded runs stay plain: a chunk of consecutive rows cuts across the batch shards, and the
+  TPU compiler then needs far more per chip than the plain loss (Llama-3-8B on v5p-128:
+  99.98 GiB of temporaries instead of 20.00; docs/results/tpu_compile.md)."""
+  logits = batch_size * seq_len * vocab_size * 4
+  return AUTO_CHUNK_ROWS if num_devices == 1 and logits > AUTO_CHUNK_LOGITS_BYTES else 0
 
 
 def chunked_cross_entropy(head, head_params, x, targets, weights, z_loss: float, chunk: int):
