@@ -197,3 +197,11 @@ def test_inference_reads_the_lora_tree_without_the_lora_model(targets):
                            flax.traverse_util.flatten_dict(tree, is_leaf=lambda _, v: hasattr(
                                v, "names")).items()}
   assert describe(derived) == describe(built)
+
+
+def test_lora_on_bf16_compute_is_refused_with_the_reason():
+  from helpers import tiny_model_cfg
+  spec = lora_weights.LoraSpec(rank=2, alpha=4.0, dropout=0.0, targets=r".*/query")
+  assert lora.check(spec, tiny_model_cfg(vocab_size=97))   # float32: targets found
+  with pytest.raises(lora.LoraConfigError, match="needs config.model.dtype='float32'"):
+    lora.check(spec, tiny_model_cfg(vocab_size=97, dtype="bfloat16"))

@@ -47,6 +47,12 @@ def check(spec: LoraSpec, cfg: ModelConfig) -> list[str]:
     raise LoraConfigError(f"config.train.lora.alpha={spec.alpha} must be > 0")
   if not 0 <= spec.dropout < 1:
     raise LoraConfigError(f"config.train.lora.dropout={spec.dropout} must be in [0, 1)")
+  if cfg.dtype != "float32":
+    # qwix adds its adapter where it intercepts a dot_general; the bf16 projections run their
+    # dots inside a custom VJP (model/layers.py), where an adapter's params would leak tracers.
+    raise LoraConfigError(f"config.train.lora needs config.model.dtype='float32' (got "
+                          f"{cfg.dtype!r}): the bf16 projections' custom gradients hide their "
+                          "matmuls from qwix's LoRA")
   try:
     pattern = re.compile(spec.targets)
   except re.error as e:
