@@ -142,7 +142,6 @@ class InferenceServer(http.server.ThreadingHTTPServer):
                max_new: int | None, sizes: list[int], generate_max_new: int = 0,
                model_name: str = "legal-lm", request_timeout_s: float = 0.0,
                batching_mode: str = "static"):
-    super().__init__(address, http_handler.Handler)
     self.routes = _ROUTES
     self.loaded, self.max_new, self.sizes = loaded, max_new, sizes
     self.max_batch, self.max_chars = max_batch, max_chars
@@ -164,6 +163,13 @@ class InferenceServer(http.server.ThreadingHTTPServer):
       self.metrics.watch_engine(self.generator.engine.counters)
     self.openai = (openai_api.Context(loaded, model_name, generate_max_new, max_batch,
                                       max_chars) if generate_max_new else None)
+    # The port opens last: the engine compiles while it is built, and a client connecting
+    # meanwhile would wait in the backlog instead of being refused.
+    try:
+      super().__init__(address, http_handler.Handler)
+    except OSError:
+      self._close_engines()
+      raise
 
   def _queue_depth(self) -> int:
     return sum(b.depth() for b in (self.batcher, self.generator) if b is not None)
@@ -265,6 +271,9 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 
   def server_close(self):
     super().server_close()
+    self._close_engines()
+
+  def _close_engines(self):
     for batcher in (self.batcher, self.generator):
       if batcher is not None:
         batcher.close()
