@@ -261,6 +261,9 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     info["served"] = self.batcher.counts() if self.batcher else {}
     if self.generator is not None:
       info["generated"] = self.generator.counts()
+      info["batching"] = ("inflight" if isinstance(self.generator,
+                                                    inflight_generator.InflightGenerator)
+                          else "static")
     return info
 
   def handle_error(self, request, client_address):

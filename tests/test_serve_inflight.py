@@ -85,6 +85,7 @@ def test_concurrent_greedy_answers_equal_static_batching_and_generate(lm):
     answers = _concurrently(server.url)
     after = _metrics(server.url)
     counts = server.generator.counts()
+    assert _call(server.url + "/health")[1]["batching"] == "inflight"
   assert answers == static_answers == [(200, text) for text in expected]
   assert counts["inflight"]["requests"] == 2 * len(CASES) and counts["fallback_requests"] == 0
   # Occupancy: every request's tokens came from the engine, which is idle again.
