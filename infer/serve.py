@@ -44,8 +44,9 @@ to --max_batch texts, waiting at most --max_wait_ms after the oldest request for
 hands each request its own results: throughput grows with concurrency, and only that thread
 calls the model. Batches are padded to a power of two rows (at most --max_batch); those shapes,
 times the summarizer's prompt-length buckets, are compiled before the port opens, so no request
-waits for a compilation (for /generate: greedy at --generate_max_new; another max_new, sampling
-or decoding option compiles once, on first use, as do /summarize's decoding options).
+waits for a compilation (generation, --batching=inflight: the engine's shapes, any max_new;
+static: greedy at --generate_max_new. On the static path another max_new, sampling or decoding
+option compiles once, on first use, as do /summarize's decoding options).
 Summary requests are batched like the others; a batch runs one model call per distinct set
 of options. Every generating endpoint calls one engine method, InferenceServer.complete.
 --batching=static (infer/completions.py Generator) batches generation the same way: a batch
