@@ -118,7 +118,7 @@ def _decode(loaded, requests: list[Request], rows: int) -> np.ndarray:
   return np.pad(ids, ((0, 0), (0, max_new - ids.shape[1])), constant_values=tok.eos_id)
 
 
-def _finish(tok, row, stop: tuple) -> tuple[list[int], str, str]:
+def finish(tok, row, stop: tuple) -> tuple[list[int], str, str]:
   """(the generated ids that count, their text, finish reason) of one generated row."""
   ids = decode.strip(row, tok.eos_id)
   text, stopped = stream_text.cut_at_stop(tok.decode(ids), stop)
@@ -151,7 +151,7 @@ def run_batch(loaded, requests: list[Request], rows: int) -> list[Result]:
   tok, max_new = loaded.tokenizer, requests[0].max_new
   stop = dict(requests[0].options).get("stop", ())
   if max_new:
-    results = [Result(*_finish(tok, row, stop)) for row in _decode(loaded, requests, rows)]
+    results = [Result(*finish(tok, row, stop)) for row in _decode(loaded, requests, rows)]
   else:
     results = [Result([], "", "length") for _ in requests]
   if any(r.logprobs is not None for r in requests):

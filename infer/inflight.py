@@ -238,6 +238,7 @@ class InflightEngine:
     self._cond = threading.Condition()
     self._incoming: list[_Job] = []
     self._counts = dict(self._scheduler.counts)
+    self._occupied = self._queued = 0
     self._closed = False
     self._thread = threading.Thread(target=self._work, name="inflight", daemon=True)
     self._thread.start()
@@ -267,10 +268,13 @@ class InflightEngine:
 
   def counters(self) -> dict:
     """steps, chunks, prefills, tokens, requests (finished), occupied_slot_steps and
-    mean_occupied (slots decoding per step), as of the last chunk."""
+    mean_occupied (slots decoding per step), as of the last chunk; occupied (slots holding a
+    request) and queued (requests waiting for a slot) now, for an occupancy gauge."""
     with self._cond:
       counts = dict(self._counts)
-    return {**counts, "mean_occupied": mean_occupied(counts)}
+      queued = len(self._incoming) + self._queued
+    return {**counts, "mean_occupied": mean_occupied(counts), "occupied": self._occupied,
+            "queued": queued}
 
   def close(self):
     with self._cond:
@@ -296,9 +300,13 @@ class InflightEngine:
         logging.exception("the in-flight engine failed")
         for job in scheduler.fail_all():
           job.future.set_exception(e)
+        with self._cond:
+          self._occupied = self._queued = 0
         continue
       with self._cond:
         self._counts = dict(scheduler.counts)
+        self._occupied = sum(j is not None for j in scheduler.jobs)
+        self._queued = len(scheduler.queue)
       for job, result in finished:
         job.future.set_result(result)
 

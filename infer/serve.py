@@ -44,15 +44,22 @@ to --max_batch texts, waiting at most --max_wait_ms after the oldest request for
 hands each request its own results: throughput grows with concurrency, and only that thread
 calls the model. Batches are padded to a power of two rows (at most --max_batch); those shapes,
 times the summarizer's prompt-length buckets, are compiled before the port opens, so no request
-waits for a compilation (for /generate: greedy at --generate_max_new; another max_new, sampling
-or decoding option compiles once, on first use, as do /summarize's decoding options).
-Generation and summary requests are batched like the others; a batch runs one model call per
-distinct set of options. Every generating endpoint calls one engine method,
-InferenceServer.complete (infer/completions.py Generator), so another batching engine can
-take its place.
+waits for a compilation (generation, --batching=inflight: the engine's shapes, any max_new;
+static: greedy at --generate_max_new. On the static path another max_new, sampling or decoding
+option compiles once, on first use, as do /summarize's decoding options).
+Summary requests are batched like the others; a batch runs one model call per distinct set
+of options. Every generating endpoint calls one engine method, InferenceServer.complete.
+--batching=static (infer/completions.py Generator) batches generation the same way: a batch
+runs until its longest member ends. --batching=inflight (the default; infer/inflight_generator.py)
+sends greedy requests to a continuous-batching engine of --max_batch slots: a request joins the
+running decode batch at the next chunk boundary and leaves it when it ends, so short requests
+do not wait for long ones; beam search, no-repeat n-grams, repetition penalty, sampling,
+logprobs / echo and streams take the static path (/metrics: legal_lm_engine_* gauges and
+counters show the engine's occupancy).
 
 SIGTERM or SIGINT: the listening socket closes at once (new connections are refused), requests
-in flight finish within --drain_s seconds, then the process exits 0.
+in flight finish within --drain_s seconds (the in-flight engine finishes what it holds), then
+the process exits 0.
 """
 import collections
 import contextlib
@@ -71,6 +78,7 @@ from infer import batching
 from infer import completions
 from infer import decode
 from infer import http_handler
+from infer import inflight_generator
 from infer import inputs as inputs_lib
 from infer import openai_api
 from infer import openai_routes
@@ -133,8 +141,8 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 
   def __init__(self, address, loaded, *, max_batch: int, max_wait_ms: float, max_chars: int,
                max_new: int | None, sizes: list[int], generate_max_new: int = 0,
-               model_name: str = "legal-lm", request_timeout_s: float = 0.0):
-    super().__init__(address, http_handler.Handler)
+               model_name: str = "legal-lm", request_timeout_s: float = 0.0,
+               batching_mode: str = "static"):
     self.routes = _ROUTES
     self.loaded, self.max_new, self.sizes = loaded, max_new, sizes
     self.max_batch, self.max_chars = max_batch, max_chars
@@ -149,10 +157,20 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     observe = self.metrics.batch_size.observe
     self.batcher = (batching.Batcher(self._predict, max_batch, max_wait_ms / 1e3, observe)
                     if loaded.kind in ("classify", "summarize") else None)
-    self.generator = (completions.Generator(loaded, sizes, max_wait_ms / 1e3, observe)
-                      if generate_max_new else None)
+    self.generator = (inflight_generator.make_generator(
+        loaded, sizes, max_wait_ms / 1e3, observe, batching_mode=batching_mode,
+        slots=max_batch) if generate_max_new else None)
+    if isinstance(self.generator, inflight_generator.InflightGenerator):
+      self.metrics.watch_engine(self.generator.engine.counters)
     self.openai = (openai_api.Context(loaded, model_name, generate_max_new, max_batch,
                                       max_chars) if generate_max_new else None)
+    # The port opens last: the engine compiles while it is built, and a client connecting
+    # meanwhile would wait in the backlog instead of being refused.
+    try:
+      super().__init__(address, http_handler.Handler)
+    except OSError:
+      self._close_engines()
+      raise
 
   def _queue_depth(self) -> int:
     return sum(b.depth() for b in (self.batcher, self.generator) if b is not None)
@@ -244,6 +262,9 @@ class InferenceServer(http.server.ThreadingHTTPServer):
     info["served"] = self.batcher.counts() if self.batcher else {}
     if self.generator is not None:
       info["generated"] = self.generator.counts()
+      info["batching"] = ("inflight" if isinstance(self.generator,
+                                                    inflight_generator.InflightGenerator)
+                          else "static")
     return info
 
   def handle_error(self, request, client_address):
@@ -254,6 +275,9 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 
   def server_close(self):
     super().server_close()
+    self._close_engines()
+
+  def _close_engines(self):
     for batcher in (self.batcher, self.generator):
       if batcher is not None:
         batcher.close()
@@ -262,13 +286,17 @@ class InferenceServer(http.server.ThreadingHTTPServer):
 def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
                 max_wait_ms: float = 5.0, max_chars: int = 20_000,
                 max_new: int | None = None, generate_max_new: int | None = None,
-                model_name: str = "legal-lm",
-                request_timeout_s: float = 0.0) -> InferenceServer:
+                model_name: str = "legal-lm", request_timeout_s: float = 0.0,
+                batching_mode: str = "static") -> InferenceServer:
   """A ready server for `loaded` (an infer.loading.LoadedModel): shapes compiled, port bound
   (port 0: a free one, see .url). Run it with serve_forever(); stop it with shutdown() from
   another thread, then server_close(). /generate and /v1 (model id `model_name`) are served by
   every model with a language-model head (generate_max_new: default min(64, data.seq_len / 2),
-  at most data.seq_len - 2). request_timeout_s > 0: a request taking longer gets a 504."""
+  at most data.seq_len - 2). request_timeout_s > 0: a request taking longer gets a 504.
+  batching_mode: how generation is batched, "static" or "inflight" (infer/inflight_generator.py;
+  the command's default)."""
+  if batching_mode not in ("static", "inflight"):
+    raise inputs_lib.InputError(f"--batching={batching_mode}: expected inflight or static")
   if generate_max_new is None:
     generate_max_new = min(64, loaded.config.data.seq_len // 2)
   if loaded.kind == "classify" or not hasattr(loaded, "generate"):
@@ -285,14 +313,17 @@ def make_server(loaded, host: str = "127.0.0.1", port: int = 8000, *, max_batch:
   t0 = time.perf_counter()
   logging.info("compiling the model for batches of %s texts", sizes)
   count = loaded.warm_up(sizes, max_new) if loaded.kind != "pretrain" else 0
-  if generate_max_new:
+  # In flight, the engine compiles its own shapes (InflightGenerator); its static fallback
+  # (beam, sampling, logprobs, streams) compiles on first use, as decoding options do.
+  if generate_max_new and batching_mode == "static":
     count += warm_up_generate(loaded, sizes, generate_max_new)
   logging.info("compiled %d shapes in %.1fs", count, time.perf_counter() - t0)
   try:
     return InferenceServer((host, port), loaded, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_chars=max_chars, max_new=max_new, sizes=sizes,
                            generate_max_new=generate_max_new, model_name=model_name,
-                           request_timeout_s=request_timeout_s)
+                           request_timeout_s=request_timeout_s,
+                           batching_mode=batching_mode)
   except OSError as e:
     raise inputs_lib.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -331,7 +362,7 @@ def main(argv):
   server = make_server(loaded, f.host, f.port, max_batch=f.max_batch,
                        max_wait_ms=f.max_wait_ms, max_chars=f.max_chars, max_new=max_new,
                        generate_max_new=f.generate_max_new, model_name=name,
-                       request_timeout_s=f.request_timeout_s)
+                       request_timeout_s=f.request_timeout_s, batching_mode=f.batching)
   _stop_on_signals(server)
   logging.info("ready: %s model (step %d, %d params) at %s", loaded.kind, loaded.step,
                server.num_params, server.url)
@@ -361,6 +392,11 @@ if __name__ == "__main__":
                       "--workdir folder's name).")
   flags.DEFINE_float("request_timeout_s", 0.0, "A request queued and running longer gets a "
                      "504 (0: no limit).", lower_bound=0.0)
+  flags.DEFINE_enum("batching", "inflight", ["inflight", "static"], "How generation requests "
+                    "are batched: inflight (they join the running decode batch and leave it "
+                    "when done; beam, no-repeat n-grams, repetition penalty, sampling, logprobs "
+                    "and streams take the static path) or static (a batch runs until its "
+                    "longest member ends). Classifier and summarizer batching is static.")
   flags.DEFINE_float("drain_s", 30.0, "On SIGTERM / SIGINT: how long requests in flight may "
                      "take to finish before the process exits.", lower_bound=0.0)
   app.run(errors.exit_on_user_error(main))

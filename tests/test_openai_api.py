@@ -337,6 +337,7 @@ def test_sigterm_drains_the_request_in_flight_and_refuses_new_ones(lm_dir):
   # A request waits up to --max_wait_ms for company: a slow request with no compilation race.
   proc = subprocess.Popen([sys.executable, "-m", "infer.serve", f"--workdir={lm_dir}",
                            f"--port={port}", "--max_batch=2", "--max_wait_ms=2500",
+                           "--batching=static",    # the static queue (in flight: test_serve_inflight)
                            f"--generate_max_new={MAX_NEW}", "--drain_s=30"], cwd=REPO,
                           stderr=subprocess.PIPE, text=True)
   url, answers = f"http://127.0.0.1:{port}", {}
