@@ -26,7 +26,6 @@ tokens/s counts requested tokens only; "wall ms / step" is wall time over decode
 (prefills, host syncs and idle waits included); "busy rows" is requested tokens per decode step
 (the engine's first token of a request comes from its prefill, not a decode step).
 """
-import subprocess
 import time
 
 import flax.linen as nn
@@ -36,6 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import legal_pretrain
+from bench.load_test import cpu_name
 from infer import decode, inflight
 from model import log_setup
 from model.config import ModelConfig
@@ -136,15 +136,6 @@ def row(name: str, timed: dict, tokens: int) -> str:
   return (f"| {name} | {tokens / timed['wall']:,.0f} | {p50:.2f} | {p99:.2f} | "
           f"{timed['wall']:.2f} | {timed['steps']} | {1e3 * timed['wall'] / timed['steps']:.1f} "
           f"| {busy:.2f} |")
-
-
-def cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-               if line.startswith("Model name")), "unknown")
 
 
 def scenario(model, params, requests, gap_ms: float, max_batch: int, repeats: int) -> list:

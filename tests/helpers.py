@@ -321,3 +321,17 @@ def random_weights(loaded, seed: int = 3):
   """`loaded` (a LoadedModel) with seeded random params: outputs that differ per prompt."""
   params = numpy_params(loaded.model, np.zeros((1, 8), np.int32), seed=seed)
   return dataclasses.replace(loaded, params=jax.device_put(params, jax.devices()[0]))
+
+
+def wait_for_health(url: str, proc, seconds: float = 60.0):
+  """Polls `url`/health until the server subprocess `proc` answers 200; fails the test with its
+  stderr if it exits first, or after `seconds` (imports, loading and warm-up)."""
+  import pytest
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    with contextlib.suppress(OSError):
+      if call(url + "/health")[0] == 200:
+        return
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    time.sleep(0.1)
+  pytest.fail(f"the server did not answer /health within {seconds:.0f} s")

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from bench import load_test
-from configs import legal_pretrain
-from helpers import _sentiment_config
+from helpers import _sentiment_config, train_tiny_lm
 from train import run as run_lib
 
 pytestmark = pytest.mark.usefixtures("one_device")   # in-process runs on 1 of the 8 fake devices
@@ -31,15 +30,7 @@ def classifier_dir(sentiment_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm_dir(sentiment_files, tmp_path_factory):
-  root = tmp_path_factory.mktemp("lm")
-  config = legal_pretrain.get_config("tiny")
-  config.data.update(use_licensedcode=False, extra_dirs=(str(sentiment_files),), vocab_size=512,
-                     data_dir=str(root / "cache"), seq_len=64, batch_size=8, max_docs=-1)
-  config.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,
-                      mlp_dim=64)
-  config.train.update(num_steps=2, eval_every=2, checkpoint_every=2)
-  run_lib.train(config, str(root / "run"))
-  return str(root / "run")
+  return train_tiny_lm(tmp_path_factory.mktemp("lm"), sentiment_files, 64, steps=2)
 
 
 def test_the_load_tool_refuses_other_hosts():

@@ -6,7 +6,6 @@ One tiny LM is pre-trained for a few steps (a real run: checkpoint, config, toke
 served copy gets random weights, so that generated texts vary and equal texts mean something
 (as tests/test_generate.py does). Every answer is compared with the project's own generation
 (LoadedModel.generate) or a direct forward pass of the model."""
-import contextlib
 import dataclasses
 import functools
 import json
@@ -23,7 +22,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from helpers import REPO, random_weights, train_tiny_lm
+from helpers import REPO, random_weights, train_tiny_lm, wait_for_health
 from helpers import call as _call, serving as _serving
 from infer import decode, loading, openai_api
 from infer.request_parsing import RequestError
@@ -337,19 +336,13 @@ def test_sigterm_drains_the_request_in_flight_and_refuses_new_ones(lm_dir):
   # A request waits up to --max_wait_ms for company: a slow request with no compilation race.
   proc = subprocess.Popen([sys.executable, "-m", "infer.serve", f"--workdir={lm_dir}",
                            f"--port={port}", "--max_batch=2", "--max_wait_ms=2500",
-                           "--batching=static",    # the static queue (in flight: test_serve_inflight)
+                           "--batching=static",   # the static queue (the engine's drain:
+                                                  # test_serve_inflight)
                            f"--generate_max_new={MAX_NEW}", "--drain_s=30"], cwd=REPO,
                           stderr=subprocess.PIPE, text=True)
   url, answers = f"http://127.0.0.1:{port}", {}
   try:
-    for _ in range(600):     # up to a minute for imports, loading and warm-up
-      with contextlib.suppress(OSError):
-        if _call(url + "/health")[0] == 200:
-          break
-      assert proc.poll() is None, proc.stderr.read()[-2000:]
-      threading.Event().wait(0.1)
-    else:
-      pytest.fail("the server did not answer /health within a minute")
+    wait_for_health(url, proc)
     name = os.path.basename(lm_dir)
     request = threading.Thread(target=lambda: answers.update(slow=_call(
         url + "/v1/completions", {"model": name, "prompt": PROMPTS[0], "max_tokens": 8})))

@@ -25,6 +25,7 @@ import pytest
 
 from configs import legal_summ_finetune
 from helpers import REPO, _sentiment_config, _summary_file, numpy_params
+from helpers import wait_for_health
 from helpers import call as _call, serving as _serving
 from infer import batching, decode, inputs, loading
 from infer import main as batch_lib
@@ -402,14 +403,7 @@ def test_serve_command_answers_then_stops_cleanly_on_sigterm(classifier_dir, cla
                           stderr=subprocess.PIPE, text=True)
   url = f"http://127.0.0.1:{port}"
   try:
-    for _ in range(600):     # up to a minute for imports, loading and warm-up
-      with contextlib.suppress(OSError):
-        if _call(url + "/health")[0] == 200:
-          break
-      assert proc.poll() is None, proc.stderr.read()[-2000:]
-      threading.Event().wait(0.1)
-    else:
-      pytest.fail("the server did not answer /health within a minute")
+    wait_for_health(url, proc)
     status, answer = _call(url + "/classify", {"text": TEXTS[0]})
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)

@@ -22,9 +22,6 @@ import jax.numpy as jnp
 from model.attention import causal_blocks, flash, masks
 
 
-KERNELS = ("cudnn", "flash", "causal_blocks", "xla")
-
-
 def _causal_self(spec: masks.MaskSpec, mi: masks.MaskInputs, q_len: int, kv_len: int) -> bool:
   """A causal self-attention mask (plain or packed rows), no prefix, window or global tokens."""
   return spec == masks.MaskSpec(causal=True) and mi.prefix_len is None and q_len == kv_len
@@ -32,7 +29,8 @@ def _causal_self(spec: masks.MaskSpec, mi: masks.MaskInputs, q_len: int, kv_len:
 
 def choose(implementation: str, dtype, spec: masks.MaskSpec, mi: masks.MaskInputs, q_len: int,
            kv_len: int, block_size: int = 128, backend: str | None = None) -> str:
-  """Which of KERNELS `attend` runs (on `backend`, default this process's)."""
+  """The kernel `attend` runs - "cudnn", "flash", "causal_blocks" or "xla" - on `backend`
+  (default: this process's)."""
   if implementation in ("cudnn", "xla"):
     return implementation
   backend = backend or jax.default_backend()
