@@ -5,8 +5,8 @@ device mesh). Parameters are stored in float32; `dtype` is the compute dtype the
 
 With a bfloat16 compute dtype (the accelerator presets) the layers also choose what the
 backward pass keeps: a norm keeps only its bf16 input (its float32 intermediates are
-recomputed), and a gated MLP keeps only its gate and up projections (the activation and their
-product are recomputed) - elementwise work traded for most of the activation memory of a step
+recomputed), and the MLP keeps only its up (and gate) projections (the activation and its
+output are recomputed) - elementwise work traded for most of the activation memory of a step
 without remat (docs/results/gpu.md, "Memory"). Float32 runs (the small CPU presets) keep what
 autodiff keeps.
 """
