@@ -109,6 +109,7 @@ def _mesh() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.data = -1
   m.fsdp = 1
+  m.context = 1     # > 1: the sequence is split over this many devices (context parallelism)
   m.tensor = 1
   return m
 

@@ -269,7 +269,8 @@ def main(argv):
   f = flags.FLAGS
   run = loading.open_run(f.workdir, prefer_best=True)
   mesh_cfg = run.config.mesh.copy_and_resolve_references()
-  mesh_cfg.update(data=-1, fsdp=1, tensor=1)   # inference: every device on the batch axis
+  # inference: every device on the batch axis (decoding does not split the sequence)
+  mesh_cfg.update(data=-1, fsdp=1, context=1, tensor=1)
   loaded = loading.LoadedModel.from_run(run, mesh=sharding_lib.make_mesh(mesh_cfg))
   lm = HarnessLM(loaded, batch_size=f.batch_size, max_length=f.max_length or None,
                  max_gen_toks=f.max_gen_toks)

@@ -1,9 +1,12 @@
-"""Device mesh (data / fsdp / tensor) and the logical-axis rules that map names onto it.
+"""Device mesh (data / fsdp / context / tensor) and the logical-axis rules that map names onto it.
 
 Parameters name their axes ("embed", "mlp", "heads", ...); activations use "activation_*" names.
 The rules below decide placement in one place: FSDP shards parameters (and with them the
 optimizer state) along "embed"; tensor parallelism splits heads, MLP and vocabulary; the batch
-is split over data x fsdp.
+is split over data x fsdp; context parallelism splits the sequence of every activation
+(model/attention/context_parallel.py does the attention across it). Input batches stay
+replicated over context: token ids are 4 bytes a token against d_model activations, and the
+first activation constraint slices each device's part locally, with no communication.
 """
 import math
 
@@ -12,7 +15,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# tensor innermost (nearest devices: it communicates every layer), context next (its ring
+# passes keys/values between neighbours).
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+# Axes a config may leave out (configs and saved runs from before the axis existed): size 1.
+_OPTIONAL_AXES = {"context": 1}
 
 LOGICAL_RULES = (
     # parameters
@@ -30,7 +37,7 @@ LOGICAL_RULES = (
     ("layers", None),     # the stacked-blocks axis of model.scan_layers
     # activations
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
     ("activation_heads", "tensor"),
@@ -40,7 +47,8 @@ LOGICAL_RULES = (
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Axis sizes from config; one axis may be -1 (all remaining devices)."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  sizes = [int(mesh_cfg[a] if a in mesh_cfg or a not in _OPTIONAL_AXES else _OPTIONAL_AXES[a])
+           for a in MESH_AXES]
   wild = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(wild) > 1:
     raise ValueError(f"config.mesh: only one axis may be -1, got {wild}")

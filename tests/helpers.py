@@ -60,9 +60,10 @@ def numpy_params(model, tokens, seed: int = 0):
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def mesh_from(devices, shape) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh of exactly `devices`, in order."""
-  return Mesh(np.asarray(devices).reshape(shape), sharding_lib.MESH_AXES)
+def mesh_from(devices, shape, context: int = 1) -> Mesh:
+  """A mesh of exactly `devices`, in order: `shape` = (data, fsdp, tensor) sizes."""
+  data, fsdp, tensor = shape
+  return Mesh(np.asarray(devices).reshape(data, fsdp, context, tensor), sharding_lib.MESH_AXES)
 
 
 def optim_cfg(**overrides):

@@ -126,10 +126,10 @@ def _assert_updates_close(new, old, ref_new, ref_old):
 # ---------------------------------------------------------------------------------------------
 
 def test_mesh_shape_fills_the_wildcard_axis():
-  assert sharding_lib.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1)
-  assert sharding_lib.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
-  assert sharding_lib.mesh_shape({"data": 1, "fsdp": 4, "tensor": -1}, 8) == (1, 4, 2)
-  assert sharding_lib.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+  assert sharding_lib.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1, 1)
+  assert sharding_lib.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 1, 2)
+  assert sharding_lib.mesh_shape({"data": 1, "fsdp": 4, "tensor": -1}, 8) == (1, 4, 1, 2)
+  assert sharding_lib.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 2)
 
 
 def test_mesh_shape_mismatch_names_device_count():

@@ -34,7 +34,7 @@ from model.attention import flash, masks
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def _split(x, block: int, fill=0):
+def split_blocks(x, block: int, fill=0):
   """[B, N, ...] -> [N / block, B, block, ...], padding N up to a multiple of block."""
   n = x.shape[1]
   pad = -n % block
@@ -43,7 +43,7 @@ def _split(x, block: int, fill=0):
   return jnp.moveaxis(x, 1, 0)
 
 
-def _fold_key_block(carry, qi, kj, vj, ok, scale):
+def fold_key_block(carry, qi, kj, vj, ok, scale):
   """One key block folded into a query block's running state (row max m, row sum l,
   unnormalised output acc): the online softmax; `ok` [B, bq, bk] marks the pairs allowed."""
   m, l, acc = carry
@@ -77,15 +77,15 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
   scale = d ** -0.5
 
   # Head-major blocks: every product below is a plain batched matmul.
-  qs = _split(q.reshape(b, t, kv_heads, groups, d), bq).transpose(0, 1, 3, 4, 2, 5)  # nq,B,K,G,bq,D
-  ks = _split(k, bk).transpose(0, 1, 3, 2, 4)                                         # nk,B,K,bk,D
-  vs = _split(v, bk).transpose(0, 1, 3, 2, 4)
+  qs = split_blocks(q.reshape(b, t, kv_heads, groups, d), bq).transpose(0, 1, 3, 4, 2, 5)  # nq,B,K,G,bq,D
+  ks = split_blocks(k, bk).transpose(0, 1, 3, 2, 4)                                         # nk,B,K,bk,D
+  vs = split_blocks(v, bk).transpose(0, 1, 3, 2, 4)
   # Padding rows/keys are marked invalid rather than given sentinel positions, so `allowed`
   # never has to know about them.
-  q_meta = (_split(q_pos, bq), _split(jnp.ones((b, t), bool), bq, False),
-            None if mi.q_seg is None else _split(mi.q_seg, bq))
-  kv_meta = (_split(kv_pos, bk), _split(jnp.ones((b, s), bool), bk, False),
-             None if mi.kv_seg is None else _split(mi.kv_seg, bk))
+  q_meta = (split_blocks(q_pos, bq), split_blocks(jnp.ones((b, t), bool), bq, False),
+            None if mi.q_seg is None else split_blocks(mi.q_seg, bq))
+  kv_meta = (split_blocks(kv_pos, bk), split_blocks(jnp.ones((b, s), bool), bk, False),
+             None if mi.kv_seg is None else split_blocks(mi.kv_seg, bk))
 
   def query_block(xs):
     qi, (qp, qvalid, qseg) = xs
@@ -95,7 +95,7 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
       ok = (masks.allowed(spec, qp, kp, qseg, kseg, mi.prefix_len)
             & qvalid[:, :, None] & kvalid[:, None, :])                  # [B, bq, bk]
 
-      compute = lambda c: _fold_key_block(c, qi, kj, vj, ok, scale)
+      compute = lambda c: fold_key_block(c, qi, kj, vj, ok, scale)
       return lax.cond(ok.any(), compute, lambda c: c, carry), None
 
     init = (jnp.full((b, kv_heads, groups, bq), _NEG), jnp.zeros((b, kv_heads, groups, bq)),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from model.attention import masks
 
 
-def _check_supported(spec: masks.MaskSpec, mi: masks.MaskInputs, t: int, s: int):
+def check_supported(spec: masks.MaskSpec, mi: masks.MaskInputs, t: int, s: int):
   if spec.window is None or not spec.causal:
     raise ValueError(f"local attention needs a causal MaskSpec with a window; got {spec}")
   if mi.prefix_len is not None:
@@ -69,7 +69,7 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
   """q [B, T, H, D], k/v [B, T, K, D] (GQA when K < H) -> [B, T, H, D]; softmax in float32."""
   mi = mask_inputs
   b, t, h, d = q.shape
-  _check_supported(spec, mi, t, k.shape[1])
+  check_supported(spec, mi, t, k.shape[1])
   if _use_cudnn(implementation, q.dtype, spec, mi):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
                                         local_window_size=(spec.window - 1, 0))
