@@ -4,7 +4,11 @@ Config switches (model/config.py) cover the imported families (train/hf/convert.
 LayerNorm, pre- or post-norm, projection biases, scaled RoPE or learned positions, embedding
 scale, logit soft-cap, causal or bidirectional; for the encoders (BERT, RoBERTa, DistilBERT)
 token-type embeddings, an embedding norm, a position offset, [CLS] pooling, BERT's pooler and
-a classifier hidden layer. The defaults are the original decoder."""
+a classifier hidden layer. The defaults are the original decoder.
+
+With config.mesh.context > 1 the sequence is split over devices: the embeddings, positions and
+segment ids are put in the context-parallel layout once, attention runs
+model/attention/context_parallel.py, and the layout is undone after the last block."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,10 +16,27 @@ import jax.numpy as jnp
 from model import attention as attention_lib
 from model import layers
 from model import positions as positions_lib
-from model.attention import masks
+from model.attention import context_parallel, masks
 from model.config import ModelConfig
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+def mask_spec(c: ModelConfig) -> masks.MaskSpec:
+  window = c.attention_window if c.attention_kind == "local" else None
+  return masks.MaskSpec(causal=c.causal, window=window, num_global=c.attention_num_global)
+
+
+def context_parallelism(module: nn.Module, cache_mode) -> int:
+  """The number of devices the sequence is split over where `module` runs (1: not split).
+  Initialisation only needs shapes and runs unsplit, as does a batch with no mesh around it."""
+  context = context_parallel.context_size()
+  if context == 1 or module.is_initializing():
+    return 1
+  if cache_mode is not None:
+    raise ValueError(f"decoding runs with config.mesh.context=1 (got a mesh with context "
+                     f"{context}); rebuild the mesh for inference")
+  return context
 
 
 class MultiHeadAttention(nn.Module):
@@ -45,10 +66,14 @@ class MultiHeadAttention(nn.Module):
       k = positions_lib.rope(k, rope_positions, c.rope_theta, scaling)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
                                        None))
-    window = c.attention_window if c.attention_kind == "local" else None
-    spec = masks.MaskSpec(causal=c.causal, window=window, num_global=c.attention_num_global)
+    spec = mask_spec(c)
+    window = spec.window
     if cache_mode == "step":
       out = self._decode_step(q, k, v, rope_positions, spec)
+    elif context_parallelism(self, cache_mode) > 1:
+      # Any kind: the ring's blocks already skip what the mask hides (the module docstring).
+      out = context_parallel.attend(q, k, v, spec=spec, mask_inputs=mask_inputs,
+                                    block_size=c.attention_block_size)
     else:
       if cache_mode == "prefill":
         self._fill_cache(k, v, mask_inputs, window)
@@ -245,9 +270,17 @@ class Transformer(nn.Module):
       x = x + self.type_embed.embedding[0].astype(x.dtype)
     if c.embed_norm:
       x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
+    context = context_parallelism(self, cache_mode)
+    zigzag = context_parallel.uses_zigzag(mask_spec(c))
+    attn_pos, attn_seg = positions, segment_ids
+    if context > 1:
+      context_parallel.check_length(t, context, zigzag)
+      layout = lambda a: None if a is None else context_parallel.to_layout(a, context, zigzag)
+      x, pos, attn_seg = layout(x), layout(pos), layout(segment_ids)
+      attn_pos = pos
     x = nn.with_logical_constraint(x, _ACT)
-    mask_inputs = masks.MaskInputs(q_pos=positions, kv_pos=positions, q_seg=segment_ids,
-                                   kv_seg=segment_ids, prefix_len=prefix_len)
+    mask_inputs = masks.MaskInputs(q_pos=attn_pos, kv_pos=attn_pos, q_seg=attn_seg,
+                                   kv_seg=attn_seg, prefix_len=prefix_len)
     if cache_mode == "step":   # one token per row at `positions`; the cache holds the rest
       mask_inputs = None
     if c.scan_layers:
@@ -255,6 +288,8 @@ class Transformer(nn.Module):
     else:
       for block in self.blocks:
         x = block(x, mask_inputs, pos, deterministic, cache_mode)
+    if context > 1:
+      x = nn.with_logical_constraint(context_parallel.from_layout(x, context, zigzag), _ACT)
     if c.norm_placement == "pre":
       x = self.final_norm(x)
     if c.pooler != "none" and not c.num_classes and self.is_initializing():

@@ -198,15 +198,15 @@ def checkpoint_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-def start_and_interrupt(args, workdir, sig, ready=None, poll=0.02):
-  """Starts a run, sends `sig` once `ready()` holds (default: the step-2 * CKPT_EVERY checkpoint
-  is complete); returns (exit code, stderr)."""
+def start_and_interrupt(args, workdir, sig, ready=None, poll=0.02, devices=1):
+  """Starts a run on `devices` fake CPU devices, sends `sig` once `ready()` holds (default: the
+  step-2 * CKPT_EVERY checkpoint is complete); returns (exit code, stderr)."""
   if ready is None:
     ready = lambda: 2 * CKPT_EVERY in checkpoint_steps(workdir)  # noqa: E731
   log = os.path.join(workdir, "interrupted.log")   # a file, not a pipe: a full pipe blocks
   with open(log, "w") as err:
-    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=REPO,
+                            env=env(devices), stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     while not ready():
       assert proc.poll() is None, f"run ended before it could be interrupted: {open(log).read()}"

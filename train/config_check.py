@@ -73,10 +73,23 @@ def _size_checks(config, mesh: dict, process_count: int) -> list:
       (0 <= d.validation_fraction < 1,
        f"config.data.validation_fraction={d.validation_fraction} must be in [0, 1)"),
       (t.num_steps >= 1, f"config.train.num_steps={t.num_steps} must be >= 1"),
+      _context_check(config, mesh["context"]),
   ]
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     checks.append((t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1"))
   return checks
+
+
+def _context_check(config, context: int) -> tuple:
+  """Each of the `context` devices holds an equal part of the sequence; causal attention
+  without a window cuts it into 2 x context chunks (model/attention/context_parallel.py)."""
+  seq_len = config.data.seq_len
+  zigzag = config.model.causal and config.model.attention.kind != "local"
+  parts = 2 * context if zigzag else context
+  return (context == 1 or seq_len % parts == 0,
+          f"config.data.seq_len={seq_len} must be divisible by "
+          f"{'2 x ' if zigzag else ''}config.mesh.context={context} = {parts}"
+          f"{' (the zig-zag layout of causal attention)' if zigzag else ''}")
 
 
 def _setting_checks(config) -> list:
