@@ -8,6 +8,7 @@ zig-zag layout balances the visible (query block, key block) pairs over the devi
 ring stops at the shards the window reaches. Training with context 2 follows the unsplit run's
 losses and resumes bit-identically (slow).
 """
+import re
 import signal
 
 import chex
@@ -20,10 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import (F32_ATOL, F32_RTOL, base_args, checkpoint_steps, lm_batch, losses, mesh_from,
                      numpy_params, run_main, start_and_interrupt, tiny_model_cfg)
+from configs import common
 from model import sharding as sharding_lib
 from model.attention import context_parallel as cp
 from model.attention import masks, reference
 from model.transformer import Transformer
+from train import config_check
 
 B, T, H, D, BLOCK = 2, 32, 4, 8, 4
 
@@ -252,3 +255,17 @@ def test_context2_run_resumes_bit_identical(corpus, data_dir, tmp_path, context_
   assert f"resumed from step {interrupted_at}" in result.stderr
   assert losses(tmp_path) == losses(context_run)
   assert losses(tmp_path, "validation") == losses(context_run, "validation")
+
+
+@pytest.mark.parametrize("kind,seq_len,expected", [
+    ("full", 36, "config.data.seq_len=36 must be divisible by 2 x config.mesh.context=4 = 8"),
+    ("local", 38, "config.data.seq_len=38 must be divisible by config.mesh.context=4 = 4")])
+def test_config_check_names_seq_len_and_context(kind, seq_len, expected):
+  config = common.base_config()
+  config.mesh.update(data=1, fsdp=1, context=4, tensor=1)
+  config.model.attention.kind = kind
+  config.data.seq_len = seq_len
+  with pytest.raises(config_check.ConfigError, match=re.escape(expected)):
+    config_check.validate(config, num_devices=4, process_count=1)
+  config.data.seq_len = 64
+  config_check.validate(config, num_devices=4, process_count=1)

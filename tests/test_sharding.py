@@ -148,7 +148,7 @@ def test_mesh_shape_rejects_two_wildcards_and_zero():
 
 def test_make_mesh_uses_all_devices_with_axis_names():
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
@@ -262,7 +262,7 @@ def test_aot_report_tiny_on_8_devices(capsys):
   config = legal_pretrain.get_config("tiny")
   config.mesh.update(data=2, fsdp=2, tensor=2)
   out = aot.report(config)
-  assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert out["mesh"] == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
   assert out["devices"] == 8
 
   model_cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
