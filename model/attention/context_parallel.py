@@ -10,12 +10,11 @@ devices gives the exact result: full (causal and bidirectional), blocked, local 
 global tokens), packed rows, prefix-LM and GQA/MQA.
 
 Two methods, chosen per call by `choose`:
-- ring (default): each device keeps its queries and running online-softmax state (row max,
-  row sum, unnormalised output; float32) and the key/value shards go round the ring with
-  `lax.ppermute`, C steps; the next shard is sent before the current one is folded in, so the
-  transfer overlaps the compute, and no device holds more than two K/V shards in the forward
-  pass. Within a step, queries and keys are cut into blocks and a (query block, key block) pair
-  the mask hides is skipped under `lax.cond`, as in blocked.py. A sliding window (`local`)
+- ring (default, ring.py): each device keeps its queries and running online-softmax state
+  and the key/value shards go round the ring with `lax.ppermute`, C steps, each transfer
+  overlapping the previous shard's compute; hidden (query block, key block) pairs are skipped.
+  A hand-written backward passes dK/dV round the ring with the shards, so forward and backward
+  hold O(T/C) per device (two K/V shards at a time). A sliding window (`local`)
   needs only the shards within the window behind a device's own: the ring stops after
   1 + ceil((window - 1) / (T/C)) steps (2 when the window fits in a shard: a halo exchange
   with the previous neighbour), unless global tokens make the first shard visible to all.
@@ -36,11 +35,7 @@ The model (model/transformer.py) applies the layout once, to the embeddings, pos
 segment ids, and undoes it once after the last block, so losses, pooling and the rest of the
 program see the natural order; RoPE and the masks read the carried positions.
 
-Memory: the forward holds O(T/C) per device. The backward is JAX's autodiff through the ring
-(ppermute transposes to the reverse ring), which saves each step's K/V shard and running state:
-O(T) K/V per device, as with all-gather. A hand-written ring backward (recompute from the
-log-sum-exp and pass dK/dV round the ring, as flash.py does on one device) would keep it at
-O(T/C); it is not implemented. Decoding (infer/) runs with context 1.
+Decoding (infer/) runs with context 1.
 """
 import math
 
@@ -49,11 +44,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from model.attention import blocked, local, masks
+from model.attention import blocked, local, masks, ring
 
 AXIS = "context"
 _BATCH_AXES = ("data", "fsdp")
-_NEG = jnp.finfo(jnp.float32).min
 
 
 def context_size() -> int:
@@ -115,57 +109,6 @@ def _block(length: int, block_size: int, zigzag: bool) -> int:
   return block_size if unit % block_size == 0 else unit
 
 
-def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, prefix_len, *, spec, steps, block_size,
-          zigzag):
-  """One device's part (local shapes): its queries against every K/V shard of the ring."""
-  b, tq, h, d = q.shape
-  kv_heads = k.shape[2]
-  groups = h // kv_heads
-  bq, bk = _block(tq, block_size, zigzag), _block(k.shape[1], block_size, zigzag)
-  scale = d ** -0.5
-  qs = blocked.split_blocks(q.reshape(b, tq, kv_heads, groups, d), bq).transpose(0, 1, 3, 4, 2, 5)
-  q_meta = (blocked.split_blocks(q_pos, bq),
-            None if q_seg is None else blocked.split_blocks(q_seg, bq))
-  nq = qs.shape[0]
-  state = (jnp.full((nq, b, kv_heads, groups, bq), _NEG),
-           jnp.zeros((nq, b, kv_heads, groups, bq)),
-           jnp.zeros((nq, b, kv_heads, groups, bq, d)))
-
-  def fold_shard(state, shard):
-    """Every (query block, key block) pair of this K/V shard folded into the running state."""
-    k, v, kv_pos, kv_seg = shard
-    ks = blocked.split_blocks(k, bk).transpose(0, 1, 3, 2, 4)     # nk, B, K, bk, D
-    vs = blocked.split_blocks(v, bk).transpose(0, 1, 3, 2, 4)
-    kv_meta = (blocked.split_blocks(kv_pos, bk),
-               None if kv_seg is None else blocked.split_blocks(kv_seg, bk))
-
-    def query_block(xs):
-      qi, (qp, qseg), carry = xs
-
-      def key_block(carry, ys):
-        kj, vj, (kp, kseg) = ys
-        ok = masks.allowed(spec, qp, kp, qseg, kseg, prefix_len)
-        compute = lambda c: blocked.fold_key_block(c, qi, kj, vj, ok, scale)
-        return lax.cond(ok.any(), compute, lambda c: c, carry), None
-      return lax.scan(jax.checkpoint(key_block), carry, (ks, vs, kv_meta))[0]
-    return lax.map(query_block, (qs, q_meta, state))
-
-  context = lax.axis_size(AXIS)
-  perm = [(j, (j + 1) % context) for j in range(context)]
-
-  def ring_step(carry, _):
-    state, shard = carry
-    # Sent before the fold that reads `shard`: nothing orders the two, so they overlap.
-    nxt = jax.tree.map(lambda x: lax.ppermute(x, AXIS, perm), shard)
-    return (fold_shard(state, shard), nxt), None
-
-  shard = (k, v, kv_pos, kv_seg)
-  (state, shard), _ = lax.scan(ring_step, (state, shard), length=steps - 1)
-  _, l, acc = fold_shard(state, shard)
-  out = acc / jnp.where(l == 0, 1.0, l)[..., None]                 # nq, B, K, G, bq, D
-  return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tq, h, d).astype(q.dtype)
-
-
 def _allgather(q, k, v, q_pos, kv_pos, q_seg, kv_seg, prefix_len, *, spec, block_size):
   gather = lambda x: None if x is None else lax.all_gather(x, AXIS, axis=1, tiled=True)
   mi = masks.MaskInputs(q_pos=q_pos, kv_pos=gather(kv_pos), q_seg=q_seg, kv_seg=gather(kv_seg),
@@ -209,8 +152,10 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
   in_specs = (x_spec, x_spec, x_spec, seq_spec, seq_spec, optional(mi.q_seg, seq_spec),
               optional(mi.kv_seg, seq_spec), optional(mi.prefix_len, P(rows)))
   if method == "ring":
-    body = lambda *a: _ring(*a, spec=spec, steps=ring_steps(spec, context, t // context),
-                            block_size=block_size, zigzag=uses_zigzag(spec))
+    zigzag, shard = uses_zigzag(spec), t // context
+    cfg = dict(axis=AXIS, steps=ring_steps(spec, context, shard), spec=spec,
+               block_q=_block(shard, block_size, zigzag), block_k=_block(shard, block_size, zigzag))
+    body = lambda q, k, v, *meta: ring.attend(q, k, v, meta, **cfg)
   else:
     body = lambda *a: _allgather(*a, spec=spec, block_size=block_size)
   # check_vma=False: the running state starts as constants and becomes device-varying, which
