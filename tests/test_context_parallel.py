@@ -115,8 +115,8 @@ def test_allgather_matches_reference_mqa(case):
 
 @pytest.mark.parametrize("mesh_name", ["context4_fsdp2", "context2_tensor2_fsdp2"])
 @pytest.mark.parametrize("case,kv_heads,method", [
-    ("packed", 2, "ring"), ("window_packed", 2, "ring"), ("bidirectional", 4, "ring"),
-    ("causal", 2, "allgather"), ("window_globals", 1, "auto")])
+    ("packed", 2, "ring"), ("prefix", 2, "ring"), ("window_packed", 2, "ring"),
+    ("bidirectional", 4, "ring"), ("causal", 2, "allgather"), ("window_globals", 1, "auto")])
 def test_mixed_meshes_match_reference(mesh_name, case, kv_heads, method):
   _check(mesh_name, case, kv_heads, method)
 

@@ -76,9 +76,10 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
   kv_pos = masks.default_positions(b, s) if mi.kv_pos is None else mi.kv_pos
   scale = d ** -0.5
 
-  # Head-major blocks: every product below is a plain batched matmul.
-  qs = split_blocks(q.reshape(b, t, kv_heads, groups, d), bq).transpose(0, 1, 3, 4, 2, 5)  # nq,B,K,G,bq,D
-  ks = split_blocks(k, bk).transpose(0, 1, 3, 2, 4)                                         # nk,B,K,bk,D
+  # Head-major blocks, qs [nq, B, K, G, bq, D] and ks/vs [nk, B, K, bk, D]: every product below
+  # is a plain batched matmul.
+  qs = split_blocks(q.reshape(b, t, kv_heads, groups, d), bq).transpose(0, 1, 3, 4, 2, 5)
+  ks = split_blocks(k, bk).transpose(0, 1, 3, 2, 4)
   vs = split_blocks(v, bk).transpose(0, 1, 3, 2, 4)
   # Padding rows/keys are marked invalid rather than given sentinel positions, so `allowed`
   # never has to know about them.

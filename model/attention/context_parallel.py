@@ -97,7 +97,8 @@ def choose(spec: masks.MaskSpec, heads: int, kv_heads: int, context: int) -> str
 
 
 def ring_steps(spec: masks.MaskSpec, context: int, shard: int) -> int:
-  """How many shards each device's queries must see: all, or those a window reaches back to."""
+  """How many shards each device's queries must see: all, or those a window reaches back to
+  (by index: within a document positions grow by at least one a token, as local.py assumes)."""
   if spec.window is None or spec.num_global:
     return context
   return min(context, 1 + math.ceil((spec.window - 1) / shard))
@@ -160,6 +161,7 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
     body = lambda *a: _allgather(*a, spec=spec, block_size=block_size)
   # check_vma=False: the running state starts as constants and becomes device-varying, which
   # the check would make every loop and cond spell out (with an API that differs across JAX
-  # versions); every input is split or identical on all devices, so no gradient needs a psum.
+  # versions). Inputs left unsplit (rows, heads) are computed identically on every device;
+  # the tests cover their gradients.
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=x_spec,
                        check_vma=False)(*args)
