@@ -34,9 +34,9 @@ def run_dir(corpus, data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(run_dir):
-  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
   loaded = loading.LoadedModel.from_workdir(run_dir, mesh=mesh)
-  # batch 3 rounds up to the 8 fake devices; bucket 16 gives several compiled widths
+  # batch 3 rounds up to the 2 devices; bucket 16 gives several compiled widths
   return harness.HarnessLM(loaded, batch_size=3, bucket=16)
 
 
