@@ -6,8 +6,9 @@ A slice name is `<generation>-<N>` as Cloud TPU spells it: v5e / v6e count chips
 4x4x4). A raw topology description, `v5e:16x16` or `v5p:4x4x4`, is accepted too. The compiler is
 libtpu (`pip install -r requirements-tpu.txt`, ~690 MB); CPU training never imports it.
 
-`CHIPS` is the per-chip table the fits / does-not-fit line and MFU read: HBM and dense bf16
-peak FLOP/s as Google publishes them (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+`CHIPS` is the per-chip table the fits / does-not-fit line, MFU and the step-time prediction
+(train/step_model.py) read: HBM capacity and bandwidth, dense bf16 peak FLOP/s, ICI and DCN
+bandwidth, as Google publishes them; each figure's page is named next to it.
 """
 import dataclasses
 import math
@@ -28,13 +29,33 @@ class Chip:
   dims: int              # torus dimensions: 3 (v4, v5p) or 2 (v5e, v6e)
   cores_in_name: bool    # slice names count TensorCores (2 per chip), not chips
   accelerator_prefix: str  # TPU_ACCELERATOR_TYPE spelling, e.g. v5litepod
+  hbm_bw: float = 0.0    # bytes/s per chip
+  # ICI: bytes/s per chip, both directions of all its ports together (Google's "bidirectional
+  # ICI bandwidth per chip"); a ring over one torus dimension drives 2 of the 2 x dims ports.
+  ici_bw: float = 0.0
+  dcn_bw: float = 0.0    # bytes/s per chip to other slices (data center network)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 3, True, "v4"),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, False, "v5litepod"),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 3, True, "v5p"),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, False, "v6e"),
+    # cloud.google.com/tpu/docs/v4: 32 GiB, 1200 GBps HBM2, 275 TFLOP/s. ICI and DCN are not on
+    # the page; ASSUMED: 6 ports x 45 GB/s per direction (jax-ml.github.io/scaling-book/tpus
+    # lists 4.5e10 B/s one-way per v4 link) = 540 GB/s, and v5e's 25 Gbps DCN per chip.
+    "v4": Chip("v4", 32 * GiB, 275e12, 3, True, "v4", hbm_bw=1200e9, ici_bw=540e9,
+               dcn_bw=25e9 / 8),
+    # cloud.google.com/tpu/docs/v5e (and /v6e's v5e column): 16 GB, 819 GBps HBM, 197 TFLOP/s,
+    # ICI 1600 Gbps per direction (4 ports) = 400 GB/s both ways; DCN 6.4 Tbps per 256-chip
+    # pod = 25 Gbps per chip.
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, False, "v5litepod", hbm_bw=819e9, ici_bw=400e9,
+                dcn_bw=6.4e12 / 8 / 256),
+    # cloud.google.com/tpu/docs/v5p: 95 GiB, 2765 GBps HBM2e, 459 TFLOP/s, bidirectional ICI
+    # 1200 GBps per chip (6 ports; 4800 Gbps one way), DCN 50 Gbps per chip.
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 3, True, "v5p", hbm_bw=2765e9, ici_bw=1200e9,
+                dcn_bw=50e9 / 8),
+    # cloud.google.com/tpu/docs/v6e: 32 GB, 1640 GBps HBM, 918 TFLOP/s, bidirectional ICI
+    # 800 GBps per chip (4 ports; 3200 Gbps one way), DCN 25.6 Tbps per 256-chip pod = 100 Gbps
+    # per chip (4 x 200 Gbps NICs per 8-chip host).
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, False, "v6e", hbm_bw=1640e9, ici_bw=800e9,
+                dcn_bw=25.6e12 / 8 / 256),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
 
@@ -113,6 +134,8 @@ def quiet_libtpu_env(tpu_slice: Slice) -> None:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_WORKER_ID", "0")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")   # run nothing on a TPU; compile for one
+  # Compile-only processes share no chip: let two of them (two checkouts) load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def have_libtpu() -> bool:

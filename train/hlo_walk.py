@@ -1,0 +1,344 @@
+"""What a compiled step executes, read from its HLO text with loops multiplied out.
+
+XLA's cost analysis and a regex over the HLO text both count a loop body once: with scanned
+layers (model.scan_layers) the 32 blocks of an 8B model are one while body, so a static count
+sees one layer's weight all-gathers and one layer's FLOPs. This module splits the text into
+computations, follows the calls from ENTRY (while bodies run their known trip count; fusions,
+calls and branches run once per caller run) and gives every instruction a multiplicity, then
+sums per step:
+- collectives: kind, result and operand bytes, replica groups, times run;
+- FLOPs of dots and convolutions (2 x output elements x contracted size);
+- HBM bytes: operands + results of each top-level instruction (a fusion reads its operands and
+  writes its result once; what happens inside a fusion stays on chip), as XLA's cost model does.
+"""
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+          "c128": 16}
+_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([0-9,]*)\]")
+_HEADER_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+_CALLS_RE = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computation)="
+                       r"%?([\w.\-]+)")
+_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_RE = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+# Instructions that move no HBM bytes of their own: aliases, bookkeeping, control flow
+# (the computations they call are counted instead), and the halves of async pairs.
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
+               "call", "conditional", "after-all", "partition-id", "replica-id", "iota",
+               "opt-barrier", "add-dependency", "copy-done", "all-gather-done",
+               "all-reduce-done", "collective-permute-done", "async-done", "async-update",
+               "send-done", "recv-done"}
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape in `text` (a tuple's elements add up)."""
+  total = 0
+  for dtype, dims in _SHAPE_RE.findall(text):
+    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    total += int(n * _BYTES.get(dtype, 1))
+  return total
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+  return [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE_RE.findall(text)]
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  opcode: str
+  result: str      # the result type text, e.g. "bf16[8,512]{1,0}" or a tuple
+  args: str        # everything after the opening parenthesis: operands, then attributes
+
+
+@dataclasses.dataclass
+class Computation:
+  name: str
+  instructions: list
+  types: dict = dataclasses.field(default_factory=dict)   # instruction name -> result type
+
+
+def parse_computations(hlo_text: str) -> tuple[dict, str]:
+  """({name: Computation}, entry name) of an HLO module's text."""
+  comps, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER_RE.match(line)
+    if header:
+      current = Computation(header.group(2), [])
+      comps[current.name] = current
+      if header.group(1):
+        entry = current.name
+      continue
+    if current is None:
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    found = _INSTR_RE.match(line)
+    if found:
+      instr = Instruction(found.group(1), found.group(3), found.group(2), found.group(4))
+      current.instructions.append(instr)
+      current.types[instr.name] = instr.result
+  if entry is None:
+    raise ValueError("HLO text has no ENTRY computation")
+  return comps, entry
+
+
+def trip_count(instr: Instruction, comps: dict) -> int:
+  """A while loop's trip count: XLA's known_trip_count annotation, else the constant its
+  condition compares the counter with (a counter from 0, step 1: jax.lax.scan's loops)."""
+  found = _TRIP_RE.search(instr.args)
+  if found:
+    return int(found.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", instr.args)
+  if cond and cond.group(1) in comps:
+    for i in comps[cond.group(1)].instructions:
+      if i.opcode == "constant" and re.match(r"s32\[\]|s64\[\]|u32\[\]", i.result):
+        value = re.match(r"\s*(-?\d+)", i.args)
+        if value:
+          return int(value.group(1))
+  return 1
+
+
+def _callees(instr: Instruction, comps: dict) -> list[tuple[str, int, bool]]:
+  """(computation, runs per run of `instr`, fused?) for what `instr` calls. A reduction's
+  to_apply (all-reduce, reduce, scatter, sort) is per element, not a program: skipped."""
+  if instr.opcode == "while":
+    body = re.search(r"body=%?([\w.\-]+)", instr.args)
+    return [(body.group(1), trip_count(instr, comps), False)] if body else []
+  if instr.opcode in ("fusion",):
+    return [(n, 1, True) for n in _CALLS_RE.findall(instr.args)]
+  if instr.opcode in ("call", "async-start", "custom-call"):
+    return [(n, 1, False) for n in _CALLS_RE.findall(instr.args)
+            if not instr.opcode == "custom-call" or "to_apply" not in instr.args]
+  if instr.opcode == "conditional":
+    branches = _BRANCHES_RE.search(instr.args)
+    names = (re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches
+             else _CALLS_RE.findall(instr.args))
+    # One branch runs; counting each once bounds the step from above (branches are rare here).
+    return [(n, 1, False) for n in names]
+  return []
+
+
+def multiplicities(comps: dict, entry: str) -> dict:
+  """{computation: (times it runs per step, fused?)} for what ENTRY reaches, nested loops
+  multiplied; a computation called from several places adds up its callers' runs."""
+  sites = {}   # callee -> [(caller, runs per caller run, fused call?)]
+  for name, comp in comps.items():
+    for instr in comp.instructions:
+      for callee, times, fused in _callees(instr, comps):
+        if callee in comps:
+          sites.setdefault(callee, []).append((name, times, fused))
+  memo = {entry: (1, False)}
+
+  def runs(name, seen=()):
+    if name not in memo:
+      callers = [(runs(c, seen + (name,)), t, f) for c, t, f in sites.get(name, ())
+                 if c not in seen]
+      memo[name] = (sum(r[0] * t for r, t, _ in callers),
+                    any(f or r[1] for r, _, f in callers))
+    return memo[name]
+
+  reached = {name: runs(name) for name in comps}
+  return {name: r for name, r in reached.items() if r[0] > 0}
+
+
+def replica_groups(args: str, num_devices: int) -> np.ndarray | None:
+  """A collective's groups as a [groups, size] array of logical device ids, from any spelling:
+  {{0,1},{2,3}}; the iota form [2,2]<=[4] / [2,2]<=[2,2]T(1,0); the mesh form
+  mesh['data'=2,'fsdp'=4] {'fsdp'}; source_target_pairs (a permute's pairs). An empty
+  replica_groups={} is all devices in one group."""
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", args)
+  if mesh:
+    axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    grouped = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
+    rest = [i for i in range(len(names)) if i not in grouped]
+    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(rest + grouped)
+    return ids.reshape(-1, math.prod(sizes[i] for i in grouped))
+  iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", args)
+  if iota:
+    shape = [int(x) for x in iota.group(1).split(",")]
+    dims = [int(x) for x in iota.group(2).split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if iota.group(3):
+      ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
+    return ids.reshape(shape[0], -1)
+  listed = re.search(r"replica_groups=\{(\{[\d,\s]*\}(?:\s*,\s*\{[\d,\s]*\})*)?\}", args)
+  if listed and listed.group(1):
+    groups = [[int(x) for x in g.split(",") if x.strip()]
+              for g in re.findall(r"\{([\d,\s]*)\}", listed.group(1))]
+    return np.array(groups)
+  pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", args)
+  if pairs:
+    return np.array([[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(0))])
+  return np.arange(num_devices)[None, :] if num_devices else None
+
+
+def _operand_text(args: str) -> str:
+  """The operand list at the start of `args` (up to its closing parenthesis; layouts such as
+  {1,0:T(8,128)(2,1)} hold balanced parentheses of their own)."""
+  depth = 0
+  for i, ch in enumerate(args):
+    if ch == "(":
+      depth += 1
+    elif ch == ")":
+      if depth == 0:
+        return args[:i]
+      depth -= 1
+  return args
+
+
+def _operand_names(args: str) -> list[str]:
+  return re.findall(r"%([\w.\-]+)", _operand_text(args))
+
+
+def operand_sizes(instr: Instruction, comp: Computation) -> list[int]:
+  """Bytes of each operand: from the shapes printed with the operands where the text has them
+  (older XLA), else from the defining instructions' result types in `comp`."""
+  text = _operand_text(instr.args)
+  if _SHAPE_RE.search(text):
+    return [shape_bytes(o) for o in re.split(r",\s*(?=[a-z]\w*\[|\()", text)]
+  return [shape_bytes(comp.types.get(n, "")) for n in _operand_names(instr.args)]
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str               # one of COLLECTIVES
+  operand_bytes: int      # per device, all operands
+  groups: np.ndarray | None   # [groups, size] logical device ids (pairs for a permute)
+  times: int              # runs per step
+  computation: str
+
+
+def _kind(opcode: str) -> str | None:
+  base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+  return base if base in COLLECTIVES else None
+
+
+def collectives(comps: dict, runs: dict, num_devices: int) -> list[Collective]:
+  """Every collective instruction (an async pair once, at its -start) with its runs per step."""
+  out = []
+  for name, (times, _) in runs.items():
+    for instr in comps[name].instructions:
+      kind = _kind(instr.opcode)
+      if kind:
+        out.append(Collective(kind, sum(operand_sizes(instr, comps[name])),
+                              replica_groups(instr.args, num_devices), times, name))
+  return out
+
+
+def _dot_flops(instr: Instruction, comp: Computation) -> float:
+  out = math.prod(_shapes(instr.result)[0]) if _shapes(instr.result) else 0
+  operands = _shapes(_operand_text(instr.args)) or [
+      (_shapes(comp.types.get(n, "")) or [()])[0] for n in _operand_names(instr.args)]
+  if instr.opcode == "dot" and operands:
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.args)
+    contracted = [int(d) for d in dims.group(1).split(",") if d] if dims else []
+    return 2.0 * out * math.prod(operands[0][d] for d in contracted)
+  if instr.opcode == "convolution" and len(operands) > 1:
+    return 2.0 * out * _conv_taps(instr.args, operands[0], operands[1])
+  return 0.0
+
+
+def _conv_taps(args: str, lhs: tuple, rhs: tuple) -> float:
+  """Multiply-adds per output element of a convolution: input features x the window taps that
+  land on real (unpadded) input. XLA:TPU writes batched matmuls as convolutions whose window
+  slides over a padded size-1 dimension (window 32, padding 31 each side): one real tap."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->", args)
+  if not labels:
+    return math.prod(rhs) / max(rhs[-1], 1)
+  lhs_labels, rhs_labels = labels.group(1), labels.group(2)
+  sizes = re.search(r"window=\{size=([\dx]+)", args)
+  window = [int(w) for w in sizes.group(1).split("x")] if sizes else []
+  taps = 1
+  for d, w in enumerate(window):
+    pos = lhs_labels.find(str(d))
+    taps *= min(w, lhs[pos]) if 0 <= pos < len(lhs) else w
+  return rhs[rhs_labels.index("i")] * taps
+
+
+def _sliced_params(comp: Computation) -> dict:
+  """{parameter index: bytes actually read} for fusion parameters read only through
+  dynamic-slice (a scanned layer's slice of the stacked weights), and the update size of an
+  in-place dynamic-update-slice root, keyed 'root'."""
+  params = {i.name: int(re.match(r"\s*(\d+)", i.args).group(1)) for i in comp.instructions
+            if i.opcode == "parameter" and re.match(r"\s*(\d+)", i.args)}
+  users = {}
+  for i in comp.instructions:
+    for operand in _operand_names(i.args):
+      users.setdefault(operand, []).append(i)
+  out = {}
+  for pname, index in params.items():
+    uses = users.get(pname, [])
+    if uses and all(u.opcode == "dynamic-slice" and _operand_names(u.args)[0] == pname
+                    for u in uses):
+      out[index] = sum(shape_bytes(u.result) for u in uses)
+    elif uses and all(u.opcode == "dynamic-update-slice" and _operand_names(u.args)[0] == pname
+                      for u in uses):
+      out[index] = 0   # the buffer updated in place: only the update moves
+  root = comp.instructions[-1] if comp.instructions else None
+  if root is not None and root.opcode == "dynamic-update-slice":
+    update = _operand_names(root.args)[1:2]
+    out["root"] = shape_bytes(comp.types.get(update[0], "")) if update else 0
+  return out
+
+
+def _traffic(instr: Instruction, comp: Computation, comps: dict) -> int:
+  """HBM bytes one run of a top-level instruction of `comp` reads and writes."""
+  if instr.opcode in _NO_TRAFFIC:
+    return 0
+  sizes = operand_sizes(instr, comp)
+  result = shape_bytes(instr.result)
+  if instr.opcode == "dynamic-slice":
+    return 2 * result
+  if instr.opcode == "dynamic-update-slice":
+    return 2 * (sizes[1] if len(sizes) > 1 else result)
+  if instr.opcode == "fusion":
+    called = _CALLS_RE.findall(instr.args)
+    sliced = _sliced_params(comps[called[0]]) if called and called[0] in comps else {}
+    sizes = [sliced.get(k, s) for k, s in enumerate(sizes)]
+    result = sliced.get("root", result)
+  return sum(sizes) + result
+
+
+@dataclasses.dataclass
+class StepCounts:
+  flops: float            # per device per step, loops multiplied out
+  hbm_bytes: float        # per device per step
+  collectives: list       # [Collective]
+  loops: list             # [(body computation, trip count)]
+
+
+def walk(hlo_text: str, num_devices: int) -> StepCounts:
+  """FLOPs, HBM bytes and collectives per device per step of a compiled module's text."""
+  comps, entry = parse_computations(hlo_text)
+  runs = multiplicities(comps, entry)
+  flops = hbm = 0.0
+  loops = []
+  for name, (times, fused) in runs.items():
+    for instr in comps[name].instructions:
+      if instr.opcode in ("dot", "convolution"):
+        flops += times * _dot_flops(instr, comps[name])
+      if not fused:
+        hbm += times * _traffic(instr, comps[name], comps)
+      if instr.opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", instr.args)
+        loops.append((body.group(1) if body else "?", trip_count(instr, comps)))
+  return StepCounts(flops, hbm, collectives(comps, runs, num_devices), loops)
+
+
+def count_by_kind(found: list) -> dict:
+  """{kind: runs per step} over `collectives(...)`'s records."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for c in found:
+    counts[c.kind] += c.times
+  return counts
