@@ -99,7 +99,8 @@ def _gib(mem: dict, key: str) -> str:
 
 def table(rows: list[dict], layers: list[int]) -> str:
   lines = ["| preset | slice | remat | sharding | mesh | depth | arguments GiB | temp GiB "
-           "| total GiB | HBM GiB | fits | compile s |", "|" + " --- |" * 12]
+           "| total GiB | HBM GiB | fits | compile s | predicted step ms (overlap / none) "
+           "| bound | tokens/s/chip | MFU bound |", "|" + " --- |" * 16]
   groups = {}
   for r in rows:
     key = (r["preset"], r["topology"], r["remat"], r["sharding"])
@@ -108,7 +109,7 @@ def table(rows: list[dict], layers: list[int]) -> str:
     errors = [r["error"] for r in by_depth.values() if "error" in r]
     if errors:
       lines.append(f"| {preset} | {topo} | {remat} | {sharding} | | | | | | | error: "
-                   f"{errors[0][:80]} | |")
+                   f"{errors[0][:80]} | | | | | |")
       continue
     if len(layers) == 2:
       if not all(d in by_depth for d in layers):
@@ -128,8 +129,18 @@ def table(rows: list[dict], layers: list[int]) -> str:
         f"| {preset} | {topo} | {remat} | {sharding} | {mesh} | {depth} | "
         f"{_gib(mem, 'argument_size_in_bytes')} | {_gib(mem, 'temp_size_in_bytes')}{note} | "
         f"{_gib(mem, 'total_bytes')} | {first['hbm_per_device_bytes'] / GiB:.0f} | "
-        f"{fits} | {secs:.0f} |")
+        f"{fits} | {secs:.0f} | {_prediction(first)} |")
   return "\n".join(lines) + "\n"
+
+
+def _prediction(row: dict) -> str:
+  """The step-time columns (train/step_model.py), blank where the compile gave none."""
+  if "predicted_step_s" not in row:
+    return " | | |"
+  per_chip = row["tokens_per_step"] / row.get("chips", row["devices"])
+  return (f"{1e3 * row['predicted_step_s']:.0f} / {1e3 * row['predicted_step_no_overlap_s']:.0f}"
+          f" | {row['bound']} | {per_chip / row['predicted_step_s']:,.0f} | "
+          f"{100 * row['mfu_bound']:.0f}%")
 
 
 def main(argv):

@@ -171,3 +171,36 @@ def test_tpu_table_extrapolates_depth_linearly():
               temp_size_in_bytes=4 * gib, total_bytes=5 * gib, compile_s=40)
   row = tpu_table.table([full], []).splitlines()[2]
   assert "| fsdp8 | 24 (scanned) | 1.00 | 4.00 | 5.00 | 16 | yes | 40 |" in row, row
+
+
+@pytest.mark.parametrize("name,slices,chips,topology,accel", [
+    ("2xv5p-128", 2, 128, "v5p:4x4x4", "v5p-128"),
+    ("4xv6e-256", 4, 1024, "v6e:16x16", "v6e-256"),
+    ("1xv5e-8", 1, 8, "v5e:2x4", "v5litepod-8"),
+])
+def test_parse_multi_slice(name, slices, chips, topology, accel):
+  s = topologies.parse(name)
+  assert (s.num_slices, s.num_chips, s.topology, s.accelerator_type) == (
+      slices, chips, topology, accel)
+
+
+def test_hybrid_mesh_on_fake_devices_keeps_slices_contiguous():
+  # 8 CPU devices as 2 "slices" of 4: data spans the slices over DCN, fsdp 4 within each.
+  from model import sharding
+  cfg = dict(data=1, fsdp=-1, tensor=1, dcn_data=2, dcn_fsdp=1)
+  assert sharding.mesh_shape(cfg, 8) == (2, 4, 1)
+  mesh = sharding.make_mesh(cfg, jax.devices()[:8])
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert ids[:, :, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  # fsdp over 2 slices x 2 per slice, data 2 within: each slice's 4 devices stay together.
+  cfg = dict(data=2, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=2)
+  ids = np.vectorize(lambda d: d.id)(sharding.make_mesh(cfg, jax.devices()[:8]).devices)
+  assert ids[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+def test_dcn_config_errors_name_the_keys():
+  from model import sharding
+  with pytest.raises(ValueError, match="config.mesh.dcn_fsdp=0"):
+    sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=0), 8)
+  with pytest.raises(ValueError, match="dcn_. multiply to 3 slices"):
+    sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1, dcn_data=3), 8)

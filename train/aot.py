@@ -92,7 +92,10 @@ def _target(config, topology: str | None):
   peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
   hosts = len({d.process_index for d in devices})
   config, sources = build.resolve(config, num_devices=len(devices), process_count=hosts)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  try:
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+  except ValueError as e:
+    raise topologies.TopologyError(f"--aot_topology={topology}: {e}") from None
   return config, sources, tpu_slice, devices, mesh, capacity, peak
 
 
@@ -105,6 +108,7 @@ def _slice_fit(out: dict, compiled, mem: dict, tpu_slice, capacity: int, peak: f
   counts = hlo_walk.walk(text, out["devices"])
   out["collectives_per_step"] = hlo_walk.count_by_kind(counts.collectives)
   out["hbm_per_device_bytes"] = capacity
+  out["chips"] = tpu_slice.num_chips
   out["fits"] = bool(mem) and mem["total_bytes"] <= capacity
   ideal_s = out["model_flops_per_step"] / out["devices"] / peak
   out["ideal_step_s"] = ideal_s
@@ -159,7 +163,8 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
          "compile_s": compile_s, "remat": config.model.remat, **mem, **cost(compiled)}
   where = f"{len(devices)} {kind} devices"
   if tpu_slice:
-    where += f", {tpu_slice.name} = {tpu_slice.topology}, {tpu_slice.num_chips} chips"
+    slices = f"{tpu_slice.num_slices} x " if tpu_slice.num_slices > 1 else ""
+    where += f", {tpu_slice.name} = {slices}{tpu_slice.topology}, {tpu_slice.num_chips} chips"
   print(f"AOT compile OK in {compile_s:.0f} s: {n_params / 1e6:.1f}M params on mesh "
         f"{dict(mesh.shape)} ({where}), remat={config.model.remat}, "
         f"batch {config.data.batch_size} x seq {config.data.seq_len}")

@@ -217,11 +217,31 @@ class Collective:
   groups: np.ndarray | None   # [groups, size] logical device ids (pairs for a permute)
   times: int              # runs per step
   computation: str
+  # An all-reduce of shards written into zeros (dynamic-update-slice): an all-gather in effect.
+  # XLA:TPU compiles the FSDP weight gathers of a scanned layer this way.
+  gather_like: bool = False
 
 
 def _kind(opcode: str) -> str | None:
   base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
   return base if base in COLLECTIVES else None
+
+
+def _writes_into(instr: Instruction, comp: Computation, comps: dict) -> bool:
+  """Whether an operand of `instr` comes out of a dynamic-update-slice (itself or a fusion that
+  holds one)."""
+  defs = {i.name: i for i in comp.instructions}
+  for operand in _operand_names(instr.args):
+    d = defs.get(operand)
+    if d is None:
+      continue
+    if d.opcode == "dynamic-update-slice":
+      return True
+    called = _CALLS_RE.findall(d.args) if d.opcode == "fusion" else []
+    if called and called[0] in comps and any(
+        i.opcode == "dynamic-update-slice" for i in comps[called[0]].instructions):
+      return True
+  return False
 
 
 def collectives(comps: dict, runs: dict, num_devices: int) -> list[Collective]:
@@ -231,8 +251,10 @@ def collectives(comps: dict, runs: dict, num_devices: int) -> list[Collective]:
     for instr in comps[name].instructions:
       kind = _kind(instr.opcode)
       if kind:
-        out.append(Collective(kind, sum(operand_sizes(instr, comps[name])),
-                              replica_groups(instr.args, num_devices), times, name))
+        out.append(Collective(
+            kind, sum(operand_sizes(instr, comps[name])),
+            replica_groups(instr.args, num_devices), times, name,
+            kind == "all-reduce" and _writes_into(instr, comps[name], comps)))
   return out
 
 
@@ -337,8 +359,10 @@ def walk(hlo_text: str, num_devices: int) -> StepCounts:
 
 
 def count_by_kind(found: list) -> dict:
-  """{kind: runs per step} over `collectives(...)`'s records."""
-  counts = dict.fromkeys(COLLECTIVES, 0)
+  """{kind: runs per step} over `collectives(...)`'s records, and how many of the all-reduces
+  gather shards ("all-reduce as all-gather")."""
+  counts = dict.fromkeys(COLLECTIVES + ("all-reduce as all-gather",), 0)
   for c in found:
     counts[c.kind] += c.times
+    counts["all-reduce as all-gather"] += c.times if c.gather_like else 0
   return counts

@@ -3,7 +3,9 @@ that has no TPU (`python -m train.main --config=... --aot_only --aot_topology=v5
 
 A slice name is `<generation>-<N>` as Cloud TPU spells it: v5e / v6e count chips (v5e-256 is
 256 chips, a 16x16 torus), v4 / v5p count TensorCores, two per chip (v5p-128 is 64 chips,
-4x4x4). A raw topology description, `v5e:16x16` or `v5p:4x4x4`, is accepted too. The compiler is
+4x4x4). A raw topology description, `v5e:16x16` or `v5p:4x4x4`, is accepted too, and a
+multi-slice job is `<slices>x<slice>`: `2xv5p-128` is two v5p-128 slices joined over the data
+center network (config.mesh.dcn_data / dcn_fsdp say which axes span them). The compiler is
 libtpu (`pip install -r requirements-tpu.txt`, ~690 MB); CPU training never imports it.
 
 `CHIPS` is the per-chip table the fits / does-not-fit line, MFU and the step-time prediction
@@ -69,13 +71,19 @@ _SHAPES_3D = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  name: str              # as given, e.g. v5p-128
+  name: str              # as given, e.g. v5p-128 or 2xv5p-128
   chip: Chip
-  shape: tuple           # torus, e.g. (4, 4, 4)
+  shape: tuple           # one slice's torus, e.g. (4, 4, 4)
+  num_slices: int = 1    # slices joined over DCN
+
+  @property
+  def slice_chips(self) -> int:
+    return math.prod(self.shape)
 
   @property
   def num_chips(self) -> int:
-    return math.prod(self.shape)
+    """Chips over all slices."""
+    return self.slice_chips * self.num_slices
 
   @property
   def topology(self) -> str:
@@ -84,7 +92,7 @@ class Slice:
 
   @property
   def accelerator_type(self) -> str:
-    n = self.num_chips * (2 if self.chip.cores_in_name else 1)
+    n = self.slice_chips * (2 if self.chip.cores_in_name else 1)
     return f"{self.chip.accelerator_prefix}-{n}"
 
 
@@ -93,8 +101,14 @@ class TopologyError(errors.UserError):
 
 
 def parse(name: str) -> Slice:
-  """'v5p-128' | 'v5e-256' | 'v4-8' | 'v5e:16x16' -> Slice."""
+  """'v5p-128' | 'v5e-256' | 'v4-8' | 'v5e:16x16' | '2xv5p-128' -> Slice."""
   text = name.strip().lower()
+  multi = re.fullmatch(r"(\d+)x(v.+)", text)
+  if multi:
+    count = int(multi.group(1))
+    if count < 1:
+      raise TopologyError(f"--aot_topology={name!r}: the slice count must be >= 1")
+    return dataclasses.replace(parse(multi.group(2)), name=name, num_slices=count)
   known = ", ".join(sorted(CHIPS))
   match = re.fullmatch(r"([a-z0-9]+)[:-]([0-9x]+)", text)
   if not match:
@@ -153,7 +167,9 @@ def devices(tpu_slice: Slice) -> list:
                         f"which is not installed: pip install -r {REQUIREMENTS}")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology)
+    extra = {"num_slices": tpu_slice.num_slices} if tpu_slice.num_slices > 1 else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology,
+                                        **extra)
   except Exception as e:  # pylint: disable=broad-except
     raise TopologyError(f"--aot_topology={tpu_slice.name}: libtpu rejected topology "
                         f"{tpu_slice.topology}: {' '.join(str(e).split())[:300]}") from None
