@@ -28,10 +28,12 @@ from model import errors
 from model import log_setup
 
 GiB = 2 ** 30
-SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves
+SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves; on a multi-slice topology
+    # (2xv5p-128) data spans the slices over DCN unless the layout says otherwise
     "fsdp": dict(data=1, fsdp=-1, tensor=1),
     "fsdp_tensor4": dict(data=1, fsdp=-1, tensor=4),
     "fsdp_tensor8": dict(data=1, fsdp=-1, tensor=8),
+    "fsdp_over_dcn": dict(data=1, fsdp=-1, tensor=1, dcn_fsdp="slices"),
 }
 
 _PRESETS = flags.DEFINE_list("presets", ["base", "llama3_8b"],
@@ -45,17 +47,26 @@ _LAYERS = flags.DEFINE_list("layers", [], "Compile these depths and extrapolate 
 _SCAN = flags.DEFINE_bool("scan", True, "config.model.scan_layers (one scanned block).")
 _OUT = flags.DEFINE_string("out", "tpu_table", "Writes <out>.jsonl and <out>.md.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds per compile.")
+_SEQ = flags.DEFINE_integer("seq_len", 0, "config.data.seq_len; 0: the preset's.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "config.data.batch_size (global rows); 0: the "
+                              "preset's.")
 _ONE = flags.DEFINE_string("one", None, "Internal: compile one point (JSON) and print its row.")
 
 
 def compile_point(point: dict) -> dict:
   """train/aot.report for one point, in this process (needs libtpu)."""
   from configs import legal_pretrain
-  from train import aot
+  from train import aot, topologies
   config = legal_pretrain.get_config(point["preset"])
   config.model.remat = point["remat"]
   config.model.scan_layers = point.get("scan", True)
-  config.mesh.update(SHARDINGS[point["sharding"]])
+  slices = topologies.parse(point["topology"]).num_slices
+  layout = {k: slices if v == "slices" else v for k, v in SHARDINGS[point["sharding"]].items()}
+  layout.setdefault("dcn_data", 1 if "dcn_fsdp" in layout else slices)
+  config.mesh.update(layout)
+  for key in ("seq_len", "batch_size"):
+    if point.get(key):
+      config.data[key] = point[key]
   if point.get("num_layers"):
     config.model.num_layers = point["num_layers"]
   return aot.report(config, topology=point["topology"])
@@ -103,12 +114,14 @@ def table(rows: list[dict], layers: list[int]) -> str:
            "| bound | tokens/s/chip | MFU bound |", "|" + " --- |" * 16]
   groups = {}
   for r in rows:
-    key = (r["preset"], r["topology"], r["remat"], r["sharding"])
+    key = (r["preset"], r["topology"], r["remat"], r["sharding"], r.get("seq_len"),
+           r.get("batch_size"))
     groups.setdefault(key, {})[r.get("num_layers") or 0] = r
-  for (preset, topo, remat, sharding), by_depth in groups.items():
+  for (preset, topo, remat, sharding, seq, batch), by_depth in groups.items():
+    label = f"{preset} (seq {seq or '-'}, batch {batch or '-'})" if seq or batch else preset
     errors = [r["error"] for r in by_depth.values() if "error" in r]
     if errors:
-      lines.append(f"| {preset} | {topo} | {remat} | {sharding} | | | | | | | error: "
+      lines.append(f"| {label} | {topo} | {remat} | {sharding} | | | | | | | error: "
                    f"{errors[0][:80]} | | | | | |")
       continue
     if len(layers) == 2:
@@ -126,7 +139,7 @@ def table(rows: list[dict], layers: list[int]) -> str:
     over = mem.get("total_bytes", mem["temp_size_in_bytes"]) - first["hbm_per_device_bytes"]
     fits = "yes" if mem["fits"] else f"no, by {max(over, 0) / GiB:.1f}+ GiB"
     lines.append(
-        f"| {preset} | {topo} | {remat} | {sharding} | {mesh} | {depth} | "
+        f"| {label} | {topo} | {remat} | {sharding} | {mesh} | {depth} | "
         f"{_gib(mem, 'argument_size_in_bytes')} | {_gib(mem, 'temp_size_in_bytes')}{note} | "
         f"{_gib(mem, 'total_bytes')} | {first['hbm_per_device_bytes'] / GiB:.0f} | "
         f"{fits} | {secs:.0f} | {_prediction(first)} |")
@@ -162,14 +175,16 @@ def main(argv):
     with open(path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
   done = {json.dumps({k: r.get(k) for k in ("preset", "topology", "remat", "sharding",
-                                            "num_layers", "scan")}, sort_keys=True) for r in rows}
+                                            "num_layers", "scan", "seq_len", "batch_size")},
+                     sort_keys=True) for r in rows}
   for preset in _PRESETS.value:
     for topology in _TOPOLOGIES.value:
       for sharding in _SHARDINGS.value:
         for remat in _REMAT.value:
           for depth in layers or [None]:
             point = dict(preset=preset, topology=topology, remat=remat, sharding=sharding,
-                         num_layers=depth, scan=_SCAN.value)
+                         num_layers=depth, scan=_SCAN.value, seq_len=_SEQ.value or None,
+                         batch_size=_BATCH.value or None)
             if json.dumps(point, sort_keys=True) in done:
               continue
             row = _run(point)

@@ -204,3 +204,17 @@ def test_dcn_config_errors_name_the_keys():
     sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=0), 8)
   with pytest.raises(ValueError, match="dcn_. multiply to 3 slices"):
     sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1, dcn_data=3), 8)
+
+
+def test_tpu_table_prediction_columns():
+  from bench import tpu_table
+  gib = 2**30
+  row = dict(preset="llama3_8b", topology="v6e-256", remat="full", sharding="fsdp",
+             mesh={"fsdp": 256}, num_layers=None, scan=True, fits=True, seq_len=8192,
+             batch_size=768, argument_size_in_bytes=gib, temp_size_in_bytes=gib,
+             total_bytes=2 * gib, hbm_per_device_bytes=32 * gib, compile_s=100,
+             tokens_per_step=768 * 8192, devices=256, chips=256, predicted_step_s=2.0,
+             predicted_step_no_overlap_s=3.0, bound="compute", mfu_bound=0.75)
+  line = tpu_table.table([row], []).splitlines()[2]
+  assert line.startswith("| llama3_8b (seq 8192, batch 768) | v6e-256 | full | fsdp |"), line
+  assert line.endswith("| 100 | 2000 / 3000 | compute | 12,288 | 75% |"), line
