@@ -61,23 +61,27 @@ def compile_point(point: dict) -> dict:
   config.model.remat = point["remat"]
   config.model.scan_layers = point.get("scan", True)
   slices = topologies.parse(point["topology"]).num_slices
-  layout = {k: slices if v == "slices" else v for k, v in SHARDINGS[point["sharding"]].items()}
+  layout = point.get("mesh") or SHARDINGS[point["sharding"]]   # an explicit mesh: the planner's
+  layout = {k: slices if v == "slices" else v for k, v in layout.items()}
   layout.setdefault("dcn_data", 1 if "dcn_fsdp" in layout else slices)
   config.mesh.update(layout)
   for key in ("seq_len", "batch_size"):
     if point.get(key):
       config.data[key] = point[key]
+  config.optim.grad_accum_steps = point.get("grad_accum_steps") or 1
   if point.get("num_layers"):
     config.model.num_layers = point["num_layers"]
   return aot.report(config, topology=point["topology"])
 
 
-def _run(point: dict) -> dict:
+def run_point(point: dict, timeout: float) -> dict:
+  """compile_point in a child process (a hang or crash costs this point only): its row, or the
+  point with an error."""
   cmd = [sys.executable, "-m", "bench.tpu_table", f"--one={json.dumps(point)}"]
   try:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return {**point, "error": f"compile did not finish in {_TIMEOUT.value} s"}
+    return {**point, "error": f"compile did not finish in {timeout:.0f} s"}
   rows = [line for line in res.stdout.splitlines() if line.startswith("ROW ")]
   if res.returncode or not rows:
     lines = res.stderr.strip().splitlines() or ["no output"]
@@ -187,7 +191,7 @@ def main(argv):
                          batch_size=_BATCH.value or None)
             if json.dumps(point, sort_keys=True) in done:
               continue
-            row = _run(point)
+            row = run_point(point, _TIMEOUT.value)
             rows.append(row)
             with open(path, "a") as f:
               f.write(json.dumps(row, default=str) + "\n")
