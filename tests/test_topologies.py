@@ -137,6 +137,8 @@ def test_compile_tiny_for_v5e_8(tmp_path):
   assert "8 TPU v5 lite devices" in res.stdout and "fits: " in res.stdout, res.stdout
   assert "collectives in the compiled step" in res.stdout
   assert "all-gather" in out.read_text()
+  assert "collectives run per step (loops multiplied out)" in res.stdout, res.stdout
+  assert "predicted step: " in res.stdout and "MFU bound" in res.stdout, res.stdout
 
 
 def test_compiler_refusal_is_a_does_not_fit_row():

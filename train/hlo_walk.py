@@ -23,6 +23,7 @@ _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
           "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
           "c128": 16}
 _SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([0-9,]*)\]")
+_LAYOUT_RE = re.compile(r"\{[^{}]*\}")
 _HEADER_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
 _INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _CALLS_RE = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computation)="
@@ -38,10 +39,15 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
                "send-done", "recv-done"}
 
 
-def shape_bytes(text: str) -> int:
-  """Bytes of every array shape in `text` (a tuple's elements add up)."""
+def shape_bytes(text: str, hbm_only: bool = False) -> int:
+  """Bytes of every array shape in `text` (a tuple's elements add up). `hbm_only` skips
+  buffers XLA:TPU placed in on-chip memory: a layout marked S(1) (memory space 1, VMEM)."""
   total = 0
-  for dtype, dims in _SHAPE_RE.findall(text):
+  for found in _SHAPE_RE.finditer(text):
+    if hbm_only and _LAYOUT_RE.match(text, found.end()) and "S(1)" in _LAYOUT_RE.match(
+        text, found.end()).group(0):
+      continue
+    dtype, dims = found.groups()
     n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
     total += int(n * _BYTES.get(dtype, 1))
   return total
@@ -64,6 +70,7 @@ class Computation:
   name: str
   instructions: list
   types: dict = dataclasses.field(default_factory=dict)   # instruction name -> result type
+  root: str | None = None
 
 
 def parse_computations(hlo_text: str) -> tuple[dict, str]:
@@ -86,15 +93,18 @@ def parse_computations(hlo_text: str) -> tuple[dict, str]:
     if found:
       instr = Instruction(found.group(1), found.group(3), found.group(2), found.group(4))
       current.instructions.append(instr)
+      if line.lstrip().startswith("ROOT "):
+        current.root = instr.name
       current.types[instr.name] = instr.result
   if entry is None:
     raise ValueError("HLO text has no ENTRY computation")
   return comps, entry
 
 
-def trip_count(instr: Instruction, comps: dict) -> int:
+def trip_count(instr: Instruction, comps: dict) -> int | None:
   """A while loop's trip count: XLA's known_trip_count annotation, else the constant its
-  condition compares the counter with (a counter from 0, step 1: jax.lax.scan's loops)."""
+  condition compares the counter with (a counter from 0, step 1: jax.lax.scan's loops); None
+  where the bound is a runtime value."""
   found = _TRIP_RE.search(instr.args)
   if found:
     return int(found.group(1))
@@ -105,7 +115,7 @@ def trip_count(instr: Instruction, comps: dict) -> int:
         value = re.match(r"\s*(-?\d+)", i.args)
         if value:
           return int(value.group(1))
-  return 1
+  return None
 
 
 def _callees(instr: Instruction, comps: dict) -> list[tuple[str, int, bool]]:
@@ -130,12 +140,24 @@ def _callees(instr: Instruction, comps: dict) -> list[tuple[str, int, bool]]:
 
 def multiplicities(comps: dict, entry: str) -> dict:
   """{computation: (times it runs per step, fused?)} for what ENTRY reaches, nested loops
-  multiplied; a computation called from several places adds up its callers' runs."""
+  multiplied; a computation called from several places adds up its callers' runs.
+
+  A loop whose bound is a runtime value (the causal block attention's loop over the key blocks
+  a query block needs) counts (n + 1) / 2 trips inside a loop of n trips, the triangle of a
+  causal mask, and 1 elsewhere; `unknown_trip_loops` lists them."""
   sites = {}   # callee -> [(caller, runs per caller run, fused call?)]
+  bodies = {}  # loop body -> known trips
+  for comp in comps.values():
+    for instr in comp.instructions:
+      for callee, times, _ in _callees(instr, comps):
+        if instr.opcode == "while" and times:
+          bodies[callee] = times
   for name, comp in comps.items():
     for instr in comp.instructions:
       for callee, times, fused in _callees(instr, comps):
         if callee in comps:
+          if times is None:
+            times = (bodies[name] + 1) / 2 if name in bodies else 1
           sites.setdefault(callee, []).append((name, times, fused))
   memo = {entry: (1, False)}
 
@@ -201,13 +223,13 @@ def _operand_names(args: str) -> list[str]:
   return re.findall(r"%([\w.\-]+)", _operand_text(args))
 
 
-def operand_sizes(instr: Instruction, comp: Computation) -> list[int]:
+def operand_sizes(instr: Instruction, comp: Computation, hbm_only: bool = False) -> list[int]:
   """Bytes of each operand: from the shapes printed with the operands where the text has them
   (older XLA), else from the defining instructions' result types in `comp`."""
   text = _operand_text(instr.args)
   if _SHAPE_RE.search(text):
-    return [shape_bytes(o) for o in re.split(r",\s*(?=[a-z]\w*\[|\()", text)]
-  return [shape_bytes(comp.types.get(n, "")) for n in _operand_names(instr.args)]
+    return [shape_bytes(o, hbm_only) for o in re.split(r",\s*(?=[a-z]\w*\[|\()", text)]
+  return [shape_bytes(comp.types.get(n, ""), hbm_only) for n in _operand_names(instr.args)]
 
 
 @dataclasses.dataclass
@@ -281,52 +303,95 @@ def _conv_taps(args: str, lhs: tuple, rhs: tuple) -> float:
   lhs_labels, rhs_labels = labels.group(1), labels.group(2)
   sizes = re.search(r"window=\{size=([\dx]+)", args)
   window = [int(w) for w in sizes.group(1).split("x")] if sizes else []
+  dilated = re.search(r"lhs_dilate=([\dx]+)", args)
+  dilation = [int(d) for d in dilated.group(1).split("x")] if dilated else [1] * len(window)
   taps = 1
-  for d, w in enumerate(window):
+  for d, (w, dil) in enumerate(zip(window, dilation)):
+    # Real inputs under a window of w: at most the dimension's size, and with the input
+    # dilated by dil (zeros between), one in every dil positions.
     pos = lhs_labels.find(str(d))
-    taps *= min(w, lhs[pos]) if 0 <= pos < len(lhs) else w
+    real = lhs[pos] if 0 <= pos < len(lhs) else w
+    taps *= min(real, -(-w // dil))
   return rhs[rhs_labels.index("i")] * taps
 
 
-def _sliced_params(comp: Computation) -> dict:
+def _sliced_params(comp: Computation, comps: dict, cache: dict) -> dict:
   """{parameter index: bytes actually read} for fusion parameters read only through
-  dynamic-slice (a scanned layer's slice of the stacked weights), and the update size of an
-  in-place dynamic-update-slice root, keyed 'root'."""
+  dynamic-slice (a scanned layer's slice of the stacked weights, an attention block of the
+  stacked keys), updated in place by dynamic-update-slice, or handed to a nested fusion that
+  does either; and under 'root' the bytes written where the result is an in-place update."""
+  if comp.name in cache:
+    return cache[comp.name]
   params = {i.name: int(re.match(r"\s*(\d+)", i.args).group(1)) for i in comp.instructions
             if i.opcode == "parameter" and re.match(r"\s*(\d+)", i.args)}
   users = {}
   for i in comp.instructions:
-    for operand in _operand_names(i.args):
-      users.setdefault(operand, []).append(i)
+    for pos, operand in enumerate(_operand_names(i.args)):
+      users.setdefault(operand, []).append((i, pos))
   out = {}
   for pname, index in params.items():
-    uses = users.get(pname, [])
-    if uses and all(u.opcode == "dynamic-slice" and _operand_names(u.args)[0] == pname
-                    for u in uses):
-      out[index] = sum(shape_bytes(u.result) for u in uses)
-    elif uses and all(u.opcode == "dynamic-update-slice" and _operand_names(u.args)[0] == pname
-                      for u in uses):
-      out[index] = 0   # the buffer updated in place: only the update moves
-  root = comp.instructions[-1] if comp.instructions else None
-  if root is not None and root.opcode == "dynamic-update-slice":
-    update = _operand_names(root.args)[1:2]
-    out["root"] = shape_bytes(comp.types.get(update[0], "")) if update else 0
+    read = _read_through(users.get(pname, []), comps, cache)
+    if read is not None:
+      out[index] = read
+  root = next((i for i in comp.instructions if i.name == _root_name(comp)), None)
+  if root is not None and any(i.opcode == "dynamic-update-slice" for i in comp.instructions):
+    out["root"] = _written_bytes(root, comp)
+  cache[comp.name] = out
   return out
 
 
-def _traffic(instr: Instruction, comp: Computation, comps: dict) -> int:
+def _read_through(uses: list, comps: dict, cache: dict) -> int | None:
+  """Bytes a value's `uses` [(instruction, operand position)] read of it when each reads a
+  slice (or writes one in place); None when any reads it whole."""
+  total = 0
+  for user, pos in uses:
+    if user.opcode in ("dynamic-slice", "dynamic-update-slice") and pos == 0:
+      total += shape_bytes(user.result) if user.opcode == "dynamic-slice" else 0
+    elif user.opcode == "fusion":
+      called = _CALLS_RE.findall(user.args)
+      nested = (_sliced_params(comps[called[0]], comps, cache)
+                if called and called[0] in comps else {})
+      if pos not in nested:
+        return None
+      total += nested[pos]
+    else:
+      return None
+  return total if uses else None
+
+
+def _root_name(comp: Computation) -> str | None:
+  return comp.root or (comp.instructions[-1].name if comp.instructions else None)
+
+
+def _written_bytes(instr: Instruction, comp: Computation) -> int:
+  """Bytes a fusion's root writes: a dynamic-update-slice (through bitcasts, inside a tuple)
+  writes only its update."""
+  defs = {i.name: i for i in comp.instructions}
+  if instr.opcode == "tuple":
+    return sum(_written_bytes(defs[n], comp) if n in defs else 0
+               for n in _operand_names(instr.args))
+  while instr.opcode == "bitcast" and _operand_names(instr.args)[0] in defs:
+    instr = defs[_operand_names(instr.args)[0]]
+  if instr.opcode == "dynamic-update-slice":
+    update = _operand_names(instr.args)[1:2]
+    return shape_bytes(comp.types.get(update[0], "")) if update else 0
+  return shape_bytes(instr.result, hbm_only=True)
+
+
+def _traffic(instr: Instruction, comp: Computation, comps: dict, cache: dict) -> int:
   """HBM bytes one run of a top-level instruction of `comp` reads and writes."""
   if instr.opcode in _NO_TRAFFIC:
     return 0
-  sizes = operand_sizes(instr, comp)
-  result = shape_bytes(instr.result)
+  sizes = operand_sizes(instr, comp, hbm_only=True)
+  result = shape_bytes(instr.result, hbm_only=True)
   if instr.opcode == "dynamic-slice":
     return 2 * result
   if instr.opcode == "dynamic-update-slice":
     return 2 * (sizes[1] if len(sizes) > 1 else result)
   if instr.opcode == "fusion":
     called = _CALLS_RE.findall(instr.args)
-    sliced = _sliced_params(comps[called[0]]) if called and called[0] in comps else {}
+    sliced = (_sliced_params(comps[called[0]], comps, cache)
+              if called and called[0] in comps else {})
     sizes = [sliced.get(k, s) for k, s in enumerate(sizes)]
     result = sliced.get("root", result)
   return sum(sizes) + result
@@ -345,16 +410,16 @@ def walk(hlo_text: str, num_devices: int) -> StepCounts:
   comps, entry = parse_computations(hlo_text)
   runs = multiplicities(comps, entry)
   flops = hbm = 0.0
-  loops = []
+  loops, cache = [], {}
   for name, (times, fused) in runs.items():
     for instr in comps[name].instructions:
       if instr.opcode in ("dot", "convolution"):
         flops += times * _dot_flops(instr, comps[name])
       if not fused:
-        hbm += times * _traffic(instr, comps[name], comps)
+        hbm += times * _traffic(instr, comps[name], comps, cache)
       if instr.opcode == "while":
         body = re.search(r"body=%?([\w.\-]+)", instr.args)
-        loops.append((body.group(1) if body else "?", trip_count(instr, comps)))
+        loops.append((body.group(1) if body else "?", trip_count(instr, comps)))   # None: runtime
   return StepCounts(flops, hbm, collectives(comps, runs, num_devices), loops)
 
 
