@@ -211,3 +211,100 @@ def test_convolution_flops_count_only_real_window_taps():
   grad = hlo_walk.Instruction("g", "convolution", "f32[14336,4096,1]",
                               "%a, %b), window={size=4}, dim_labels=0fb_0io->fb0")
   assert hlo_walk._dot_flops(grad, comp) == 2 * 14336 * 4096 * 4096 * 4
+
+
+NESTED_SLICE = """HloModule m
+
+%inner (param_0.1: f32[32,1024], param_1.1: s32[]) -> f32[1,1024] {
+  %param_0.1 = f32[32,1024]{1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%param_0.1, %param_1.1, %z), dynamic_slice_sizes={1,1024}
+}
+
+%outer (param_0: f32[32,1024], param_1: s32[], param_2: f32[1,1024]) -> f32[1,1024] {
+  %param_0 = f32[32,1024]{1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %param_2 = f32[1,1024]{1,0} parameter(2)
+  %f = f32[1,1024]{1,0} fusion(%param_0, %param_1), kind=kLoop, calls=%inner
+  ROOT %a = f32[1,1024]{1,0} add(%f, %param_2)
+}
+
+%kv_body (p: (s32[], s32[], f32[32,1024], f32[1,1024])) -> (s32[], s32[], f32[32,1024], f32[1,1024]) {
+  %p = (s32[], s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] get-tuple-element(%p), index=1
+  %w = f32[32,1024]{1,0} get-tuple-element(%p), index=2
+  %acc = f32[1,1024]{1,0:S(1)} get-tuple-element(%p), index=3
+  %new = f32[1,1024]{1,0:S(1)} fusion(%w, %i, %acc), kind=kLoop, calls=%outer
+  ROOT %t = (s32[], s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) tuple(%i, %n, %w, %new)
+}
+
+%kv_cond (p: (s32[], s32[], f32[32,1024], f32[1,1024])) -> pred[] {
+  %p = (s32[], s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%q_body (p: (s32[], f32[32,1024], f32[1,1024])) -> (s32[], f32[32,1024], f32[1,1024]) {
+  %p = (s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[32,1024]{1,0} get-tuple-element(%p), index=1
+  %acc = f32[1,1024]{1,0} get-tuple-element(%p), index=2
+  %z = s32[] constant(0)
+  %t0 = (s32[], s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) tuple(%z, %i, %w, %acc)
+  %kv = (s32[], s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) while(%t0), condition=%kv_cond, body=%kv_body
+  ROOT %t = (s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) tuple(%i, %w, %acc)
+}
+
+%q_cond (p: (s32[], f32[32,1024], f32[1,1024])) -> pred[] {
+  %p = (s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (w: f32[32,1024], a: f32[1,1024]) -> f32[1,1024] {
+  %w = f32[32,1024]{1,0} parameter(0)
+  %a = f32[1,1024]{1,0} parameter(1)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) tuple(%z, %w, %a)
+  %q = (s32[], f32[32,1024]{1,0}, f32[1,1024]{1,0}) while(%t), condition=%q_cond, body=%q_body
+  ROOT %out = f32[1,1024]{1,0} get-tuple-element(%q), index=2
+}
+"""
+
+
+def test_runtime_bounded_loop_is_a_causal_triangle_and_vmem_is_not_hbm():
+  counts = hlo_walk.walk(NESTED_SLICE, num_devices=1)
+  assert sorted(counts.loops) == [("kv_body", None), ("q_body", 8)]
+  comps, entry = hlo_walk.parse_computations(NESTED_SLICE)
+  assert hlo_walk.multiplicities(comps, entry)["kv_body"] == (8 * 4.5, False)   # 8 x (8+1)/2
+  # Each kv step: the 4 KiB row the nested fusion slices out of the 128 KiB stack, and the
+  # s32 index; the accumulator in and out lives in VMEM (S(1)).
+  assert counts.hbm_bytes == 36 * (4096 + 4)
+
+
+def test_megascale_sends_are_cross_slice_collectives():
+  # A 2-slice program is one slice's (num_partitions=8); its data-parallel gradient reduction
+  # across slices is a host-transfer send to the megascale runtime.
+  hlo = """HloModule m, num_partitions=8
+
+ENTRY %main (g: f32[1024,256]) -> f32[1024,256] {
+  %g = f32[1024,256]{1,0} parameter(0)
+  %a = token[] after-all()
+  %send = (f32[1024,256]{1,0}, u32[], token[]) send(%g, %a), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target="{1,2}x{0:7}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %r = f32[1024,256]{1,0} all-reduce(%g), channel_id=4, replica_groups={}, to_apply=%add
+  ROOT %o = f32[1024,256]{1,0} copy(%r)
+}
+"""
+  counts = hlo_walk.walk(hlo, num_devices=16)
+  across = [c for c in counts.collectives if c.dcn_slices]
+  assert [(c.kind, c.operand_bytes, c.dcn_slices) for c in across] == [("all-reduce", 2**20, 2)]
+  within = next(c for c in counts.collectives if not c.dcn_slices)
+  assert within.groups.shape == (1, 8)      # the slice's 8, not all 16
+  pred = step_model.predict(counts, topologies.CHIPS["v5p"], None, 1.0, 1e9)
+  assert pred["dcn_bytes_per_device"] == 2**20          # 2 x (2-1)/2 x 1 MiB
+  assert pred["dcn_s"] == pytest.approx(2**20 / (50e9 / 8))
+  assert pred["ici_bytes_per_device"] == 2 * 7 / 8 * 2**20

@@ -4,12 +4,14 @@ XLA's cost analysis and a regex over the HLO text both count a loop body once: w
 layers (model.scan_layers) the 32 blocks of an 8B model are one while body, so a static count
 sees one layer's weight all-gathers and one layer's FLOPs. This module splits the text into
 computations, follows the calls from ENTRY (while bodies run their known trip count; fusions,
-calls and branches run once per caller run) and gives every instruction a multiplicity, then
-sums per step:
-- collectives: kind, result and operand bytes, replica groups, times run;
-- FLOPs of dots and convolutions (2 x output elements x contracted size);
+calls and branches run once per caller run; a loop bounded at runtime, such as the causal
+block attention's key loop, is a causal triangle) and gives every instruction a multiplicity,
+then sums per step:
+- collectives: kind, operand bytes, replica groups, times run;
+- FLOPs of dots and convolutions (2 x output elements x contracted size x real window taps);
 - HBM bytes: operands + results of each top-level instruction (a fusion reads its operands and
-  writes its result once; what happens inside a fusion stays on chip), as XLA's cost model does.
+  writes its result once; what happens inside a fusion stays on chip), without buffers XLA:TPU
+  placed in VMEM, and only the slices read of operands a fusion dynamic-slices.
 """
 import dataclasses
 import math
@@ -242,6 +244,9 @@ class Collective:
   # An all-reduce of shards written into zeros (dynamic-update-slice): an all-gather in effect.
   # XLA:TPU compiles the FSDP weight gathers of a scanned layer this way.
   gather_like: bool = False
+  # Across slices: a multi-slice program reaches other slices through host-transfer sends to
+  # the megascale runtime (_xla_megascale_transfer_type), over DCN; this many slices take part.
+  dcn_slices: int = 0
 
 
 def _kind(opcode: str) -> str | None:
@@ -266,11 +271,32 @@ def _writes_into(instr: Instruction, comp: Computation, comps: dict) -> bool:
   return False
 
 
+_MEGASCALE_RE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_MEGASCALE_TARGET_RE = re.compile(r'_xla_megascale_target="\{([\d,]*)\}')
+
+
+def _megascale(instr: Instruction, comp: Computation) -> Collective | None:
+  """A cross-slice collective (the send half of a megascale transfer), or None."""
+  kind = _MEGASCALE_RE.search(instr.args) if instr.opcode == "send" else None
+  if not kind:
+    return None
+  target = _MEGASCALE_TARGET_RE.search(instr.args)
+  slices = len(target.group(1).split(",")) if target else 2
+  return Collective(kind.group(1).lower().replace("_", "-"),
+                    sum(operand_sizes(instr, comp)[:1]), None, 1, comp.name,
+                    dcn_slices=slices)
+
+
 def collectives(comps: dict, runs: dict, num_devices: int) -> list[Collective]:
-  """Every collective instruction (an async pair once, at its -start) with its runs per step."""
+  """Every collective instruction (an async pair once, at its -start) with its runs per step,
+  cross-slice ones included."""
   out = []
   for name, (times, _) in runs.items():
     for instr in comps[name].instructions:
+      across = _megascale(instr, comps[name])
+      if across is not None and across.kind in COLLECTIVES:
+        out.append(dataclasses.replace(across, times=times))
+        continue
       kind = _kind(instr.opcode)
       if kind:
         out.append(Collective(
@@ -406,7 +432,10 @@ class StepCounts:
 
 
 def walk(hlo_text: str, num_devices: int) -> StepCounts:
-  """FLOPs, HBM bytes and collectives per device per step of a compiled module's text."""
+  """FLOPs, HBM bytes and collectives per device per step of a compiled module's text. A
+  multi-slice program covers one slice (num_partitions): its replica groups count within it."""
+  partitions = re.search(r"num_partitions=(\d+)", hlo_text[:5000])
+  num_devices = min(num_devices, int(partitions.group(1))) if partitions else num_devices
   comps, entry = parse_computations(hlo_text)
   runs = multiplicities(comps, entry)
   flops = hbm = 0.0

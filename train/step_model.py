@@ -43,8 +43,12 @@ class Layout:
 
   @classmethod
   def of_mesh(cls, mesh) -> "Layout":
-    """The program's logical ids are the mesh's devices in row-major order."""
+    """The program's logical ids are the mesh's devices in row-major order; a multi-slice
+    program is one slice's (its cross-slice transfers are separate, see hlo_walk)."""
     flat = list(np.asarray(mesh.devices).flat)
+    first = getattr(flat[0], "slice_index", None)
+    if len({getattr(d, "slice_index", None) for d in flat}) > 1:
+      flat = [d for d in flat if d.slice_index == first]
     return cls(tuple(getattr(d, "slice_index", 0) or 0 for d in flat),
                tuple(tuple(getattr(d, "coords", ()) or ()) for d in flat))
 
@@ -52,6 +56,9 @@ class Layout:
 def split(c: hlo_walk.Collective, layout: Layout | None, dims: int) -> tuple:
   """(ICI bytes, DCN bytes, fraction of the chip's ICI ports the group drives) sent per device
   per run of collective `c`."""
+  if c.dcn_slices:   # a megascale transfer: this device's operand, ring over the slices
+    full = c.operand_bytes * (c.dcn_slices if c.kind == "all-gather" else 1)
+    return 0.0, link_bytes(c.kind, full, c.dcn_slices), 1.0
   group = c.groups[0] if c.groups is not None and len(c.groups) else np.arange(1)
   if c.kind == "collective-permute":
     pairs = c.groups if c.groups is not None else np.zeros((0, 2), int)

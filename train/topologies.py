@@ -199,7 +199,7 @@ _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 def count_collectives(hlo_text: str) -> dict:
   """Collective instructions in compiled HLO text, by kind (an async pair counts once: its
   -start). Static counts: a collective inside a loop (scanned layers, grad accumulation) is
-  one instruction however often it runs."""
+  one instruction however often it runs; train/hlo_walk.py counts the runs per step."""
   counts = dict.fromkeys(COLLECTIVES, 0)
   for match in _COLLECTIVE_RE.finditer(hlo_text):
     counts[match.group(1)] += 1
