@@ -26,20 +26,21 @@ import time
 
 from absl import app, flags
 
+from bench import tpu_table
 from model import errors
 from model import log_setup
 
 _PRESET = flags.DEFINE_string("preset", "llama3_8b", "configs/legal_pretrain.py preset")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e-256", "TPU slice name (2xv5p-128: 2 slices)")
 _BUDGET = flags.DEFINE_integer("budget_s", 1800, "Stop compiling after this many seconds.")
-_TIMEOUT = flags.DEFINE_integer("timeout", 600, "Seconds per candidate compile.")
+_TIMEOUT = flags.DEFINE_integer("candidate_timeout", 600, "Seconds per candidate compile.")
 _MAX_TENSOR = flags.DEFINE_integer("max_tensor", 8, "Largest tensor-parallel axis tried.")
 _LADDER = flags.DEFINE_integer("ladder", 3, "Plans tried per mesh at most (fastest estimate "
                                "first).")
 _ACCUM = flags.DEFINE_list("grad_accum", ["1", "2", "4"], "Micro-batch counts tried.")
-_SEQ = flags.DEFINE_integer("seq_len", 0, "config.data.seq_len; 0: the preset's.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global rows; 0: the preset's.")
-_OUT = flags.DEFINE_string("out", "autoplan", "Appends compiled candidates to <out>.jsonl.")
+_SEQ, _BATCH = tpu_table._SEQ, tpu_table._BATCH   # --seq_len, --batch_size: shared flags
+_OUT = flags.DEFINE_string("plan_out", "autoplan", "Appends compiled candidates to "
+                           "<plan_out>.jsonl.")
 
 REMATS = ("none", "dots", "full")        # least recompute first
 RECOMPUTE = {"none": 1.0, "dots": 1.05, "full": 4 / 3}   # executed / model FLOPs (matmuls)
@@ -209,7 +210,6 @@ def candidates(config, model_cfg, tpu_slice, tokens: int, flops: float) -> tuple
 def main(argv):
   del argv
   log_setup.quiet_libraries()
-  from bench import tpu_table
   config, model_cfg, tpu_slice, tokens, flops = _setup(_PRESET.value, _TOPOLOGY.value)
   order, dropped = candidates(config, model_cfg, tpu_slice, tokens, flops)
   total = sum(len(ladder) for _, ladder in order)
