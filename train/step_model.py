@@ -103,7 +103,7 @@ def predict(counts: hlo_walk.StepCounts, chip, layout: Layout | None, devices_pe
   times = {"compute": flops / peak, "memory": counts.hbm_bytes / hbm_bw,
            "ici": ici_s, "dcn": dcn_s}
   comm = ici_s + dcn_s
-  best = max(times["compute"], times["memory"], comm)
+  best = max(times["compute"], times["memory"], comm, 1e-12)   # > 0 for an empty program
   worst = times["compute"] + times["memory"] + comm
   bound = max(("compute", "memory", "communication"),
               key=lambda k: comm if k == "communication" else times[k])
