@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 
 from absl import app, flags
@@ -216,11 +217,17 @@ def main(argv):
   print(f"{_PRESET.value} on {_TOPOLOGY.value}: {len(order)} meshes, {total} plans to try "
         f"({dropped} dropped by the memory floor); budget {_BUDGET.value} s", flush=True)
   data = {"seq_len": _SEQ.value, "batch_size": _BATCH.value}
-  rows, start = [], time.time()
+  rows, start, done = [], time.time(), _earlier(_OUT.value + ".jsonl")
   for mesh, ladder in order:
     for plan in ladder[:_LADDER.value]:
       if time.time() - start > _BUDGET.value:
         break
+      if _key(plan.mesh_dict, plan.remat, plan.grad_accum_steps) in done:   # a re-run resumes
+        row = done[_key(plan.mesh_dict, plan.remat, plan.grad_accum_steps)]
+        rows.append(row)
+        if row.get("fits"):
+          break
+        continue
       point = dict(preset=_PRESET.value, topology=_TOPOLOGY.value, remat=plan.remat,
                    sharding="plan", mesh=plan.mesh_dict, plan_mesh=plan.mesh_dict,
                    grad_accum_steps=plan.grad_accum_steps, scan=True,
@@ -237,6 +244,19 @@ def main(argv):
       if row.get("fits"):
         break   # the rest of this mesh's ladder is estimated slower
   print(report(rank(rows), _PRESET.value, _TOPOLOGY.value, data, len(rows)))
+
+
+def _key(mesh: dict, remat: str, accum: int) -> str:
+  return json.dumps([sorted(mesh.items()), remat, accum])
+
+
+def _earlier(path: str) -> dict:
+  """Rows an earlier run of the same --plan_out compiled, by plan."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {_key(r["plan_mesh"], r["remat"], r.get("grad_accum_steps") or 1): r for r in rows}
 
 
 def report(ranked: list, preset: str, topology: str, data: dict, tried: int) -> str:
