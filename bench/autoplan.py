@@ -9,7 +9,7 @@ process with a timeout (bench/tpu_table.run_point); what does not fit is dropped
 that fit are ranked by predicted step time (train/step_model.py), with the train.main command
 for the best.
 
-Pruning, so an 8B on 256 chips finishes in about 30 minutes on a 2-core host:
+Pruning, so the search spends a time budget on the plans most likely to win:
 - divisibility: the batch over data x fsdp x micro-batches, heads / kv heads / MLP over tensor;
 - a memory floor: f32 params + AdamW moments + gradients (16 bytes a parameter) over the axes
   that shard them, plus the saved activations at 80% of the per-token bytes measured in

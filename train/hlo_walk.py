@@ -19,15 +19,12 @@ import re
 
 import numpy as np
 
+from train.hlo_text import (Computation, Instruction, operand_names, operand_sizes,
+                            operand_text, parse_computations, replica_groups, shape_bytes,
+                            shapes)
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
-_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-          "c128": 16}
-_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([0-9,]*)\]")
-_LAYOUT_RE = re.compile(r"\{[^{}]*\}")
-_HEADER_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _CALLS_RE = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computation)="
                        r"%?([\w.\-]+)")
 _BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
@@ -39,68 +36,6 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
                "opt-barrier", "add-dependency", "copy-done", "all-gather-done",
                "all-reduce-done", "collective-permute-done", "async-done", "async-update",
                "send-done", "recv-done"}
-
-
-def shape_bytes(text: str, hbm_only: bool = False) -> int:
-  """Bytes of every array shape in `text` (a tuple's elements add up). `hbm_only` skips
-  buffers XLA:TPU placed in on-chip memory: a layout marked S(1) (memory space 1, VMEM)."""
-  total = 0
-  for found in _SHAPE_RE.finditer(text):
-    if hbm_only and _LAYOUT_RE.match(text, found.end()) and "S(1)" in _LAYOUT_RE.match(
-        text, found.end()).group(0):
-      continue
-    dtype, dims = found.groups()
-    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    total += int(n * _BYTES.get(dtype, 1))
-  return total
-
-
-def _shapes(text: str) -> list[tuple[int, ...]]:
-  return [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE_RE.findall(text)]
-
-
-@dataclasses.dataclass
-class Instruction:
-  name: str
-  opcode: str
-  result: str      # the result type text, e.g. "bf16[8,512]{1,0}" or a tuple
-  args: str        # everything after the opening parenthesis: operands, then attributes
-
-
-@dataclasses.dataclass
-class Computation:
-  name: str
-  instructions: list
-  types: dict = dataclasses.field(default_factory=dict)   # instruction name -> result type
-  root: str | None = None
-
-
-def parse_computations(hlo_text: str) -> tuple[dict, str]:
-  """({name: Computation}, entry name) of an HLO module's text."""
-  comps, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    header = _HEADER_RE.match(line)
-    if header:
-      current = Computation(header.group(2), [])
-      comps[current.name] = current
-      if header.group(1):
-        entry = current.name
-      continue
-    if current is None:
-      continue
-    if line.strip() == "}":
-      current = None
-      continue
-    found = _INSTR_RE.match(line)
-    if found:
-      instr = Instruction(found.group(1), found.group(3), found.group(2), found.group(4))
-      current.instructions.append(instr)
-      if line.lstrip().startswith("ROOT "):
-        current.root = instr.name
-      current.types[instr.name] = instr.result
-  if entry is None:
-    raise ValueError("HLO text has no ENTRY computation")
-  return comps, entry
 
 
 def trip_count(instr: Instruction, comps: dict) -> int | None:
@@ -175,65 +110,6 @@ def multiplicities(comps: dict, entry: str) -> dict:
   return {name: r for name, r in reached.items() if r[0] > 0}
 
 
-def replica_groups(args: str, num_devices: int) -> np.ndarray | None:
-  """A collective's groups as a [groups, size] array of logical device ids, from any spelling:
-  {{0,1},{2,3}}; the iota form [2,2]<=[4] / [2,2]<=[2,2]T(1,0); the mesh form
-  mesh['data'=2,'fsdp'=4] {'fsdp'}; source_target_pairs (a permute's pairs). An empty
-  replica_groups={} is all devices in one group."""
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", args)
-  if mesh:
-    axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
-    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-    grouped = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
-    rest = [i for i in range(len(names)) if i not in grouped]
-    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(rest + grouped)
-    return ids.reshape(-1, math.prod(sizes[i] for i in grouped))
-  iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", args)
-  if iota:
-    shape = [int(x) for x in iota.group(1).split(",")]
-    dims = [int(x) for x in iota.group(2).split(",")]
-    ids = np.arange(math.prod(dims)).reshape(dims)
-    if iota.group(3):
-      ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
-    return ids.reshape(shape[0], -1)
-  listed = re.search(r"replica_groups=\{(\{[\d,\s]*\}(?:\s*,\s*\{[\d,\s]*\})*)?\}", args)
-  if listed and listed.group(1):
-    groups = [[int(x) for x in g.split(",") if x.strip()]
-              for g in re.findall(r"\{([\d,\s]*)\}", listed.group(1))]
-    return np.array(groups)
-  pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", args)
-  if pairs:
-    return np.array([[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(0))])
-  return np.arange(num_devices)[None, :] if num_devices else None
-
-
-def _operand_text(args: str) -> str:
-  """The operand list at the start of `args` (up to its closing parenthesis; layouts such as
-  {1,0:T(8,128)(2,1)} hold balanced parentheses of their own)."""
-  depth = 0
-  for i, ch in enumerate(args):
-    if ch == "(":
-      depth += 1
-    elif ch == ")":
-      if depth == 0:
-        return args[:i]
-      depth -= 1
-  return args
-
-
-def _operand_names(args: str) -> list[str]:
-  return re.findall(r"%([\w.\-]+)", _operand_text(args))
-
-
-def operand_sizes(instr: Instruction, comp: Computation, hbm_only: bool = False) -> list[int]:
-  """Bytes of each operand: from the shapes printed with the operands where the text has them
-  (older XLA), else from the defining instructions' result types in `comp`."""
-  text = _operand_text(instr.args)
-  if _SHAPE_RE.search(text):
-    return [shape_bytes(o, hbm_only) for o in re.split(r",\s*(?=[a-z]\w*\[|\()", text)]
-  return [shape_bytes(comp.types.get(n, ""), hbm_only) for n in _operand_names(instr.args)]
-
-
 @dataclasses.dataclass
 class Collective:
   kind: str               # one of COLLECTIVES
@@ -258,7 +134,7 @@ def _writes_into(instr: Instruction, comp: Computation, comps: dict) -> bool:
   """Whether an operand of `instr` comes out of a dynamic-update-slice (itself or a fusion that
   holds one)."""
   defs = {i.name: i for i in comp.instructions}
-  for operand in _operand_names(instr.args):
+  for operand in operand_names(instr.args):
     d = defs.get(operand)
     if d is None:
       continue
@@ -307,9 +183,9 @@ def collectives(comps: dict, runs: dict, num_devices: int) -> list[Collective]:
 
 
 def _dot_flops(instr: Instruction, comp: Computation) -> float:
-  out = math.prod(_shapes(instr.result)[0]) if _shapes(instr.result) else 0
-  operands = _shapes(_operand_text(instr.args)) or [
-      (_shapes(comp.types.get(n, "")) or [()])[0] for n in _operand_names(instr.args)]
+  out = math.prod(shapes(instr.result)[0]) if shapes(instr.result) else 0
+  operands = shapes(operand_text(instr.args)) or [
+      (shapes(comp.types.get(n, "")) or [()])[0] for n in operand_names(instr.args)]
   if instr.opcode == "dot" and operands:
     dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.args)
     contracted = [int(d) for d in dims.group(1).split(",") if d] if dims else []
@@ -352,7 +228,7 @@ def _sliced_params(comp: Computation, comps: dict, cache: dict) -> dict:
             if i.opcode == "parameter" and re.match(r"\s*(\d+)", i.args)}
   users = {}
   for i in comp.instructions:
-    for pos, operand in enumerate(_operand_names(i.args)):
+    for pos, operand in enumerate(operand_names(i.args)):
       users.setdefault(operand, []).append((i, pos))
   out = {}
   for pname, index in params.items():
@@ -395,11 +271,11 @@ def _written_bytes(instr: Instruction, comp: Computation) -> int:
   defs = {i.name: i for i in comp.instructions}
   if instr.opcode == "tuple":
     return sum(_written_bytes(defs[n], comp) if n in defs else 0
-               for n in _operand_names(instr.args))
-  while instr.opcode == "bitcast" and _operand_names(instr.args)[0] in defs:
-    instr = defs[_operand_names(instr.args)[0]]
+               for n in operand_names(instr.args))
+  while instr.opcode == "bitcast" and operand_names(instr.args)[0] in defs:
+    instr = defs[operand_names(instr.args)[0]]
   if instr.opcode == "dynamic-update-slice":
-    update = _operand_names(instr.args)[1:2]
+    update = operand_names(instr.args)[1:2]
     return shape_bytes(comp.types.get(update[0], "")) if update else 0
   return shape_bytes(instr.result, hbm_only=True)
 
