@@ -28,10 +28,12 @@ from model import errors
 from model import log_setup
 
 GiB = 2 ** 30
-SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves
+SHARDINGS = {  # mesh axes: fsdp over what the tensor axis leaves; on a multi-slice topology
+    # (2xv5p-128) data spans the slices over DCN unless the layout says otherwise
     "fsdp": dict(data=1, fsdp=-1, tensor=1),
     "fsdp_tensor4": dict(data=1, fsdp=-1, tensor=4),
     "fsdp_tensor8": dict(data=1, fsdp=-1, tensor=8),
+    "fsdp_over_dcn": dict(data=1, fsdp=-1, tensor=1, dcn_fsdp="slices"),
 }
 
 _PRESETS = flags.DEFINE_list("presets", ["base", "llama3_8b"],
@@ -45,28 +47,41 @@ _LAYERS = flags.DEFINE_list("layers", [], "Compile these depths and extrapolate 
 _SCAN = flags.DEFINE_bool("scan", True, "config.model.scan_layers (one scanned block).")
 _OUT = flags.DEFINE_string("out", "tpu_table", "Writes <out>.jsonl and <out>.md.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds per compile.")
+_SEQ = flags.DEFINE_integer("seq_len", 0, "config.data.seq_len; 0: the preset's.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "config.data.batch_size (global rows); 0: the "
+                              "preset's.")
 _ONE = flags.DEFINE_string("one", None, "Internal: compile one point (JSON) and print its row.")
 
 
 def compile_point(point: dict) -> dict:
   """train/aot.report for one point, in this process (needs libtpu)."""
   from configs import legal_pretrain
-  from train import aot
+  from train import aot, topologies
   config = legal_pretrain.get_config(point["preset"])
   config.model.remat = point["remat"]
   config.model.scan_layers = point.get("scan", True)
-  config.mesh.update(SHARDINGS[point["sharding"]])
+  slices = topologies.parse(point["topology"]).num_slices
+  layout = point.get("mesh") or SHARDINGS[point["sharding"]]   # an explicit mesh: the planner's
+  layout = {k: slices if v == "slices" else v for k, v in layout.items()}
+  layout.setdefault("dcn_data", 1 if "dcn_fsdp" in layout else slices)
+  config.mesh.update(layout)
+  for key in ("seq_len", "batch_size"):
+    if point.get(key):
+      config.data[key] = point[key]
+  config.optim.grad_accum_steps = point.get("grad_accum_steps") or 1
   if point.get("num_layers"):
     config.model.num_layers = point["num_layers"]
   return aot.report(config, topology=point["topology"])
 
 
-def _run(point: dict) -> dict:
+def run_point(point: dict, timeout: float) -> dict:
+  """compile_point in a child process (a hang or crash costs this point only): its row, or the
+  point with an error."""
   cmd = [sys.executable, "-m", "bench.tpu_table", f"--one={json.dumps(point)}"]
   try:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return {**point, "error": f"compile did not finish in {_TIMEOUT.value} s"}
+    return {**point, "error": f"compile did not finish in {timeout:.0f} s"}
   rows = [line for line in res.stdout.splitlines() if line.startswith("ROW ")]
   if res.returncode or not rows:
     lines = res.stderr.strip().splitlines() or ["no output"]
@@ -99,16 +114,19 @@ def _gib(mem: dict, key: str) -> str:
 
 def table(rows: list[dict], layers: list[int]) -> str:
   lines = ["| preset | slice | remat | sharding | mesh | depth | arguments GiB | temp GiB "
-           "| total GiB | HBM GiB | fits | compile s |", "|" + " --- |" * 12]
+           "| total GiB | HBM GiB | fits | compile s | predicted step ms (overlap / none) "
+           "| bound | tokens/s/chip | MFU bound |", "|" + " --- |" * 16]
   groups = {}
   for r in rows:
-    key = (r["preset"], r["topology"], r["remat"], r["sharding"])
+    key = (r["preset"], r["topology"], r["remat"], r["sharding"], r.get("seq_len"),
+           r.get("batch_size"))
     groups.setdefault(key, {})[r.get("num_layers") or 0] = r
-  for (preset, topo, remat, sharding), by_depth in groups.items():
+  for (preset, topo, remat, sharding, seq, batch), by_depth in groups.items():
+    label = f"{preset} (seq {seq or '-'}, batch {batch or '-'})" if seq or batch else preset
     errors = [r["error"] for r in by_depth.values() if "error" in r]
     if errors:
-      lines.append(f"| {preset} | {topo} | {remat} | {sharding} | | | | | | | error: "
-                   f"{errors[0][:80]} | |")
+      lines.append(f"| {label} | {topo} | {remat} | {sharding} | | | | | | | error: "
+                   f"{errors[0][:80]} | | | | | |")
       continue
     if len(layers) == 2:
       if not all(d in by_depth for d in layers):
@@ -125,11 +143,21 @@ def table(rows: list[dict], layers: list[int]) -> str:
     over = mem.get("total_bytes", mem["temp_size_in_bytes"]) - first["hbm_per_device_bytes"]
     fits = "yes" if mem["fits"] else f"no, by {max(over, 0) / GiB:.1f}+ GiB"
     lines.append(
-        f"| {preset} | {topo} | {remat} | {sharding} | {mesh} | {depth} | "
+        f"| {label} | {topo} | {remat} | {sharding} | {mesh} | {depth} | "
         f"{_gib(mem, 'argument_size_in_bytes')} | {_gib(mem, 'temp_size_in_bytes')}{note} | "
         f"{_gib(mem, 'total_bytes')} | {first['hbm_per_device_bytes'] / GiB:.0f} | "
-        f"{fits} | {secs:.0f} |")
+        f"{fits} | {secs:.0f} | {_prediction(first)} |")
   return "\n".join(lines) + "\n"
+
+
+def _prediction(row: dict) -> str:
+  """The step-time columns (train/step_model.py), blank where the compile gave none."""
+  if "predicted_step_s" not in row:
+    return " | | |"
+  per_chip = row["tokens_per_step"] / row.get("chips", row["devices"])
+  return (f"{1e3 * row['predicted_step_s']:.0f} / {1e3 * row['predicted_step_no_overlap_s']:.0f}"
+          f" | {row['bound']} | {per_chip / row['predicted_step_s']:,.0f} | "
+          f"{100 * row['mfu_bound']:.0f}%")
 
 
 def main(argv):
@@ -151,17 +179,19 @@ def main(argv):
     with open(path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
   done = {json.dumps({k: r.get(k) for k in ("preset", "topology", "remat", "sharding",
-                                            "num_layers", "scan")}, sort_keys=True) for r in rows}
+                                            "num_layers", "scan", "seq_len", "batch_size")},
+                     sort_keys=True) for r in rows}
   for preset in _PRESETS.value:
     for topology in _TOPOLOGIES.value:
       for sharding in _SHARDINGS.value:
         for remat in _REMAT.value:
           for depth in layers or [None]:
             point = dict(preset=preset, topology=topology, remat=remat, sharding=sharding,
-                         num_layers=depth, scan=_SCAN.value)
+                         num_layers=depth, scan=_SCAN.value, seq_len=_SEQ.value or None,
+                         batch_size=_BATCH.value or None)
             if json.dumps(point, sort_keys=True) in done:
               continue
-            row = _run(point)
+            row = run_point(point, _TIMEOUT.value)
             rows.append(row)
             with open(path, "a") as f:
               f.write(json.dumps(row, default=str) + "\n")

@@ -111,6 +111,10 @@ def _mesh() -> ml_collections.ConfigDict:
   m.fsdp = 1
   m.context = 1     # > 1: the sequence is split over this many devices (context parallelism)
   m.tensor = 1
+  # Multi-slice: how many slices each axis spans over the data center network (DCN); the sizes
+  # above are then per slice, and an axis's full size is the product (train/config_check.py).
+  m.dcn_data = 1
+  m.dcn_fsdp = 1
   return m
 
 

@@ -45,8 +45,28 @@ LOGICAL_RULES = (
 )
 
 
+def dcn_shape(mesh_cfg) -> tuple[int, ...]:
+  """Per axis, how many slices it spans over the data center network: config.mesh.dcn_<axis>
+  (dcn_data, dcn_fsdp, ...; absent = 1). The axis's full size is its in-slice size times this."""
+  sizes = tuple(int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES)
+  bad = [f"config.mesh.dcn_{a}={n}" for a, n in zip(MESH_AXES, sizes) if n < 1]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: a DCN (across-slice) axis size must be >= 1")
+  return sizes
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Axis sizes from config; one axis may be -1 (all remaining devices)."""
+  """Axis sizes from config, DCN (across-slice) factors included; one in-slice axis may be -1
+  (all remaining devices of a slice)."""
+  dcn = dcn_shape(mesh_cfg)
+  if num_devices % math.prod(dcn):
+    raise ValueError(f"config.mesh dcn_* multiply to {math.prod(dcn)} slices, which does not "
+                     f"divide the {num_devices} devices")
+  return tuple(d * s for d, s in zip(dcn, _ici_shape(mesh_cfg, num_devices // math.prod(dcn))))
+
+
+def _ici_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """In-slice axis sizes over one slice's `num_devices`."""
   sizes = [int(mesh_cfg[a] if a in mesh_cfg or a not in _OPTIONAL_AXES else _OPTIONAL_AXES[a])
            for a in MESH_AXES]
   wild = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
@@ -71,14 +91,37 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
+  dcn = dcn_shape(mesh_cfg)
+  slices = {getattr(d, "slice_index", None) for d in devices} - {None}
+  if len(slices) > 1 and len(slices) != math.prod(dcn):
+    raise ValueError(f"the devices come from {len(slices)} slices but config.mesh dcn_* "
+                     f"({dict(zip(MESH_AXES, dcn))}) multiply to {math.prod(dcn)}: set "
+                     f"config.mesh.dcn_data / dcn_fsdp to multiply to {len(slices)}")
   # Built by hand (not jax.make_mesh) so the axes are Auto in every JAX version;
   # create_device_mesh orders devices by physical topology on TPU/GPU.
   from jax.experimental import mesh_utils
+  if math.prod(dcn) > 1:
+    return Mesh(_hybrid_grid(devices, shape, dcn), MESH_AXES)
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+def _hybrid_grid(devices, shape: tuple, dcn: tuple) -> np.ndarray:
+  """Devices for a mesh whose axes span `dcn` slices each: every axis is (slice-major) DCN x
+  ICI, so a slice's devices form one contiguous block of each axis. Devices that carry
+  slice_index (multi-slice TPU) are placed by create_hybrid_device_mesh; others (CPU) are
+  taken in order, each consecutive run of len/slices devices standing for a slice."""
+  from jax.experimental import mesh_utils
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if None not in slices and len(slices) == math.prod(dcn):
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  n = len(dcn)
+  grid = np.asarray(devices).reshape(dcn + ici)
+  return grid.transpose([k for i in range(n) for k in (i, n + i)]).reshape(shape)
 
 
 def logical_sharding(logical_specs, mesh: Mesh):

@@ -137,6 +137,8 @@ def test_compile_tiny_for_v5e_8(tmp_path):
   assert "8 TPU v5 lite devices" in res.stdout and "fits: " in res.stdout, res.stdout
   assert "collectives in the compiled step" in res.stdout
   assert "all-gather" in out.read_text()
+  assert "collectives run per step (loops multiplied out)" in res.stdout, res.stdout
+  assert "predicted step: " in res.stdout and "MFU bound" in res.stdout, res.stdout
 
 
 def test_compiler_refusal_is_a_does_not_fit_row():
@@ -171,3 +173,50 @@ def test_tpu_table_extrapolates_depth_linearly():
               temp_size_in_bytes=4 * gib, total_bytes=5 * gib, compile_s=40)
   row = tpu_table.table([full], []).splitlines()[2]
   assert "| fsdp8 | 24 (scanned) | 1.00 | 4.00 | 5.00 | 16 | yes | 40 |" in row, row
+
+
+@pytest.mark.parametrize("name,slices,chips,topology,accel", [
+    ("2xv5p-128", 2, 128, "v5p:4x4x4", "v5p-128"),
+    ("4xv6e-256", 4, 1024, "v6e:16x16", "v6e-256"),
+    ("1xv5e-8", 1, 8, "v5e:2x4", "v5litepod-8"),
+])
+def test_parse_multi_slice(name, slices, chips, topology, accel):
+  s = topologies.parse(name)
+  assert (s.num_slices, s.num_chips, s.topology, s.accelerator_type) == (
+      slices, chips, topology, accel)
+
+
+def test_hybrid_mesh_on_fake_devices_keeps_slices_contiguous():
+  # 8 CPU devices as 2 "slices" of 4: data spans the slices over DCN, fsdp 4 within each.
+  from model import sharding
+  cfg = dict(data=1, fsdp=-1, tensor=1, dcn_data=2, dcn_fsdp=1)
+  assert sharding.mesh_shape(cfg, 8) == (2, 4, 1)
+  mesh = sharding.make_mesh(cfg, jax.devices()[:8])
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert ids[:, :, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  # fsdp over 2 slices x 2 per slice, data 2 within: each slice's 4 devices stay together.
+  cfg = dict(data=2, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=2)
+  ids = np.vectorize(lambda d: d.id)(sharding.make_mesh(cfg, jax.devices()[:8]).devices)
+  assert ids[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+def test_dcn_config_errors_name_the_keys():
+  from model import sharding
+  with pytest.raises(ValueError, match="config.mesh.dcn_fsdp=0"):
+    sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=0), 8)
+  with pytest.raises(ValueError, match="dcn_. multiply to 3 slices"):
+    sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=1, dcn_data=3), 8)
+
+
+def test_tpu_table_prediction_columns():
+  from bench import tpu_table
+  gib = 2**30
+  row = dict(preset="llama3_8b", topology="v6e-256", remat="full", sharding="fsdp",
+             mesh={"fsdp": 256}, num_layers=None, scan=True, fits=True, seq_len=8192,
+             batch_size=768, argument_size_in_bytes=gib, temp_size_in_bytes=gib,
+             total_bytes=2 * gib, hbm_per_device_bytes=32 * gib, compile_s=100,
+             tokens_per_step=768 * 8192, devices=256, chips=256, predicted_step_s=2.0,
+             predicted_step_no_overlap_s=3.0, bound="compute", mfu_bound=0.75)
+  line = tpu_table.table([row], []).splitlines()[2]
+  assert line.startswith("| llama3_8b (seq 8192, batch 768) | v6e-256 | full | fsdp |"), line
+  assert line.endswith("| 100 | 2000 / 3000 | compute | 12,288 | 75% |"), line

@@ -5,7 +5,9 @@ config can be checked on a laptop before it is launched: on 8 fake CPU devices (
 memory numbers say little about an accelerator), or, with `topology="v5p-128"` (train.main's
 --aot_topology), for a real TPU slice by the real TPU compiler (libtpu) on a host without a TPU:
 per-chip HBM against the chip's capacity, a fits / does-not-fit line, the compiler's FLOPs and
-bytes per step, and the collectives in the compiled program (train/topologies.py).
+bytes per step, the collectives in the compiled program (train/topologies.py), and a predicted
+step time from the program's FLOPs, HBM bytes and collective bytes with loops multiplied out
+(train/hlo_walk.py, train/step_model.py).
 """
 import pickle
 import re
@@ -15,7 +17,9 @@ import jax
 
 from model import sharding as sharding_lib
 from train import build
+from train import hlo_walk
 from train import metrics as metrics_lib
+from train import step_model
 from train import topologies
 
 _MEMORY_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
@@ -88,22 +92,40 @@ def _target(config, topology: str | None):
   peak = tpu_slice.chip.peak_bf16_flops * tpu_slice.num_chips / len(devices)
   hosts = len({d.process_index for d in devices})
   config, sources = build.resolve(config, num_devices=len(devices), process_count=hosts)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  try:
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+  except ValueError as e:
+    raise topologies.TopologyError(f"--aot_topology={topology}: {e}") from None
   return config, sources, tpu_slice, devices, mesh, capacity, peak
 
 
-def _slice_fit(out: dict, compiled, mem: dict, tpu_slice, capacity: int, peak: float):
+def _slice_fit(out: dict, compiled, mem: dict, tpu_slice, capacity: int, peak: float, mesh):
   """Adds to `out` and prints what a TPU slice's compile tells: the collectives, whether it
-  fits in HBM (`mem`: the step's per-device bytes), and the step time at 100% MFU."""
-  out["collectives"] = topologies.count_collectives(compiled.as_text())
+  fits in HBM (`mem`: the step's per-device bytes), the step time at 100% MFU and the
+  predicted step time."""
+  text = compiled.as_text()
+  out["collectives"] = topologies.count_collectives(text)
+  counts = hlo_walk.walk(text, out["devices"])
+  out["collectives_per_step"] = hlo_walk.count_by_kind(counts.collectives)
   out["hbm_per_device_bytes"] = capacity
+  out["chips"] = tpu_slice.num_chips
   out["fits"] = bool(mem) and mem["total_bytes"] <= capacity
   ideal_s = out["model_flops_per_step"] / out["devices"] / peak
   out["ideal_step_s"] = ideal_s
   print("  collectives in the compiled step (static count): " +
         ", ".join(f"{k} {v}" for k, v in out["collectives"].items()))
+  # The FSDP weight gathers and gradient reductions sit in the scanned layers' while body:
+  # a static count sees each once; run counts multiply by the trip count.
+  print("  collectives run per step (loops multiplied out): " +
+        ", ".join(f"{k} {v}" for k, v in out["collectives_per_step"].items()) +
+        f"; loops (body, trips): {counts.loops[:6]}")
   print(f"  at 100% MFU ({peak / 1e12:.0f} TFLOP/s bf16 per device) a step takes "
         f"{1e3 * ideal_s:.3g} ms")
+  pred = step_model.predict(counts, tpu_slice.chip, step_model.Layout.of_mesh(mesh),
+                            out["devices"] / tpu_slice.num_chips, ideal_s * peak)
+  out.update(pred)
+  for line in step_model.summary(pred, out["tokens_per_step"], tpu_slice.num_chips):
+    print(line)
   if mem:
     print(f"  {topologies.fit_line(mem['total_bytes'], capacity)} "
           f"({tpu_slice.chip.generation}, {capacity / 2**30:.0f} GiB HBM per device)")
@@ -141,7 +163,8 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
          "compile_s": compile_s, "remat": config.model.remat, **mem, **cost(compiled)}
   where = f"{len(devices)} {kind} devices"
   if tpu_slice:
-    where += f", {tpu_slice.name} = {tpu_slice.topology}, {tpu_slice.num_chips} chips"
+    slices = f"{tpu_slice.num_slices} x " if tpu_slice.num_slices > 1 else ""
+    where += f", {tpu_slice.name} = {slices}{tpu_slice.topology}, {tpu_slice.num_chips} chips"
   print(f"AOT compile OK in {compile_s:.0f} s: {n_params / 1e6:.1f}M params on mesh "
         f"{dict(mesh.shape)} ({where}), remat={config.model.remat}, "
         f"batch {config.data.batch_size} x seq {config.data.seq_len}")
@@ -160,7 +183,7 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
     print(f"  compiler cost analysis per device: {out['compiler_flops']:.3e} FLOPs, "
           f"{out.get('compiler_bytes_accessed', float('nan')):.3e} bytes accessed{loop}")
   if tpu_slice:
-    _slice_fit(out, compiled, mem, tpu_slice, capacity, peak)
+    _slice_fit(out, compiled, mem, tpu_slice, capacity, peak, mesh)
   if save_path:
     what = save(compiled, save_path)
     print(f"  saved the compiled step ({what}) to {save_path}")
