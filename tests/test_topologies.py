@@ -190,14 +190,14 @@ def test_hybrid_mesh_on_fake_devices_keeps_slices_contiguous():
   # 8 CPU devices as 2 "slices" of 4: data spans the slices over DCN, fsdp 4 within each.
   from model import sharding
   cfg = dict(data=1, fsdp=-1, tensor=1, dcn_data=2, dcn_fsdp=1)
-  assert sharding.mesh_shape(cfg, 8) == (2, 4, 1)
+  assert sharding.mesh_shape(cfg, 8) == (2, 4, 1, 1)   # data, fsdp, context, tensor
   mesh = sharding.make_mesh(cfg, jax.devices()[:8])
   ids = np.vectorize(lambda d: d.id)(mesh.devices)
-  assert ids[:, :, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert ids[:, :, 0, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
   # fsdp over 2 slices x 2 per slice, data 2 within: each slice's 4 devices stay together.
   cfg = dict(data=2, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=2)
   ids = np.vectorize(lambda d: d.id)(sharding.make_mesh(cfg, jax.devices()[:8]).devices)
-  assert ids[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+  assert ids[:, :, 0, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
 
 
 def test_dcn_config_errors_name_the_keys():
