@@ -16,7 +16,7 @@ from absl.testing import parameterized
 
 from helpers import (BF16_ATOL, BF16_RTOL, F32_ATOL, F32_RTOL, lm_batch, numpy_params,
                      replace_cfg, tiny_model_cfg)
-from model.attention import KERNELS, causal_blocks, flash, masks, reference
+from model.attention import KERNELS, causal_blocks, flash, full, masks, reference
 from model.transformer import Transformer
 
 T, BLOCK = 37, 8
@@ -255,3 +255,18 @@ def test_auto_on_a_gpu_sends_causal_rows_plain_or_packed_to_cudnn(monkeypatch, p
     assert calls == [(want, packed, not packed)]
   else:
     assert calls == []   # the project's own kernel ran
+
+
+def test_an_ahead_of_time_compile_chooses_the_kernels_of_its_target_platform():
+  # A TPU slice compiled on a CPU host traces with TPU's choice (train/aot.py), not the CPU's.
+  from model.attention import platform
+  spec, mi = masks.MaskSpec(causal=True), masks.MaskInputs()
+  here = full.choose("auto", jnp.float32, spec, mi, 256, 256)
+  assert here == ("flash" if jax.default_backend() == "cpu" else here)
+  with platform.compiling_for("tpu"):
+    assert platform.name() == "tpu"
+    assert full.choose("auto", jnp.float32, spec, mi, 256, 256) == "causal_blocks"
+    with platform.compiling_for("gpu"):
+      assert full.choose("auto", jnp.bfloat16, spec, mi, 256, 256) == "cudnn"
+    assert platform.name() == "tpu"
+  assert platform.name() == jax.default_backend()

@@ -9,6 +9,7 @@ bytes per step, the collectives in the compiled program (train/topologies.py), a
 step time from the program's FLOPs, HBM bytes and collective bytes with loops multiplied out
 (train/hlo_walk.py, train/step_model.py).
 """
+import contextlib
 import pickle
 import re
 import time
@@ -16,6 +17,7 @@ import time
 import jax
 
 from model import sharding as sharding_lib
+from model.attention import platform
 from train import build
 from train import hlo_walk
 from train import metrics as metrics_lib
@@ -136,9 +138,13 @@ def report(config, topology: str | None = None, save_path: str | None = None) ->
   devices or for the TPU slice `topology` names (v5p-128, v5e-256, v6e-256, v4-8, v5e:16x16)."""
   config, sources, tpu_slice, devices, mesh, capacity, peak = _target(config, topology)
   t0 = time.perf_counter()
-  parts = build.build(config, mesh, sources.model_cfg)
+  # A TPU slice's step is traced with the kernels a TPU process would choose, not this host's.
+  target = lambda: platform.compiling_for("tpu") if tpu_slice else contextlib.nullcontext()
+  with target():
+    parts = build.build(config, mesh, sources.model_cfg)
   try:
-    compiled = parts.compile_train_step()
+    with target():
+      compiled = parts.compile_train_step()
   except jax.errors.JaxRuntimeError as e:
     needed = _hbm_shortfall(str(e)) if tpu_slice else None
     if needed is None:

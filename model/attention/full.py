@@ -19,7 +19,7 @@ For long contexts use the `blocked` kernel (O(N x block) memory) or `local` (sli
 import jax
 import jax.numpy as jnp
 
-from model.attention import causal_blocks, flash, masks
+from model.attention import causal_blocks, flash, masks, platform
 
 
 def _causal_self(spec: masks.MaskSpec, mi: masks.MaskInputs, q_len: int, kv_len: int) -> bool:
@@ -30,10 +30,10 @@ def _causal_self(spec: masks.MaskSpec, mi: masks.MaskInputs, q_len: int, kv_len:
 def choose(implementation: str, dtype, spec: masks.MaskSpec, mi: masks.MaskInputs, q_len: int,
            kv_len: int, block_size: int = 128, backend: str | None = None) -> str:
   """The kernel `attend` runs - "cudnn", "flash", "causal_blocks" or "xla" - on `backend`
-  (default: this process's)."""
+  (default: platform.name(), this process's or an ahead-of-time compile's target)."""
   if implementation in ("cudnn", "xla"):
     return implementation
-  backend = backend or jax.default_backend()
+  backend = backend or platform.name()
   if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and _causal_self(spec, mi, q_len, kv_len)):
     return "cudnn"

@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from model.attention import masks
+from model.attention import masks, platform
 
 
 def check_supported(spec: masks.MaskSpec, mi: masks.MaskInputs, t: int, s: int):
@@ -48,7 +48,7 @@ def _use_cudnn(implementation: str, dtype, spec: masks.MaskSpec, mi: masks.MaskI
       raise ValueError("implementation='cudnn' for local attention needs a plain row "
                        "(no positions, segments or global tokens)")
     return True
-  return (implementation == "auto" and jax.default_backend() == "gpu"
+  return (implementation == "auto" and platform.name() == "gpu"
           and dtype in (jnp.bfloat16, jnp.float16) and plain)
 
 
