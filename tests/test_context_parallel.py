@@ -11,7 +11,7 @@ ring stops at the shards the window reaches. The transformer (full causal and bi
 blocked, local) on context 4 x fsdp 2 gives one device's logits and gradients; config_check and
 decoding refuse what cannot split. Training with context 2 follows the unsplit run's losses and
 resumes bit-identically (slow).
-Run time on a shared 2-core AMD EPYC (AVX2), 2026-12-07, `-m "not slow" --durations=15`: 82 s
+Run time on a shared 2-core AMD EPYC (AVX2), 2026-12-08, `-m "not slow" --durations=15`: 82 s
 (194 s for the previous full product of 23 attention cases and 2-layer models); the slow tests
 add ~1.6 min.
 """
