@@ -190,9 +190,9 @@ def _long_context(config, seq_len: int, batch_size: int, context: int):
   # contracts) plus the long IN-Abs *train* judgments, packed. `blocked` attention keeps memory
   # O(N x block); remat "full" saves only each layer's input, since at this length activations,
   # not weights, set the per-chip memory; the context axis splits every row over `context` chips
-  # (model/attention/context_parallel.py) and fsdp takes the rest of the slice. Batch x seq_len
-  # stays at ~1M tokens per step. docs/results/tpu_compile.md ("Long context") compiles them for
-  # v5p-128 / v6e-256 with and without the context axis.
+  # (model/attention/context_parallel.py) and fsdp takes the rest of the slice.
+  # docs/results/tpu_compile.md ("Long context") compiles them for v5p-128 / v6e-256 with and
+  # without the context axis.
   from configs.finetune_common import data_path
   config.data.extra_dirs = (data_path("legal_pretrain_corpus/cuad_contracts.jsonl.gz"),
                             data_path("legal_summ_in_abs/in_abs_train.jsonl.gz"))
@@ -220,9 +220,8 @@ def _llama3_8b_long(seq_len, batch_size, context):
   return preset
 
 
-# 32k: 32 rows (1M tokens), context 8. 128k: 8 rows (1M tokens), context 8, which leaves an fsdp
-# group per row on a 64-chip v5p-128; a 256-chip slice needs context 32 for 8 rows
-# (--config.mesh.context=32).
-PRESETS.update(base_32k=_base_long(32_768, 32, 8), base_128k=_base_long(131_072, 8, 8),
-               llama3_8b_32k=_llama3_8b_long(32_768, 32, 8),
-               llama3_8b_128k=_llama3_8b_long(131_072, 8, 8))
+# 2M tokens a step: 64 rows of 32k, 16 of 128k. The rows must also divide over the slice's
+# hosts (16 on a v5p-128, 64 on a v6e-256: 128k there needs 64 rows, 8M tokens).
+PRESETS.update(base_32k=_base_long(32_768, 64, 8), base_128k=_base_long(131_072, 16, 8),
+               llama3_8b_32k=_llama3_8b_long(32_768, 64, 8),
+               llama3_8b_128k=_llama3_8b_long(131_072, 16, 8))

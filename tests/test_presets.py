@@ -62,7 +62,7 @@ LONG_PRESETS = ("base_32k", "base_128k", "llama3_8b_32k", "llama3_8b_128k")
 @pytest.mark.parametrize("preset", LONG_PRESETS)
 def test_long_context_pretraining_presets(preset):
   """32k / 128k rows: blocked attention tiling the row, the sequence split over a context axis
-  that fits the zig-zag layout, ~1M tokens a step, IN-Abs train judgments and never test ones;
+  that fits the zig-zag layout, 2M tokens a step, IN-Abs train judgments and never test ones;
   they validate on the v5p-128 slice (64 chips) they are sized for."""
   from configs import legal_pretrain
   config = legal_pretrain.get_config(preset)
@@ -70,7 +70,7 @@ def test_long_context_pretraining_presets(preset):
   assert config.model.attention.kind == "blocked" and config.model.remat == "full"
   assert config.data.seq_len % config.model.attention.block_size == 0
   assert config.mesh.context > 1 and config.data.seq_len % (2 * config.mesh.context) == 0
-  assert config.data.seq_len * config.data.batch_size == 2 ** 20
+  assert config.data.seq_len * config.data.batch_size == 2 ** 21
   assert any(s.endswith("in_abs_train.jsonl.gz") for s in config.data.extra_dirs)
   assert not any("test" in s.rsplit("/", 1)[-1] for s in config.data.extra_dirs)
   config_check.validate(config, num_devices=64, process_count=1)
