@@ -201,6 +201,10 @@ def _long_context(config, seq_len: int, batch_size: int, context: int):
   config.model.attention.kind = "blocked"
   config.model.remat = "full"
   config.mesh.update(data=1, fsdp=-1, context=context, tensor=1)
+  # Micro-batches of one row per fsdp group of a v5p-128 (fsdp 8 = 64 chips / context 8): the
+  # compiled step's temporaries grow with the rows each chip holds (base_32k: 30 GiB per chip at
+  # one row, 107 GiB at four; docs/results/tpu_compile.md).
+  config.optim.grad_accum_steps = batch_size // 8
 
 
 def _base_long(seq_len, batch_size, context):

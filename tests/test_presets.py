@@ -71,6 +71,7 @@ def test_long_context_pretraining_presets(preset):
   assert config.data.seq_len % config.model.attention.block_size == 0
   assert config.mesh.context > 1 and config.data.seq_len % (2 * config.mesh.context) == 0
   assert config.data.seq_len * config.data.batch_size == 2 ** 21
+  assert config.data.batch_size // config.optim.grad_accum_steps == 64 // config.mesh.context
   assert any(s.endswith("in_abs_train.jsonl.gz") for s in config.data.extra_dirs)
   assert not any("test" in s.rsplit("/", 1)[-1] for s in config.data.extra_dirs)
   config_check.validate(config, num_devices=64, process_count=1)
