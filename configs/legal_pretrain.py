@@ -191,8 +191,10 @@ def _long_context(config, seq_len: int, batch_size: int, context: int):
   # O(N x block); remat "full" saves only each layer's input, since at this length activations,
   # not weights, set the per-chip memory; the context axis splits every row over `context` chips
   # (model/attention/context_parallel.py) and fsdp takes the rest of the slice.
-  # docs/results/tpu_compile.md ("Long context") compiles them for v5p-128 / v6e-256 with and
-  # without the context axis.
+  # docs/results/tpu_compile.md ("Long context") compiles them for v5p-128: the 32k presets fit
+  # (30 / 73 GiB per chip), yet with --config.mesh.context=1 (a whole row per chip) they need
+  # less (11 / 40 GiB), since the context-parallel step holds a (T/C) x T buffer; the 128k
+  # presets do not fit with context 8 (330+ GiB) until that is found.
   from configs.finetune_common import data_path
   config.data.extra_dirs = (data_path("legal_pretrain_corpus/cuad_contracts.jsonl.gz"),
                             data_path("legal_summ_in_abs/in_abs_train.jsonl.gz"))
