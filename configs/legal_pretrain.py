@@ -10,7 +10,9 @@ plus IMDB train reviews: the starting point of the fine-tuning results, docs/res
 same model pre-trained on IMDB's unlabelled + train reviews only, for sentiment), `in_abs_lm`
 (the same model on 4,096-token rows of legal text + IN-Abs train judgments, blocked attention:
 the start of the long-context IN-Abs summarizer), `imdb_self_wide` (`imdb_self` at twice the
-width), `imdb_self_wide512` (four times the width, 2,000 steps). Any key can be overridden on
+width), `imdb_self_wide512` (four times the width, 2,000 steps), `base_32k`, `base_128k`,
+`llama3_8b_32k`, `llama3_8b_128k` (those shapes on 32k / 128k-token rows of legal text + IN-Abs
+judgments, blocked attention, the sequence split over `mesh.context`). Any key can be overridden on
 the command line, e.g. `--config.optim.lr=1e-3 --config.model.attention.kind=full`.
 """
 import ml_collections
@@ -181,3 +183,51 @@ def _mixture(config):
 
 
 PRESETS["mixture"] = _mixture
+
+
+def _long_context(config, seq_len: int, batch_size: int, context: int):
+  # Pre-training rows of 32k / 128k tokens for a TPU slice: the legal corpus (licensedcode + CUAD
+  # contracts) plus the long IN-Abs *train* judgments, packed. `blocked` attention keeps memory
+  # O(N x block); remat "full" saves only each layer's input, since at this length activations,
+  # not weights, set the per-chip memory; the context axis splits every row over `context` chips
+  # (model/attention/context_parallel.py) and fsdp takes the rest of the slice.
+  # docs/results/tpu_compile.md ("Long context") compiles them for v5p-128: the 32k presets fit
+  # (30 / 73 GiB per chip), yet with --config.mesh.context=1 (a whole row per chip) they need
+  # less (11 / 40 GiB), since the context-parallel step holds a (T/C) x T buffer; the 128k
+  # presets do not fit with context 8 (330+ GiB) until that is found.
+  from configs.finetune_common import data_path
+  config.data.extra_dirs = (data_path("legal_pretrain_corpus/cuad_contracts.jsonl.gz"),
+                            data_path("legal_summ_in_abs/in_abs_train.jsonl.gz"))
+  config.data.seq_len = seq_len
+  config.data.batch_size = batch_size
+  config.model.attention.kind = "blocked"
+  config.model.remat = "full"
+  config.mesh.update(data=1, fsdp=-1, context=context, tensor=1)
+  # Micro-batches of one row per fsdp group of a v5p-128 (fsdp 8 = 64 chips / context 8): the
+  # compiled step's temporaries grow with the rows each chip holds (base_32k: 30 GiB per chip at
+  # one row, 107 GiB at four; docs/results/tpu_compile.md).
+  config.optim.grad_accum_steps = batch_size // 8
+
+
+def _base_long(seq_len, batch_size, context):
+  def preset(config):
+    _base(config)
+    _long_context(config, seq_len, batch_size, context)
+    # RoPE's base at 10k repeats its slowest rotation every ~63k positions; 1M keeps positions
+    # 128k apart distinguishable (the base long-context models such as Code Llama use).
+    config.model.rope_theta = 1_000_000.0
+  return preset
+
+
+def _llama3_8b_long(seq_len, batch_size, context):
+  def preset(config):
+    _llama3_8b(config)    # rope theta 500k, as Llama 3 trained it
+    _long_context(config, seq_len, batch_size, context)
+  return preset
+
+
+# 2M tokens a step: 64 rows of 32k, 16 of 128k. The rows must also divide over the slice's
+# hosts (16 on a v5p-128, 64 on a v6e-256: 128k there needs 64 rows, 8M tokens).
+PRESETS.update(base_32k=_base_long(32_768, 64, 8), base_128k=_base_long(131_072, 16, 8),
+               llama3_8b_32k=_llama3_8b_long(32_768, 64, 8),
+               llama3_8b_128k=_llama3_8b_long(131_072, 16, 8))
