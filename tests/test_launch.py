@@ -211,7 +211,7 @@ def test_local_launch_trains_two_processes_and_resumes_exactly(
          f"--out_dir={tmp_path / 'job'}", "--submit", *args]
   first = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
-  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1} on 8 devices (2 processes)" in first.stdout
+  assert "mesh {'data': 2, 'fsdp': 4, 'context': 1, 'tensor': 1} on 8 devices (2 processes)" in first.stdout
   before = _metrics(workdir)
   # Lose the last checkpoint (a crash after step 6 was logged): the next launch redoes 4-6.
   shutil.rmtree(workdir / "checkpoints" / "6")

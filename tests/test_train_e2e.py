@@ -130,7 +130,7 @@ def test_pod_sized_config_compiles_ahead_of_time():
       cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "AOT compile OK" in result.stdout
-  assert "{'data': 1, 'fsdp': 8, 'tensor': 1}" in result.stdout
+  assert "{'data': 1, 'fsdp': 8, 'context': 1, 'tensor': 1}" in result.stdout
   # 2 layers of d_model 2048 / MLP 8192 + a 32768 x 2048 tied table.
   params = 2 * (4 * 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048) + 32768 * 2048 + 2048
   assert f"{params / 1e6:.1f}M params" in result.stdout
