@@ -310,7 +310,7 @@ def test_lm_eval_local_completions_scores_as_the_projects_harness(server, lm):
           "base_url": server.url + "/v1/completions", "model": MODEL,
           "tokenizer_backend": "remote", "max_length": SEQ_LEN - 1, "batch_size": 4,
           "max_retries": 1},
-      tasks=tasks, task_manager=TaskManager(include_path=TASKS), log_samples=True,
+      tasks=tasks, task_manager=TaskManager(include_path=TASKS, include_defaults=False), log_samples=True,
       random_seed=0, numpy_random_seed=0, torch_random_seed=None, fewshot_random_seed=0,
       bootstrap_iters=0)
   for task in tasks:
