@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from configs import common as configs_common
-from infer import (classifier_rows, decode, decode_controls, lora_weights, ptq, rerank,
-                   stream_text, word_ngrams)
+from infer import (classifier_rows, decode, decode_controls, lora_weights, rerank, stream_text,
+                   word_ngrams)
 from model import checkpoint as checkpoint_lib
 from model import errors
 from model import sharding as sharding_lib
@@ -93,6 +93,7 @@ def open_run(path: str, *, prefer_best: bool = False, what: str = "--workdir") -
   full_path = resolve_path(path)
   workdir, step = checkpoint_lib.split_step_path(full_path)
   if os.path.isdir(os.path.join(workdir, QUANTIZED_DIR, "params")):
+    from infer import ptq   # qwix takes ~0.8 s to import: only quantized runs need it
     meta = ptq.load_meta(os.path.join(workdir, QUANTIZED_DIR))
     return Run(workdir, meta["source_step"], upgraded(meta["run_meta"], workdir), None,
                meta["mode"])
@@ -181,6 +182,7 @@ class LoadedModel:
   def from_run(cls, run: Run, mesh=None) -> "LoadedModel":
     tokenizer = run.tokenizer()   # first: a missing file fails before the restore
     if run.quantization != "none":
+      from infer import ptq
       model, params, _ = ptq.load(os.path.join(run.workdir, QUANTIZED_DIR))
     else:
       # Inference (decoding, int8, LoRA merge, pruning, export) reads per-layer params.

@@ -18,13 +18,13 @@ from absl import logging
 
 from configs import model_schema
 from infer import loading
+from infer import lora_weights
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 from model.task_kind import task_kind
 from model.transformer import Transformer
 from train import config_check, optim, tasks
 from train.tasks import pretrain
-from train import lora as lora_lib
 from train import state as state_lib
 from train import step as step_lib
 from train.config_check import ConfigError
@@ -238,11 +238,13 @@ def build(config, mesh: jax.sharding.Mesh | None = None,
   """Model -> task -> optimizer -> mesh -> abstract sharded state for a resolved config;
   model_cfg: its ModelConfig when the caller has it (Sources.model_cfg from `resolve`)."""
   model_cfg = model_cfg or ModelConfig.from_config(config.model, config.data.vocab_size)
-  lora = lora_lib.LoraSpec.from_config(config.train.lora)
+  lora = lora_weights.LoraSpec.from_config(config.train.lora)
   # LoRA: the model trained (and evaluated during the run) is the adapter-wrapped Transformer;
   # only the adapters and the task head are differentiated and carry optimizer state.
-  model = Transformer(model_cfg) if lora is None else lora_lib.lora_model(model_cfg, lora)
-  trainable = None if lora is None else lora_lib.is_trained
+  model, trainable = Transformer(model_cfg), None
+  if lora is not None:
+    from train import lora as lora_lib   # qwix takes ~0.8 s to import: only LoRA runs need it
+    model, trainable = lora_lib.lora_model(model_cfg, lora), lora_lib.is_trained
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
   task = make_task(config, model, mesh.size)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps,
