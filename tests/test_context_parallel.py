@@ -181,15 +181,17 @@ def test_length_must_split_into_2c_chunks():
 
 # ---- The model on a context-parallel mesh (model/transformer.py).
 
-@pytest.mark.parametrize("kind,causal,packed", [
-    ("full", True, True), ("blocked", True, False), ("local", True, True),
-    ("full", False, False)])
-def test_transformer_on_context_mesh_matches_one_device(kind, causal, packed):
+@pytest.mark.parametrize("kind,causal,packed,scanned", [
+    ("full", True, True, False), ("blocked", True, False, False), ("local", True, True, False),
+    ("full", False, False, False), ("blocked", True, True, True)])
+def test_transformer_on_context_mesh_matches_one_device(kind, causal, packed, scanned):
   """Logits and parameter gradients with the sequence split over context 4 x fsdp 2 equal the
   unsplit model's; the compiled program passes keys/values between devices. One layer: what
-  is checked is the attention's split, which every layer repeats."""
-  cfg = tiny_model_cfg(num_layers=1, attention_kind=kind, causal=causal, attention_window=6,
-                       positions="learned" if not causal else "rope", max_len=T)
+  is checked is the attention's split, which every layer repeats (`scanned`: two layers under
+  scan_layers and full remat, as the long-context presets run)."""
+  layers = dict(num_layers=2, scan_layers=True, remat="full") if scanned else dict(num_layers=1)
+  cfg = tiny_model_cfg(attention_kind=kind, causal=causal, attention_window=6,
+                       positions="learned" if not causal else "rope", max_len=T, **layers)
   model = Transformer(cfg)
   batch = lm_batch(B, T, cfg.vocab_size, seed=2, packed=packed)
   inputs = {k: jnp.asarray(v) for k, v in batch.items() if packed or k == "tokens"}
