@@ -191,10 +191,9 @@ def _long_context(config, seq_len: int, batch_size: int, context: int):
   # O(N x block); remat "full" saves only each layer's input, since at this length activations,
   # not weights, set the per-chip memory; the context axis splits every row over `context` chips
   # (model/attention/context_parallel.py) and fsdp takes the rest of the slice.
-  # docs/results/tpu_compile.md ("Long context") compiles them for v5p-128: the 32k presets fit
-  # (30 / 73 GiB per chip), yet with --config.mesh.context=1 (a whole row per chip) they need
-  # less (11 / 40 GiB), since the context-parallel step holds a (T/C) x T buffer; the 128k
-  # presets do not fit with context 8 (330+ GiB) until that is found.
+  # docs/results/tpu_compile.md ("Long context") compiles them for v5p-128: all four fit
+  # (base 7.1 / 10.7 GiB per chip at 32k / 128k, the 8B 31.9 / 40.4); base_32k with
+  # --config.mesh.context=1 (a whole row per chip) needs 11.4.
   from configs.finetune_common import data_path
   config.data.extra_dirs = (data_path("legal_pretrain_corpus/cuad_contracts.jsonl.gz"),
                             data_path("legal_summ_in_abs/in_abs_train.jsonl.gz"))
@@ -204,8 +203,8 @@ def _long_context(config, seq_len: int, batch_size: int, context: int):
   config.model.remat = "full"
   config.mesh.update(data=1, fsdp=-1, context=context, tensor=1)
   # Micro-batches of one row per fsdp group of a v5p-128 (fsdp 8 = 64 chips / context 8): the
-  # compiled step's temporaries grow with the rows each chip holds (base_32k: 30 GiB per chip at
-  # one row, 107 GiB at four; docs/results/tpu_compile.md).
+  # compiled step's temporaries grow with the rows each chip holds (base_32k: 7.1 GiB per chip
+  # at one row, 9.1 at four; docs/results/tpu_compile.md).
   config.optim.grad_accum_steps = batch_size // 8
 
 

@@ -8,7 +8,8 @@ tokens, packed rows, a prefix), every method (ring, all-gather, auto), every K/V
 appears at least once, and each mesh sees MQA and GQA; one compile per case. The
 zig-zag layout balances the visible (query block, key block) pairs over the devices; a window's
 ring stops at the shards the window reaches. The transformer (full causal and bidirectional,
-blocked, local) on context 4 x fsdp 2 gives one device's logits and gradients; config_check and
+blocked, local) on context 4 x fsdp 2 gives one device's logits and gradients, and its reverse
+mode through scanned layers keeps the ring's masks inside the kernel; config_check and
 decoding refuse what cannot split. Training with context 2 follows the unsplit run's losses and
 resumes bit-identically (slow).
 Run time on a shared 2-core AMD EPYC (AVX2), 2026-12-08, `-m "not slow" --durations=15`: 82 s
@@ -180,15 +181,17 @@ def test_length_must_split_into_2c_chunks():
 
 # ---- The model on a context-parallel mesh (model/transformer.py).
 
-@pytest.mark.parametrize("kind,causal,packed", [
-    ("full", True, True), ("blocked", True, False), ("local", True, True),
-    ("full", False, False)])
-def test_transformer_on_context_mesh_matches_one_device(kind, causal, packed):
+@pytest.mark.parametrize("kind,causal,packed,scanned", [
+    ("full", True, True, False), ("blocked", True, False, False), ("local", True, True, False),
+    ("full", False, False, False), ("blocked", True, True, True)])
+def test_transformer_on_context_mesh_matches_one_device(kind, causal, packed, scanned):
   """Logits and parameter gradients with the sequence split over context 4 x fsdp 2 equal the
   unsplit model's; the compiled program passes keys/values between devices. One layer: what
-  is checked is the attention's split, which every layer repeats."""
-  cfg = tiny_model_cfg(num_layers=1, attention_kind=kind, causal=causal, attention_window=6,
-                       positions="learned" if not causal else "rope", max_len=T)
+  is checked is the attention's split, which every layer repeats (`scanned`: two layers under
+  scan_layers and full remat, as the long-context presets run)."""
+  layers = dict(num_layers=2, scan_layers=True, remat="full") if scanned else dict(num_layers=1)
+  cfg = tiny_model_cfg(attention_kind=kind, causal=causal, attention_window=6,
+                       positions="learned" if not causal else "rope", max_len=T, **layers)
   model = Transformer(cfg)
   batch = lm_batch(B, T, cfg.vocab_size, seed=2, packed=packed)
   inputs = {k: jnp.asarray(v) for k, v in batch.items() if packed or k == "tokens"}
@@ -206,6 +209,32 @@ def test_transformer_on_context_mesh_matches_one_device(kind, causal, packed):
     got = compiled(params, inputs)
   chex.assert_trees_all_close(got, want, rtol=F32_RTOL, atol=F32_ATOL)
   assert "collective-permute" in compiled.as_text()     # the ring (2 K/V heads: not gathered)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_keep_the_ring_masks_inside_the_kernel(remat):
+  """Reverse mode through scanned layers holds no array indexed by (ring step, key block,
+  query block): positions and segment ids are the same for every layer, and the masks built
+  from them alone must not be hoisted out of the layer loop for every step and block pair
+  ((T/C) x T per row). Traced only (no compile)."""
+  context, block = 4, BLOCK
+  cfg = tiny_model_cfg(num_layers=2, attention_kind="blocked", scan_layers=True, remat=remat,
+                       attention_block_size=block)
+  model = Transformer(cfg)
+  batch = {k: jnp.asarray(v) for k, v in lm_batch(B, T, cfg.vocab_size, seed=2).items()}
+  params = numpy_params(model, batch["tokens"])
+
+  def loss(params):
+    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    return jnp.mean(logits)
+  mesh = mesh_from(jax.devices(), (1, 2, 1), context=context)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+    text = str(jax.make_jaxpr(jax.grad(loss))(params))
+  blocks = T // context // block
+  per_pair = f"[{context - 1},{blocks},{blocks},"
+  assert "ppermute" in text                                    # the ring is in the program
+  assert per_pair not in text
 
 
 def test_decoding_on_a_context_mesh_is_refused():

@@ -150,6 +150,13 @@ def attend(q, k, v, *, spec: masks.MaskSpec, mask_inputs: masks.MaskInputs,
   x_spec, seq_spec = P(rows, AXIS, heads, None), P(rows, AXIS)
   optional = lambda x, spec_: None if x is None else spec_
   args = (q, k, v, mi.q_pos, mi.kv_pos, mi.q_seg, mi.kv_seg, mi.prefix_len)
+  # Positions and segment ids are the same for every layer: under a scan over layers
+  # (scan_layers), reverse mode hoists whatever depends on them alone out of the layer loop
+  # (lax.scan's loop-invariant residuals), which for the ring is every step's masks for every
+  # (query block, key block) pair, [C - 1, T/C / bq, T/C / bk, B, K, G, bq, bk]:
+  # O((T/C) x T x heads) per row, kept for the whole step. Tying them to the queries, which
+  # change with every layer, keeps the masks inside the kernel, built block by block.
+  args = lax.optimization_barrier(args)
   in_specs = (x_spec, x_spec, x_spec, seq_spec, seq_spec, optional(mi.q_seg, seq_spec),
               optional(mi.kv_seg, seq_spec), optional(mi.prefix_len, P(rows)))
   if method == "ring":
