@@ -6,13 +6,31 @@ Data fixtures are module-scoped: every module that uses them gets its own folder
 import os
 import sys
 
-# XLA:CPU's LLVM backend without optimisation passes: the suite's tiny programs are
-# compile-bound (a 30-step tiny run: 10.5 s of CPU against 17 s with them, identical losses;
-# docs/results/tests.md), and the tests check the math, not codegen speed. Children get the
-# same flags (helpers.xla_flags).
-os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""),
-                                    "--xla_backend_optimization_level=0",
-                                    "--xla_force_host_platform_device_count=8")).strip()
+
+def _xla_knows(flag: str) -> bool:
+  """Whether the installed jaxlib's XLA defines `flag`: an unknown flag in XLA_FLAGS aborts
+  every process, and XLA adds and retires its CPU flags from release to release."""
+  import glob
+  import importlib.util
+  import mmap
+  spec = importlib.util.find_spec("jaxlib")
+  for path in glob.glob(os.path.join(os.path.dirname(spec.origin), "*.so")) if spec else ():
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as lib:
+      if lib.find(flag.encode()) >= 0:
+        return True
+  return False
+
+
+# The suite's tiny programs are compile-bound and the tests check the math, not codegen speed,
+# so XLA:CPU compiles them cheaply (docs/results/tests.md): LLVM without optimisation passes
+# (a 30-step tiny run: 10.5 s of CPU against 17 s with them, identical losses) and loop fusions
+# through the classic LLVM emitters instead of the MLIR fusion emitters (a tiny train step
+# compiles 2-3x faster). Children get the same flags (helpers.xla_flags).
+_FUSION_FLAG = ("--xla_cpu_use_fusion_emitters=false"
+                if _xla_knows("xla_cpu_use_fusion_emitters") else "")
+os.environ["XLA_FLAGS"] = " ".join(" ".join((os.environ.get("XLA_FLAGS", ""),
+                                             "--xla_backend_optimization_level=0", _FUSION_FLAG,
+                                             "--xla_force_host_platform_device_count=8")).split())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the test session, inherited by every `python -m train.main`
 # the tests start: the suite compiles the same tiny programs again and again (each resume,
