@@ -165,9 +165,10 @@ def search_order(plans: list, estimate) -> list:
 
 
 def rank(rows: list) -> list:
-  """Compiled rows that fit, fastest predicted step first."""
+  """Compiled rows that fit, fastest predicted step first; at equal steps (to the millisecond)
+  the one with more HBM left, which is the safer to run."""
   return sorted((r for r in rows if r.get("fits") and "predicted_step_s" in r),
-                key=lambda r: r["predicted_step_s"])
+                key=lambda r: (round(r["predicted_step_s"], 3), r.get("total_bytes", 0)))
 
 
 def _setup(preset: str, topology: str):

@@ -69,8 +69,10 @@ def test_search_order_and_ranking():
   assert [p.remat for p in order[0][1]] == ["none", "full"]
   rows = [dict(fits=True, predicted_step_s=2.0, name="slow"),
           dict(fits=False, predicted_step_s=0.5, name="too big"),
-          dict(fits=True, predicted_step_s=1.0, name="fast"), dict(error="timeout")]
-  assert [r["name"] for r in autoplan.rank(rows)] == ["fast", "slow"]
+          dict(fits=True, predicted_step_s=1.0, name="fast"), dict(error="timeout"),
+          dict(fits=True, predicted_step_s=1.0002, total_bytes=5, name="as fast, less memory")]
+  rows[2]["total_bytes"] = 9
+  assert [r["name"] for r in autoplan.rank(rows)] == ["as fast, less memory", "fast", "slow"]
 
 
 def test_report_prints_the_best_command():
