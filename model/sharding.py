@@ -101,7 +101,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   # create_device_mesh orders devices by physical topology on TPU/GPU.
   from jax.experimental import mesh_utils
   if math.prod(dcn) > 1:
-    return Mesh(_hybrid_grid(devices, shape, dcn), MESH_AXES)
+    return Mesh(_hybrid_grid(devices, shape, dcn, len(slices)), MESH_AXES)
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
@@ -109,15 +109,15 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(grid, MESH_AXES)
 
 
-def _hybrid_grid(devices, shape: tuple, dcn: tuple) -> np.ndarray:
+def _hybrid_grid(devices, shape: tuple, dcn: tuple, num_slices: int) -> np.ndarray:
   """Devices for a mesh whose axes span `dcn` slices each: every axis is (slice-major) DCN x
   ICI, so a slice's devices form one contiguous block of each axis. Devices that carry
-  slice_index (multi-slice TPU) are placed by create_hybrid_device_mesh; others (CPU) are
-  taken in order, each consecutive run of len/slices devices standing for a slice."""
+  slice_index (multi-slice TPU: `num_slices` distinct ones, checked by make_mesh) are placed by
+  create_hybrid_device_mesh; others (CPU) are taken in order, each consecutive run of
+  len/slices devices standing for a slice."""
   from jax.experimental import mesh_utils
   ici = tuple(s // d for s, d in zip(shape, dcn))
-  slices = {getattr(d, "slice_index", None) for d in devices}
-  if None not in slices and len(slices) == math.prod(dcn):
+  if num_slices > 1 and all(getattr(d, "slice_index", None) is not None for d in devices):
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
   n = len(dcn)
   grid = np.asarray(devices).reshape(dcn + ici)

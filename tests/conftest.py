@@ -26,8 +26,10 @@ def _xla_knows(flag: str) -> bool:
 # (a 30-step tiny run: 10.5 s of CPU against 17 s with them, identical losses) and loop fusions
 # through the classic LLVM emitters instead of the MLIR fusion emitters (a tiny train step
 # compiles 2-3x faster). Children get the same flags (helpers.xla_flags).
-_FUSION_FLAG = ("--xla_cpu_use_fusion_emitters=false"
-                if _xla_knows("xla_cpu_use_fusion_emitters") else "")
+_FUSION_FLAG = "--xla_cpu_use_fusion_emitters=false"
+if (_FUSION_FLAG not in os.environ.get("XLA_FLAGS", "")     # xdist workers inherit it
+    and not _xla_knows("xla_cpu_use_fusion_emitters")):
+  _FUSION_FLAG = ""
 os.environ["XLA_FLAGS"] = " ".join(" ".join((os.environ.get("XLA_FLAGS", ""),
                                              "--xla_backend_optimization_level=0", _FUSION_FLAG,
                                              "--xla_force_host_platform_device_count=8")).split())
