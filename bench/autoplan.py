@@ -113,11 +113,9 @@ def meshes(axes: tuple, slice_devices: int, num_slices: int, limits: dict, batch
 
 
 def param_count(model_cfg, vocab: int) -> float:
-  c = model_cfg
-  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = c.d_model * c.mlp_dim * (3 if c.mlp_activation == "swiglu" else 2)
-  embed = c.d_model * vocab * (1 if c.tie_embeddings else 2)
-  return c.num_layers * (attn + mlp) + embed
+  from train import metrics
+  embed = model_cfg.d_model * vocab * (1 if model_cfg.tie_embeddings else 2)
+  return metrics.block_params(model_cfg) + embed
 
 
 def memory_floor(plan: Plan, model_cfg, params: float, tokens: int, devices: int) -> float:

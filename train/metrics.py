@@ -46,12 +46,18 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
   return cores * 2.5e9 * 64 / jax.local_device_count(), "estimate (cpu)"
 
 
-def train_flops_per_token(model_cfg, seq_len: int) -> float:
-  """Model FLOPs per trained token: 6 x matmul params + causal-agnostic attention (PaLM, App. B)."""
+def block_params(model_cfg) -> int:
+  """The transformer blocks' projection weights (attention and MLP), all layers."""
   c = model_cfg
   attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = c.d_model * c.mlp_dim * (3 if c.mlp_activation == "swiglu" else 2)
-  matmul_params = c.num_layers * (attn + mlp) + c.d_model * c.vocab_size
+  return c.num_layers * (attn + mlp)
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+  """Model FLOPs per trained token: 6 x matmul params + causal-agnostic attention (PaLM, App. B)."""
+  c = model_cfg
+  matmul_params = block_params(c) + c.d_model * c.vocab_size
   return 6.0 * matmul_params + 12.0 * c.num_layers * seq_len * c.num_heads * c.head_dim
 
 
